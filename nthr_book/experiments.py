@@ -1,0 +1,182 @@
+"""GRPO vs NTHR over seeds, with ablations and held-out evaluation (notebook 05).
+
+``run_experiment`` trains every (method, seed) into ``runs/<name>/<label>/seed<k>/`` (skipping runs that
+are complete, resuming killed ones), evaluates each final model greedily on a held-out set, and writes
+``runs/<name>/results.csv`` (one row per run) and ``runs/<name>/summary.csv`` (one row per method: mean
+over seeds with a t-interval, and the pooled accuracy with a Wilson interval).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nthr_book import config as book_config
+from nthr_book.trainer import TrainConfig, read_metrics, task_defaults, train, training_problems
+
+HELDOUT_SEED = 987_654  # arithmetic_problems seed of the held-out set (training pools use other seeds)
+
+# Method labels -> TrainConfig overrides. Ablations from the paper: beta in {-inf, 0, 0.1, 1}, eta schedules.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo": {"method": "grpo"},
+    "nthr": {"method": "nthr"},
+    "pos_only": {"method": "pos_only"},
+}
+
+
+def method_overrides(label: str) -> dict[str, Any]:
+    """TrainConfig overrides for a method label: "grpo", "nthr", "pos_only", or ablations like
+    "nthr_beta=-inf", "nthr_beta=0.1", "nthr_eta=p", "nthr_beta=0_eta=one_minus_p"."""
+    if label in METHOD_PRESETS:
+        return dict(METHOD_PRESETS[label])
+    match = re.fullmatch(r"nthr(?:_beta=(?P<beta>[^_]+))?(?:_eta=(?P<eta>.+))?", label)
+    if match is None or label == "nthr_":
+        raise ValueError(f"unknown method {label!r}: use {sorted(METHOD_PRESETS)} or an ablation like "
+                         "'nthr_beta=0.1' / 'nthr_eta=p' / 'nthr_beta=0_eta=one_minus_p'")
+    out: dict[str, Any] = {"method": "nthr"}
+    if match["beta"] is not None:
+        out["nthr_beta"] = float(match["beta"])
+    if match["eta"] is not None:
+        try:
+            out["nthr_eta"] = float(match["eta"])
+        except ValueError:
+            out["nthr_eta"] = match["eta"]
+    return out
+
+
+def ablation_methods(betas: Iterable[float] = (-math.inf, 0.0, 0.1, 1.0),
+                     etas: Iterable[str] = ("two_abs", "p", "one_minus_p")) -> list[str]:
+    """The paper's ablation grid as method labels: beta sweep at eta=two_abs, eta sweep at beta=1, plus baselines."""
+    labels = ["grpo", "pos_only"]
+    labels += [f"nthr_beta={b:g}" for b in betas]
+    labels += [f"nthr_eta={e}" for e in etas if e != "two_abs"]
+    return labels
+
+
+def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
+    """``n`` arithmetic questions disjoint (by text) from every training pool of this config's seeds."""
+    from nthr_book.data import arithmetic_problems
+
+    seen = {p["problem"] for seed in range(8) for p in training_problems(cfg.replace(seed=seed))}
+    pool = arithmetic_problems(4 * n + 64, seed=HELDOUT_SEED)
+    held = [p for p in pool if p["problem"] not in seen][:n]
+    if len(held) < n:
+        raise ValueError(f"could only find {len(held)} held-out questions disjoint from training, wanted {n}")
+    return held
+
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..10 (beyond: Cornish-Fisher expansion).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then a 3-term expansion)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """(mean, std, low, high): 95% Student-t interval of the mean over seeds."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan, math.nan
+    std = float(x.std(ddof=1))
+    half = t975(len(x) - 1) * std / math.sqrt(len(x))
+    return mean, std, mean - half, mean + half
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval, LLD rate."""
+    from nthr_book.evaluate import wilson_interval
+
+    rows = []
+    for method, g in results.groupby("method", sort=False):
+        mean, std, low, high = _t_interval(g["accuracy"].tolist())
+        k, n = int(round((g["accuracy"] * g["n_eval"]).sum())), int(g["n_eval"].sum())
+        wl, wh = wilson_interval(k, n)
+        rows.append({"method": method, "seeds": len(g), "accuracy_mean": mean, "accuracy_std": std,
+                     "t95_low": low, "t95_high": high, "pooled_k": k, "pooled_n": n,
+                     "pooled_wilson_low": wl, "pooled_wilson_high": wh,
+                     "train_reward_last5": g["train_reward_last5"].mean(),
+                     "train_reward_first5": g["train_reward_first5"].mean(),
+                     "lld_rate_mean": g["lld_rate_mean"].mean(),
+                     "selected_frac_mean": g["selected_frac_mean"].mean()})
+    return pd.DataFrame(rows)
+
+
+def run_experiment(name: str, methods: Sequence[str] = ("grpo", "nthr"), seeds: Sequence[int] = (0, 1, 2),
+                   config: TrainConfig | None = None, *, n_eval: int = 64, eval_max_new_tokens: int | None = None,
+                   eval_batch_size: int = 32, evaluate_base: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Train each method and seed, evaluate on a held-out set, and return one row per run (notebook 05).
+
+    Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
+    resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
+    ``seed`` and ``output_dir`` are set per run. Held-out evaluation is on arithmetic for the
+    arithmetic task (greedy); for the MATH task use ``nthr_book.evaluate`` on the benchmarks (notebook 06).
+    """
+    import torch
+
+    from nthr_book.evaluate import evaluate
+    from nthr_book.models import load_policy
+
+    cfg = config or TrainConfig.fast()
+    if not name or "/" in name:
+        raise ValueError(f"name={name!r}: a non-empty folder name without '/'")
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    overrides = {label: method_overrides(label) for label in methods}  # validate every label first
+    root = book_config.runs_dir() / name
+    template, require_boxed = task_defaults(cfg)
+    held = heldout_problems(cfg, n_eval) if cfg.task == "arithmetic" else None
+    max_new = eval_max_new_tokens or cfg.max_new_tokens
+
+    def eval_model(model, tokenizer, label: str):
+        if held is None:
+            return None
+        return evaluate(model, tokenizer, held, temperature=0.0, max_new_tokens=max_new, batch_size=eval_batch_size,
+                        template=template, require_boxed=require_boxed, out_dir=root / "eval", label=label,
+                        benchmark_name="arithmetic_heldout", progress=progress)
+
+    rows = []
+    if evaluate_base and held is not None:
+        model, tokenizer = load_policy(cfg.model)
+        base = eval_model(model, tokenizer, "base")
+        rows.append({"method": "base", "seed": -1, "run_dir": "", "accuracy": base.accuracy, "ci_low": base.ci_low,
+                     "ci_high": base.ci_high, "n_eval": base.n})
+        del model
+    for label, over in overrides.items():
+        for seed in seeds:
+            run_cfg = cfg.replace(**over, seed=int(seed), output_dir=str(root / label / f"seed{seed}"))
+            run_dir = train(run_cfg, resume=True, progress=progress)
+            metrics = read_metrics(run_dir / "metrics.csv")
+            row: dict[str, Any] = {"method": label, "seed": int(seed), "run_dir": str(run_dir)}
+            row["train_reward_first5"] = float(metrics["reward_mean"].head(5).mean())
+            row["train_reward_last5"] = float(metrics["reward_mean"].tail(5).mean())
+            row["lld_rate_mean"] = float(metrics["lld/rate"].mean())
+            row["selected_frac_mean"] = float(metrics["nthr/selected_frac"].mean())
+            if held is not None:
+                model, tokenizer = load_policy(str(Path(run_dir) / "model"))
+                res = eval_model(model, tokenizer, f"{label}/seed{seed}")
+                row |= {"accuracy": res.accuracy, "ci_low": res.ci_low, "ci_high": res.ci_high, "n_eval": res.n}
+                del model
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rows.append(row)
+    results = pd.DataFrame(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    results.to_csv(root / "results.csv", index=False)
+    trained = results[results["method"] != "base"]
+    if "accuracy" in trained and len(trained):
+        summarize(trained).to_csv(root / "summary.csv", index=False)
+    return results

@@ -1,0 +1,368 @@
+"""GRPO building blocks: group advantages, per-token log-probabilities, the clipped policy loss.
+
+The objective follows arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in Group
+Relative Deep Reinforcement Optimization"), section 2, as specified in docs/METHOD.md §1:
+
+    L = -(1 / Σ_i |y_i|) Σ_i Σ_t [ min(ratio·A, clip(ratio, 1-ε_low, 1+ε_high)·A) - kl_coef · KL_{i,t} ]
+
+with group-relative advantages ``A_i = (r_i - mean(r)) / (std(r) + eps)`` and the k3 estimator
+``KL = exp(ref - logp) - (ref - logp) - 1``. Aggregation modes mirror TRL's ``GRPOTrainer``:
+``"token"`` = TRL ``"dapo"``/``"bnpo"``, ``"seq_mean"`` = TRL ``"grpo"``, ``"dr_grpo"`` = TRL ``"dr_grpo"``.
+
+Batch layout (shared by all modules): ``num_groups * group_size`` sequences, group-major
+(rows ``[g*G:(g+1)*G]`` are the G completions of prompt g); ``completion_mask`` (N, T) is True on
+generated tokens up to and including EOS.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "AGG_MODES",
+    "STD_MODES",
+    "chunked_token_logps",
+    "dynamic_sampling_filter",
+    "expand_advantages",
+    "group_advantages",
+    "k3_kl",
+    "last_hidden_states",
+    "mixed_group_mask",
+    "per_token_logps",
+    "policy_loss",
+    "pos_only",
+    "position_ids_from_mask",
+    "sequence_logprob",
+]
+
+STD_MODES = ("population", "sample", "none")
+AGG_MODES = ("token", "seq_mean", "dr_grpo")
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and group filters
+# --------------------------------------------------------------------------------------------
+
+
+def _check_rewards(rewards: Tensor) -> Tensor:
+    """Validate a (num_groups, group_size) reward tensor and return it as floating point."""
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"`rewards` must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
+        raise ValueError(
+            f"`rewards` must have shape (num_groups, group_size) with both sizes > 0, got {tuple(rewards.shape)}"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    nan_rows = torch.isnan(rewards).any(dim=1)
+    if bool(nan_rows.any()):
+        raise ValueError(f"`rewards` contains NaN in group(s) {nan_rows.nonzero().flatten().tolist()}")
+    return rewards
+
+
+def _homogeneous(rewards: Tensor) -> Tensor:
+    """(num_groups,) bool: True where every reward of the group is equal."""
+    return rewards.amax(dim=1) == rewards.amin(dim=1)
+
+
+def group_advantages(rewards: Tensor, *, std: str = "population", eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages (r - mean) / (std + eps) per group; zeros for homogeneous groups (nb 01)."""
+    rewards = _check_rewards(rewards)  # (num_groups, G)
+    if std not in STD_MODES:
+        raise ValueError(f"`std` must be one of {STD_MODES}, got {std!r}")
+    group_size = rewards.shape[1]
+    centered = rewards - rewards.mean(dim=1, keepdim=True)  # (num_groups, G)
+    if std == "none":  # Dr. GRPO: no scaling
+        advantages = centered
+    else:
+        if std == "sample" and group_size < 2:
+            raise ValueError("`std='sample'` needs group_size >= 2 (unbiased std of one reward is undefined)")
+        scale = rewards.std(dim=1, keepdim=True, correction=1 if std == "sample" else 0)  # (num_groups, 1)
+        advantages = centered / (scale + eps)
+    # Homogeneous groups carry no signal: exact zeros (never NaN, never rounding residue).
+    return torch.where(_homogeneous(rewards)[:, None], torch.zeros_like(advantages), advantages)
+
+
+def pos_only(advantages: Tensor) -> Tensor:
+    """The "Pos Only" baseline: negative advantages set to 0 (group or per-token advantages)."""
+    return advantages.clamp(min=0)
+
+
+def mixed_group_mask(rewards: Tensor) -> Tensor:
+    """(num_groups,) bool, True for mixed groups (0 < N+ < G for binary rewards; not all rewards equal)."""
+    return ~_homogeneous(_check_rewards(rewards))
+
+
+def dynamic_sampling_filter(rewards: Tensor) -> Tensor:
+    """Row indices (long, ascending) of the sequences whose group is mixed, for a group-major batch.
+
+    ``rewards`` is (num_groups, group_size); the batch rows of group g are ``g*G .. g*G+G-1``, so
+    ``completion_ids[dynamic_sampling_filter(rewards)]`` keeps the mixed groups, still group-major.
+    """
+    rewards = _check_rewards(rewards)
+    num_groups, group_size = rewards.shape
+    keep = mixed_group_mask(rewards)  # (num_groups,)
+    rows = torch.arange(num_groups * group_size, device=rewards.device).view(num_groups, group_size)
+    return rows[keep].reshape(-1)
+
+
+def expand_advantages(group_adv: Tensor, completion_mask: Tensor) -> Tensor:
+    """Broadcast per-sequence advantages ((num_groups, G) or (N,)) to per-token (N, T), 0 on masked tokens."""
+    if completion_mask.dim() != 2:
+        raise ValueError(f"`completion_mask` must have shape (N, T), got {tuple(completion_mask.shape)}")
+    flat = group_adv.reshape(-1)  # (N,) group-major
+    if flat.numel() != completion_mask.shape[0]:
+        raise ValueError(
+            f"`group_adv` holds {flat.numel()} advantages (shape {tuple(group_adv.shape)}) but "
+            f"`completion_mask` has {completion_mask.shape[0]} rows"
+        )
+    per_token = flat[:, None].expand(completion_mask.shape)  # (N, T)
+    return torch.where(completion_mask.bool(), per_token, torch.zeros_like(per_token))
+
+
+def sequence_logprob(logps: Tensor, completion_mask: Tensor) -> Tensor:
+    """ln π(y|x): (N,) sum of per-token log-probs over valid completion tokens (nb 02)."""
+    if logps.shape != completion_mask.shape:
+        raise ValueError(
+            f"`logps` {tuple(logps.shape)} and `completion_mask` {tuple(completion_mask.shape)} must match"
+        )
+    return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps)).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token log-probabilities from a causal LM, without a full-batch full-vocab log-softmax
+# --------------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that start at 0 after left padding: cumsum(mask) - 1, clamped at 0."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(N, L, d) last-layer hidden states as fed to the LM head (after the final norm)."""
+    position_ids = position_ids_from_mask(attention_mask)
+    base = getattr(model, "base_model", model)
+    # HF *ForCausalLM: the backbone (model.model, transformer, ...) returns final-normed states.
+    if base is not model:
+        out = base(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    # Fallback for models without a separate backbone: wasteful (computes full logits), but generic.
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    return out.hidden_states[-1]
+
+
+def _chunk_logps(
+    hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
+):
+    """log softmax(lm_head(hidden)/temperature)[targets] for one chunk: (n, d), (n,) -> (n,) float32."""
+    logits = lm_head(hidden).float()  # (n, V)
+    if softcap:  # Gemma-style final logit soft-capping, applied before temperature as in HF
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / temperature
+    target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+    return target_logits - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(
+    hidden: Tensor,
+    lm_head: nn.Module,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    softcap: float | None = None,
+) -> Tensor:
+    """Log-probs of `targets` (n,) under softmax(lm_head(hidden)/temperature), chunk_size rows at a time.
+
+    With gradients enabled each chunk is checkpointed, so backward also holds one (chunk_size, V)
+    logit block at a time instead of (n, V). Returns float32 (n,).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # (n_c, d), (n_c,)
+        if needs_grad:
+            pieces.append(checkpoint(_chunk_logps, h, y, lm_head, temperature, softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(h, y, lm_head, temperature, softcap))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def per_token_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    return_hidden: bool = False,
+    chunk_size: int = 512,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Completion-token log-probs (N, T) from logits/temperature, 0 where masked; optionally hidden (N, T, d).
+
+    ``input_ids`` = cat(prompt_ids, completion_ids) (N, P+T), prompts left-padded, completions
+    right-padded; ``attention_mask`` is (N, P+T); ``completion_mask`` is (N, T). The LM head runs
+    only on valid completion tokens, ``chunk_size`` tokens at a time. ``hidden[:, t]`` is the state
+    that predicts completion token t (left unmasked at padded positions). Gradients flow.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (N, P+T), got {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"`attention_mask` {tuple(attention_mask.shape)} must match `input_ids` {tuple(input_ids.shape)}"
+        )
+    if completion_mask.dim() != 2 or completion_mask.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"`completion_mask` must have shape (N, T) with N={input_ids.shape[0]}, got {tuple(completion_mask.shape)}"
+        )
+    n_rows, total_len = input_ids.shape
+    completion_len = completion_mask.shape[1]
+    prompt_len = total_len - completion_len
+    if prompt_len < 1:
+        raise ValueError(
+            f"`input_ids` has length {total_len} but `completion_mask` has T={completion_len}: "
+            "need at least one prompt token to predict the first completion token"
+        )
+    if not temperature > 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}")
+
+    hidden_all = last_hidden_states(model, input_ids, attention_mask)  # (N, P+T, d)
+    hidden = hidden_all[:, prompt_len - 1 : total_len - 1]  # (N, T, d): state at i predicts token i+1
+    completion_ids = input_ids[:, prompt_len:]  # (N, T)
+
+    mask = completion_mask.bool()
+    flat_idx = mask.reshape(-1).nonzero().squeeze(-1)  # (n_valid,) indices into N*T
+    flat_hidden = hidden.reshape(n_rows * completion_len, -1).index_select(0, flat_idx)  # (n_valid, d)
+    flat_targets = completion_ids.reshape(-1).index_select(0, flat_idx)  # (n_valid,)
+    lm_head = model.get_output_embeddings()
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    valid_logps = chunked_token_logps(
+        flat_hidden, lm_head, flat_targets, temperature=temperature, chunk_size=chunk_size, softcap=softcap
+    )  # (n_valid,) float32
+    logps = torch.zeros(n_rows * completion_len, dtype=valid_logps.dtype, device=valid_logps.device)
+    logps = logps.index_copy(0, flat_idx, valid_logps).view(n_rows, completion_len)  # (N, T)
+    if return_hidden:
+        return logps, hidden
+    return logps
+
+
+# --------------------------------------------------------------------------------------------
+# The clipped surrogate loss
+# --------------------------------------------------------------------------------------------
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(π_θ || π_ref): exp(ref - logp) - (ref - logp) - 1."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    ref_logps: Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    kl_coef: float = 0.0,
+    agg: str = "token",
+    max_completion_length: int | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Clipped GRPO loss (minimised) and float metrics; agg in "token", "seq_mean", "dr_grpo" (nb 01).
+
+    ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). Metrics: clip_frac_low,
+    clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none), and kl if ref_logps given.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"Unknown `agg` {agg!r}; expected one of {AGG_MODES}")
+    if logps.dim() != 2:
+        raise ValueError(f"`logps` must have shape (N, T), got {tuple(logps.shape)}")
+    for name, tensor in (
+        ("old_logps", old_logps),
+        ("completion_mask", completion_mask),
+        ("ref_logps", ref_logps),
+    ):
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` {tuple(logps.shape)}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
+    if (
+        advantages.dim() != 2
+        or advantages.shape[0] != logps.shape[0]
+        or advantages.shape[1] not in (1, logps.shape[1])
+    ):
+        raise ValueError(f"`advantages` must have shape (N, T) or (N,), got {tuple(advantages.shape)}")
+    if kl_coef != 0.0 and ref_logps is None:
+        raise ValueError("`ref_logps` is required when `kl_coef` != 0")
+    eps_low = clip_eps
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+
+    mask = completion_mask.bool()  # (N, T)
+    n_rows, completion_len = logps.shape
+    zeros = torch.zeros_like(logps)
+    # where() keeps garbage at masked positions (padding) from producing inf/NaN or gradients.
+    log_ratio = torch.where(mask, logps - old_logps.detach(), zeros)
+    ratio = torch.exp(log_ratio)  # (N, T)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = torch.min(ratio * advantages, clipped * advantages)  # (N, T) objective
+    kl = None
+    if ref_logps is not None:
+        kl = torch.where(mask, k3_kl(logps, ref_logps.detach()), zeros)  # (N, T)
+        if kl_coef != 0.0:
+            per_token = per_token - kl_coef * kl
+    per_token = torch.where(mask, per_token, zeros)
+
+    maskf = mask.to(per_token.dtype)
+    n_tokens = maskf.sum()
+    if agg == "token":
+        objective = per_token.sum() / n_tokens.clamp(min=1.0)
+    elif agg == "seq_mean":
+        objective = (per_token.sum(dim=-1) / maskf.sum(dim=-1).clamp(min=1.0)).mean()
+    else:  # dr_grpo: constant normaliser N * max_completion_length
+        length = completion_len if max_completion_length is None else max_completion_length
+        if length < 1:
+            raise ValueError(f"`max_completion_length` must be >= 1, got {length}")
+        objective = per_token.sum() / (n_rows * length)
+    loss = -objective
+
+    with torch.no_grad():
+        adv = advantages.detach().expand_as(ratio)
+        ratio_d = ratio.detach()
+        denom = n_tokens.clamp(min=1.0)
+        low = (adv < 0) & (ratio_d < 1 - eps_low) & mask
+        high = (adv > 0) & (ratio_d > 1 + eps_high) & mask
+        valid_ratio = ratio_d[mask]
+        has_tokens = valid_ratio.numel() > 0
+        metrics: dict[str, Any] = {
+            "clip_frac_low": float(low.sum() / denom),
+            "clip_frac_high": float(high.sum() / denom),
+            "clip_frac": float((low | high).sum() / denom),
+            "ratio_mean": float(valid_ratio.mean()) if has_tokens else math.nan,
+            "ratio_min": float(valid_ratio.min()) if has_tokens else math.nan,
+            "ratio_max": float(valid_ratio.max()) if has_tokens else math.nan,
+        }
+        if kl is not None:
+            metrics["kl"] = float(kl.detach().sum() / denom) if has_tokens else math.nan
+    return loss, metrics

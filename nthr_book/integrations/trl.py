@@ -1,0 +1,459 @@
+"""NTHR inside TRL's ``GRPOTrainer`` (tested with trl==1.16.0): per-token advantages and LLD logging.
+
+Implements METHOD.md §3 (arXiv 2505.18830, Deng et al., "On the Effect of Negative Gradient in Group
+Relative Deep Reinforcement Optimization") on top of TRL, for multi-GPU, DeepSpeed and vLLM runs::
+
+    trainer = NTHRGRPOTrainer(model, reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
+                              nthr=NTHRConfig(beta=1.0, eta="two_abs", vocab="generated"))
+
+``nthr=None`` is plain GRPO (bit for bit the same loss and gradients as ``trl.GRPOTrainer``), and so is a
+``beta`` that selects no token. TRL's advantages are one number per sequence, (B,); with NTHR the batch
+carries (B, T) advantages, which TRL 1.16's ``_compute_loss`` uses as they are ("if advantages.dim() == 1:
+unsqueeze(1)"), so every loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) is TRL's own.
+Padded positions keep the sequence's advantage, exactly as TRL's broadcast has it (they are masked).
+
+Which pass the hidden states come from (selection is computed once per generation batch, no gradient):
+
+* TRL computes ``old_per_token_logps`` (when ``gradient_accumulation_steps % (steps_per_generation *
+  num_iterations) != 0``, or vLLM with ``vllm_importance_sampling_correction``): a forward hook on the
+  backbone reads the hidden states of that same pass. No extra forward.
+* TRL skips it (``old_per_token_logps = None``: the policy has not moved since generation, so TRL uses
+  ``per_token_logps.detach()``) and ``steps_per_generation == 1``: each micro-batch is the whole local
+  generation batch and the current policy is the old one, so the hidden states of the training forward
+  in ``compute_loss`` are the old policy's. NTHR runs between that forward and TRL's loss (it replaces
+  ``inputs["advantages"]`` before TRL reads it). No extra forward; this is TRL's default layout.
+* TRL skips it and ``steps_per_generation > 1``: a group's completions are spread over micro-batches that
+  are run one after the other, and the first loss needs the selection of the whole group, so one extra
+  no-grad forward over the generation batch runs after generation (the pass TRL itself runs whenever it
+  needs old log-probs). Its log-probs are not handed to TRL, whose loss stays untouched.
+
+Several processes: TRL spreads one generation batch over the processes in rank order (process ``r``
+holds rows ``[r*b, (r+1)*b)``), so the G completions of a prompt may sit on two processes. When ``b`` is
+not a multiple of ``num_generations``, the hidden states, ids, masks and rewards of the batch are gathered
+(``accelerator.pad_across_processes`` + ``gather``: world_size × local memory), every process scores the
+groups that touch its rows, and keeps its own slice; when ``b % num_generations == 0`` every group is local
+and nothing is gathered. Metrics count each group once (on the process holding its first row) and are
+summed over processes.
+
+vLLM (``use_vllm=True``, server or colocate): nothing specific is needed, everything hooks in after
+generation on the training model's passes. With ``vllm_importance_sampling_correction`` (TRL's default)
+TRL always runs the old-policy pass, which NTHR reuses.
+
+A response is correct when its reward (TRL's weighted sum over reward functions, or the one named by
+``correct_reward``) exceeds ``correct_threshold`` (0.5, for binary rewards). ``LLDCallback`` logs
+``lld/delta_mean`` (mean change of ln π(y+|x) of the correct responses of a generation batch over the
+update(s) that consumed it) and ``lld/rate`` (share with change <= eps); NTHR logs ``nthr/selected_frac``,
+``nthr/tau_mean``, ``nthr/score_mean``, ``nthr/eta_mean`` and ``nthr/mixed_groups`` to TRL's metrics.
+Models with a logit scale or soft-capping in the LM head are refused (the scores read the plain head).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nthr_book.nthr import NTHRConfig, eta_for, threshold, token_scores_from_hidden
+
+try:
+    from accelerate.utils import is_peft_model
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "nthr_book.integrations.trl needs TRL (tested with trl==1.16.0): pip install -e '.[trl]'"
+    ) from err
+
+__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "trl_runs_old_pass"]
+
+# Keys this trainer adds to TRL's batch dict (tensors with a leading batch dim, or 0-d; TRL's shuffle and
+# split pass them through): global row id, reward, TRL's (B,) advantages, and two 0-d flags.
+_ROW, _REWARD, _SEQ_ADV, _FUSED, _BATCH = "nthr_row", "nthr_reward", "seq_advantages", "nthr_fused", "nthr_batch"
+
+
+def trl_runs_old_pass(args: Any, use_vllm: bool, vllm_is_correction: bool) -> bool:
+    """True when TRL 1.16 computes ``old_per_token_logps`` after generation (its own condition)."""
+    generate_every = args.steps_per_generation * args.num_iterations
+    return args.gradient_accumulation_steps % generate_every != 0 or (use_vllm and vllm_is_correction)
+
+
+@dataclass
+class _Capture:
+    """One policy pass to intercept: its returned log-probs and (optionally) the backbone's hidden states."""
+
+    want_hidden: bool
+    on_done: Callable[[_Capture], None] | None = None
+    logps: Tensor | None = None  # (B, T) detached
+    hidden: Tensor | None = None  # (B, T, d) detached: hidden[:, t] predicts completion token t
+    chunks: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _LLDBatch:
+    """A generation batch whose correct responses' ln π is compared before and after its update(s)."""
+
+    batch_id: int
+    end_step: int  # TRL micro-step count after which the batch is fully consumed
+    input_ids: Tensor  # (b, P+T) local rows, generation order
+    attention_mask: Tensor  # (b, P+T)
+    completion_mask: Tensor  # (b, T) loss mask
+    correct: Tensor  # (b,) bool
+    old_seq: Tensor  # (b,) ln π_old(y|x), NaN until known
+
+
+class LLDCallback(TrainerCallback):
+    """Logs ``lld/delta_mean`` and ``lld/rate`` once the update(s) that consumed a generation batch are done.
+
+    For the correct responses (reward > threshold) of each generation batch, Δ = ln π_new(y+|x) -
+    ln π_old(y+|x) (sums of token log-probs, old from the old-policy pass, new from one no-grad pass after
+    the optimizer step that finished the batch); ``lld/rate`` is the share with Δ <= ``eps`` (METHOD §2).
+    Added automatically by ``NTHRGRPOTrainer(track_lld=True)``; pass your own instance to change ``eps``.
+    When gradient accumulation does not end with the batch, "after" also includes part of the next batch.
+    """
+
+    def __init__(self, eps: float = 0.0):
+        self.eps = float(eps)
+        self.trainer: NTHRGRPOTrainer | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if trainer is None:
+            return control
+        done = [b for b in trainer._lld_pending if trainer._step >= b.end_step]
+        trainer._lld_pending = [b for b in trainer._lld_pending if trainer._step < b.end_step]
+        for batch in done:
+            self._measure(trainer, batch)
+        return control
+
+    @torch.no_grad()
+    def _measure(self, trainer: NTHRGRPOTrainer, batch: _LLDBatch) -> None:
+        acc = trainer.accelerator
+        rows = batch.correct.nonzero().squeeze(-1)  # (n,) local correct rows
+        if bool(batch.old_seq[rows].isnan().any()):
+            raise RuntimeError("LLDCallback: old log-probs of a generation batch were never recorded")
+        # Every process runs the same number of forward calls (ZeRO-3 gathers parameters per call).
+        n_max = int(acc.gather(torch.tensor([rows.numel()], device=acc.device)).max())
+        if n_max == 0:
+            return
+        pad = rows.new_zeros(n_max - rows.numel())  # filler rows, ignored
+        idx = torch.cat([rows, pad])
+        T = batch.completion_mask.shape[1]
+        with disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, batch.input_ids[idx], batch.attention_mask[idx], T,
+                batch_size=trainer.args.per_device_train_batch_size)
+        mask = batch.completion_mask[idx].to(logps.dtype)
+        new_seq = (logps * mask).sum(-1)[: rows.numel()]  # (n,)
+        delta = new_seq.float() - batch.old_seq[rows]
+        stats = torch.stack([delta.sum(), torch.tensor(float(rows.numel()), device=delta.device),
+                             (delta <= self.eps).float().sum()])
+        total, count, lazy = acc.reduce(stats, reduction="sum").tolist()
+        trainer._metrics["train"]["lld/delta_mean"].append(total / count)
+        trainer._metrics["train"]["lld/rate"].append(lazy / count)
+        trainer._metrics["train"]["lld/n_correct"].append(count)
+
+
+class NTHRGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with NTHR's per-token advantages (``nthr=NTHRConfig(...)``) and LLD metrics.
+
+    Extra keyword arguments: ``nthr`` (None: plain GRPO), ``track_lld`` (add an ``LLDCallback``),
+    ``lld_eps``, ``correct_threshold`` (a response is correct when its reward exceeds it), ``correct_reward``
+    (name or index of the reward function that decides correctness; None: TRL's weighted sum),
+    ``score_dtype`` and ``chunk_size`` (passed to ``token_scores_from_hidden``), ``record_nthr`` (keep
+    the last batch's local tensors in ``self.nthr_record`` on CPU, for tests and debugging).
+    """
+
+    def __init__(self, *args: Any, nthr: NTHRConfig | None = None, track_lld: bool = True, lld_eps: float = 0.0,
+                 correct_threshold: float = 0.5, correct_reward: str | int | None = None,
+                 score_dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                 record_nthr: bool = False, **kwargs: Any):
+        if nthr is not None and not isinstance(nthr, NTHRConfig):
+            raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
+        if math.isnan(float(correct_threshold)):
+            raise ValueError("correct_threshold must be a number, got nan")
+        super().__init__(*args, **kwargs)
+        self.nthr = nthr
+        self.correct_threshold = float(correct_threshold)
+        self.score_dtype, self.chunk_size, self.record_nthr = score_dtype, chunk_size, bool(record_nthr)
+        self.nthr_record: dict[str, Tensor] | None = None
+        self._correct_col = self._resolve_correct_reward(correct_reward)
+        self._capture: _Capture | None = None
+        self._rewards_per_func: Tensor | None = None
+        self._lld_pending: list[_LLDBatch] = []
+        self._batch_counter = 0
+        if nthr is not None:
+            self._check_plain_lm_head()
+        callbacks = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LLDCallback)]
+        if track_lld and not callbacks:
+            callbacks = [LLDCallback(eps=lld_eps)]
+            self.add_callback(callbacks[0])
+        for cb in callbacks:
+            cb.trainer = self
+        self._track_lld = bool(callbacks)
+
+    # ---- set-up checks --------------------------------------------------------------------------
+    def _resolve_correct_reward(self, correct_reward: str | int | None) -> int | None:
+        if correct_reward is None:
+            return None
+        names = list(self.reward_func_names)
+        if isinstance(correct_reward, str):
+            if correct_reward not in names:
+                raise ValueError(f"correct_reward={correct_reward!r}: not a reward function name, expected one of {names}")
+            return names.index(correct_reward)
+        if not 0 <= int(correct_reward) < len(names):
+            raise ValueError(f"correct_reward={correct_reward}: index out of range for {len(names)} reward functions")
+        return int(correct_reward)
+
+    def _unwrapped(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if is_peft_model(model) else model
+
+    def _check_plain_lm_head(self) -> None:
+        cfg = self._unwrapped().config.get_text_config()
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):
+            value = getattr(cfg, name, None)
+            if value is not None and value != 1.0:
+                raise ValueError(f"NTHRGRPOTrainer: the model config sets {name}={value}; NTHR scores read the plain "
+                                 "LM head (hidden @ W.T + b) / temperature and would not match TRL's log-probs")
+
+    # ---- interception of TRL's passes --------------------------------------------------------------
+    def _is_policy(self, model) -> bool:
+        unwrap = self.accelerator.unwrap_model
+        return model is self.model or model is self.model_wrapped or unwrap(model) is unwrap(self.model)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        cap = self._capture
+        if cap is None or not self._is_policy(model):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              *args, **kwargs)
+        self._capture = None  # exactly one pass: the next call (e.g. the PEFT reference pass) is TRL's alone
+        handle = None
+        if cap.want_hidden:
+            def hook(module, hook_args, output):
+                h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                # TRL's fused head scores last_hidden_state[:, :-1] against labels[:, 1:] and keeps the last
+                # logits_to_keep positions: the states at L-1-T .. L-2 predict the T completion tokens.
+                cap.chunks.append(h[:, -logits_to_keep - 1:-1].detach())
+
+            handle = self._unwrapped().base_model.register_forward_hook(hook)
+        try:
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                             *args, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        cap.logps = out[0].detach()
+        if cap.want_hidden:
+            if not cap.chunks:
+                raise RuntimeError("NTHRGRPOTrainer: the backbone forward hook did not fire during the policy pass")
+            cap.hidden = torch.cat(cap.chunks) if len(cap.chunks) > 1 else cap.chunks[0]  # (B, T, d)
+            cap.chunks = []
+        if cap.on_done is not None:
+            cap.on_done(cap)
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # (B_global, n_funcs), gathered over processes by TRL
+        return rewards_per_func
+
+    def _global_rewards(self) -> Tensor:
+        """(B_global,) reward that decides correctness, from the last ``_calculate_rewards``."""
+        rpf = self._rewards_per_func
+        if self._correct_col is not None:
+            return torch.nan_to_num(rpf[:, self._correct_col], nan=0.0)
+        return (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+
+    # ---- generation batch ----------------------------------------------------------------------------
+    def _active(self) -> bool:
+        return self.nthr is not None or self._track_lld
+
+    def _generate_and_score_completions(self, inputs):
+        if not (self.model.training and self._active()):
+            return super()._generate_and_score_completions(inputs)
+        old_pass = trl_runs_old_pass(self.args, self.use_vllm, self.vllm_importance_sampling_correction)
+        cap = _Capture(want_hidden=self.nthr is not None) if old_pass else None
+        self._capture = cap
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._capture = None
+        if old_pass != ("old_per_token_logps" in out) or (cap is not None and cap.logps is None):
+            raise RuntimeError("NTHRGRPOTrainer: TRL's old-policy pass is not where trl==1.16.0 has it; "
+                               "this integration is tested with trl==1.16.0")
+        device = out["prompt_ids"].device
+        b = out["prompt_ids"].shape[0]
+        rows = self.accelerator.process_index * b + torch.arange(b, device=device)  # global row ids
+        rewards = self._global_rewards().to(device)[rows]  # (b,)
+        self._batch_counter += 1
+        out[_ROW], out[_REWARD], out[_SEQ_ADV] = rows, rewards, out["advantages"]
+        out[_BATCH] = torch.tensor(self._batch_counter, device=device)
+        out[_FUSED] = torch.tensor(False, device=device)
+        if cap is None and self.nthr is not None:
+            if self.args.steps_per_generation == 1:
+                out[_FUSED] = torch.tensor(True, device=device)  # NTHR on the compute_loss forward
+            else:
+                cap = self._extra_old_pass(out)
+        self._start_lld_batch(out, None if cap is None else cap.logps)
+        if cap is not None and self.nthr is not None:
+            out["advantages"] = self._nthr_advantages(out, cap.hidden)
+        return out
+
+    @torch.no_grad()
+    def _extra_old_pass(self, out: dict) -> _Capture:
+        """One no-grad policy pass over the local generation batch, for its hidden states."""
+        if "pixel_values" in out:
+            raise NotImplementedError("NTHRGRPOTrainer: multimodal batches need TRL's old-policy pass; set "
+                                      "steps_per_generation=1 or gradient_accumulation_steps so that TRL runs it")
+        cap = self._capture = _Capture(want_hidden=True)
+        input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        try:
+            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask,
+                                                        out["completion_ids"].shape[1],
+                                                        batch_size=self.args.per_device_train_batch_size)
+        finally:
+            self._capture = None
+        return cap
+
+    def _loss_mask(self, batch: dict) -> Tensor:
+        mask = batch["completion_mask"]
+        return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
+
+    def _start_lld_batch(self, out: dict, old_logps: Tensor | None) -> None:
+        if not self._track_lld:
+            return
+        mask = self._loss_mask(out)
+        old_seq = torch.full((mask.shape[0],), math.nan, device=mask.device)
+        if old_logps is not None:
+            old_seq = (old_logps.float() * mask).sum(-1)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        self._lld_pending.append(_LLDBatch(
+            batch_id=self._batch_counter, end_step=self._step + generate_every,
+            input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
+            attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
+            completion_mask=mask, correct=out[_REWARD] > self.correct_threshold, old_seq=old_seq))
+
+    # ---- the loss -----------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        if self.model.training and _BATCH in inputs:
+            fused = bool(inputs[_FUSED])
+            lld = next((b for b in self._lld_pending if b.batch_id == int(inputs[_BATCH])), None)
+            lld_missing = lld is not None and bool(lld.old_seq.isnan().any())
+            if fused or lld_missing:
+                # The policy has not moved since generation here (TRL skipped the old pass), so the training
+                # forward is the old policy's pass: read it, then let TRL compute its loss.
+                def on_done(cap: _Capture) -> None:
+                    if lld_missing:
+                        offset = self.accelerator.process_index * lld.old_seq.numel()
+                        seq = (cap.logps.float() * self._loss_mask(inputs)).sum(-1)
+                        lld.old_seq[inputs[_ROW] - offset] = seq
+                    if fused:
+                        with torch.no_grad():
+                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden)
+                        inputs[_FUSED] = torch.tensor(False, device=inputs[_FUSED].device)
+
+                self._capture = _Capture(want_hidden=fused, on_done=on_done)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._capture = None
+
+    # ---- NTHR on a generation batch ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _nthr_advantages(self, batch: dict, hidden: Tensor) -> Tensor:
+        """(b, T) advantages of the local rows: eta·A on selected tokens, TRL's A elsewhere (METHOD §3)."""
+        acc, G, cfg = self.accelerator, self.num_generations, self.nthr
+        rows, rewards, seq_adv = batch[_ROW], batch[_REWARD], batch[_SEQ_ADV]  # (b,) each
+        ids, mask = batch["completion_ids"], self._loss_mask(batch).long()  # (b, T)
+        b, T = ids.shape
+        if seq_adv.dim() != 1 or hidden.shape[:2] != (b, T):
+            raise ValueError(f"NTHR expects (b,) sequence advantages and (b, T, d) hidden states with (b, T) = "
+                             f"{(b, T)}, got {tuple(seq_adv.shape)} and {tuple(hidden.shape)}")
+        if acc.num_processes > 1 and b % G != 0:
+            # Groups straddle processes: gather the whole generation batch (widths padded to the largest).
+            pad_id = self._tokenizer.pad_token_id or 0
+            all_rows = acc.gather(rows)
+            order = all_rows.argsort()
+            all_h = acc.gather(acc.pad_across_processes(hidden, dim=1))[order]
+            all_ids = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))[order]
+            all_mask = acc.gather(acc.pad_across_processes(mask, dim=1))[order]
+            all_rewards = acc.gather(rewards)[order]
+            if not torch.equal(all_rows[order], torch.arange(all_rows.numel(), device=rows.device)):
+                raise RuntimeError("NTHR: the gathered rows are not the whole generation batch 0..N-1")
+            base = 0
+        else:
+            order = rows.argsort()
+            all_h, all_ids, all_mask, all_rewards = hidden[order], ids[order], mask[order], rewards[order]
+            base = int(rows.min())
+            if base % G or not torch.equal(rows[order] - base, torch.arange(b, device=rows.device)):
+                raise RuntimeError("NTHR: local rows do not hold whole groups")
+
+        head = self._unwrapped().get_output_embeddings()
+        local = set(rows.tolist())
+        selections: dict[int, tuple[Tensor, float]] = {}
+        sums = torch.zeros(6, dtype=torch.float64)  # n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed
+        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+            weight, bias = head.weight, head.bias
+            if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+                weight = weight.full_tensor()
+                bias = None if bias is None else bias.full_tensor()
+            for g in sorted({int(r) // G for r in rows.tolist()}):
+                sl = slice(g * G - base, (g + 1) * G - base)
+                correct = all_rewards[sl] > self.correct_threshold  # (G,)
+                n_pos = int(correct.sum())
+                if n_pos in (0, G):
+                    continue  # homogeneous group: untouched
+                m = all_mask[sl].bool()  # (G, T')
+                out = token_scores_from_hidden(
+                    all_h[sl], weight.detach(), all_ids[sl], m, correct, temperature=self.temperature,
+                    lm_head_bias=None if bias is None else bias.detach(), vocab=cfg.vocab, dtype=self.score_dtype,
+                    chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self)
+                scores, self_pairs = out if cfg.exclude_self else (out, None)
+                tau = threshold(scores, m, correct, cfg.beta, self_pairs=self_pairs)
+                neg = (~correct)[:, None] & m  # (G, T') incorrect-response tokens
+                selected = neg & (scores > tau)
+                eta = float(eta_for(n_pos / G, cfg.eta))
+                selections[g] = (selected, eta)
+                if g * G in local:  # count each group once, on the process holding its first row
+                    sums += torch.tensor([float(selected.sum()), float(neg.sum()), tau, eta,
+                                          float(scores[neg].sum()), 1.0], dtype=torch.float64)
+
+        token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
+        selected_local = torch.zeros(b, T, dtype=torch.bool, device=ids.device)
+        for i, r in enumerate(rows.tolist()):
+            if r // G in selections:
+                selected, eta = selections[r // G]
+                sel = selected[r % G]
+                if bool(sel[T:].any()):
+                    raise RuntimeError("NTHR: a token beyond the local completion width was selected")
+                selected_local[i] = sel[:T]
+                token_adv[i] = torch.where(sel[:T], eta * seq_adv[i], seq_adv[i])
+        self._log_nthr(sums)
+        if self.record_nthr:
+            self.nthr_record = {
+                "rows": rows.cpu(), "prompt_ids": batch["prompt_ids"].cpu(), "prompt_mask": batch["prompt_mask"].cpu(),
+                "completion_ids": ids.cpu(), "completion_mask": mask.cpu(), "rewards": rewards.cpu(),
+                "seq_advantages": seq_adv.cpu(), "advantages": token_adv.cpu(), "selected": selected_local.cpu(),
+                "hidden": hidden.float().cpu(), "groups_scored": torch.tensor(sorted(selections), dtype=torch.long),
+            }
+        return token_adv
+
+    def _log_nthr(self, sums: Tensor) -> None:
+        acc = self.accelerator
+        n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed = acc.reduce(
+            sums.to(device=acc.device, dtype=torch.float32), reduction="sum").tolist()
+        metrics = self._metrics["train"]
+        metrics["nthr/selected_frac"].append(n_sel / n_neg if n_neg else math.nan)
+        metrics["nthr/tau_mean"].append(tau_sum / n_mixed if n_mixed else math.nan)
+        metrics["nthr/eta_mean"].append(eta_sum / n_mixed if n_mixed else math.nan)
+        metrics["nthr/score_mean"].append(score_sum / n_neg if n_neg else math.nan)
+        metrics["nthr/mixed_groups"].append(n_mixed)

@@ -1,0 +1,727 @@
+"""Lazy Likelihood Displacement (LLD): one update on one question's group, and how ln π(y+|x) moves.
+
+Implements METHOD.md §2, from arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in
+Group Relative Deep Reinforcement Optimization"), Figures 1 and 4. For a question ``x`` whose group
+of G sampled responses is mixed (0 < N+ < G), start from the initial weights, apply ``steps``
+updates (default one) on that group only, and record
+
+    Δ(x) = (1/N+) Σ_{correct i} [ ln π_new(y+_i | x) - ln π_init(y+_i | x) ]
+
+where ``ln π(y|x)`` is the *sum* of the response's token log-probabilities. LLD: Δ(x) ≤ ε. Update
+rules compared on the same groups: ``"grpo"`` (group advantages), ``"pos_only"`` (negative
+advantages set to 0), ``"nthr"`` (NTHR-selected tokens of the wrong responses get η·A, η = 0 by
+default, the paper's diagnostic) and ``"random"`` (as many tokens per wrong response as NTHR picks,
+chosen uniformly, advantage η·A).
+
+After each measurement the weights are restored **bit for bit** by copying back a snapshot of the
+trainable parameters. The snapshot buffers are allocated once per model (one copy of the trainable
+parameters on the model's device, kept in a module-level ``WeakKeyDictionary``) and reused for
+every question, so memory stays flat over a whole experiment; ``release_snapshot(model)`` frees it.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nthr_book import grpo
+from nthr_book import nthr as _nthr
+from nthr_book import rewards as _rewards
+from nthr_book import rollout as _rollout
+from nthr_book.io import atomic_torch_save
+from nthr_book.rollout import Rollouts
+
+__all__ = [
+    "GROUPS_FORMAT",
+    "METHODS",
+    "OPTIMIZERS",
+    "ROW_COLUMNS",
+    "Group",
+    "QuestionDisplacement",
+    "displacement_summary",
+    "groups_from_rollouts",
+    "lld_experiment",
+    "lld_rate",
+    "load_groups",
+    "one_step_displacement",
+    "release_snapshot",
+    "sample_groups",
+    "save_groups",
+    "sequence_logprobs",
+]
+
+METHODS = ("grpo", "pos_only", "nthr", "random")
+OPTIMIZERS = ("sgd", "adam")
+GROUPS_FORMAT = "nthr_book.lld.groups/1"
+# Settings that must match between a saved groups file and the call that wants to reuse it.
+_SAMPLING_KEYS = ("problem_ids", "group_size", "max_new_tokens", "temperature", "seed", "template",
+                  "require_boxed")
+ROW_COLUMNS = ("id", "method", "n_correct", "group_size", "p", "delta", "per_response_delta", "n_selected",
+               "n_incorrect_tokens", "seed", "lr")
+
+
+# --------------------------------------------------------------------------------------------
+# Groups: one question's G responses with their rewards
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One question's group: a single-group ``Rollouts`` (G rows), rewards (G,), question id and answer."""
+
+    rollouts: Rollouts  # num_groups == 1: G rows
+    rewards: Tensor  # (G,) float, 1.0 = correct
+    question_id: str
+    answer: str = ""
+    problem: str = ""  # the question text (without the chat template), for display
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rollouts, Rollouts):
+            raise TypeError(f"Group {self.question_id!r}: `rollouts` must be a Rollouts, "
+                            f"got {type(self.rollouts).__name__}")
+        if self.rollouts.num_groups != 1:
+            raise ValueError(f"Group {self.question_id!r}: `rollouts` must hold exactly one group, "
+                             f"got {self.rollouts.num_groups}")
+        rewards = torch.as_tensor(self.rewards, dtype=torch.float32)
+        if tuple(rewards.shape) != (self.rollouts.group_size,):
+            raise ValueError(f"Group {self.question_id!r}: `rewards` must have shape (G,) = "
+                             f"({self.rollouts.group_size},), got {tuple(rewards.shape)}")
+        if bool(rewards.isnan().any()):
+            raise ValueError(f"Group {self.question_id!r}: `rewards` contains NaN")
+        self.rewards = rewards.cpu()
+        self.question_id = str(self.question_id)
+
+    @classmethod
+    def from_tensors(cls, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                     rewards: Sequence[float] | Tensor, *, prompt_mask: Tensor | None = None,
+                     question_id: str = "q", answer: str = "", problem: str = "",
+                     texts: Sequence[str] | None = None) -> Group:
+        """A Group from raw tensors: prompt_ids (P,) or (G, P), completion_ids/mask (G, T), rewards (G,)."""
+        G = completion_ids.shape[0]
+        if prompt_ids.dim() == 1:
+            prompt_ids = prompt_ids[None].expand(G, -1)
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        elif prompt_mask.dim() == 1:
+            prompt_mask = prompt_mask[None].expand(G, -1)
+        completion_mask = completion_mask.bool()
+        rollouts = Rollouts(
+            prompt_ids=prompt_ids.long().clone(), prompt_mask=prompt_mask.long().clone(),
+            completion_ids=completion_ids.long().clone(), completion_mask=completion_mask.clone(),
+            texts=list(texts) if texts is not None else [""] * G,
+            truncated=torch.zeros(G, dtype=torch.bool, device=completion_ids.device), group_size=G,
+            prompts=[problem], meta={},
+        )
+        return cls(rollouts, torch.as_tensor(rewards, dtype=torch.float32), question_id, answer, problem)
+
+    @property
+    def group_size(self) -> int:
+        """G, the number of responses."""
+        return self.rollouts.group_size
+
+    @property
+    def correct(self) -> Tensor:
+        """(G,) bool: reward > 0.5."""
+        return self.rewards > 0.5
+
+    @property
+    def n_correct(self) -> int:
+        """N+, the number of correct responses."""
+        return int(self.correct.sum())
+
+    @property
+    def p(self) -> float:
+        """p = N+ / G."""
+        return self.n_correct / self.group_size
+
+    @property
+    def status(self) -> str:
+        """"mixed", "all_correct" or "all_wrong" (the reason a homogeneous group is dropped)."""
+        if self.n_correct == 0:
+            return "all_wrong"
+        if self.n_correct == self.group_size:
+            return "all_correct"
+        return "mixed"
+
+
+def _trim(r: Rollouts) -> Rollouts:
+    """Drop prompt columns that are padding in every row and completion columns after the last valid token."""
+    pm, cm = r.prompt_mask, r.completion_mask.bool()
+    real_cols = pm.bool().any(0).nonzero()
+    first = int(real_cols[0]) if real_cols.numel() else 0
+    valid_cols = cm.any(0).nonzero()
+    last = int(valid_cols[-1]) + 1 if valid_cols.numel() else 1
+    return Rollouts(prompt_ids=r.prompt_ids[:, first:], prompt_mask=pm[:, first:],
+                    completion_ids=r.completion_ids[:, :last], completion_mask=cm[:, :last], texts=r.texts,
+                    truncated=r.truncated, group_size=r.group_size, prompts=r.prompts, meta=r.meta)
+
+
+def groups_from_rollouts(rollouts: Rollouts, rewards: Tensor | Sequence[float], question_ids: Sequence[str],
+                         answers: Sequence[str], problems: Sequence[str] | None = None) -> list[Group]:
+    """Split a group-major batch into one (padding-trimmed) Group per prompt; rewards (num_groups, G) or (N,)."""
+    num_groups, G = rollouts.num_groups, rollouts.group_size
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    if rewards.numel() != num_groups * G:
+        raise ValueError(f"`rewards` holds {rewards.numel()} values for {num_groups} groups of {G}")
+    for name, seq in (("question_ids", question_ids), ("answers", answers), ("problems", problems)):
+        if seq is not None and len(seq) != num_groups:
+            raise ValueError(f"`{name}` has {len(seq)} items for {num_groups} groups")
+    rewards = rewards.view(num_groups, G)
+    out = []
+    for g in range(num_groups):
+        sub = _trim(rollouts.select_groups([g]))
+        sub.meta = {}  # per-batch settings live in the saved file's settings, not in every group
+        out.append(Group(sub, rewards[g], str(question_ids[g]), str(answers[g]),
+                         "" if problems is None else str(problems[g])))
+    return out
+
+
+def _problem_fields(problems: Iterable[dict]) -> tuple[list[str], list[str], list[str]]:
+    """(ids, problem texts, answers) from dicts with id/problem/answer; errors name the row."""
+    ids, texts, answers = [], [], []
+    for i, row in enumerate(problems):
+        if not isinstance(row, dict):
+            raise TypeError(f"problems[{i}] must be a dict with id/problem/answer, got {type(row).__name__}")
+        missing = [k for k in ("id", "problem", "answer") if k not in row]
+        if missing:
+            raise ValueError(f"problems[{i}] lacks key(s) {missing} (needs id, problem, answer)")
+        ids.append(str(row["id"]))
+        texts.append(str(row["problem"]))
+        answers.append(str(row["answer"]))
+    if len(set(ids)) != len(ids):
+        dup = sorted({x for x in ids if ids.count(x) > 1})
+        raise ValueError(f"problems have duplicate id(s) {dup[:5]}")
+    return ids, texts, answers
+
+
+def sample_groups(model: nn.Module, tokenizer, problems: Iterable[dict], *, group_size: int = 8,
+                  max_new_tokens: int, temperature: float = 1.0, seed: int = 0, template: str = "boxed",
+                  require_boxed: bool = True, batch_size: int | None = None,
+                  progress: bool = False) -> list[Group]:
+    """Sample and grade ``group_size`` responses per problem (seeded); one Group each, homogeneous ones kept."""
+    from nthr_book.data import build_prompt
+
+    ids, texts, answers = _problem_fields(problems)
+    if not ids:
+        raise ValueError("`problems` is empty")
+    prompts = [build_prompt(tokenizer, t, template) for t in texts]
+    rollouts = _rollout.generate_groups(model, tokenizer, prompts, group_size, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, batch_size=batch_size, seed=seed,
+                                        progress=progress)
+    golds = [a for a in answers for _ in range(group_size)]  # group-major, like rollouts.texts
+    scores = _rewards.math_rewards(list(rollouts.texts), golds, require_boxed=require_boxed)
+    return groups_from_rollouts(rollouts, scores, ids, answers, texts)
+
+
+def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | None = None) -> Path:
+    """Atomically save groups (token ids, texts, rewards, ids, answers) and their sampling settings."""
+    payload_groups = []
+    for i, g in enumerate(groups):
+        if not isinstance(g, Group):
+            raise TypeError(f"groups[{i}] must be a Group, got {type(g).__name__}")
+        r = {f.name: getattr(g.rollouts, f.name) for f in fields(g.rollouts)}
+        r = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in r.items()}
+        r["meta"] = _jsonable(r["meta"])
+        payload_groups.append({"rollouts": r, "rewards": g.rewards.cpu(), "question_id": g.question_id,
+                               "answer": g.answer, "problem": g.problem})
+    payload = {"format": GROUPS_FORMAT, "settings": _jsonable(settings or {}), "groups": payload_groups}
+    return atomic_torch_save(payload, path)
+
+
+def load_groups(path: str | Path, *, device: str | torch.device | None = None,
+                return_settings: bool = False) -> list[Group] | tuple[list[Group], dict]:
+    """Groups saved by ``save_groups`` (and, with return_settings, the settings they were sampled with)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"groups file {path} does not exist")
+    payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != GROUPS_FORMAT:
+        raise ValueError(f"{path} is not a groups file written by nthr_book.lld.save_groups "
+                         f"(format {GROUPS_FORMAT!r})")
+    groups = []
+    for i, g in enumerate(payload["groups"]):
+        try:
+            groups.append(Group(Rollouts(**g["rollouts"]), g["rewards"], g["question_id"], g["answer"],
+                                g.get("problem", "")))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: group {i} is malformed: {err}") from err
+    return (groups, dict(payload["settings"])) if return_settings else groups
+
+
+def _jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` made of JSON types (what torch.load(weights_only=True) accepts)."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------------------------
+# ln π(y|x), batched
+# --------------------------------------------------------------------------------------------
+
+
+class _ModeGuard:
+    """Context: every submodule in eval mode, then each one's own train/eval flag restored."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def _token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                 completion_mask: Tensor, *, temperature: float, batch_size: int | None,
+                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(N, T) float32 per-token log-probs (and (N, T, d) hidden), micro-batched, columns trimmed per batch."""
+    N, T = completion_ids.shape
+    bs = N if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
+    device = prompt_ids.device
+    logps = torch.zeros(N, T, dtype=torch.float32, device=device)
+    hidden = None
+    for start in range(0, N, bs):
+        rows = slice(start, start + bs)
+        cm = completion_mask[rows].bool()  # (n, T)
+        valid = cm.any(0).nonzero()
+        t_b = int(valid[-1]) + 1 if valid.numel() else 1  # right padding after the last valid token
+        ids = torch.cat([prompt_ids[rows], completion_ids[rows, :t_b]], dim=1)  # (n, P + t_b)
+        att = torch.cat([prompt_mask[rows].long(), cm[:, :t_b].long()], dim=1)
+        out = grpo.per_token_logps(model, ids, att, cm[:, :t_b], temperature=temperature,
+                                   return_hidden=return_hidden)
+        if return_hidden:
+            lp, h = out
+            if hidden is None:
+                hidden = h.new_zeros(N, T, h.shape[-1])  # (N, T, d)
+            hidden[rows, :t_b] = h
+        else:
+            lp = out
+        logps[rows, :t_b] = lp
+    return (logps, hidden) if return_hidden else logps
+
+
+def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                      *, prompt_mask: Tensor | None = None, temperature: float = 1.0,
+                      batch_size: int | None = None) -> Tensor:
+    """(N,) ln π(y|x): summed completion log-probs (float64), no gradient, eval mode, batch_size rows a time."""
+    if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
+        raise ValueError(f"`prompt_ids` (N, P) and `completion_ids` (N, T) must share N, got "
+                         f"{tuple(prompt_ids.shape)} and {tuple(completion_ids.shape)}")
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(f"`completion_mask` {tuple(completion_mask.shape)} must match `completion_ids` "
+                         f"{tuple(completion_ids.shape)}")
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids)
+    elif prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"`prompt_mask` {tuple(prompt_mask.shape)} must match `prompt_ids` "
+                         f"{tuple(prompt_ids.shape)}")
+    device = _model_device(model)
+    with torch.no_grad(), _ModeGuard(model):
+        logps = _token_logps(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                             completion_mask.to(device), temperature=temperature, batch_size=batch_size)
+    return grpo.sequence_logprob(logps.double(), completion_mask.to(device))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("`model` has no parameters") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The reusable weight snapshot
+# --------------------------------------------------------------------------------------------
+
+_SNAPSHOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
+    """(parameter, same-shape buffer) for every trainable parameter; buffers allocated once per model."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    if not params:
+        raise ValueError("`model` has no trainable parameters (requires_grad=False everywhere)")
+    cached = _SNAPSHOTS.get(model)
+    if cached is not None and len(cached) == len(params) and all(
+        p is q and b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+        for (q, b), p in zip(cached, params)
+    ):
+        return cached
+    _SNAPSHOTS.pop(model, None)  # free a stale snapshot before allocating the new one
+    cached = [(p, torch.empty_like(p, memory_format=torch.preserve_format)) for p in params]
+    _SNAPSHOTS[model] = cached
+    return cached
+
+
+def release_snapshot(model: nn.Module) -> bool:
+    """Free the snapshot buffers kept for ``model``; True if there were any."""
+    return _SNAPSHOTS.pop(model, None) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# One question, one update rule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuestionDisplacement:
+    """Δ(x) of one question under one update rule, with what it was made of (METHOD §2)."""
+
+    question_id: str
+    method: str
+    n_correct: int  # N+
+    group_size: int  # G
+    p: float  # N+ / G
+    delta: float  # Δ(x) = mean over correct responses of ln π_new - ln π_init
+    per_response_delta: list[float]  # (N+,) in row order
+    n_selected_tokens: int | None  # tokens whose advantage became eta·A ("nthr", "random"); None otherwise
+    n_incorrect_tokens: int  # valid tokens of the incorrect responses
+    logp_init: list[float]  # (N+,) ln π_init of the correct responses
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        """The experiment-table row (see ``lld_experiment``) without seed and lr."""
+        return {"id": self.question_id, "method": self.method, "n_correct": self.n_correct,
+                "group_size": self.group_size, "p": self.p, "delta": self.delta,
+                "per_response_delta": list(self.per_response_delta), "n_selected": self.n_selected_tokens,
+                "n_incorrect_tokens": self.n_incorrect_tokens}
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {tuple(allowed)}")
+
+
+def _nthr_selection(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor, correct: Tensor,
+                    *, beta: float, temperature: float, vocab: str) -> tuple[Tensor, float]:
+    """(G, T) NTHR selection of the initial model and its threshold tau (METHOD §3)."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    scores = _nthr.token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, mask, correct,
+                                            temperature=temperature,
+                                            lm_head_bias=None if bias is None else bias.detach(), vocab=vocab)
+    tau = _nthr.threshold(scores, mask, correct, beta)
+    return _nthr.select_tokens(scores, mask, correct, beta), tau
+
+
+def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo", lr: float,
+                          optimizer: str = "sgd", steps: int = 1, beta: float = 1.0, eta: float = 0.0,
+                          seed: int = 0, temperature: float = 1.0, vocab: str = "generated",
+                          question_id: str | None = None, selected: Tensor | None = None,
+                          batch_size: int | None = None) -> QuestionDisplacement:
+    """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit for bit.
+
+    Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
+    log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW with fresh state and weight_decay 0,
+    a choice: the displacement then comes from the gradient alone). ``selected`` (G, T) bool overrides
+    NTHR's selection for "nthr" and "random" (e.g. to reuse it). Model modes, gradients already
+    stored on the parameters and the global RNG state are left as they were. Introduced in notebook 02.
+    """
+    _check_choice("update", update, METHODS)
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
+    if not isinstance(group, Group):
+        raise TypeError(f"`group` must be an nthr_book.lld.Group, got {type(group).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be an int >= 1, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+    qid = group.question_id if question_id is None else str(question_id)
+    if group.status != "mixed":
+        raise ValueError(f"question {qid!r}: the group is {group.status.replace('_', ' ')} "
+                         f"(N+={group.n_correct} of G={group.group_size}); Δ(x) needs a mixed group")
+    if selected is not None and update not in ("nthr", "random"):
+        raise ValueError(f"`selected` is only used by update='nthr' or 'random', got update={update!r}")
+
+    device = _model_device(model)
+    r = group.rollouts.to(device)
+    prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
+    completion_ids, mask = r.completion_ids, r.completion_mask.bool()  # (G, T)
+    correct = group.correct.to(device)  # (G,)
+    G, T = completion_ids.shape
+    incorrect_tokens = (~correct)[:, None] & mask  # (G, T)
+    if selected is not None:
+        selected = selected.to(device).bool()
+        if tuple(selected.shape) != (G, T):
+            raise ValueError(f"`selected` must have shape (G, T) = {(G, T)}, got {tuple(selected.shape)}")
+        if bool((selected & ~incorrect_tokens).any()):
+            raise ValueError("`selected` marks tokens outside the incorrect responses' completion_mask")
+    fwd = dict(temperature=temperature, batch_size=batch_size)
+    extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
+
+    snapshot = _snapshot(model)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), _ModeGuard(model):
+        # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR
+        need_hidden = update in ("nthr", "random") and selected is None
+        with torch.no_grad():
+            out = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
+                               return_hidden=need_hidden, **fwd)
+            old_logps, hidden = out if need_hidden else (out, None)  # (G, T), (G, T, d)
+            logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
+
+            # 2. per-token advantages of the chosen rule
+            group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
+            advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
+            if update == "pos_only":
+                advantages = grpo.pos_only(advantages)
+            elif update in ("nthr", "random"):
+                if selected is None:
+                    selected, tau = _nthr_selection(model, hidden, completion_ids, mask, correct, beta=beta,
+                                                    temperature=temperature, vocab=vocab)
+                    extras["tau"] = tau
+                    del hidden
+                extras["nthr_selected"] = selected.cpu()
+                if update == "random":
+                    selected = _nthr.random_selection(selected, mask, seed)
+                advantages = _nthr.reweight_advantages(advantages, selected, eta)
+                extras.update(selected=selected.cpu(), eta=eta, beta=beta, vocab=vocab)
+
+        # 3. the update(s), on a snapshot that is copied back afterwards
+        params = [p for p, _ in snapshot]
+        saved_grads = [p.grad for p in params]
+        with torch.no_grad():
+            for p, buf in snapshot:
+                buf.copy_(p)
+        try:
+            for p in params:
+                p.grad = None
+            if optimizer == "sgd":
+                opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
+            else:
+                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            losses, clip_fracs, grad_norms = [], [], []
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss, clip_frac = _backward(model, prompt_ids, prompt_mask, completion_ids, mask, old_logps,
+                                            advantages, **fwd)
+                losses.append(loss)
+                clip_fracs.append(clip_frac)
+                grad_norms.append(_grad_norm(params))
+                opt.step()
+            del opt
+            # 4. ln π after the update(s)
+            with torch.no_grad():
+                new_logps = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, **fwd)
+                logp_new = grpo.sequence_logprob(new_logps.double(), mask)  # (G,)
+        finally:
+            with torch.no_grad():
+                for (p, buf), g in zip(snapshot, saved_grads):
+                    p.copy_(buf)
+                    p.grad = g
+
+    diff = (logp_new - logp_init).cpu()  # (G,) float64
+    correct_cpu = correct.cpu()
+    per_response = diff[correct_cpu]
+    extras.update(loss=losses, clip_frac=clip_fracs, grad_norm=grad_norms,
+                  logp_new=logp_new.cpu()[correct_cpu].tolist(), logp_init_all=logp_init.cpu().tolist(),
+                  logp_new_all=logp_new.cpu().tolist(), incorrect_delta=diff[~correct_cpu].tolist(),
+                  completion_lengths=mask.sum(1).cpu().tolist())
+    return QuestionDisplacement(
+        question_id=qid, method=update, n_correct=group.n_correct, group_size=G, p=group.p,
+        delta=float(per_response.mean()), per_response_delta=per_response.tolist(),
+        n_selected_tokens=int(selected.sum()) if update in ("nthr", "random") else None,
+        n_incorrect_tokens=int(incorrect_tokens.sum()), logp_init=logp_init.cpu()[correct_cpu].tolist(),
+        extras=extras,
+    )
+
+
+def _backward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
+              old_logps: Tensor, advantages: Tensor, *, temperature: float,
+              batch_size: int | None) -> tuple[float, float]:
+    """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss, clip_frac)."""
+    N = completion_ids.shape[0]
+    bs = N if batch_size is None else int(batch_size)
+    n_total = float(mask.sum())
+    loss_total, clipped = 0.0, 0.0
+    for start in range(0, N, bs):
+        rows = slice(start, start + bs)
+        cm = mask[rows]
+        n_rows_tokens = float(cm.sum())
+        if n_rows_tokens == 0:
+            continue
+        t_b = int(cm.any(0).nonzero()[-1]) + 1
+        ids = torch.cat([prompt_ids[rows], completion_ids[rows, :t_b]], dim=1)  # (n, P + t_b)
+        att = torch.cat([prompt_mask[rows].long(), cm[:, :t_b].long()], dim=1)
+        logps = grpo.per_token_logps(model, ids, att, cm[:, :t_b], temperature=temperature)  # (n, t_b)
+        loss, metrics = grpo.policy_loss(logps, old_logps[rows, :t_b], advantages[rows, :t_b], cm[:, :t_b],
+                                         clip_eps=0.2, kl_coef=0.0, agg="token")
+        # token aggregation over the whole group: each micro-batch's mean weighted by its share of tokens
+        (loss * (n_rows_tokens / n_total)).backward()
+        loss_total += float(loss.detach()) * n_rows_tokens / n_total
+        clipped += metrics["clip_frac"] * n_rows_tokens / n_total
+    return loss_total, clipped
+
+
+def _grad_norm(params: Sequence[Tensor]) -> float:
+    """Global L2 norm of the gradients (0 when none)."""
+    sq = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment: many questions, several rules, the same rollouts
+# --------------------------------------------------------------------------------------------
+
+
+def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
+                   methods: Sequence[str] = ("grpo", "pos_only"), group_size: int = 8, max_new_tokens: int,
+                   lr: float, seed: int, temperature: float = 1.0, template: str = "boxed",
+                   require_boxed: bool = True, beta: float = 1.0, eta: float = 0.0, optimizer: str = "sgd",
+                   steps: int = 1, vocab: str = "generated", groups_path: str | Path | None = None,
+                   batch_size: int | None = None, progress: bool = True):
+    """Δ(x) per mixed question and method on the same sampled groups, as a DataFrame (notebook 02).
+
+    Samples (seeded) and grades ``group_size`` responses per problem, or loads them from
+    ``groups_path`` when that file exists (it is written after sampling, so a rerun compares methods
+    on the same rollouts). Homogeneous groups are dropped: ``df.attrs["dropped"]`` maps
+    "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
+    per_response_delta, n_selected, n_incorrect_tokens, seed, lr; ``df.attrs["settings"]`` records the rest.
+    """
+    import pandas as pd
+
+    methods = tuple(methods)
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"`methods` must be a non-empty sequence of {METHODS}, got {methods!r}")
+    for m in methods:
+        _check_choice("methods item", m, METHODS)
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"`methods` has duplicates: {methods}")
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+    problems = list(problems)
+    ids, _, _ = _problem_fields(problems)
+    sampling = {"problem_ids": ids, "group_size": group_size, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "seed": seed, "template": template, "require_boxed": require_boxed}
+
+    path = None if groups_path is None else Path(groups_path)
+    if path is not None and path.exists():
+        groups, saved = load_groups(path, return_settings=True)
+        _check_same_sampling(path, saved, _jsonable(sampling))
+        source = f"loaded from {path}"
+    else:
+        groups = sample_groups(model, tokenizer, problems, group_size=group_size, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed, template=template,
+                               require_boxed=require_boxed, batch_size=batch_size, progress=progress)
+        if path is not None:
+            model_name = getattr(getattr(model, "config", None), "_name_or_path", "")
+            save_groups(path, groups, settings=sampling | {"model": str(model_name)})
+        source = "sampled" + (f", saved to {path}" if path is not None else "")
+
+    dropped: dict[str, list[str]] = {"all_correct": [], "all_wrong": []}
+    mixed = []
+    for g in groups:
+        if g.status == "mixed":
+            mixed.append(g)
+        else:
+            dropped[g.status].append(g.question_id)
+    print(f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept; dropped "
+          f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong")
+
+    # NTHR before Random, so that Random reuses NTHR's selection (same per-response counts)
+    order = sorted(methods, key=lambda m: 0 if m == "nthr" else 1)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for g in tqdm(mixed, desc="LLD questions", disable=not progress):
+        results: dict[str, QuestionDisplacement] = {}
+        for m in order:
+            sel = results["nthr"].extras["selected"] if (m == "random" and "nthr" in results) else None
+            results[m] = one_step_displacement(
+                model, g, update=m, lr=lr, optimizer=optimizer, steps=steps, beta=beta, eta=eta, seed=seed,
+                temperature=temperature, vocab=vocab, selected=sel, batch_size=batch_size)
+        for m in methods:
+            rows.append(results[m].to_row() | {"seed": seed, "lr": lr})
+    df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    df.attrs["dropped"] = dropped
+    df.attrs["n_sampled"] = len(groups)
+    df.attrs["settings"] = sampling | {"methods": list(methods), "lr": lr, "beta": beta, "eta": eta,
+                                       "optimizer": optimizer, "steps": steps, "vocab": vocab,
+                                       "groups_path": None if path is None else str(path)}
+    return df
+
+
+def _check_same_sampling(path: Path, saved: dict, wanted: dict) -> None:
+    """Raise when a saved groups file was sampled with other settings than the ones asked for."""
+    diff = [k for k in _SAMPLING_KEYS if saved.get(k) != wanted[k]]
+    if diff:
+        detail = "; ".join(f"{k}: file {_short(saved.get(k))} vs call {_short(wanted[k])}" for k in diff)
+        raise ValueError(f"groups_path {path} was sampled with other settings ({detail}); "
+                         "delete the file or pass another groups_path")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+
+
+def _flat_values(values: Any) -> list[float]:
+    """Floats from a flat sequence, a tensor/array, or a sequence of such sequences (e.g. a column of lists)."""
+    if isinstance(values, Tensor):
+        return [float(v) for v in values.detach().reshape(-1).tolist()]
+    out: list[float] = []
+    for v in values:
+        if isinstance(v, (str, bytes)):
+            raise TypeError(f"expected numbers, got the string {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+        elif isinstance(v, Tensor) or isinstance(v, Iterable):
+            out.extend(_flat_values(v))
+        elif hasattr(v, "__float__"):  # numpy scalars
+            out.append(float(v))
+        else:
+            raise TypeError(f"expected numbers, got {type(v).__name__}")
+    return out
+
+
+def lld_rate(delta_per_response: Any, eps: float = 0.0) -> float:
+    """Fraction of correct responses whose ln π rose by no more than eps (Δ_i ≤ eps); NaN when empty."""
+    values = _flat_values(delta_per_response)
+    if any(math.isnan(v) for v in values):
+        raise ValueError("`delta_per_response` contains NaN")
+    if not values:
+        return math.nan
+    return sum(v <= eps for v in values) / len(values)
+
+
+def displacement_summary(df):
+    """Per method (in first-seen order): n_questions, median_delta, mean_delta, frac_delta_le_0, lld_rate."""
+    import pandas as pd
+
+    missing = [c for c in ("method", "delta") if c not in df.columns]
+    if missing:
+        raise ValueError(f"`df` lacks column(s) {missing} (expected an lld_experiment table)")
+    rows = []
+    for method in pd.unique(df["method"]):
+        part = df[df["method"] == method]
+        delta = part["delta"].astype(float)
+        row = {"method": method, "n_questions": int(len(part)), "median_delta": float(delta.median()),
+               "mean_delta": float(delta.mean()), "frac_delta_le_0": float((delta <= 0).mean())}
+        if "per_response_delta" in part.columns:
+            row["lld_rate"] = lld_rate(part["per_response_delta"])
+        rows.append(row)
+    columns = ["method", "n_questions", "median_delta", "mean_delta", "frac_delta_le_0"]
+    if "per_response_delta" in df.columns:
+        columns.append("lld_rate")
+    return pd.DataFrame(rows, columns=columns).set_index("method")

@@ -1,0 +1,571 @@
+"""NTHR: token scores, self-influence threshold, token selection, advantage reweighting and GWHES.
+
+Implements section 3 of docs/METHOD.md, reconstructed from arXiv 2505.18830 (Deng et al., "On the
+Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"). Per group, with
+``g_t = onehot(y_t) - softmax(logits_t)`` and ``h_t`` the last hidden state that predicts token t:
+
+    token_scores  s_t   = Σ_{k ∈ correct tokens} <g_t, g_k> <h_t, h_k>
+    self-influence s̄+_i = mean over the tokens t of correct response i of s_t
+    threshold      tau  = beta · min_i s̄+_i          (beta = -inf selects every incorrect token)
+    selection           = tokens t of incorrect responses with s_t > tau
+    reweighting         : the advantage of a selected token becomes eta · A
+
+Scores are computed sum-first, never pairwise: ``M = Σ_k g_k h_kᵀ`` (|V'| × d), then
+``s_t = g_tᵀ M h_t = (M h_t)[y_t] - q_tᵀ (M h_t)``, in chunks of tokens, so neither a (T, T) nor a
+(T, V) tensor of a whole group is ever built. ``vocab="generated"`` restricts ``g`` to V*, the token
+ids occurring in the group's responses, without renormalising ``q`` (the paper's speed-up, a
+choice); ``vocab="full"`` is exact. Every function works on one group of G responses unless it says
+otherwise; ``nthr_advantage_fn`` builds the trainer hook that applies NTHR to a whole rollout batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ETA_SCHEDULES",
+    "VOCAB_MODES",
+    "NTHRAdvantageHook",
+    "NTHRConfig",
+    "eta_for",
+    "gwhes",
+    "gwhes_question",
+    "nthr_advantage_fn",
+    "random_selection",
+    "random_topk_overlap_expectation",
+    "reweight_advantages",
+    "select_tokens",
+    "self_influence",
+    "threshold",
+    "token_scores",
+    "token_scores_from_hidden",
+    "topk_overlap",
+]
+
+VOCAB_MODES = ("generated", "full")
+ETA_SCHEDULES = ("two_abs", "p", "one_minus_p")
+# Default chunk: about 2**25 logits (128 MiB in float32) per (tokens × vocabulary) temporary.
+_CHUNK_ELEMENTS = 2**25
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_group(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate one group's (G, T, d) hidden, (G, T) tokens and mask, (G,) correct; return bool mask, correct."""
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        raise ValueError(f"`hidden` must be a (G, T, d) tensor, got {_shape(hidden)}")
+    G, T = hidden.shape[:2]
+    if not isinstance(tokens, Tensor) or tuple(tokens.shape) != (G, T):
+        raise ValueError(f"`tokens` must have shape (G, T) = {(G, T)} like `hidden`, got {_shape(tokens)}")
+    if tokens.is_floating_point() or tokens.is_complex():
+        raise TypeError(f"`tokens` must hold integer token ids, got dtype {tokens.dtype}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (G, T):
+        raise ValueError(f"`mask` must have shape (G, T) = {(G, T)} like `hidden`, got {_shape(mask)}")
+    if not isinstance(correct, Tensor) or tuple(correct.shape) != (G,):
+        raise ValueError(f"`correct` must have shape (G,) = {(G,)}, got {_shape(correct)}")
+    return mask.bool(), correct.bool()
+
+
+def _check_scores(scores: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate (G, T) scores, (G, T) mask and (G,) correct; return bool mask, correct."""
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(f"`scores` must be a (G, T) tensor, got {_shape(scores)}")
+    if not isinstance(mask, Tensor) or mask.shape != scores.shape:
+        raise ValueError(f"`mask` must have the shape of `scores` {tuple(scores.shape)}, got {_shape(mask)}")
+    if not isinstance(correct, Tensor) or tuple(correct.shape) != (scores.shape[0],):
+        raise ValueError(f"`correct` must have shape (G,) = ({scores.shape[0]},), got {_shape(correct)}")
+    return mask.bool(), correct.bool()
+
+
+def _check_vocab(vocab: str) -> None:
+    """Raise unless ``vocab`` is one of VOCAB_MODES."""
+    if vocab not in VOCAB_MODES:
+        raise ValueError(f"vocab={vocab!r}: expected one of {VOCAB_MODES}")
+
+
+def _shape(x: Any) -> str:
+    """Shape of a tensor, or the type name of anything else, for error messages."""
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+
+
+# --------------------------------------------------------------------------------------------
+# The sum-first core, shared by token_scores, token_scores_from_hidden and gwhes
+# --------------------------------------------------------------------------------------------
+
+
+class _LogitsSource:
+    """Temperature-scaled logits read from a given (G, T, V) tensor, a chunk of valid tokens at a time."""
+
+    def __init__(self, logits: Tensor, rows: Tensor, cols: Tensor, vocab_ids: Tensor | None, dtype):
+        self.logits, self.rows, self.cols, self.vocab_ids, self.dtype = logits, rows, cols, vocab_ids, dtype
+
+    def full(self, idx: Tensor) -> Tensor:
+        """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
+        return self.logits[self.rows[idx], self.cols[idx]].to(self.dtype)  # advanced indexing copies
+
+    def restricted(self, idx: Tensor) -> Tensor:
+        """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
+        if self.vocab_ids is None:
+            return self.full(idx)
+        r, c = self.rows[idx, None], self.cols[idx, None]  # (c, 1) each
+        return self.logits[r, c, self.vocab_ids].to(self.dtype)  # (c, V')
+
+
+class _HiddenSource:
+    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states."""
+
+    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                 vocab_ids: Tensor | None, dtype):
+        self.h, self.inv_temperature = h, 1.0 / float(temperature)  # h: (n, d) in dtype
+        self.weight = weight.to(dtype)  # (V, d)
+        # the bias is pre-divided by the temperature; the hidden chunk is scaled (c × d, not c × V)
+        self.bias = None if bias is None else bias.to(dtype) * self.inv_temperature  # (V,)
+        self.weight_sub = self.weight if vocab_ids is None else self.weight[vocab_ids]  # (V', d)
+        self.bias_sub = self.bias if (vocab_ids is None or bias is None) else self.bias[vocab_ids]
+
+    def _logits(self, idx: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        hs = self.h[idx] * self.inv_temperature  # (c, d)
+        return hs @ weight.T if bias is None else torch.addmm(bias, hs, weight.T)  # (c, V) or (c, V')
+
+    def full(self, idx: Tensor) -> Tensor:
+        """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
+        return self._logits(idx, self.weight, self.bias)
+
+    def restricted(self, idx: Tensor) -> Tensor:
+        """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
+        return self._logits(idx, self.weight_sub, self.bias_sub)
+
+
+def _sum_first(source: _LogitsSource | _HiddenSource, h: Tensor, pos: Tensor, vocab_ids: Tensor | None,
+               num_cols: int, buckets: Tensor, num_buckets: int, targets: Tensor,
+               chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|² (targets)."""
+    n, d = h.shape  # n valid tokens of the group, flattened
+    M = h.new_zeros(num_buckets, num_cols, d)  # (B, V', d)
+    lse = h.new_zeros(n)  # full-vocabulary log-sum-exp per token
+    # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ H_b.
+    for idx in torch.arange(n, device=h.device).split(chunk_size):
+        z = source.full(idx)  # (c, V), a fresh tensor: overwritten in place below
+        m = z.amax(-1, keepdim=True)  # (c, 1)
+        e = z.sub_(m).exp_()  # (c, V) exp(z - m)
+        total = e.sum(-1, keepdim=True)  # (c, 1)
+        lse[idx] = (m + total.log()).squeeze(1)
+        eb = e if vocab_ids is None else e.index_select(1, vocab_ids)  # (c, V')
+        for b in range(num_buckets):
+            in_b = buckets[idx] == b
+            if not bool(in_b.any()):
+                continue
+            q = eb[in_b] / total[in_b]  # (c_b, V') probabilities of the kept columns
+            M[b].addmm_(q.T, h[idx[in_b]], alpha=-1.0)  # M_b -= Q_bᵀ H_b
+    for b in range(num_buckets):  # M_b += Σ_k onehot(y_k) h_kᵀ (index_put_ is faster than index_add_ on CPU)
+        k = (buckets == b).nonzero().squeeze(1)
+        M[b].index_put_((pos[k],), h[k], accumulate=True)
+    # Pass 2: s_t = (M h_t)[y_t] - q_tᵀ (M h_t) for the target tokens.
+    scores = h.new_zeros(n, num_buckets)
+    self_pairs = h.new_zeros(n)
+    for idx in targets.nonzero().squeeze(1).split(chunk_size):
+        q = torch.exp(source.restricted(idx) - lse[idx, None])  # (c, V')
+        hc, pc = h[idx], pos[idx, None]  # (c, d), (c, 1)
+        q_y = q.gather(1, pc).squeeze(1)  # (c,)
+        for b in range(num_buckets):
+            u = hc @ M[b].T  # (c, V') = M_b h_t
+            scores[idx, b] = u.gather(1, pc).squeeze(1) - (q * u).sum(-1)
+        g_sq = q.square().sum(-1) - 2.0 * q_y + 1.0  # |g_t|² over the kept columns
+        self_pairs[idx] = g_sq * hc.square().sum(-1)
+    return scores, self_pairs
+
+
+def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
+                 make_source: Callable[[Tensor, Tensor, Tensor, Tensor | None], _LogitsSource | _HiddenSource],
+                 row_bucket: Tensor, num_buckets: int, target_rows: Tensor, *, vocab: str, dtype,
+                 chunk_size: int | None) -> tuple[Tensor, Tensor]:
+    """Flatten a group's valid tokens, run the core, scatter back: (G, T, B) scores, (G, T) self pairs."""
+    _check_vocab(vocab)
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    G, T = mask.shape
+    scores = torch.zeros(G, T, num_buckets, dtype=dtype, device=hidden.device)
+    self_pairs = torch.zeros(G, T, dtype=dtype, device=hidden.device)
+    rows, cols = mask.nonzero(as_tuple=True)  # (n,) each
+    if rows.numel() == 0:
+        return scores, self_pairs
+    y = tokens[rows, cols].long()  # (n,)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"`tokens` under `mask` must lie in [0, {vocab_size}) (vocabulary size), got [{lo}, {hi}]")
+    vocab_ids = None if vocab == "full" else torch.unique(y)  # sorted V*
+    pos = y if vocab_ids is None else torch.searchsorted(vocab_ids, y)  # column of y_t in V'
+    num_cols = vocab_size if vocab_ids is None else vocab_ids.numel()
+    h = hidden[rows, cols].to(dtype)  # (n, d)
+    source = make_source(rows, cols, h, vocab_ids)
+    s, sp = _sum_first(source, h, pos, vocab_ids, num_cols, row_bucket[rows], num_buckets,
+                       target_rows[rows], int(chunk_size))
+    scores[rows, cols] = s
+    self_pairs[rows, cols] = sp
+    return scores, self_pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Token scores
+# --------------------------------------------------------------------------------------------
+
+
+def _score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, vocab_size: int,
+                 make_source: Callable[..., _LogitsSource | _HiddenSource], *, vocab: str, dtype: torch.dtype,
+                 chunk_size: int | None, return_self_pairs: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """token_scores on a given logit source: bucket 0 = correct responses, every token a target."""
+    bucket = torch.where(correct, 0, -1).to(hidden.device)  # (G,) correct rows build M
+    targets = torch.ones_like(correct, device=hidden.device)
+    s, self_pairs = _group_pairs(hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets,
+                                 vocab=vocab, dtype=dtype, chunk_size=chunk_size)
+    return (s[..., 0], self_pairs) if return_self_pairs else s[..., 0]
+
+
+def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
+                 vocab: str = "generated", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                 return_self_pairs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(G, T) token_scores s_t = Σ_{correct k} <g_t,g_k><h_t,h_k> of one group, 0 off mask (notebook on NTHR)."""
+    mask, correct = _check_group(hidden, tokens, mask, correct)
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
+        raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {_shape(logits)}")
+    make = lambda rows, cols, h, ids: _LogitsSource(logits, rows, cols, ids, dtype)
+    return _score_pairs(hidden, tokens, mask, correct, logits.shape[-1], make, vocab=vocab, dtype=dtype,
+                        chunk_size=chunk_size, return_self_pairs=return_self_pairs)
+
+
+def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
+                             correct: Tensor, *, temperature: float = 1.0, lm_head_bias: Tensor | None = None,
+                             vocab: str = "generated", dtype: torch.dtype = torch.float32,
+                             chunk_size: int | None = None,
+                             return_self_pairs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T, V)."""
+    mask, correct = _check_group(hidden, tokens, mask, correct)
+    if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2 \
+            or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"`lm_head_weight` must have shape (V, d) with d = {hidden.shape[-1]}, "
+                         f"got {_shape(lm_head_weight)}")
+    V = lm_head_weight.shape[0]
+    if lm_head_bias is not None and (not isinstance(lm_head_bias, Tensor) or tuple(lm_head_bias.shape) != (V,)):
+        raise ValueError(f"`lm_head_bias` must be None or have shape (V,) = ({V},), got {_shape(lm_head_bias)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    make = lambda rows, cols, h, ids: _HiddenSource(h, lm_head_weight, lm_head_bias, temperature, ids, dtype)
+    return _score_pairs(hidden, tokens, mask, correct, V, make, vocab=vocab, dtype=dtype,
+                        chunk_size=chunk_size, return_self_pairs=return_self_pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Self-influence, threshold, selection
+# --------------------------------------------------------------------------------------------
+
+
+def self_influence(scores: Tensor, mask: Tensor, correct: Tensor, *, exclude_self: bool = False,
+                   self_pairs: Tensor | None = None, hidden: Tensor | None = None, logits: Tensor | None = None,
+                   tokens: Tensor | None = None, vocab: str = "generated") -> Tensor:
+    """(N+,) s̄+_i: mean of s_t over the valid tokens of each correct response, in row order (NaN if none).
+
+    Self pairs are the k == t terms <g_t,g_t><h_t,h_t> = |g_t|²|h_t|² (a token paired with itself,
+    not the other tokens of its response). They are included by default (METHOD §3 choice); with
+    ``exclude_self=True`` they are subtracted, taken from ``self_pairs`` (the second output of
+    ``token_scores(..., return_self_pairs=True)``) or else computed from ``hidden``, ``logits``,
+    ``tokens`` with the same ``vocab`` as the scores.
+    """
+    mask, correct = _check_scores(scores, mask, correct)
+    if exclude_self:
+        if self_pairs is None:
+            if hidden is None or logits is None or tokens is None:
+                raise ValueError("exclude_self=True needs `self_pairs`, or `hidden`, `logits` and `tokens`")
+            _, self_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
+                                         dtype=scores.dtype, return_self_pairs=True)
+        if self_pairs.shape != scores.shape:
+            raise ValueError(f"`self_pairs` must have the shape of `scores` {tuple(scores.shape)}, "
+                             f"got {tuple(self_pairs.shape)}")
+        scores = scores - self_pairs.to(scores.dtype)
+    elif self_pairs is not None:
+        raise ValueError("`self_pairs` was given with exclude_self=False; pass exclude_self=True to use it")
+    m = mask[correct].to(scores.dtype)  # (N+, T)
+    return (scores[correct] * m).sum(-1) / m.sum(-1)  # 0/0 = NaN for an empty response
+
+
+def threshold(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
+              self_pairs: Tensor | None = None) -> float:
+    """tau = beta · min_i s̄+_i over correct responses; -inf when beta = -inf, +inf when none is correct.
+
+    beta = -inf is taken literally as "select every incorrect token" (IEEE would give +inf for a
+    negative minimum). With no correct response (or only empty ones) tau = +inf, which selects
+    nothing. ``self_pairs`` given: the self-influence excludes them (see ``self_influence``).
+    """
+    beta = float(beta)
+    if math.isnan(beta):
+        raise ValueError("beta must be a number or -inf, got nan")
+    if beta == -math.inf:
+        return -math.inf
+    s_bar = self_influence(scores, mask, correct, exclude_self=self_pairs is not None, self_pairs=self_pairs)
+    s_bar = s_bar[~s_bar.isnan()]  # responses without tokens have no self-influence
+    if s_bar.numel() == 0:
+        return math.inf
+    return beta * float(s_bar.min())
+
+
+def select_tokens(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
+                  self_pairs: Tensor | None = None) -> Tensor:
+    """(G, T) bool: tokens of incorrect responses, inside ``mask``, whose score exceeds tau (strictly)."""
+    tau = threshold(scores, mask, correct, beta, self_pairs=self_pairs)
+    return _select(scores, mask, correct, tau)
+
+
+def _select(scores: Tensor, mask: Tensor, correct: Tensor, tau: float) -> Tensor:
+    """(G, T) bool: incorrect-response tokens inside ``mask`` with score > tau."""
+    return (~correct.bool())[:, None] & mask.bool() & (scores > tau)
+
+
+# --------------------------------------------------------------------------------------------
+# eta, reweighting, the random control
+# --------------------------------------------------------------------------------------------
+
+
+def eta_for(p: float | Tensor, schedule: str | float = "two_abs") -> float | Tensor:
+    """eta from p = N+/G: "two_abs" 2|0.5-p| (paper), "p", "one_minus_p", or a constant number."""
+    if isinstance(p, Tensor):
+        if bool(((p < 0) | (p > 1) | p.isnan()).any()):
+            raise ValueError(f"p must lie in [0, 1], got values {p.flatten()[:8].tolist()}")
+    elif not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    if isinstance(schedule, bool) or not isinstance(schedule, (str, int, float)):
+        raise ValueError(f"eta schedule {schedule!r}: expected one of {ETA_SCHEDULES} or a number")
+    if not isinstance(schedule, str):
+        c = float(schedule)
+        return torch.full_like(p, c, dtype=p.dtype if p.is_floating_point() else torch.float32) \
+            if isinstance(p, Tensor) else c
+    if schedule == "two_abs":
+        return 2 * (0.5 - p).abs() if isinstance(p, Tensor) else 2 * abs(0.5 - float(p))
+    if schedule == "p":
+        return p * 1.0 if isinstance(p, Tensor) else float(p)
+    if schedule == "one_minus_p":
+        return 1.0 - p if isinstance(p, Tensor) else 1.0 - float(p)
+    raise ValueError(f"eta schedule {schedule!r}: expected one of {ETA_SCHEDULES} or a number")
+
+
+def reweight_advantages(advantages: Tensor, selected: Tensor, eta: float | Tensor) -> Tensor:
+    """New (G, T) advantages: eta · A on selected tokens, A elsewhere; eta a number, (G,) or (G, 1)."""
+    if selected.shape != advantages.shape:
+        raise ValueError(f"`selected` must have the shape of `advantages` {tuple(advantages.shape)}, "
+                         f"got {tuple(selected.shape)}")
+    if isinstance(eta, Tensor):
+        if eta.dim() == 1 and advantages.dim() == 2 and eta.shape[0] == advantages.shape[0]:
+            eta = eta[:, None]  # (G,) -> (G, 1), one eta per response
+        try:
+            torch.broadcast_shapes(eta.shape, advantages.shape)
+        except RuntimeError as err:
+            raise ValueError(f"`eta` of shape {tuple(eta.shape)} does not broadcast to advantages "
+                             f"{tuple(advantages.shape)}") from err
+        eta = eta.to(device=advantages.device, dtype=advantages.dtype)
+    return torch.where(selected.bool(), eta * advantages, advantages)
+
+
+def random_selection(selected: Tensor, mask: Tensor, seed: int) -> Tensor:
+    """(G, T) bool: per row, as many tokens as ``selected`` has there, uniform among the row's mask tokens."""
+    if selected.shape != mask.shape or selected.dim() != 2:
+        raise ValueError(f"`selected` and `mask` must both be (G, T), got {tuple(selected.shape)} "
+                         f"and {tuple(mask.shape)}")
+    selected, mask = selected.bool(), mask.bool()
+    outside = (selected & ~mask).any(-1)
+    if bool(outside.any()):
+        raise ValueError(f"`selected` marks tokens outside `mask` in row(s) {outside.nonzero().flatten().tolist()}")
+    counts = selected.sum(-1, keepdim=True)  # (G, 1)
+    gen = torch.Generator().manual_seed(int(seed))
+    keys = torch.rand(mask.shape, generator=gen).to(mask.device)  # (G, T) uniform keys, CPU-seeded
+    keys = keys.masked_fill(~mask, 2.0)  # padding sorts last
+    rank = keys.argsort(-1).argsort(-1)  # (G, T) rank of each key within its row
+    return (rank < counts) & mask
+
+
+# --------------------------------------------------------------------------------------------
+# GWHES and the top-K overlap
+# --------------------------------------------------------------------------------------------
+
+
+def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
+          vocab: str = "generated", dtype: torch.dtype = torch.float32,
+          chunk_size: int | None = None) -> Tensor:
+    """(N+,) GWHES_i = p- Σ_{t∈y+_i} Σ_{k incorrect} <.,.><.,.> - p+ Σ_{t∈y+_i} Σ_{k correct} <.,.><.,.>.
+
+    p = N+/G, p+ = (1-p)/sqrt(p(1-p)), p- = p/sqrt(p(1-p)); larger means lazier. Computed
+    sum-first with M_correct and M_incorrect. All-correct groups give NaN (p+ undefined); all-wrong
+    groups give an empty tensor.
+    """
+    mask, correct = _check_group(hidden, tokens, mask, correct)
+    if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
+        raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {_shape(logits)}")
+    G = correct.numel()
+    n_pos = int(correct.sum())
+    if n_pos == 0:
+        return torch.zeros(0, dtype=dtype, device=hidden.device)
+    if n_pos == G:
+        return torch.full((G,), math.nan, dtype=dtype, device=hidden.device)
+    bucket = torch.where(correct, 0, 1).to(hidden.device)  # 0: correct rows, 1: incorrect rows
+    make = lambda rows, cols, h, ids: _LogitsSource(logits, rows, cols, ids, dtype)
+    s, _ = _group_pairs(hidden, tokens, mask, logits.shape[-1], make, bucket, 2, correct.to(hidden.device),
+                        vocab=vocab, dtype=dtype, chunk_size=chunk_size)
+    per_row = s.sum(1)[correct]  # (N+, 2): Σ_t s_t against correct (0) and incorrect (1) tokens
+    p = n_pos / G
+    sd = math.sqrt(p * (1 - p))
+    return (p / sd) * per_row[:, 1] - ((1 - p) / sd) * per_row[:, 0]
+
+
+def gwhes_question(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor,
+                   **kwargs: Any) -> float:
+    """Per-question GWHES: mean of ``gwhes`` over the correct responses; NaN for homogeneous groups."""
+    values = gwhes(hidden, logits, tokens, mask, correct, **kwargs)
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def topk_overlap(rank_a: Sequence[float] | Tensor, rank_b: Sequence[float] | Tensor, k: int) -> float:
+    """Fraction of shared items in the top-k of two score sequences over the same items (larger = lazier).
+
+    ``rank_a[j]`` and ``rank_b[j]`` are two scores of item j (e.g. GWHES and -Δ(x) of question j:
+    negate Δ so that larger means lazier); the top-k are the k largest, ties broken by lower index.
+    """
+    a = torch.as_tensor(rank_a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(rank_b, dtype=torch.float64).flatten()
+    if a.numel() != b.numel():
+        raise ValueError(f"rank_a and rank_b must score the same items, got lengths {a.numel()} and {b.numel()}")
+    if not 1 <= int(k) <= a.numel():
+        raise ValueError(f"k must lie in [1, {a.numel()}] (number of items), got {k}")
+    if bool(a.isnan().any() | b.isnan().any()):
+        raise ValueError("rank_a and rank_b must not contain NaN (drop homogeneous questions first)")
+    top_a = set(torch.sort(a, descending=True, stable=True).indices[: int(k)].tolist())
+    top_b = set(torch.sort(b, descending=True, stable=True).indices[: int(k)].tolist())
+    return len(top_a & top_b) / int(k)
+
+
+def random_topk_overlap_expectation(n: int, k: int) -> float:
+    """Expected top-k overlap of a uniformly random ranking of n items with a fixed one: k / n."""
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    return k / n
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer hook
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NTHRConfig:
+    """NTHR settings for the trainer hook (METHOD §3)."""
+
+    beta: float = 1.0
+    """Threshold scale: tau = beta · min_i s̄+_i; -inf selects every incorrect token, 0 positive scores."""
+    eta: str | float = "two_abs"
+    """Advantage factor of selected tokens: "two_abs" 2|0.5-p| (paper), "p", "one_minus_p" or a number."""
+    vocab: str = "generated"
+    """"generated": g restricted to the group's token ids (paper's speed-up); "full": exact."""
+    exclude_self: bool = False
+    """Exclude the k == t self pairs from the self-influence s̄+ (default: included, METHOD choice)."""
+
+    def __post_init__(self) -> None:
+        _check_vocab(self.vocab)
+        if math.isnan(float(self.beta)):
+            raise ValueError("NTHRConfig.beta must be a number or -inf, got nan")
+        eta_for(0.5, self.eta)  # validates the schedule
+
+    @classmethod
+    def paper(cls) -> NTHRConfig:
+        """The paper's training setting: beta = 1, eta = 2|0.5 - p|, generated vocabulary."""
+        return cls()
+
+    @classmethod
+    def lld_diagnostic(cls) -> NTHRConfig:
+        """The paper's per-question LLD diagnostic (Figure 4): beta = 1, eta = 0."""
+        return cls(eta=0.0)
+
+
+class NTHRAdvantageHook:
+    """Trainer hook: ``hook(ctx) -> (advantages, metrics)`` applying NTHR to every mixed group of a batch.
+
+    ``ctx`` has ``advantages`` (N, T), ``rewards`` (num_groups, G), ``group_size``, ``completion_ids``
+    (N, T), ``completion_mask`` (N, T), ``hidden`` (N, T, d), ``lm_head_weight`` (V, d),
+    ``lm_head_bias`` (V,) or None and ``temperature``. A response is correct when its reward > 0.5.
+    Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
+    ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
+    when there is none; tau_mean is -inf for beta = -inf) and ``nthr/mixed_groups``.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, config: NTHRConfig, *, dtype: torch.dtype = torch.float32, chunk_size: int | None = None):
+        self.config, self.dtype, self.chunk_size = config, dtype, chunk_size
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())
+        return f"NTHRAdvantageHook({fields})"
+
+    @torch.no_grad()
+    def __call__(self, ctx: Any) -> tuple[Tensor, dict[str, float]]:
+        cfg = self.config
+        advantages, rewards, G = ctx.advantages, ctx.rewards, int(ctx.group_size)
+        if rewards.dim() != 2 or rewards.shape[1] != G:
+            raise ValueError(f"ctx.rewards must be (num_groups, group_size={G}), got {tuple(rewards.shape)}")
+        N, T = rewards.numel(), advantages.shape[-1]
+        for name in ("advantages", "completion_ids", "completion_mask"):
+            if tuple(getattr(ctx, name).shape) != (N, T):
+                raise ValueError(f"ctx.{name} must be (N, T) = {(N, T)}, got {tuple(getattr(ctx, name).shape)}")
+        if ctx.hidden.dim() != 3 or tuple(ctx.hidden.shape[:2]) != (N, T):
+            raise ValueError(f"ctx.hidden must be (N, T, d) with (N, T) = {(N, T)}, got {tuple(ctx.hidden.shape)}")
+        correct_all = (rewards > 0.5).to(advantages.device)  # (num_groups, G)
+        mask_all = ctx.completion_mask.bool()
+        new_adv = advantages.clone()
+        n_sel = n_neg = 0
+        taus, etas, score_sum = [], [], 0.0
+        for g in range(rewards.shape[0]):
+            correct = correct_all[g]
+            n_pos = int(correct.sum())
+            if n_pos in (0, G):
+                continue  # homogeneous group: untouched
+            rows = slice(g * G, (g + 1) * G)
+            mask = mask_all[rows]
+            out = token_scores_from_hidden(
+                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask, correct,
+                temperature=ctx.temperature, lm_head_bias=ctx.lm_head_bias, vocab=cfg.vocab,
+                dtype=self.dtype, chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self)
+            scores, self_pairs = out if cfg.exclude_self else (out, None)
+            tau = threshold(scores, mask, correct, cfg.beta, self_pairs=self_pairs)
+            selected = _select(scores, mask, correct, tau)
+            eta = eta_for(n_pos / G, cfg.eta)
+            new_adv[rows] = reweight_advantages(advantages[rows], selected, eta)
+            neg = (~correct)[:, None] & mask
+            n_sel += int(selected.sum())
+            n_neg += int(neg.sum())
+            score_sum += float(scores[neg].sum())
+            taus.append(tau)
+            etas.append(eta)
+        nan = math.nan
+        metrics = {
+            "nthr/selected_frac": n_sel / n_neg if n_neg else nan,
+            "nthr/tau_mean": sum(taus) / len(taus) if taus else nan,
+            "nthr/score_mean": score_sum / n_neg if n_neg else nan,
+            "nthr/eta_mean": sum(etas) / len(etas) if etas else nan,
+            "nthr/mixed_groups": float(len(taus)),
+        }
+        return new_adv, metrics
+
+
+def nthr_advantage_fn(beta: float | NTHRConfig = 1.0, eta: str | float = "two_abs", vocab: str = "generated", *,
+                      exclude_self: bool = False, dtype: torch.dtype = torch.float32,
+                      chunk_size: int | None = None) -> NTHRAdvantageHook:
+    """The trainer hook for NTHR; pass an ``NTHRConfig`` as ``beta`` or the fields one by one."""
+    config = beta if isinstance(beta, NTHRConfig) else NTHRConfig(beta=float(beta), eta=eta, vocab=vocab,
+                                                                   exclude_self=exclude_self)
+    return NTHRAdvantageHook(config, dtype=dtype, chunk_size=chunk_size)

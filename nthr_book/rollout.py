@@ -1,0 +1,195 @@
+"""Rollouts: sample ``group_size`` completions per prompt, batched, with the KV cache (notebook 01).
+
+Layout (group-major): rows ``[g*G:(g+1)*G]`` are the G completions of prompt ``g``.
+``prompt_ids`` are left-padded, ``completion_ids`` right-padded; ``completion_mask`` is True on the
+generated tokens up to and including the first EOS, False after it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from nthr_book.io import atomic_torch_save
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled groups (tensors on one device, texts decoded)."""
+
+    prompt_ids: torch.Tensor  # (N, P) long, left-padded
+    prompt_mask: torch.Tensor  # (N, P) long, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # (N, T) long, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # (N, T) bool, generated tokens up to and including EOS
+    texts: list[str]  # (N,) decoded completions without special tokens
+    truncated: torch.Tensor  # (N,) bool, no EOS within max_new_tokens
+    group_size: int
+    prompts: list[str]  # (num_groups,) prompt strings
+    meta: dict = field(default_factory=dict)  # free-form: problem ids, answers, sampling settings
+
+    def __post_init__(self) -> None:
+        n = self.completion_ids.shape[0]
+        if n != len(self.prompts) * self.group_size:
+            raise ValueError(f"{n} completions do not make {len(self.prompts)} groups of {self.group_size}")
+        if self.prompt_ids.shape[0] != n or len(self.texts) != n:
+            raise ValueError("prompt_ids, completion_ids and texts must have the same number of rows")
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        """Number of prompts (groups)."""
+        return len(self.prompts)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(N, P+T) prompt then completion, the model input for log-prob passes."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(N, P+T) 1 on prompt tokens and valid completion tokens."""
+        return torch.cat([self.prompt_mask, self.completion_mask.long()], dim=1)
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        """(N,) number of valid completion tokens."""
+        return self.completion_mask.sum(dim=1)
+
+    def to(self, device) -> Rollouts:
+        """A copy with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[key] = value.to(device)
+        return Rollouts(**moved)
+
+    def select_groups(self, groups) -> Rollouts:
+        """The sub-batch made of the given group indices (in that order)."""
+        groups = [int(g) for g in groups]
+        rows = torch.tensor([g * self.group_size + j for g in groups for j in range(self.group_size)],
+                            dtype=torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[rows.to(value.device)]
+            elif f.name == "texts":
+                picked[f.name] = [value[r] for r in rows.tolist()]
+            elif f.name == "prompts":
+                picked[f.name] = [value[g] for g in groups]
+            elif f.name == "meta":
+                picked[f.name] = {k: ([v[g] for g in groups] if isinstance(v, list) and len(v) == self.num_groups
+                                      else v) for k, v in value.items()}
+            else:
+                picked[f.name] = value
+        return Rollouts(**picked)
+
+    def save(self, path: str | Path) -> Path:
+        """Save atomically (tensors and texts) so a rerun can compare methods on the same samples."""
+        payload = {f.name: getattr(self, f.name) for f in fields(self)}
+        payload = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in payload.items()}
+        payload["meta"] = json.loads(json.dumps(payload["meta"], default=str))
+        return atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device=None) -> Rollouts:
+        """Load rollouts saved by ``save``."""
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+        return cls(**payload)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask True up to and including the first EOS of each row; truncated if none."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    # eos_seen[t] counts EOS strictly before t; a token is valid while none has been seen yet.
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = eos_before == 0
+    truncated = ~is_eos.any(dim=1)
+    return mask, truncated
+
+
+@torch.no_grad()
+def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, max_new_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
+                    seed: int | None = None, add_special_tokens: bool = False, progress: bool = False) -> Rollouts:
+    """Sample ``group_size`` completions for each prompt (temperature 0 = greedy). Introduced in notebook 00.
+
+    ``prompts`` are full prompt strings (already through the chat template, see ``data.build_prompt``).
+    ``batch_size`` counts sequences per ``generate`` call (default: all). With ``seed`` the result is
+    reproducible (each generate call is seeded with ``seed + call index``), without touching the global RNG.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got a single string")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (N, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)
+    n = prompt_ids.shape[0]
+    batch_size = batch_size or n
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+    was_training = model.training
+    model.eval()
+    chunks = []
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="generate", leave=False)
+    try:
+        for call, start in enumerate(starts):
+            ids = prompt_ids[start:start + batch_size].to(device)
+            att = prompt_mask[start:start + batch_size].to(device)
+            # Trim the shared left padding of this slice (shorter prompts in another slice).
+            keep = att.any(dim=0).nonzero()[0].item() if att.any() else 0
+            ids, att = ids[:, keep:], att[:, keep:]
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed + call)
+                out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
+            chunks.append(out[:, ids.shape[1]:].cpu())
+    finally:
+        model.train(was_training)
+
+    width = max(c.shape[1] for c in chunks)
+    completion_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    row = 0
+    for c in chunks:
+        completion_ids[row:row + c.shape[0], : c.shape[1]] = c
+        row += c.shape[0]
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
+    # Drop columns that are padding in every row.
+    last = int(completion_mask.sum(dim=1).max().item())
+    completion_ids, completion_mask = completion_ids[:, :last], completion_mask[:, :last]
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, pad_id), skip_special_tokens=True)
+    return Rollouts(
+        prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
+        completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
+        texts=texts, truncated=truncated.to(device), group_size=group_size, prompts=list(prompts),
+        meta={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+    )

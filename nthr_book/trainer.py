@@ -1,0 +1,657 @@
+"""A small, resumable GRPO trainer with a per-token advantage hook for NTHR (notebooks 01 and 05).
+
+One step (METHOD.md §1): sample prompts -> rollouts (``generate_groups``) -> rewards -> group
+advantages -> optional ``advantage_fn`` (NTHR plugs in here, on the hidden states of the old-policy
+pass) -> mini-batch updates of the clipped token loss with a k3 KL to a frozen reference.
+
+When each rollout batch gets exactly one gradient step (one mini-batch, one iteration) the old policy
+*is* the current policy: ``old_logps`` are the detached log-probs of the training forward, and the
+hook reads that same forward's hidden states (no extra pass, as in TRL). Otherwise an old-policy pass
+runs first and the hook reads its hidden states.
+
+Outputs in ``output_dir``: ``config.json`` (config, versions, hook), ``metrics.csv`` (one row per step,
+columns in ``METRIC_COLUMNS``), ``checkpoint.pt`` (atomic, every ``checkpoint_every`` steps: weights,
+optimizer, RNG, metrics so far) and ``model/`` (the final weights, loadable with ``load_policy``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nthr_book import config as book_config
+from nthr_book.env import set_seed, versions
+from nthr_book.grpo import (
+    AGG_MODES,
+    STD_MODES,
+    expand_advantages,
+    group_advantages,
+    mixed_group_mask,
+    per_token_logps,
+    policy_loss,
+    pos_only,
+    sequence_logprob,
+)
+from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
+from nthr_book.rollout import Rollouts, generate_groups
+
+METHODS = ("grpo", "nthr", "pos_only")
+
+# Columns of metrics.csv, in order (NTHR columns are present, NaN, for other methods).
+METRIC_COLUMNS = (
+    "step", "reward_mean", "accuracy", "frac_homogeneous", "groups_used", "completion_length",
+    "truncation_rate", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min",
+    "ratio_max", "grad_norm", "lld/delta_mean", "lld/rate", "lld/n_correct", "nthr/selected_frac",
+    "nthr/tau_mean", "nthr/score_mean", "nthr/eta_mean", "time_generation", "time_old_logps",
+    "time_reference", "time_nthr", "time_update", "time_lld", "time_step",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a GRPO / NTHR run depends on; ``fast()`` and ``paper_qwen_0_5b()`` are the presets."""
+
+    model: str = "smollm2-135m"
+    """Policy to train: "smollm2-135m" (embedded), "tiny-random", a hub id or a local path."""
+    task: str = "arithmetic"
+    """Training prompts: "arithmetic" (synthetic, data.arithmetic_problems) or "math" (MATH train, hub)."""
+    num_problems: int = 512
+    """Size of the training pool (arithmetic: generated; math: the first n after shuffling, 0 = all)."""
+    math_levels: tuple[int, ...] = (3, 4, 5)
+    """MATH difficulty levels used when task == "math" (the paper: 3-5)."""
+    template: str | None = None
+    """Prompt template name or string for data.build_prompt; None: the task's default."""
+    require_boxed: bool | None = None
+    """Reward needs \\boxed{}; None: the task's default."""
+    method: str = "grpo"
+    """"grpo", "nthr" (NTHR hook from the nthr_* fields) or "pos_only" (negative advantages set to 0)."""
+    steps: int = 20
+    """Number of rollout batches (optimizer steps when mini_batch_prompts == prompts_per_step)."""
+    prompts_per_step: int = 4
+    """Prompts (groups) sampled per step."""
+    group_size: int = 8
+    """Completions per prompt (G)."""
+    mini_batch_prompts: int | None = None
+    """Prompts per gradient step; must divide prompts_per_step; None = all (one step per batch)."""
+    num_iterations: int = 1
+    """Passes over each rollout batch (PPO epochs; TRL's num_iterations)."""
+    micro_batch_groups: int | None = None
+    """Groups per forward pass (gradient accumulation inside a mini-batch); None = the whole mini-batch."""
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs use logits / temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_new_tokens: int = 64
+    """Completion token budget."""
+    clip_eps: float = 0.2
+    """PPO clip range (low side, and high side unless clip_eps_high is set)."""
+    clip_eps_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None = clip_eps."""
+    kl_coef: float = 1e-4
+    """Weight of the k3 KL to the frozen reference (0 skips the reference pass)."""
+    agg: str = "token"
+    """Loss aggregation: "token" (paper, DAPO), "seq_mean" (original GRPO), "dr_grpo"."""
+    adv_std: str = "population"
+    """Advantage normaliser: "population" (paper), "sample", "none" (Dr. GRPO)."""
+    dynamic_sampling: bool = True
+    """Drop homogeneous groups (all right or all wrong) from the update."""
+    nthr_beta: float = 1.0
+    """NTHR threshold scale beta (method == "nthr"); -inf selects every incorrect token."""
+    nthr_eta: str | float = "two_abs"
+    """NTHR advantage factor schedule: "two_abs", "p", "one_minus_p" or a number."""
+    nthr_vocab: str = "generated"
+    """NTHR vocabulary: "generated" (paper's speed-up) or "full" (exact)."""
+    track_lld: bool = True
+    """Log the change of ln pi of this step's correct responses over the update and the LLD rate."""
+    lld_eps: float = 0.0
+    """A correct response counts as lazily displaced when its ln pi rose by no more than this."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    checkpoint_every: int = 5
+    """Steps between atomic checkpoints (0: only at the end)."""
+    output_dir: str | None = None
+    """Run folder; None: <runs>/train/<method>/seed<seed>."""
+    bf16: bool = False
+    """bf16 autocast for forward passes (CUDA only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (CUDA runs of long completions)."""
+    generation_batch_size: int | None = None
+    """Sequences per generate call; None = all at once."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.task not in ("arithmetic", "math"):
+            bad("task", "expected 'arithmetic' or 'math'")
+        if self.method not in METHODS:
+            bad("method", f"expected one of {METHODS}")
+        if self.group_size < 2:
+            bad("group_size", "GRPO needs at least 2 completions per prompt to compare")
+        for name in ("steps", "prompts_per_step", "num_iterations", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.num_problems < 0:
+            bad("num_problems", "must be >= 0")
+        mini = self.mini_batch_prompts or self.prompts_per_step
+        if mini < 1 or self.prompts_per_step % mini:
+            bad("mini_batch_prompts", f"must divide prompts_per_step={self.prompts_per_step}")
+        if self.micro_batch_groups is not None and self.micro_batch_groups < 1:
+            bad("micro_batch_groups", "must be >= 1 or None")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0 for sampling (greedy groups carry no signal)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 < self.clip_eps < 1:
+            bad("clip_eps", "must be in (0, 1)")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            bad("clip_eps_high", "must be > 0")
+        if self.kl_coef < 0:
+            bad("kl_coef", "must be >= 0")
+        if self.agg not in AGG_MODES:
+            bad("agg", f"expected one of {AGG_MODES}")
+        if self.adv_std not in STD_MODES:
+            bad("adv_std", f"expected one of {STD_MODES}")
+        if self.nthr_vocab not in ("generated", "full"):
+            bad("nthr_vocab", "expected 'generated' or 'full'")
+        if isinstance(self.nthr_eta, str) and self.nthr_eta not in ("two_abs", "p", "one_minus_p"):
+            bad("nthr_eta", "expected 'two_abs', 'p', 'one_minus_p' or a number")
+        if math.isnan(self.nthr_beta):
+            bad("nthr_beta", "must be a number or -inf")
+        if self.checkpoint_every < 0:
+            bad("checkpoint_every", "must be >= 0")
+
+    # ---- presets -------------------------------------------------------------------------------
+    @classmethod
+    def fast(cls, **overrides: Any) -> TrainConfig:
+        """Embedded SmolLM2-135M on the arithmetic task: a few minutes on 2 CPU cores."""
+        base = dict(model="smollm2-135m", task="arithmetic", num_problems=256, steps=12, prompts_per_step=4,
+                    group_size=8, lr=2e-6, temperature=1.0, max_new_tokens=48, kl_coef=0.0,
+                    checkpoint_every=4)
+        return cls(**(base | overrides))
+
+    @classmethod
+    def paper_qwen_0_5b(cls, **overrides: Any) -> TrainConfig:
+        """The paper's Qwen2.5-0.5B-Instruct setting (METHOD.md §1) for one GPU."""
+        base = dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", num_problems=0, math_levels=(3, 4, 5),
+                    template="boxed", require_boxed=True, steps=105, prompts_per_step=32,
+                    mini_batch_prompts=16, micro_batch_groups=2, group_size=8, lr=5e-7, temperature=1.0,
+                    max_new_tokens=2500, clip_eps=0.2, kl_coef=1e-4, agg="token", adv_std="population",
+                    bf16=True, gradient_checkpointing=True, checkpoint_every=5, generation_batch_size=128)
+        return cls(**(base | overrides))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return TrainConfig(**(asdict(self) | changes))
+
+    def run_dir(self) -> Path:
+        """The run folder (``output_dir`` or the default under the runs folder)."""
+        if self.output_dir:
+            return Path(self.output_dir).expanduser()
+        return book_config.runs_dir() / "train" / self.method / f"seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists, inf as a string)."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, float) and math.isinf(v):
+                out[k] = str(v)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict`` (unknown keys are an error naming them)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        kw = dict(d)
+        for k in ("math_levels", "adam_betas"):
+            if k in kw and kw[k] is not None:
+                kw[k] = tuple(kw[k])
+        if isinstance(kw.get("nthr_beta"), str):
+            kw["nthr_beta"] = float(kw["nthr_beta"])
+        return cls(**kw)
+
+
+@dataclass
+class AdvantageContext:
+    """What an ``advantage_fn`` sees for a set of whole groups (group-major rows)."""
+
+    advantages: torch.Tensor  # (N, T) per-token advantages before the hook
+    rewards: torch.Tensor  # (num_groups, G)
+    group_size: int
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) bool
+    hidden: torch.Tensor | None  # (N, T, d) old-policy last hidden states (detached)
+    lm_head_weight: torch.Tensor  # (V, d)
+    lm_head_bias: torch.Tensor | None  # (V,)
+    temperature: float
+    old_logps: torch.Tensor  # (N, T)
+
+
+@dataclass
+class _Batch:
+    """The kept groups of one step, on the device, with everything the update needs."""
+
+    rollouts: Rollouts
+    rewards: torch.Tensor  # (num_groups, G)
+    advantages: torch.Tensor  # (N, T)
+    old_logps: torch.Tensor | None = None  # (N, T)
+    ref_logps: torch.Tensor | None = None  # (N, T)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ---- data and rewards -----------------------------------------------------------------------------
+def training_problems(cfg: TrainConfig) -> list[dict]:
+    """The training pool of {id, problem, answer} for the config's task, in a seeded order."""
+    from nthr_book import data
+
+    if cfg.task == "arithmetic":
+        problems = list(data.arithmetic_problems(cfg.num_problems or 512, seed=cfg.seed + 10_000))
+    else:
+        problems = list(data.load_math_train(levels=cfg.math_levels))
+    order = np.random.default_rng(cfg.seed).permutation(len(problems))
+    problems = [problems[i] for i in order]
+    if cfg.num_problems:
+        problems = problems[: cfg.num_problems]
+    if not problems:
+        raise ValueError(f"TrainConfig.task={cfg.task!r} gave no training problems")
+    return problems
+
+
+def task_defaults(cfg: TrainConfig) -> tuple[str, bool]:
+    """(template, require_boxed) for the config, filling the task's defaults."""
+    from nthr_book import data
+
+    if cfg.task == "arithmetic":
+        template = cfg.template or "arithmetic"
+        boxed = data.ARITHMETIC_REQUIRE_BOXED if cfg.require_boxed is None else cfg.require_boxed
+    else:
+        template, boxed = cfg.template or "boxed", True if cfg.require_boxed is None else cfg.require_boxed
+    return template, boxed
+
+
+def default_reward_fn(require_boxed: bool) -> Callable[[list[str], list[str]], list[float]]:
+    """math_rewards with the task's format rule."""
+    from nthr_book.rewards import math_rewards
+
+    def reward_fn(completions: list[str], answers: list[str]) -> list[float]:
+        return math_rewards(completions, answers, require_boxed=require_boxed)
+
+    return reward_fn
+
+
+def make_advantage_fn(cfg: TrainConfig):
+    """The hook a config's ``method`` implies (NTHR for "nthr", else None)."""
+    if cfg.method != "nthr":
+        return None
+    from nthr_book.nthr import nthr_advantage_fn
+
+    return nthr_advantage_fn(cfg.nthr_beta, cfg.nthr_eta, cfg.nthr_vocab)
+
+
+# ---- metrics I/O ----------------------------------------------------------------------------------
+def read_metrics(path: str | Path):
+    """metrics.csv as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    columns = list(METRIC_COLUMNS) + sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="nan")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, math.nan) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---- RNG state -------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+class GRPOTrainer:
+    """Holds the policy, reference, optimizer and data of one run; ``train()`` is the usual entry point."""
+
+    def __init__(self, cfg: TrainConfig, *, advantage_fn=None, reward_fn=None, model=None, tokenizer=None,
+                 device=None):
+        from nthr_book.models import load_policy
+
+        self.cfg = cfg
+        self.device = torch.device(device or book_config.default_device())
+        set_seed(cfg.seed)
+        if model is None:
+            model, tokenizer = load_policy(cfg.model, device=self.device)
+        elif tokenizer is None:
+            raise ValueError("pass tokenizer= together with model=")
+        self.model, self.tokenizer = model.to(self.device), tokenizer
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        self.advantage_fn = advantage_fn if advantage_fn is not None else make_advantage_fn(cfg)
+        self.template, boxed = task_defaults(cfg)
+        self.reward_fn = reward_fn or default_reward_fn(boxed)
+        self.problems = training_problems(cfg)
+        self.step = 0
+        self.rows: list[dict] = []
+
+    # -- helpers
+    def _autocast(self):
+        enabled = self.cfg.bf16 and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _needs_hidden(self) -> bool:
+        return self.advantage_fn is not None and getattr(self.advantage_fn, "needs_hidden", True)
+
+    def _step_problems(self, step: int) -> list[dict]:
+        n = self.cfg.prompts_per_step
+        start = (step * n) % len(self.problems)
+        idx = [(start + i) % len(self.problems) for i in range(n)]
+        return [self.problems[i] for i in idx]
+
+    def _micro_batches(self, group_ids: Sequence[int]) -> list[list[int]]:
+        size = self.cfg.micro_batch_groups or len(group_ids)
+        return [list(group_ids[i:i + size]) for i in range(0, len(group_ids), size)]
+
+    def _logps(self, model, ro: Rollouts, *, hidden: bool = False):
+        with self._autocast():
+            return per_token_logps(model, ro.input_ids, ro.attention_mask, ro.completion_mask,
+                                   temperature=self.cfg.temperature, return_hidden=hidden)
+
+    def _apply_hook(self, ro: Rollouts, rewards, advantages, old_logps, hidden) -> tuple[torch.Tensor, dict]:
+        head = self.model.get_output_embeddings()
+        ctx = AdvantageContext(
+            advantages=advantages, rewards=rewards, group_size=ro.group_size, completion_ids=ro.completion_ids,
+            completion_mask=ro.completion_mask.bool(), hidden=None if hidden is None else hidden.detach(),
+            lm_head_weight=head.weight.detach(), lm_head_bias=None if head.bias is None else head.bias.detach(),
+            temperature=self.cfg.temperature, old_logps=old_logps)
+        with torch.no_grad():
+            return self.advantage_fn(ctx)
+
+    # -- one step
+    def sample(self, step: int) -> tuple[Rollouts, torch.Tensor, list[dict]]:
+        """Rollouts and rewards (num_groups, G) for a step (seeded by config seed and step)."""
+        from nthr_book.data import build_prompt
+
+        problems = self._step_problems(step)
+        prompts = [build_prompt(self.tokenizer, p["problem"], self.template) for p in problems]
+        ro = generate_groups(self.model, self.tokenizer, prompts, self.cfg.group_size,
+                             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                             top_p=self.cfg.top_p, batch_size=self.cfg.generation_batch_size,
+                             seed=self.cfg.seed * 1_000_003 + step)
+        golds = [str(p["answer"]) for p in problems for _ in range(self.cfg.group_size)]
+        rewards = torch.tensor(self.reward_fn(ro.texts, golds), dtype=torch.float32)
+        if rewards.numel() != len(golds):
+            raise ValueError(f"reward_fn returned {rewards.numel()} rewards for {len(golds)} completions")
+        return ro, rewards.view(len(problems), self.cfg.group_size).to(self.device), problems
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Run one full step and return its metrics row."""
+        cfg, times = self.cfg, dict.fromkeys(("generation", "old_logps", "reference", "nthr", "update", "lld"), 0.0)
+        t_step = time.perf_counter()
+        ro, rewards, _ = self.sample(step)
+        times["generation"] = time.perf_counter() - t_step
+        row: dict[str, float] = {
+            "step": step,
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards > 0.5).float().mean()),
+            "completion_length": float(ro.completion_lengths.float().mean()),
+            "truncation_rate": float(ro.truncated.float().mean()),
+        }
+        mixed = mixed_group_mask(rewards)
+        row["frac_homogeneous"] = float(1 - mixed.float().mean())
+        keep = mixed.nonzero().squeeze(-1).tolist() if cfg.dynamic_sampling else list(range(rewards.shape[0]))
+        row["groups_used"] = float(len(keep))
+        if keep:
+            self._update(ro.select_groups(keep), rewards[keep], row, times)
+        row.update({f"time_{k}": v for k, v in times.items()})
+        row["time_step"] = time.perf_counter() - t_step
+        return row
+
+    def _update(self, ro: Rollouts, rewards: torch.Tensor, row: dict, times: dict) -> None:
+        cfg = self.cfg
+        group_adv = group_advantages(rewards, std=cfg.adv_std)  # (num_groups, G)
+        if cfg.method == "pos_only":
+            group_adv = pos_only(group_adv)
+        advantages = expand_advantages(group_adv, ro.completion_mask)  # (N, T)
+        num_groups, G = rewards.shape
+        n_mini = cfg.prompts_per_step // (cfg.mini_batch_prompts or cfg.prompts_per_step)
+        minis = [m.tolist() for m in np.array_split(np.arange(num_groups), min(n_mini, num_groups))]
+        fused = len(minis) == 1 and cfg.num_iterations == 1  # old policy == current policy
+        rows_of = lambda groups: torch.tensor([g * G + j for g in groups for j in range(G)], device=self.device)
+        old_logps = torch.zeros_like(advantages)
+        ref_logps = torch.zeros_like(advantages) if self.ref_model is not None else None
+        hook_metrics: list[dict] = []
+
+        self.model.train()
+        if not fused:  # old-policy pass (and the hook on its hidden states), no gradient
+            with torch.no_grad():
+                for micro in self._micro_batches(range(num_groups)):
+                    sub, r = ro.select_groups(micro), rows_of(micro)
+                    t0 = time.perf_counter()
+                    out = self._logps(self.model, sub, hidden=self._needs_hidden())
+                    logps, hidden = out if self._needs_hidden() else (out, None)
+                    old_logps[r] = logps.float()
+                    times["old_logps"] += time.perf_counter() - t0
+                    if self.advantage_fn is not None:
+                        t0 = time.perf_counter()
+                        advantages[r], m = self._apply_hook(sub, rewards[micro], advantages[r], logps, hidden)
+                        hook_metrics.append(m)
+                        times["nthr"] += time.perf_counter() - t0
+                    del hidden
+
+        step_metrics: list[dict] = []
+        grad_norms = []
+        t_upd = time.perf_counter()
+        for _ in range(cfg.num_iterations):
+            for mini in minis:
+                self.optimizer.zero_grad(set_to_none=True)
+                mini_rows = rows_of(mini)
+                n_tok = ro.completion_mask[mini_rows].sum().clamp(min=1)
+                for micro in self._micro_batches(mini):
+                    sub, r = ro.select_groups(micro), rows_of(micro)
+                    if self.ref_model is not None and (fused or _ == 0):
+                        t0 = time.perf_counter()
+                        with torch.no_grad():
+                            ref_logps[r] = self._logps(self.ref_model, sub).float()
+                        times["reference"] += time.perf_counter() - t0
+                    want_hidden = fused and self._needs_hidden()
+                    out = self._logps(self.model, sub, hidden=want_hidden)
+                    logps, hidden = out if want_hidden else (out, None)
+                    if fused:
+                        old_logps[r] = logps.detach().float()
+                        if self.advantage_fn is not None:
+                            t0 = time.perf_counter()
+                            advantages[r], m = self._apply_hook(sub, rewards[micro], advantages[r],
+                                                                old_logps[r], hidden)
+                            hook_metrics.append(m)
+                            times["nthr"] += time.perf_counter() - t0
+                    mask = sub.completion_mask
+                    loss, m = policy_loss(logps.float(), old_logps[r], advantages[r], mask,
+                                          ref_logps=None if ref_logps is None else ref_logps[r],
+                                          clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+                                          kl_coef=cfg.kl_coef, agg=cfg.agg, max_completion_length=cfg.max_new_tokens)
+                    # Re-weight micro-batch means into the mini-batch mean (token: by tokens, else by rows).
+                    scale = (mask.sum() / n_tok) if cfg.agg == "token" else (len(r) / len(mini_rows))
+                    (loss * scale).backward()
+                    m["loss"] = float(loss.detach()) * float(scale)
+                    step_metrics.append(m)
+                if cfg.max_grad_norm > 0:
+                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
+                self.optimizer.step()
+        times["update"] = time.perf_counter() - t_upd - times["reference"] - times["nthr"] * fused
+        self.model.eval()
+
+        row["loss"] = float(np.sum([m["loss"] for m in step_metrics])) / (cfg.num_iterations * len(minis))
+        for key in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
+            vals = [m[key] for m in step_metrics if key in m]
+            row[key] = float(np.nanmean(vals)) if vals else math.nan
+        row["ratio_min"] = min((m["ratio_min"] for m in step_metrics), default=math.nan)
+        row["ratio_max"] = max((m["ratio_max"] for m in step_metrics), default=math.nan)
+        row["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
+        for key in sorted({k for m in hook_metrics for k in m}):
+            vals = np.array([m.get(key, math.nan) for m in hook_metrics], dtype=float)
+            if key == "nthr/mixed_groups":
+                row[key] = float(np.nansum(vals))
+            else:
+                finite = vals[np.isfinite(vals)]
+                row[key] = float(finite.mean()) if finite.size else (float(vals[0]) if vals.size else math.nan)
+
+        if cfg.track_lld:
+            t0 = time.perf_counter()
+            self._track_lld(ro, rewards, old_logps, row)
+            times["lld"] = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _track_lld(self, ro: Rollouts, rewards: torch.Tensor, old_logps: torch.Tensor, row: dict) -> None:
+        """Change of ln pi(y+|x) of this batch's correct responses over the update, and the LLD rate."""
+        correct_rows = (rewards.reshape(-1) > 0.5).nonzero().squeeze(-1)
+        row["lld/n_correct"] = float(correct_rows.numel())
+        if correct_rows.numel() == 0:
+            row["lld/delta_mean"] = row["lld/rate"] = math.nan
+            return
+        before = sequence_logprob(old_logps[correct_rows], ro.completion_mask[correct_rows])
+        G = ro.group_size
+        groups = sorted({int(r) // G for r in correct_rows})
+        new = torch.zeros_like(old_logps)
+        for micro in self._micro_batches(groups):
+            sub = ro.select_groups(micro)
+            rows = torch.tensor([g * G + j for g in micro for j in range(G)], device=self.device)
+            new[rows] = self._logps(self.model, sub).float()
+        after = sequence_logprob(new[correct_rows], ro.completion_mask[correct_rows])
+        delta = after - before
+        row["lld/delta_mean"] = float(delta.mean())
+        row["lld/rate"] = float((delta <= self.cfg.lld_eps).float().mean())
+
+    # -- checkpoints
+    def save_checkpoint(self, run_dir: Path) -> None:
+        """Atomically save weights, optimizer, RNG, step and metrics."""
+        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "rng": _rng_state(), "rows": self.rows, "config": self.cfg.to_dict()}
+        atomic_torch_save(state, run_dir / "checkpoint.pt")
+
+    def load_checkpoint(self, run_dir: Path) -> None:
+        """Restore a checkpoint written by ``save_checkpoint``."""
+        state = torch.load(run_dir / "checkpoint.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step, self.rows = int(state["step"]), list(state["rows"])
+
+    def save_model(self, run_dir: Path) -> Path:
+        """Save the final weights and tokenizer to ``run_dir/model`` (temporary folder, then rename)."""
+        target = run_dir / "model"
+        staging = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
+        try:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, hook_repr: str, resume: bool) -> None:
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    if not resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it, "
+                              "or choose another output_dir")
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    diff = sorted(k for k in set(mine) | set(saved["config"]) if mine.get(k) != saved["config"].get(k)
+                  and k not in ("steps",))
+    if diff or saved.get("advantage_fn") != hook_repr:
+        what = diff or ["advantage_fn"]
+        raise ValueError(f"{saved_path}: resume with a different config ({', '.join(what)}); "
+                         "use the saved config or another output_dir")
+
+
+def train(config: TrainConfig, *, advantage_fn=None, reward_fn=None, resume: bool = False,
+          callbacks: Sequence[Callable[[int, dict], None]] = (), model=None, tokenizer=None,
+          progress: bool = True) -> Path:
+    """Train with GRPO (or NTHR / Pos Only per ``config.method``); returns the run folder. Notebook 01.
+
+    ``advantage_fn(ctx: AdvantageContext) -> (advantages, metrics)`` overrides the method's hook.
+    ``reward_fn(completions, answers) -> list[float]`` overrides the math reward. ``callbacks`` are
+    called as ``cb(step, row)`` after each step. ``resume=True`` continues from ``checkpoint.pt``.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    run_dir = config.run_dir()
+    trainer = GRPOTrainer(config, advantage_fn=advantage_fn, reward_fn=reward_fn, model=model, tokenizer=tokenizer)
+    hook_repr = repr(trainer.advantage_fn)
+    _check_run_dir(run_dir, config, hook_repr, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "checkpoint.pt").exists():
+        trainer.load_checkpoint(run_dir)
+    if trainer.step >= config.steps and (run_dir / "model").exists():
+        return run_dir
+    write_json(run_dir / "config.json", {"config": config.to_dict(), "advantage_fn": hook_repr,
+                                         "reward_fn": repr(reward_fn) if reward_fn else "math_rewards",
+                                         "versions": versions(), "device": str(trainer.device)})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(trainer.step, config.steps), desc=f"{config.method} seed{config.seed}",
+               initial=trainer.step, total=config.steps, disable=not progress)
+    for step in bar:
+        row = trainer.train_step(step)
+        trainer.rows.append(row)
+        trainer.step = step + 1
+        _write_metrics(run_dir / "metrics.csv", trainer.rows)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", sec=f"{row['time_step']:.0f}")
+        if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
+            trainer.save_checkpoint(run_dir)
+        for cb in callbacks:
+            cb(step, row)
+    trainer.save_checkpoint(run_dir)
+    trainer.save_model(run_dir)
+    return run_dir

@@ -1,0 +1,77 @@
+"""run_experiment: method labels, the t quantile, and a real (tiny) two-method two-seed experiment."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from nthr_book import experiments
+from nthr_book.experiments import ablation_methods, method_overrides, run_experiment, summarize, t975
+from nthr_book.trainer import TrainConfig
+
+
+@pytest.mark.parametrize("label,expected", [
+    ("grpo", {"method": "grpo"}),
+    ("pos_only", {"method": "pos_only"}),
+    ("nthr_beta=-inf", {"method": "nthr", "nthr_beta": -math.inf}),
+    ("nthr_beta=0.1", {"method": "nthr", "nthr_beta": 0.1}),
+    ("nthr_eta=p", {"method": "nthr", "nthr_eta": "p"}),
+    ("nthr_beta=0_eta=one_minus_p", {"method": "nthr", "nthr_beta": 0.0, "nthr_eta": "one_minus_p"}),
+])
+def test_method_labels(label, expected):
+    assert method_overrides(label) == expected
+    TrainConfig(**method_overrides(label))  # every label makes a valid config
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method 'ppo'"):
+        method_overrides("ppo")
+
+
+def test_ablation_grid_matches_the_paper():
+    labels = ablation_methods()
+    assert labels[:2] == ["grpo", "pos_only"]
+    assert {"nthr_beta=-inf", "nthr_beta=0", "nthr_beta=0.1", "nthr_beta=1", "nthr_eta=p",
+            "nthr_eta=one_minus_p"} <= set(labels)
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.706), (2, 4.303), (10, 2.228), (15, 2.131), (20, 2.086), (30, 2.042)])
+def test_t_quantile(df, table):
+    assert t975(df) == pytest.approx(table, abs=2e-3)
+
+
+def test_summary_by_hand():
+    results = pd.DataFrame({"method": ["a", "a", "a"], "seed": [0, 1, 2], "accuracy": [0.5, 0.25, 0.75],
+                            "n_eval": [4, 4, 4], "train_reward_first5": 0.1, "train_reward_last5": 0.2,
+                            "lld_rate_mean": 0.3, "selected_frac_mean": math.nan})
+    row = summarize(results).iloc[0]
+    assert row["accuracy_mean"] == pytest.approx(0.5)
+    assert row["accuracy_std"] == pytest.approx(0.25)
+    assert row["t95_high"] - row["accuracy_mean"] == pytest.approx(4.303 * 0.25 / math.sqrt(3), abs=1e-3)
+    assert (row["pooled_k"], row["pooled_n"]) == (6, 12)
+
+
+def test_run_experiment_tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    monkeypatch.setattr("nthr_book.trainer.default_reward_fn",
+                        lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c])
+    cfg = TrainConfig(model="tiny-random", num_problems=16, steps=2, prompts_per_step=2, group_size=4,
+                      max_new_tokens=4, lr=1e-3, kl_coef=0.0, checkpoint_every=1)
+    calls = []
+    real_train = experiments.train
+    monkeypatch.setattr(experiments, "train", lambda c, **kw: calls.append(c) or real_train(c, **kw))
+    res = run_experiment("tiny", methods=("grpo", "nthr"), seeds=(0, 1), config=cfg, n_eval=4,
+                         eval_max_new_tokens=4, progress=False)
+    assert list(res["method"]) == ["base", "grpo", "grpo", "nthr", "nthr"]
+    assert {c.method for c in calls} == {"grpo", "nthr"} and {c.seed for c in calls} == {0, 1}
+    assert (tmp_path / "tiny" / "nthr" / "seed1" / "model" / "config.json").exists()
+    assert (tmp_path / "tiny" / "summary.csv").exists() and res["accuracy"].between(0, 1).all()
+    held = experiments.heldout_problems(cfg, 4)
+    train_texts = {p["problem"] for s in range(8) for p in experiments.training_problems(cfg.replace(seed=s))}
+    assert not {p["problem"] for p in held} & train_texts
+    # A second call skips the finished runs (train returns at once) and reuses the eval records.
+    again = run_experiment("tiny", methods=("grpo", "nthr"), seeds=(0, 1), config=cfg, n_eval=4,
+                           eval_max_new_tokens=4, progress=False)
+    pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])

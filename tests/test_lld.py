@@ -1,0 +1,468 @@
+"""Tests for nthr_book.lld: Δ(x) against hand computations, exact weight restoration, the experiment (arXiv 2505.18830)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch.testing import assert_close
+
+import nthr_book.rewards as rewards_mod
+import nthr_book.rollout as rollout_mod
+from nthr_book import lld
+from nthr_book.lld import (
+    Group,
+    QuestionDisplacement,
+    displacement_summary,
+    groups_from_rollouts,
+    lld_experiment,
+    lld_rate,
+    load_groups,
+    one_step_displacement,
+    save_groups,
+    sequence_logprobs,
+)
+from nthr_book.models import tiny_random_model
+
+torch.set_num_threads(1)
+
+VOCAB = 64
+PROMPT = torch.tensor([5, 6, 7])
+
+
+def _group(completions: list[list[int]], rewards: list[float], prompt: torch.Tensor = PROMPT,
+           question_id: str = "q") -> Group:
+    """A Group from token lists: right-padded with 0, mask True on the listed tokens."""
+    G, T = len(completions), max(len(c) for c in completions)
+    ids = torch.zeros(G, T, dtype=torch.long)
+    mask = torch.zeros(G, T, dtype=torch.bool)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = True
+    return Group.from_tensors(prompt, ids, mask, rewards, question_id=question_id)
+
+
+def _small_model(seed: int = 0):
+    return tiny_random_model(VOCAB, seed=seed, hidden_size=32)
+
+
+# ------------------------------------------------------------------ the smallest demonstration of LLD
+
+REPEAT_CORRECT = [10, 11, 12, 13]
+REPEAT_GROUP = dict(completions=[REPEAT_CORRECT, REPEAT_CORRECT * 2], rewards=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 1e-2), ("adam", 1e-3)])
+def test_grpo_lowers_correct_response_while_pos_only_raises_it(seed, optimizer, lr):
+    """G = 2: y+ = [a b c d] (correct) and y- = [a b c d a b c d] (wrong: it repeats itself, never stops).
+
+    p = 1/2 so A+ = +1, A- = -1. With token-level aggregation the gradients of the four shared
+    prefix tokens (same tokens, same contexts) cancel exactly, so GRPO's step is only the negative
+    gradient on y-'s tail "a b c d": the same tokens as y+ in nearly the same hidden states. Pushing
+    them down pushes y+ down too: ln π(y+) falls (LLD), while Pos Only (only +∇ ln π(y+)) raises
+    it. NTHR (η = 0) spares the tail tokens most aligned with y+ and lands in between.
+    """
+    model = _small_model(seed)
+    group = _group(**REPEAT_GROUP)
+    delta = {m: one_step_displacement(model, group, update=m, lr=lr, optimizer=optimizer).delta
+             for m in ("grpo", "pos_only", "nthr")}
+    assert delta["grpo"] < -0.05
+    assert delta["pos_only"] > 0.05
+    assert delta["grpo"] < delta["nthr"]
+
+
+def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
+    """With identical prompts and shared prefixes, GRPO's gradient equals that of the tail alone (A+ = -A-)."""
+    model = _small_model(0)
+    group = _group(**REPEAT_GROUP)
+    res = one_step_displacement(model, group, update="grpo", lr=1e-2)
+    # Equivalent update: the wrong response's tail only, as its own "response" with advantage -1 (hand loss).
+    m2 = copy.deepcopy(model)
+    ids = torch.cat([PROMPT, torch.tensor(REPEAT_CORRECT * 2)])[None]
+    logits = m2(input_ids=ids).logits[0, len(PROMPT) + 3: -1]  # predicts tail tokens 4..7
+    tail_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(PROMPT) + 4:, None]).sum()
+    (tail_lp / 12).backward()  # loss = -(1/12) Σ_tail A- logp = +(1/12) Σ_tail logp
+    with torch.no_grad():
+        for p in m2.parameters():
+            p -= 1e-2 * p.grad
+    before = _hand_logprob(model, PROMPT, REPEAT_CORRECT)
+    after = _hand_logprob(m2, PROMPT, REPEAT_CORRECT)
+    assert_close(res.delta, float(after - before), rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------ restoration: weights, grads, modes, RNG
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("update", ["grpo", "pos_only", "nthr", "random"])
+def test_weights_grads_modes_and_rng_restored_exactly(update, optimizer):
+    model = _small_model(3)
+    model.train()
+    model.model.layers[0].eval()  # a mixed-mode model: each module's flag must come back
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # includes non-persistent ones (rotary)
+    assert buffers
+    stale_grad = torch.randn_like(model.lm_head.weight)
+    model.lm_head.weight.grad = stale_grad  # e.g. a trainer mid gradient accumulation
+    rng = torch.get_rng_state()
+    group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0])
+
+    res = one_step_displacement(model, group, update=update, lr=0.5, optimizer=optimizer, steps=2)
+
+    assert abs(res.delta) > 1e-3  # the update really moved the weights before they were restored
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    for name, buf in model.named_buffers():
+        assert torch.equal(buf, buffers[name]), name
+    assert model.lm_head.weight.grad is stale_grad  # tied to the input embedding
+    assert all(p.grad is None for p in model.parameters() if p is not model.lm_head.weight)
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_snapshot_is_allocated_once_per_model_and_releasable():
+    model = _small_model(0)
+    group = _group(**REPEAT_GROUP)
+    one_step_displacement(model, group, lr=1e-2)
+    ptrs = [buf.data_ptr() for _, buf in lld._SNAPSHOTS[model]]
+    for update in ("pos_only", "nthr", "random"):
+        one_step_displacement(model, group, update=update, lr=1e-2)
+    assert [buf.data_ptr() for _, buf in lld._SNAPSHOTS[model]] == ptrs  # reused, not reallocated
+    assert lld.release_snapshot(model) is True
+    assert model not in lld._SNAPSHOTS
+    assert lld.release_snapshot(model) is False
+
+
+# ------------------------------------------------------------------ Δ(x) against an independent recomputation
+
+
+def _hand_logprob(model, prompt: torch.Tensor, completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """ln π(y|x) by a plain full-vocabulary forward of one unpadded sequence."""
+    ids = torch.cat([prompt, torch.tensor(completion)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / temperature  # (T, V)
+    return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, len(prompt):, None]).sum()
+
+
+def _hand_token_logps(model, prompt: torch.Tensor, completions: list[list[int]], temperature: float):
+    """List of (T_i,) per-token log-probs with gradient, one unpadded forward per response."""
+    out = []
+    for c in completions:
+        ids = torch.cat([prompt, torch.tensor(c)])[None]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / temperature
+        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1))
+    return out
+
+
+def _hand_update(model, completions, advantages, temperature, lr, optimizer, steps):
+    """Apply ``steps`` updates of the clipped token-mean loss written out by hand; returns the updated copy."""
+    m = copy.deepcopy(model)
+    old = [lp.detach() for lp in _hand_token_logps(m, PROMPT, completions, temperature)]
+    n_tokens = sum(len(c) for c in completions)
+    adam_m = {p: torch.zeros_like(p) for p in m.parameters()}
+    adam_v = {p: torch.zeros_like(p) for p in m.parameters()}
+    for step in range(1, steps + 1):
+        for p in m.parameters():
+            p.grad = None
+        objective = 0.0
+        for lp, lp_old, adv in zip(_hand_token_logps(m, PROMPT, completions, temperature), old, advantages):
+            ratio = torch.exp(lp - lp_old)
+            objective = objective + torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).sum()
+        (-objective / n_tokens).backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                g = p.grad
+                if optimizer == "sgd":
+                    p -= lr * g
+                else:  # Adam, betas (0.9, 0.999), eps 1e-8, bias-corrected, no weight decay
+                    adam_m[p] = 0.9 * adam_m[p] + 0.1 * g
+                    adam_v[p] = 0.999 * adam_v[p] + 0.001 * g * g
+                    m_hat = adam_m[p] / (1 - 0.9**step)
+                    v_hat = adam_v[p] / (1 - 0.999**step)
+                    p -= lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return m
+
+
+@pytest.mark.parametrize("update,optimizer,lr,steps", [
+    ("grpo", "sgd", 0.05, 1),
+    ("pos_only", "sgd", 0.05, 1),
+    ("nthr", "sgd", 0.05, 1),
+    ("grpo", "sgd", 0.5, 2),  # the second step's ratios leave [0.8, 1.2] (and some stay in [0.7, 1.3]): clipping acts
+    ("grpo", "adam", 1e-3, 1),
+    ("nthr", "adam", 1e-3, 2),
+])
+def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
+    temperature, eta = 0.7, 0.5
+    completions = [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]]
+    rewards = [1.0, 0.0, 0.0, 1.0]
+    model = _small_model(1)
+    group = _group(completions, rewards)
+    res = one_step_displacement(model, group, update=update, lr=lr, optimizer=optimizer, steps=steps,
+                                temperature=temperature, eta=eta, beta=0.0)
+    # advantages by hand: p = 1/2, population std 1/2 -> A = ±1 (eps 1e-6 in the denominator)
+    a = [(r - 0.5) / (0.5 + 1e-6) for r in rewards]
+    advantages = [torch.full((len(c),), ai) for c, ai in zip(completions, a)]
+    if update == "pos_only":
+        advantages = [adv.clamp(min=0) for adv in advantages]
+    if update == "nthr":
+        selected = res.extras["selected"]
+        assert 0 < res.n_selected_tokens < res.n_incorrect_tokens  # a real partial selection at beta = 0
+        advantages = [torch.where(selected[i, : len(c)], eta * adv, adv)
+                      for i, (c, adv) in enumerate(zip(completions, advantages))]
+    new_model = _hand_update(model, completions, advantages, temperature, lr, optimizer, steps)
+    correct = [i for i, r in enumerate(rewards) if r > 0.5]
+    per = [float(_hand_logprob(new_model, PROMPT, completions[i], temperature)
+                 - _hand_logprob(model, PROMPT, completions[i], temperature)) for i in correct]
+    assert res.n_incorrect_tokens == 5 + 2
+    assert res.n_correct == 2 and res.group_size == 4 and res.p == 0.5
+    assert_close(res.per_response_delta, per, rtol=2e-3, atol=2e-5)
+    assert_close(res.delta, sum(per) / len(per), rtol=2e-3, atol=2e-5)
+    init = [float(_hand_logprob(model, PROMPT, completions[i], temperature)) for i in correct]
+    assert_close(res.logp_init, init, rtol=1e-5, atol=1e-5)
+    if steps == 2 and optimizer == "sgd":
+        assert res.extras["clip_frac"][1] > 0  # the clipped branch was exercised
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_micro_batches_give_the_same_delta(batch_size):
+    """The token-mean loss is exact over micro-batches (each weighted by its share of tokens)."""
+    model = _small_model(1)
+    group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0])
+    full = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2)
+    micro = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2, batch_size=batch_size)
+    assert_close(micro.per_response_delta, full.per_response_delta, rtol=1e-4, atol=1e-6)
+    assert_close(micro.extras["loss"], full.extras["loss"], rtol=1e-5, atol=1e-7)
+
+
+def test_eta_one_makes_nthr_and_random_equal_to_grpo():
+    """η = 1 leaves every advantage unchanged, whatever is selected."""
+    model = _small_model(2)
+    group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20]], [1.0, 0.0, 0.0])
+    base = one_step_displacement(model, group, update="grpo", lr=0.05).per_response_delta
+    for update in ("nthr", "random"):
+        res = one_step_displacement(model, group, update=update, lr=0.05, eta=1.0, beta=-math.inf)
+        assert res.n_selected_tokens == res.n_incorrect_tokens == 7  # beta = -inf selects every wrong token
+        assert_close(res.per_response_delta, base, rtol=0, atol=1e-9)
+
+
+def test_random_selection_matches_nthr_counts_per_response():
+    model = _small_model(4)
+    group = _group([[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
+                   [1.0, 0.0, 0.0, 1.0])
+    nthr_res = one_step_displacement(model, group, update="nthr", lr=0.05, beta=0.0)
+    sel = nthr_res.extras["selected"]
+    assert 0 < int(sel.sum()) < nthr_res.n_incorrect_tokens
+    incorrect_tokens = (~group.correct)[:, None] & group.rollouts.completion_mask
+    for given in (None, sel):
+        rand = one_step_displacement(model, group, update="random", lr=0.05, beta=0.0, seed=7, selected=given)
+        rsel = rand.extras["selected"]
+        assert torch.equal(rsel.sum(1), sel.sum(1))
+        assert not bool((rsel & ~incorrect_tokens).any())
+        assert torch.equal(rand.extras["nthr_selected"], sel)
+        assert rand.n_selected_tokens == nthr_res.n_selected_tokens
+
+
+# ------------------------------------------------------------------ sequence_logprobs
+
+
+def test_sequence_logprobs_matches_per_row_forward_with_left_padding_and_micro_batches():
+    model = _small_model(5)
+    model.train()
+    prompts = [[5, 6, 7], [8, 9], [5], [6, 7]]
+    completions = [[10, 11], [12, 13, 14, 15], [16], [17, 18, 19]]
+    P, T = 3, 4
+    prompt_ids = torch.zeros(4, P, dtype=torch.long)
+    prompt_mask = torch.zeros(4, P, dtype=torch.long)
+    ids = torch.zeros(4, T, dtype=torch.long)
+    mask = torch.zeros(4, T, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        prompt_ids[i, P - len(p):] = torch.tensor(p)  # left padding
+        prompt_mask[i, P - len(p):] = 1
+        ids[i, : len(c)] = torch.tensor(c)
+        mask[i, : len(c)] = True
+    model.eval()
+    expected = torch.stack([_hand_logprob(model, torch.tensor(p), c, 0.8) for p, c in zip(prompts, completions)])
+    model.train()
+    for bs in (None, 1, 3):
+        got = sequence_logprobs(model, prompt_ids, ids, mask, prompt_mask=prompt_mask, temperature=0.8,
+                                batch_size=bs)
+        assert got.dtype == torch.float64 and not got.requires_grad
+        assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert model.training  # mode restored
+
+
+def test_sequence_logprobs_rejects_mismatched_shapes():
+    model = _small_model(0)
+    with pytest.raises(ValueError, match="completion_mask"):
+        sequence_logprobs(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long),
+                          torch.ones(2, 5, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ input errors
+
+
+def test_one_step_displacement_errors_name_the_problem():
+    model = _small_model(0)
+    with pytest.raises(ValueError, match="question 'q7'.*all correct"):
+        one_step_displacement(model, _group([[10], [11]], [1.0, 1.0], question_id="q7"), lr=0.1)
+    with pytest.raises(ValueError, match="all wrong"):
+        one_step_displacement(model, _group([[10], [11]], [0.0, 0.0]), lr=0.1)
+    group = _group(**REPEAT_GROUP)
+    with pytest.raises(ValueError, match="update="):
+        one_step_displacement(model, group, update="ppo", lr=0.1)
+    with pytest.raises(ValueError, match="optimizer="):
+        one_step_displacement(model, group, optimizer="rmsprop", lr=0.1)
+    with pytest.raises(ValueError, match="selected"):
+        one_step_displacement(model, group, update="grpo", lr=0.1, selected=torch.zeros(2, 8, dtype=torch.bool))
+    bad = torch.zeros(2, 8, dtype=torch.bool)
+    bad[0, 0] = True  # a token of the correct response
+    with pytest.raises(ValueError, match="outside"):
+        one_step_displacement(model, group, update="random", lr=0.1, selected=bad)
+    with pytest.raises(ValueError, match="lr"):
+        one_step_displacement(model, group, lr=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        one_step_displacement(model, group, lr=0.1, steps=0)
+
+
+# ------------------------------------------------------------------ groups: split, save, load
+
+
+def test_groups_save_load_roundtrip_and_trim(tmp_path):
+    r = rollout_mod.Rollouts(
+        prompt_ids=torch.tensor([[0, 5, 6]] * 2 + [[7, 8, 9]] * 2),
+        prompt_mask=torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2),
+        completion_ids=torch.tensor([[10, 2, 2], [11, 12, 2], [13, 14, 15], [16, 2, 2]]),
+        completion_mask=torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool),
+        texts=["a", "b", "c", "d"], truncated=torch.tensor([False, False, True, False]), group_size=2,
+        prompts=["P0", "P1"], meta={"seed": 3},
+    )
+    groups = groups_from_rollouts(r, [[1.0, 0.0], [1.0, 1.0]], ["x", "y"], ["4", "5"], ["two+two", "2+3"])
+    assert [g.status for g in groups] == ["mixed", "all_correct"]
+    assert groups[0].rollouts.prompt_ids.tolist() == [[5, 6], [5, 6]]  # shared left padding dropped
+    assert groups[0].rollouts.completion_ids.tolist() == [[10, 2], [11, 12]]  # trailing padding dropped
+    assert groups[1].rollouts.completion_ids.shape == (2, 3)
+    path = save_groups(tmp_path / "g.pt", groups, settings={"seed": 3})
+    loaded, settings = load_groups(path, return_settings=True)
+    assert settings == {"seed": 3}
+    for a, b in zip(groups, loaded):
+        assert (a.question_id, a.answer, a.problem, a.rollouts.texts) == (b.question_id, b.answer, b.problem,
+                                                                          b.rollouts.texts)
+        assert torch.equal(a.rewards, b.rewards)
+        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+            assert torch.equal(getattr(a.rollouts, name), getattr(b.rollouts, name)), name
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt"):
+        load_groups(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_groups(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------ the experiment
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from nthr_book.models import load_policy
+
+    return load_policy("tiny-random", device="cpu")
+
+
+def _fake_grader(completions, golds, *, require_boxed=True, **kwargs):
+    """ALL -> every response right, NONE -> every one wrong, otherwise even batch indices right."""
+    return [1.0 if g == "ALL" else 0.0 if g == "NONE" else float(i % 2 == 0) for i, g in enumerate(golds)]
+
+
+PROBLEMS = [
+    {"id": "a", "problem": "What is 1 + 1?", "answer": "2"},
+    {"id": "b", "problem": "What is 2 + 2?", "answer": "ALL"},
+    {"id": "c", "problem": "What is 3 + 3?", "answer": "6"},
+    {"id": "d", "problem": "What is 4 + 4?", "answer": "NONE"},
+]
+
+
+def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path, monkeypatch, capsys):
+    model, tokenizer = tiny_policy
+    monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
+    path = tmp_path / "groups.pt"
+    kwargs = dict(methods=("random", "grpo", "pos_only", "nthr"), group_size=4, max_new_tokens=5, lr=1e-3,
+                  seed=11, beta=0.0, groups_path=path, progress=False)
+    df = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
+    assert "4 questions" in capsys.readouterr().out
+    assert list(df.columns) == list(lld.ROW_COLUMNS)
+    assert len(df) == 2 * 4  # two mixed questions x four methods
+    assert df["id"].tolist() == ["a"] * 4 + ["c"] * 4
+    assert df["method"].tolist() == ["random", "grpo", "pos_only", "nthr"] * 2  # the order asked for
+    assert (df["n_correct"] == 2).all() and (df["p"] == 0.5).all()
+    assert (df["seed"] == 11).all() and (df["lr"] == 1e-3).all()
+    assert df.attrs["dropped"] == {"all_correct": ["b"], "all_wrong": ["d"]}
+    for qid in ("a", "c"):
+        rows = df[df["id"] == qid].set_index("method")
+        assert rows.loc["random", "n_selected"] == rows.loc["nthr", "n_selected"]
+        assert pd.isna(rows.loc["grpo", "n_selected"])
+        assert_close(rows.loc["grpo", "delta"], sum(rows.loc["grpo", "per_response_delta"]) / 2)
+    assert path.is_file()
+
+    def no_sampling(*args, **kw):
+        raise AssertionError("generate_groups must not be called when groups_path exists")
+
+    monkeypatch.setattr(rollout_mod, "generate_groups", no_sampling)
+    again = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
+    assert "loaded from" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, df)
+    with pytest.raises(ValueError, match="groups_path .*group_size"):
+        lld_experiment(model, tokenizer, PROBLEMS, **(kwargs | {"group_size": 6}))
+
+
+def test_lld_experiment_rejects_bad_methods(tiny_policy):
+    model, tokenizer = tiny_policy
+    with pytest.raises(ValueError, match="methods item"):
+        lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo", "dpo"), max_new_tokens=4, lr=0.1, seed=0)
+    with pytest.raises(ValueError, match="duplicates"):
+        lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo", "grpo"), max_new_tokens=4, lr=0.1, seed=0)
+    with pytest.raises(ValueError, match=r"problems\[1\].*answer"):
+        lld_experiment(model, tokenizer, [PROBLEMS[0], {"id": "z", "problem": "?"}], max_new_tokens=4, lr=0.1,
+                       seed=0)
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def test_lld_rate_hand_values():
+    assert lld_rate([0.5, -0.1, 0.0, 0.02]) == 0.5  # -0.1 and 0.0 did not rise
+    assert lld_rate([0.5, -0.1, 0.0, 0.02], eps=0.05) == 0.75  # 0.02 rose by less than eps
+    assert lld_rate([[0.5, -0.1], [0.0], [0.02]]) == 0.5  # a column of per-question lists
+    assert lld_rate(torch.tensor([1.0, 2.0])) == 0.0
+    assert math.isnan(lld_rate([]))
+    with pytest.raises(ValueError, match="NaN"):
+        lld_rate([0.1, float("nan")])
+
+
+def test_displacement_summary_hand_values():
+    df = pd.DataFrame({
+        "id": ["a", "a", "b", "b", "c", "c"],
+        "method": ["grpo", "pos_only"] * 3,
+        "delta": [-0.2, 0.3, 0.1, 0.5, 0.0, 0.4],
+        "per_response_delta": [[-0.2], [0.3], [0.1, 0.1], [0.5, 0.5], [0.0], [0.4]],
+    })
+    s = displacement_summary(df)
+    assert s.index.tolist() == ["grpo", "pos_only"]
+    assert s.loc["grpo"].to_dict() == pytest.approx({
+        "n_questions": 3, "median_delta": 0.0, "mean_delta": (-0.2 + 0.1 + 0.0) / 3,
+        "frac_delta_le_0": 2 / 3, "lld_rate": 2 / 4})
+    assert s.loc["pos_only"].to_dict() == pytest.approx({
+        "n_questions": 3, "median_delta": 0.4, "mean_delta": 0.4, "frac_delta_le_0": 0.0, "lld_rate": 0.0})
+    with pytest.raises(ValueError, match="delta"):
+        displacement_summary(df.drop(columns="delta"))
+    empty = displacement_summary(df.iloc[:0])  # every group dropped: an empty table, not an error
+    assert len(empty) == 0 and "median_delta" in empty.columns
+
+
+def test_question_displacement_row():
+    q = QuestionDisplacement("q", "nthr", 1, 2, 0.5, 0.25, [0.25], 3, 4, [-5.0])
+    assert q.to_row() == {"id": "q", "method": "nthr", "n_correct": 1, "group_size": 2, "p": 0.5, "delta": 0.25,
+                          "per_response_delta": [0.25], "n_selected": 3, "n_incorrect_tokens": 4}

@@ -1,0 +1,292 @@
+"""Tests for nthr_book.rewards: boxed extraction, math-verify equivalences, time bounds on hostile output."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from nthr_book import rewards
+from nthr_book.rewards import extract_boxed, math_reward, math_rewards
+
+ADV_TIMEOUT_S = 0.5  # timeout_s used for adversarial inputs
+SLACK_S = 2.0  # allowed wall-clock time beyond timeout_s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _workers():
+    """One warm math-verify worker for the module; killed at the end."""
+    rewards.warm_up()
+    yield
+    rewards.shutdown_workers()
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_boxed
+# ---------------------------------------------------------------------------------------------
+
+EXTRACT_CASES = [
+    ("The answer is \\boxed{5}.", "5"),
+    ("\\boxed{1} then \\boxed{2}", "2"),  # last one wins
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces do not count
+    ("\\boxed{a\\\\}b}", "a\\\\"),  # \\ is a line break, then } closes
+    ("\\fbox{7}", "7"),
+    ("\\boxed{3} and \\fbox{4}", "4"),
+    ("\\boxed {3}", "3"),
+    ("\\boxed 5", "5"),
+    ("\\boxed 42.", "42"),
+    ("\\boxed \\pi", "\\pi"),
+    ("\\boxed{\\boxed{8}}", "8"),
+    ("\\boxed{}", ""),
+    ("\\boxed{1} \\fboxsep=2pt", "1"),  # \fboxsep is not a box
+    ("\\boxed{1", None),  # unbalanced
+    ("\\boxed{a} and then \\boxed{b", None),  # the last one is unbalanced
+    ("no box here: 5", None),
+    ("\\boxed", None),
+    ("", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACT_CASES)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{" + "{" * 300_000 + "x" + "}" * 300_000 + "}", "{" * 300_000 + "x" + "}" * 300_000),
+        ("\\boxed{" + "{" * 600_000, None),
+        ("\\boxed{1} " * 10_000 + "\\boxed{2}", "2"),
+        ("x" * 1_000_000 + "\\boxed{3}", "3"),
+        ("\\boxedx" * 100_000, None),
+    ],
+    ids=["deep-nesting", "deep-unbalanced", "10k-boxes", "megabyte-prefix", "100k-non-boxes"],
+)
+def test_extract_boxed_is_linear_on_huge_inputs(text, expected):
+    t0 = time.perf_counter()
+    assert extract_boxed(text) == expected
+    assert time.perf_counter() - t0 < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# math_reward: equivalent forms, wrong answers, format
+# ---------------------------------------------------------------------------------------------
+
+EQUIVALENT = [
+    ("\\boxed{\\dfrac{14}{3}}", "\\frac{14}{3}"),
+    ("\\boxed{\\tfrac{1}{2}}", "\\frac12"),
+    ("\\boxed{0.5}", "\\frac12"),
+    ("\\boxed{\\frac12}", "0.5"),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5"),
+    ("\\boxed{27}", "27.0"),
+    ("\\boxed{27.0}", "27"),
+    ("\\boxed{23}", "023"),
+    ("\\boxed{023}", "23"),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3, \\frac{\\pi}{2})"),
+    ("\\boxed{(3,\\pi/2)}", "(3, \\frac{\\pi}{2})"),
+    ("\\boxed{5 \\text{ cm}}", "5"),
+    ("\\boxed{12\\text{ apples}}", "12"),
+    ("\\boxed{\\$5}", "5"),
+    ("\\boxed{50\\%}", "50"),
+    ("\\boxed{50\\%}", "0.5"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("\\boxed{90^{\\circ}}", "90"),
+    ("\\boxed{x = 5}", "5"),
+    ("So the final answer is \\boxed{5}, as required.", "5"),
+    ("\\boxed{(-\\infty, \\frac{4}{2}]}", "(-\\infty, 2]"),
+    ("\\boxed{[1,3)}", "[1, 3)"),
+    ("\\boxed{\\{2, 1\\}}", "\\{1, 2\\}"),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{\\dfrac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{1+x^2}", "x^2+1"),
+    ("\\fbox{12}", "12"),
+    ("\\boxed 7", "7"),
+    ("$\\boxed{4}$", "\\boxed{4}"),  # gold may come boxed
+]
+
+WRONG = [
+    ("\\boxed{6}", "5"),
+    ("\\boxed{\\frac{14}{5}}", "\\frac{14}{3}"),
+    ("\\boxed{0.5}", "50"),
+    ("\\boxed{230}", "023"),
+    ("\\boxed{1,001}", "1000"),
+    ("\\boxed{x^2-1}", "x^2+1"),
+    ("\\boxed{(3, \\pi)}", "(3, \\frac{\\pi}{2})"),
+    ("\\boxed{(2, 1)}", "(1, 2)"),
+    ("\\boxed{[1, 3]}", "[1, 3)"),
+    ("\\boxed{3\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{y = 5}", "x = 5"),
+    ("\\boxed{\\frac{\\pi}{2}}", "90^\\circ"),
+    ("\\boxed{5} and finally \\boxed{6}", "5"),  # the last box counts
+    ("\\boxed{}", "5"),
+    ("\\boxed{5", "5"),  # unbalanced
+]
+
+
+@pytest.mark.parametrize(("completion", "gold"), EQUIVALENT)
+def test_equivalent_answers_score_one(completion, gold):
+    assert math_reward(completion, gold) == 1.0
+
+
+@pytest.mark.parametrize(("completion", "gold"), WRONG)
+def test_wrong_answers_score_zero(completion, gold):
+    assert math_reward(completion, gold) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "expected_unboxed"),
+    [
+        ("The answer is 5.", "5", 1.0),
+        ("so x = 12", "12", 1.0),
+        ("The answer is $\\frac{1}{2}$.", "0.5", 1.0),
+        ("3 + 4 = 7, so the answer is 7.", "8", 0.0),
+    ],
+)
+def test_unboxed_rejected_by_default_and_parsed_when_allowed(completion, gold, expected_unboxed):
+    assert math_reward(completion, gold) == 0.0
+    assert math_reward(completion, gold, require_boxed=False) == expected_unboxed
+
+
+def test_answer_length_cap():
+    long_number = "1" * (rewards.MAX_ANSWER_CHARS + 1)
+    assert math_reward("\\boxed{" + long_number + "}", long_number) == 0.0
+    assert math_reward("\\boxed{" + long_number[:-2] + "}", long_number[:-2]) == 1.0
+
+
+def test_fast_path_agrees_with_math_verify():
+    """Every case the in-process fast path decides gets the same verdict from math-verify itself."""
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    cfg = [LatexExtractionConfig()]
+    decided = 0
+    for completion, gold in EQUIVALENT + WRONG:
+        answer = extract_boxed(completion)
+        if not answer:
+            continue
+        fast = rewards._fast_verdict(answer.strip(), rewards._clean_gold(gold, "gold"))
+        if fast is None:
+            continue
+        decided += 1
+        direct = verify(parse("\\boxed{" + gold + "}", cfg), parse("\\boxed{" + answer + "}", cfg))
+        assert fast == float(direct), (completion, gold)
+    assert decided >= 20  # the fast path covers most of the table
+
+
+def test_batch_matches_single_calls_and_survives_a_timeout():
+    pairs = EQUIVALENT[:8] + WRONG[:6] + [("\\boxed{9^{9^{9^{9}}}}", "27")] + EQUIVALENT[8:16] + WRONG[6:10]
+    completions, golds = [c for c, _ in pairs], [g for _, g in pairs]
+    expected = [1.0] * 8 + [0.0] * 6 + [0.0] + [1.0] * 8 + [0.0] * 4
+    timeout_s = 2.0  # generous for the legitimate items, some of which reach sympy
+    t0 = time.perf_counter()
+    got = math_rewards(completions, golds, timeout_s=timeout_s)
+    assert got == expected
+    # one timeout plus a fresh worker's start-up (about 1-2 s) for the items after it
+    assert time.perf_counter() - t0 < timeout_s + SLACK_S + 10.0
+    assert math_rewards([], []) == []
+
+
+def test_concurrent_calls_from_threads():
+    pairs = (EQUIVALENT + WRONG) * 2
+    expected = ([1.0] * len(EQUIVALENT) + [0.0] * len(WRONG)) * 2
+    rewards.warm_up(2)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda p: math_reward(*p), pairs))
+    assert got == expected
+
+
+def test_fast_path_is_fast_and_needs_no_worker():
+    rewards.shutdown_workers()
+    completions = [f"We add them up, so the answer is \\boxed{{{k}}}." for k in range(1000)]
+    golds = [str(k if k % 3 else k + 1) for k in range(1000)]
+    t0 = time.perf_counter()
+    got = [math_reward(c, g) for c, g in zip(completions, golds)]
+    per_call = (time.perf_counter() - t0) / len(completions)
+    assert got == [float(k % 3 != 0) for k in range(1000)]
+    assert per_call < 1e-3
+    assert rewards._pool.count == 0  # decided in-process
+    rewards.warm_up()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversarial output: bounded wall-clock time in the main thread and in worker threads
+# ---------------------------------------------------------------------------------------------
+
+ADVERSARIAL = [
+    ("\\boxed{9^{9^{9^{9}}}}", "27", True, 0.0),
+    ("\\boxed{10^{10^{10}}!}", "27", True, 0.0),
+    ("\\boxed{" + "{" * 400 + "1" + "}" * 400 + "}", "1", True, 0.0),
+    ("\\boxed{" + "{" * 500_000 + "1" + "}" * 500_000 + "}", "1", True, 0.0),
+    ("\\boxed{" + "a{" * 500_000, "1", False, None),
+    ("x" * 1_000_000 + " \\boxed{27}", "27", True, 1.0),
+    ("\\boxed{1} " * 10_000 + "\\boxed{27}", "27", True, 1.0),
+    ("1 + " * 250_000, "3", False, None),
+]
+ADV_IDS = [
+    "power-tower",
+    "huge-factorial",
+    "nest-400",
+    "nest-500k",
+    "unbalanced-1MB",
+    "1MB-text",
+    "10k-boxes",
+    "1MB-unboxed",
+]
+
+
+def _timed_reward(completion: str, gold: str, require_boxed: bool) -> tuple[float, float]:
+    """(reward, seconds) of one call."""
+    t0 = time.perf_counter()
+    r = math_reward(completion, gold, require_boxed=require_boxed, timeout_s=ADV_TIMEOUT_S)
+    return r, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("caller", ["main", "thread", "executor"])
+@pytest.mark.parametrize(("completion", "gold", "require_boxed", "expected"), ADVERSARIAL, ids=ADV_IDS)
+def test_adversarial_output_is_bounded(completion, gold, require_boxed, expected, caller):
+    rewards.warm_up()  # a worker killed by the previous case restarts in the background: not timed
+    if caller == "main":
+        r, seconds = _timed_reward(completion, gold, require_boxed)
+    elif caller == "thread":
+        out: list[tuple[float, float]] = []
+        th = threading.Thread(target=lambda: out.append(_timed_reward(completion, gold, require_boxed)))
+        th.start()
+        th.join()
+        ((r, seconds),) = out
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            r, seconds = pool.submit(_timed_reward, completion, gold, require_boxed).result()
+    assert seconds < ADV_TIMEOUT_S + SLACK_S
+    assert r in (0.0, 1.0)
+    if expected is not None:
+        assert r == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda: extract_boxed(None), TypeError, "text"),
+        (lambda: math_reward(5, "5"), TypeError, "completion"),
+        (lambda: math_reward("\\boxed{5}", 5), TypeError, "gold"),
+        (lambda: math_reward("\\boxed{5}", "5", require_boxed="yes"), TypeError, "require_boxed"),
+        (lambda: math_reward("\\boxed{5}", "5", timeout_s="1"), TypeError, "timeout_s"),
+        (lambda: math_reward("\\boxed{5}", "5", timeout_s=0), ValueError, "timeout_s"),
+        (lambda: math_reward("\\boxed{5}", "  "), ValueError, "gold"),
+        (lambda: math_rewards("\\boxed{5}", ["5"]), TypeError, "completions"),
+        (lambda: math_rewards(["\\boxed{5}"], [5]), TypeError, r"golds\[0\]"),
+        (lambda: math_rewards(["\\boxed{5}"], ["5", "6"]), ValueError, "golds"),
+        (lambda: rewards.warm_up(0), ValueError, "num_workers"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
