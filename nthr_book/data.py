@@ -33,12 +33,15 @@ from nthr_book import config
 from nthr_book.rewards import extract_boxed
 
 __all__ = [
+    "ARITHMETIC_EXAMPLES",
     "ARITHMETIC_MAX_NEW_TOKENS",
     "ARITHMETIC_REQUIRE_BOXED",
+    "ARITHMETIC_TEMPERATURE",
     "ARITHMETIC_TEMPLATE",
     "BENCHMARKS",
     "DATA_ENV",
     "HUB_SOURCES",
+    "PROMPT_EXAMPLES",
     "PROMPT_TEMPLATES",
     "DataNotAvailableError",
     "arithmetic_problems",
@@ -79,20 +82,26 @@ class DataNotAvailableError(FileNotFoundError):
 
 # The instruction used by the paper (Qwen2.5-Math's evaluation prompt).
 BOXED_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
-# Tuned for the embedded SmolLM2-135M on arithmetic_problems (bench/arithmetic_difficulty.py): a short
-# reasoning request (METHOD.md §5: wrong answers then resemble right ones) and an example of the
-# required format, which the 135M model copies far more often than a bare "within \boxed{}".
-ARITHMETIC_TEMPLATE = (
-    "{problem}\nExplain your reasoning in one sentence, then end with the final answer "
-    "in this form: The answer is \\boxed{7}."
+# Tuned for the embedded SmolLM2-135M on arithmetic_problems (bench/arithmetic_difficulty.py). Asked
+# for \boxed{} in words only, the 135M model boxes almost nothing (METHOD.md §5); shown two solved
+# questions as earlier chat turns (ARITHMETIC_EXAMPLES), it boxes every answer, stops after one line,
+# and its wrong answers differ from the right ones in the number only ("7 * 3 = 18. The answer is
+# \boxed{18}."): the near-miss negatives under which LLD shows.
+ARITHMETIC_TEMPLATE = "{problem}\nAnswer in one sentence, with the final answer in \\boxed{}."
+ARITHMETIC_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}."),
+    ("What is 6 * 2?", "6 * 2 = 12. The answer is \\boxed{12}."),
 )
 PROMPT_TEMPLATES: dict[str, str] = {
     "boxed": BOXED_TEMPLATE,
     "arithmetic": ARITHMETIC_TEMPLATE,
     "plain": "{problem}",
 }
-ARITHMETIC_REQUIRE_BOXED = True  # the arithmetic reward needs \boxed{} (the template elicits it)
-ARITHMETIC_MAX_NEW_TOKENS = 64  # enough for the one-sentence answers the template asks for
+# Solved examples that a named template puts before the question as earlier chat turns.
+PROMPT_EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {"arithmetic": ARITHMETIC_EXAMPLES}
+ARITHMETIC_REQUIRE_BOXED = True  # the arithmetic reward needs \boxed{} (the examples elicit it)
+ARITHMETIC_MAX_NEW_TOKENS = 48  # the answers take about 20 tokens; longer ones are rambling
+ARITHMETIC_TEMPERATURE = 1.0  # the sampling temperature the difficulty defaults were tuned at
 
 
 def _resolve_template(template: str) -> str:
@@ -117,20 +126,43 @@ def format_problem(problem: str, template: str = "boxed") -> str:
     return _resolve_template(template).replace("{problem}", problem)
 
 
-def build_prompt(tokenizer, problem: str, template: str = "boxed") -> str:
+def _check_examples(examples: object) -> tuple[tuple[str, str], ...]:
+    """Examples as a tuple of (problem, response) string pairs; TypeError naming the bad item."""
+    if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
+        raise TypeError(f"examples must be a sequence of (problem, response) pairs, got {examples!r}")
+    out = []
+    for i, pair in enumerate(examples):
+        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(x, str) for x in pair)):
+            raise TypeError(f"examples[{i}] must be a (problem, response) pair of strings, got {pair!r}")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
+def build_prompt(tokenizer, problem: str, template: str = "boxed", *,
+                 examples: Sequence[tuple[str, str]] | None = None) -> str:
     """The model's chat-formatted prompt asking for ``problem`` with ``template``'s instruction (notebook 01).
 
     ``template`` is a key of ``PROMPT_TEMPLATES`` ("boxed": the paper's Qwen-math instruction,
     "arithmetic": the one tuned for the embedded model, "plain": the bare problem) or a custom string
     containing ``{problem}``, the only placeholder (every other brace is literal, as in ``\\boxed{}``).
-    A tokenizer without a chat template gets the plain text.
+    ``examples`` are solved (problem, response) pairs put first as earlier user/assistant turns, each
+    problem filled into the same template; ``None`` takes the named template's ``PROMPT_EXAMPLES``
+    (the two arithmetic examples for "arithmetic", none otherwise), ``()`` none. The result ends with
+    the assistant header (``add_generation_prompt=True``). A tokenizer without a chat template gets
+    plain text: the examples' turns and the question separated by blank lines.
     """
     content = format_problem(problem, template)
+    if examples is None:
+        examples = PROMPT_EXAMPLES.get(template, ())
+    messages = []
+    for shown, response in _check_examples(examples):
+        messages += [{"role": "user", "content": format_problem(shown, template)},
+                     {"role": "assistant", "content": response}]
+    messages.append({"role": "user", "content": content})
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
-    return content
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +555,7 @@ def arithmetic_problems(
     seed: int,
     ops: Sequence[str] = ("+", "-", "*"),
     digits: int | tuple[int, int] = (1, 2),
-    mul_digits: int | tuple[int, int] = 1,
+    right_digits: int | tuple[int, int] = 1,
     num_operands: int = 2,
     phrasing: str = "symbolic",
     allow_negative: bool = False,
@@ -531,9 +563,9 @@ def arithmetic_problems(
     """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
 
     Knobs (defaults tuned for the embedded SmolLM2-135M, see ``bench/arithmetic_difficulty.py``):
-    ``ops`` the operations drawn uniformly per slot; ``digits`` the digit count (int or (lo, hi)) of
-    every operand, except that ``mul_digits`` sets the right factor of ``*``; ``num_operands`` (2-4,
-    usual precedence); ``phrasing`` "symbolic" ("What is 23 + 45?"), "words" ("What is 23 plus 45?")
+    ``ops`` the operations drawn uniformly per slot; ``digits`` the digit count (an int, or (lo, hi)
+    drawn uniformly) of the first operand and ``right_digits`` that of every later one (so the default
+    asks "48 + 7", "53 * 6", "9 - 4"); ``num_operands`` (2-4, usual precedence); ``phrasing`` "symbolic" ("What is 23 + 45?"), "words" ("What is 23 plus 45?")
     or "story" (a one-sentence word problem, two operands only); ``allow_negative`` keeps negative
     results (otherwise they are redrawn). Question ``i`` depends only on ``(seed, i)`` and the knobs, so
     a larger ``n`` extends a smaller one. Each dict has ``id``, ``problem``, ``answer`` (a string),
@@ -547,7 +579,7 @@ def arithmetic_problems(
     if not ops or any(op not in ARITHMETIC_OPS for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {ARITHMETIC_OPS}, got {ops!r}")
     digit_range = _digit_range(digits, "digits")
-    mul_range = _digit_range(mul_digits, "mul_digits")
+    right_range = _digit_range(right_digits, "right_digits")
     if isinstance(num_operands, bool) or not isinstance(num_operands, int) or not 2 <= num_operands <= 4:
         raise ValueError(f"num_operands must be 2, 3 or 4, got {num_operands!r}")
     if phrasing not in ("symbolic", "words", "story"):
@@ -560,9 +592,7 @@ def arithmetic_problems(
         rng = random.Random(f"nthr_book.arithmetic/{seed}/{i}")  # str seeds are stable across runs
         for _ in range(1000):
             slot_ops = [rng.choice(ops) for _ in range(num_operands - 1)]
-            operands = [_operand(rng, digit_range)]
-            for op in slot_ops:
-                operands.append(_operand(rng, mul_range if op == "*" else digit_range))
+            operands = [_operand(rng, digit_range)] + [_operand(rng, right_range) for _ in slot_ops]
             value = _evaluate(operands, slot_ops)
             if allow_negative or value >= 0:
                 break

@@ -22,6 +22,7 @@ every question, so memory stays flat over a whole experiment; ``release_snapshot
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -47,9 +48,11 @@ __all__ = [
     "QuestionDisplacement",
     "displacement_summary",
     "groups_from_rollouts",
+    "initial_token_logps",
     "lld_experiment",
     "lld_rate",
     "load_groups",
+    "nthr_selection",
     "one_step_displacement",
     "release_snapshot",
     "sample_groups",
@@ -64,7 +67,7 @@ GROUPS_FORMAT = "nthr_book.lld.groups/1"
 _SAMPLING_KEYS = ("problem_ids", "group_size", "max_new_tokens", "temperature", "seed", "template",
                   "require_boxed")
 ROW_COLUMNS = ("id", "method", "n_correct", "group_size", "p", "delta", "per_response_delta", "n_selected",
-               "n_incorrect_tokens", "seed", "lr")
+               "n_incorrect_tokens", "tau", "seed", "lr")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +221,58 @@ def sample_groups(model: nn.Module, tokenizer, problems: Iterable[dict], *, grou
     golds = [a for a in answers for _ in range(group_size)]  # group-major, like rollouts.texts
     scores = _rewards.math_rewards(list(rollouts.texts), golds, require_boxed=require_boxed)
     return groups_from_rollouts(rollouts, scores, ids, answers, texts)
+
+
+_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?!.*\d)", re.S)
+
+
+def near_miss_text(text: str, answer: str) -> str:
+    """``text`` with its final number changed (answer + 1 for integers): a nearly-correct wrong answer."""
+    match = _LAST_NUMBER.search(text)
+    if match is None:
+        raise ValueError(f"no number to change in {text[:80]!r}")
+    try:
+        new = str(int(match.group()) + 1)
+    except ValueError:
+        new = match.group() + "1"
+    if new == str(answer).strip():
+        new = str(int(match.group()) + 2) if match.group().lstrip("-").isdigit() else new + "1"
+    return text[: match.start()] + new + text[match.end():]
+
+
+def near_miss_group(group: Group, tokenizer) -> Group:
+    """The controlled LLD experiment (METHOD §5): keep the correct responses, replace each incorrect one by a
+    copy of a correct response whose final number is changed, so right and wrong share almost every token."""
+    if group.status != "mixed":
+        raise ValueError(f"Group {group.question_id!r} is {group.status}: near-miss negatives need a mixed group")
+    ro, G = group.rollouts, group.group_size
+    right = [i for i in range(G) if bool(group.correct[i])]
+    eos = tokenizer.eos_token_id
+    rows: list[list[int]] = []
+    texts: list[str] = []
+    n_wrong = 0
+    for i in range(G):
+        if bool(group.correct[i]):
+            ids = ro.completion_ids[i][ro.completion_mask[i].bool()].tolist()
+            texts.append(ro.texts[i])
+        else:
+            source = right[n_wrong % len(right)]  # the k-th wrong answer copies the (k mod N+)-th right one
+            n_wrong += 1
+            texts.append(near_miss_text(ro.texts[source], group.answer))
+            ids = tokenizer(texts[-1], add_special_tokens=False)["input_ids"] + [eos]
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    completion_ids = torch.full((G, width), pad, dtype=torch.long)
+    completion_mask = torch.zeros((G, width), dtype=torch.bool)
+    for i, ids in enumerate(rows):
+        completion_ids[i, : len(ids)] = torch.tensor(ids)
+        completion_mask[i, : len(ids)] = True
+    device = ro.completion_ids.device
+    return Group.from_tensors(ro.prompt_ids, completion_ids.to(device), completion_mask.to(device),
+                              group.rewards.clone(), prompt_mask=ro.prompt_mask,
+                              question_id=f"{group.question_id}/near-miss", answer=group.answer,
+                              problem=group.problem, texts=texts)
 
 
 def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | None = None) -> Path:
@@ -422,14 +477,16 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
                           optimizer: str = "sgd", steps: int = 1, beta: float = 1.0, eta: float = 0.0,
                           seed: int = 0, temperature: float = 1.0, vocab: str = "generated",
                           question_id: str | None = None, selected: Tensor | None = None,
-                          batch_size: int | None = None) -> QuestionDisplacement:
+                          old_logps: Tensor | None = None, batch_size: int | None = None) -> QuestionDisplacement:
     """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit for bit.
 
     Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
     log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW with fresh state and weight_decay 0,
     a choice: the displacement then comes from the gradient alone). ``selected`` (G, T) bool overrides
-    NTHR's selection for "nthr" and "random" (e.g. to reuse it). Model modes, gradients already
-    stored on the parameters and the global RNG state are left as they were. Introduced in notebook 02.
+    NTHR's selection for "nthr" and "random" (e.g. to reuse it); ``old_logps`` (G, T) are the initial
+    per-token log-probs when already computed with these weights (``initial_token_logps``), saving a
+    forward pass. Model modes, gradients already stored on the parameters and the global RNG state are
+    left as they were. Introduced in notebook 02.
     """
     _check_choice("update", update, METHODS)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -460,6 +517,10 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
             raise ValueError(f"`selected` must have shape (G, T) = {(G, T)}, got {tuple(selected.shape)}")
         if bool((selected & ~incorrect_tokens).any()):
             raise ValueError("`selected` marks tokens outside the incorrect responses' completion_mask")
+    if old_logps is not None:
+        if tuple(old_logps.shape) != (G, T):
+            raise ValueError(f"`old_logps` must have shape (G, T) = {(G, T)}, got {tuple(old_logps.shape)}")
+        old_logps = old_logps.detach().to(device=device, dtype=torch.float32)
     fwd = dict(temperature=temperature, batch_size=batch_size)
     extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
 
@@ -469,9 +530,11 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
         # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR
         need_hidden = update in ("nthr", "random") and selected is None
         with torch.no_grad():
-            out = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
-                               return_hidden=need_hidden, **fwd)
-            old_logps, hidden = out if need_hidden else (out, None)  # (G, T), (G, T, d)
+            hidden = None
+            if old_logps is None or need_hidden:
+                out = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
+                                   return_hidden=need_hidden, **fwd)
+                old_logps, hidden = out if need_hidden else (out, None)  # (G, T), (G, T, d)
             logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
 
             # 2. per-token advantages of the chosen rule
@@ -540,6 +603,31 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     )
 
 
+def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 1.0,
+                        batch_size: int | None = None, return_hidden: bool = False
+                        ) -> Tensor | tuple[Tensor, Tensor]:
+    """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G, T, d) hidden)."""
+    device = _model_device(model)
+    r = group.rollouts.to(device)
+    with torch.no_grad(), _ModeGuard(model):
+        return _token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask.bool(),
+                            temperature=temperature, batch_size=batch_size, return_hidden=return_hidden)
+
+
+def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, temperature: float = 1.0,
+                   vocab: str = "generated", hidden: Tensor | None = None,
+                   batch_size: int | None = None) -> tuple[Tensor, float]:
+    """(G, T) bool NTHR selection of ``group`` under the current weights, and its threshold tau (METHOD §3)."""
+    _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
+    if hidden is None:
+        _, hidden = initial_token_logps(model, group, temperature=temperature, batch_size=batch_size,
+                                        return_hidden=True)
+    r = group.rollouts.to(hidden.device)
+    with torch.no_grad():
+        return _nthr_selection(model, hidden, r.completion_ids, r.completion_mask.bool(),
+                               group.correct.to(hidden.device), beta=beta, temperature=temperature, vocab=vocab)
+
+
 def _backward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
               old_logps: Tensor, advantages: Tensor, *, temperature: float,
               batch_size: int | None) -> tuple[float, float]:
@@ -590,7 +678,9 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     ``groups_path`` when that file exists (it is written after sampling, so a rerun compares methods
     on the same rollouts). Homogeneous groups are dropped: ``df.attrs["dropped"]`` maps
     "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
-    per_response_delta, n_selected, n_incorrect_tokens, seed, lr; ``df.attrs["settings"]`` records the rest.
+    per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for grpo/pos_only),
+    seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass per question is
+    shared by all methods.
     """
     import pandas as pd
 
@@ -634,20 +724,28 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     print(f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept; dropped "
           f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong")
 
-    # NTHR before Random, so that Random reuses NTHR's selection (same per-response counts)
-    order = sorted(methods, key=lambda m: 0 if m == "nthr" else 1)
+    # One initial pass per question, shared by every method; NTHR's selection, when needed, is computed
+    # once from it, so Random spares exactly as many tokens per wrong response as NTHR does.
+    need_selection = any(m in ("nthr", "random") for m in methods)
     rows = []
     from tqdm.auto import tqdm
 
     for g in tqdm(mixed, desc="LLD questions", disable=not progress):
-        results: dict[str, QuestionDisplacement] = {}
-        for m in order:
-            sel = results["nthr"].extras["selected"] if (m == "random" and "nthr" in results) else None
-            results[m] = one_step_displacement(
-                model, g, update=m, lr=lr, optimizer=optimizer, steps=steps, beta=beta, eta=eta, seed=seed,
-                temperature=temperature, vocab=vocab, selected=sel, batch_size=batch_size)
+        out = initial_token_logps(model, g, temperature=temperature, batch_size=batch_size,
+                                  return_hidden=need_selection)
+        old_logps, hidden = out if need_selection else (out, None)
+        selected = tau = None
+        if need_selection:
+            selected, tau = nthr_selection(model, g, beta=beta, temperature=temperature, vocab=vocab,
+                                           hidden=hidden)
+            del hidden
         for m in methods:
-            rows.append(results[m].to_row() | {"seed": seed, "lr": lr})
+            res = one_step_displacement(
+                model, g, update=m, lr=lr, optimizer=optimizer, steps=steps, beta=beta, eta=eta, seed=seed,
+                temperature=temperature, vocab=vocab, selected=selected if m in ("nthr", "random") else None,
+                old_logps=old_logps, batch_size=batch_size)
+            rows.append(res.to_row() | {"tau": tau if m in ("nthr", "random") else None, "seed": seed,
+                                        "lr": lr})
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     df.attrs["dropped"] = dropped
     df.attrs["n_sampled"] = len(groups)

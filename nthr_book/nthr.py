@@ -14,8 +14,11 @@ Scores are computed sum-first, never pairwise: ``M = Σ_k g_k h_kᵀ`` (|V'| × 
 ``s_t = g_tᵀ M h_t = (M h_t)[y_t] - q_tᵀ (M h_t)``, in chunks of tokens, so neither a (T, T) nor a
 (T, V) tensor of a whole group is ever built. ``vocab="generated"`` restricts ``g`` to V*, the token
 ids occurring in the group's responses, without renormalising ``q`` (the paper's speed-up, a
-choice); ``vocab="full"`` is exact. Every function works on one group of G responses unless it says
-otherwise; ``nthr_advantage_fn`` builds the trainer hook that applies NTHR to a whole rollout batch.
+choice); given the tokens' log-probs (``logps``, which the trainer's old-policy pass already has) it
+multiplies only by the |V*| rows of the LM head, since the full-vocabulary log-sum-exp is then
+lse_t = z_t[y_t] - logps_t. ``vocab="full"`` is exact. Every function works on one group of G
+responses unless it says otherwise; ``nthr_advantage_fn`` builds the trainer hook that applies NTHR
+to a whole rollout batch.
 """
 
 from __future__ import annotations
@@ -121,16 +124,32 @@ class _LogitsSource:
 
 
 class _HiddenSource:
-    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states."""
+    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states.
+
+    Only the rows of W (and b) that a call needs are converted to ``dtype``: the restricted path never
+    touches, copies or multiplies by the other rows of a (V, d) head.
+    """
 
     def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                  vocab_ids: Tensor | None, dtype):
-        self.h, self.inv_temperature = h, 1.0 / float(temperature)  # h: (n, d) in dtype
-        self.weight = weight.to(dtype)  # (V, d)
-        # the bias is pre-divided by the temperature; the hidden chunk is scaled (c × d, not c × V)
-        self.bias = None if bias is None else bias.to(dtype) * self.inv_temperature  # (V,)
-        self.weight_sub = self.weight if vocab_ids is None else self.weight[vocab_ids]  # (V', d)
-        self.bias_sub = self.bias if (vocab_ids is None or bias is None) else self.bias[vocab_ids]
+        self.h, self.inv_temperature, self.dtype = h, 1.0 / float(temperature), dtype  # h: (n, d) in dtype
+        self._weight, self._bias = weight, bias  # (V, d), (V,) as given
+        self._full: tuple[Tensor, Tensor | None] | None = None
+        self.weight_sub, self.bias_sub = self._rows(vocab_ids) if vocab_ids is not None else self._all()
+
+    def _rows(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(V', d) rows of W in dtype, and the bias of those rows pre-divided by the temperature."""
+        w = self._weight.index_select(0, ids.to(self._weight.device)).to(self.dtype)  # (V', d)
+        if self._bias is None:
+            return w, None
+        return w, self._bias.index_select(0, ids.to(self._bias.device)).to(self.dtype) * self.inv_temperature
+
+    def _all(self) -> tuple[Tensor, Tensor | None]:
+        """The whole head in dtype; the bias pre-divided by the temperature (the hidden chunk is scaled)."""
+        if self._full is None:
+            bias = None if self._bias is None else self._bias.to(self.dtype) * self.inv_temperature  # (V,)
+            self._full = (self._weight.to(self.dtype), bias)
+        return self._full
 
     def _logits(self, idx: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         hs = self.h[idx] * self.inv_temperature  # (c, d)
@@ -138,7 +157,7 @@ class _HiddenSource:
 
     def full(self, idx: Tensor) -> Tensor:
         """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
-        return self._logits(idx, self.weight, self.bias)
+        return self._logits(idx, *self._all())
 
     def restricted(self, idx: Tensor) -> Tensor:
         """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
@@ -147,19 +166,34 @@ class _HiddenSource:
 
 def _sum_first(source: _LogitsSource | _HiddenSource, h: Tensor, pos: Tensor, vocab_ids: Tensor | None,
                num_cols: int, buckets: Tensor, num_buckets: int, targets: Tensor,
-               chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|² (targets)."""
+               chunk_size: int, logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|² (targets).
+
+    With ``logp`` (n,) given and a restricted vocabulary, the full-vocabulary log-sum-exp is read off
+    the log-probs, lse_t = z_t[y_t] - logp_t, so no (c, V) logits are formed; it is raised to at least
+    the log-sum-exp over V' (q restricted to V' can never sum above 1, whatever rounding logp carries).
+    """
     n, d = h.shape  # n valid tokens of the group, flattened
     M = h.new_zeros(num_buckets, num_cols, d)  # (B, V', d)
     lse = h.new_zeros(n)  # full-vocabulary log-sum-exp per token
+    from_logp = logp is not None and vocab_ids is not None
     # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ H_b.
     for idx in torch.arange(n, device=h.device).split(chunk_size):
-        z = source.full(idx)  # (c, V), a fresh tensor: overwritten in place below
-        m = z.amax(-1, keepdim=True)  # (c, 1)
-        e = z.sub_(m).exp_()  # (c, V) exp(z - m)
-        total = e.sum(-1, keepdim=True)  # (c, 1)
-        lse[idx] = (m + total.log()).squeeze(1)
-        eb = e if vocab_ids is None else e.index_select(1, vocab_ids)  # (c, V')
+        if from_logp:
+            z = source.restricted(idx)  # (c, V'), a fresh tensor: overwritten in place below
+            z_y = z.gather(1, pos[idx, None])  # (c, 1) target logits
+            m = z.amax(-1, keepdim=True)  # (c, 1)
+            e = z.sub_(m).exp_()  # (c, V') exp(z - m)
+            lse_c = torch.maximum(z_y - logp[idx, None], m + e.sum(-1, keepdim=True).log())  # (c, 1)
+            lse[idx] = lse_c.squeeze(1)
+            eb, total = e, torch.exp(lse_c - m)  # q = e / total
+        else:
+            z = source.full(idx)  # (c, V), a fresh tensor: overwritten in place below
+            m = z.amax(-1, keepdim=True)  # (c, 1)
+            e = z.sub_(m).exp_()  # (c, V) exp(z - m)
+            total = e.sum(-1, keepdim=True)  # (c, 1)
+            lse[idx] = (m + total.log()).squeeze(1)
+            eb = e if vocab_ids is None else e.index_select(1, vocab_ids)  # (c, V')
         for b in range(num_buckets):
             in_b = buckets[idx] == b
             if not bool(in_b.any()):
@@ -187,12 +221,10 @@ def _sum_first(source: _LogitsSource | _HiddenSource, h: Tensor, pos: Tensor, vo
 def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
                  make_source: Callable[[Tensor, Tensor, Tensor, Tensor | None], _LogitsSource | _HiddenSource],
                  row_bucket: Tensor, num_buckets: int, target_rows: Tensor, *, vocab: str, dtype,
-                 chunk_size: int | None) -> tuple[Tensor, Tensor]:
+                 chunk_size: int | None, logps: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Flatten a group's valid tokens, run the core, scatter back: (G, T, B) scores, (G, T) self pairs."""
     _check_vocab(vocab)
-    if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
-    if int(chunk_size) < 1:
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     G, T = mask.shape
     scores = torch.zeros(G, T, num_buckets, dtype=dtype, device=hidden.device)
@@ -207,10 +239,19 @@ def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
     vocab_ids = None if vocab == "full" else torch.unique(y)  # sorted V*
     pos = y if vocab_ids is None else torch.searchsorted(vocab_ids, y)  # column of y_t in V'
     num_cols = vocab_size if vocab_ids is None else vocab_ids.numel()
+    logp = None
+    if logps is not None and vocab_ids is not None:  # "full" computes its log-sum-exp exactly
+        logp = logps[rows, cols].to(device=hidden.device, dtype=dtype)  # (n,)
+        bad = logp.isnan()
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"`logps` is NaN under `mask` at (row, column) ({int(rows[i])}, {int(cols[i])})")
+    if chunk_size is None:  # temporaries are (chunk, V), or (chunk, V') when the log-probs give the lse
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(num_cols if logp is not None else vocab_size, 1))
     h = hidden[rows, cols].to(dtype)  # (n, d)
     source = make_source(rows, cols, h, vocab_ids)
     s, sp = _sum_first(source, h, pos, vocab_ids, num_cols, row_bucket[rows], num_buckets,
-                       target_rows[rows], int(chunk_size))
+                       target_rows[rows], int(chunk_size), logp)
     scores[rows, cols] = s
     self_pairs[rows, cols] = sp
     return scores, self_pairs
@@ -223,12 +264,13 @@ def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
 
 def _score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, vocab_size: int,
                  make_source: Callable[..., _LogitsSource | _HiddenSource], *, vocab: str, dtype: torch.dtype,
-                 chunk_size: int | None, return_self_pairs: bool) -> Tensor | tuple[Tensor, Tensor]:
+                 chunk_size: int | None, return_self_pairs: bool,
+                 logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """token_scores on a given logit source: bucket 0 = correct responses, every token a target."""
     bucket = torch.where(correct, 0, -1).to(hidden.device)  # (G,) correct rows build M
     targets = torch.ones_like(correct, device=hidden.device)
     s, self_pairs = _group_pairs(hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets,
-                                 vocab=vocab, dtype=dtype, chunk_size=chunk_size)
+                                 vocab=vocab, dtype=dtype, chunk_size=chunk_size, logps=logps)
     return (s[..., 0], self_pairs) if return_self_pairs else s[..., 0]
 
 
@@ -247,9 +289,15 @@ def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, c
 def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
                              correct: Tensor, *, temperature: float = 1.0, lm_head_bias: Tensor | None = None,
                              vocab: str = "generated", dtype: torch.dtype = torch.float32,
-                             chunk_size: int | None = None,
-                             return_self_pairs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T, V)."""
+                             chunk_size: int | None = None, return_self_pairs: bool = False,
+                             logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T, V).
+
+    ``logps`` (G, T), the log-probs of ``tokens`` under the same logits (e.g. ``old_logps`` from
+    ``grpo.per_token_logps``), lets ``vocab="generated"`` skip the full vocabulary altogether: the
+    log-sum-exp is lse_t = (h_t·W[y_t] + b[y_t]) / temperature - logps_t, so only the |V*| rows of W
+    are multiplied (cost G·T·|V*|·d instead of G·T·V·d). ``vocab="full"`` ignores them (exact).
+    """
     mask, correct = _check_group(hidden, tokens, mask, correct)
     if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2 \
             or lm_head_weight.shape[1] != hidden.shape[-1]:
@@ -258,11 +306,13 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
     V = lm_head_weight.shape[0]
     if lm_head_bias is not None and (not isinstance(lm_head_bias, Tensor) or tuple(lm_head_bias.shape) != (V,)):
         raise ValueError(f"`lm_head_bias` must be None or have shape (V,) = ({V},), got {_shape(lm_head_bias)}")
+    if logps is not None and (not isinstance(logps, Tensor) or tuple(logps.shape) != tuple(mask.shape)):
+        raise ValueError(f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got {_shape(logps)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     make = lambda rows, cols, h, ids: _HiddenSource(h, lm_head_weight, lm_head_bias, temperature, ids, dtype)
     return _score_pairs(hidden, tokens, mask, correct, V, make, vocab=vocab, dtype=dtype,
-                        chunk_size=chunk_size, return_self_pairs=return_self_pairs)
+                        chunk_size=chunk_size, return_self_pairs=return_self_pairs, logps=logps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +547,10 @@ class NTHRAdvantageHook:
 
     ``ctx`` has ``advantages`` (N, T), ``rewards`` (num_groups, G), ``group_size``, ``completion_ids``
     (N, T), ``completion_mask`` (N, T), ``hidden`` (N, T, d), ``lm_head_weight`` (V, d),
-    ``lm_head_bias`` (V,) or None and ``temperature``. A response is correct when its reward > 0.5.
+    ``lm_head_bias`` (V,) or None and ``temperature``, and optionally ``old_logps`` (N, T), the token
+    log-probs of the pass that produced ``hidden``: when present (and ``use_logps``) the
+    generated-vocabulary scores take their log-sum-exp from them and never multiply by the whole head
+    (see ``token_scores_from_hidden``). A response is correct when its reward > 0.5.
     Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
     ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
     when there is none; tau_mean is -inf for beta = -inf) and ``nthr/mixed_groups``.
@@ -505,12 +558,14 @@ class NTHRAdvantageHook:
 
     needs_hidden = True
 
-    def __init__(self, config: NTHRConfig, *, dtype: torch.dtype = torch.float32, chunk_size: int | None = None):
-        self.config, self.dtype, self.chunk_size = config, dtype, chunk_size
+    def __init__(self, config: NTHRConfig, *, dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                 use_logps: bool = True):
+        self.config, self.dtype, self.chunk_size, self.use_logps = config, dtype, chunk_size, bool(use_logps)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())
-        return f"NTHRAdvantageHook({fields})"
+        extra = "" if self.use_logps else ", use_logps=False"  # the default keeps older runs' repr
+        return f"NTHRAdvantageHook({fields}{extra})"
 
     @torch.no_grad()
     def __call__(self, ctx: Any) -> tuple[Tensor, dict[str, float]]:
@@ -524,6 +579,9 @@ class NTHRAdvantageHook:
                 raise ValueError(f"ctx.{name} must be (N, T) = {(N, T)}, got {tuple(getattr(ctx, name).shape)}")
         if ctx.hidden.dim() != 3 or tuple(ctx.hidden.shape[:2]) != (N, T):
             raise ValueError(f"ctx.hidden must be (N, T, d) with (N, T) = {(N, T)}, got {tuple(ctx.hidden.shape)}")
+        old_logps = getattr(ctx, "old_logps", None) if self.use_logps else None
+        if old_logps is not None and tuple(old_logps.shape) != (N, T):
+            raise ValueError(f"ctx.old_logps must be (N, T) = {(N, T)}, got {tuple(old_logps.shape)}")
         correct_all = (rewards > 0.5).to(advantages.device)  # (num_groups, G)
         mask_all = ctx.completion_mask.bool()
         new_adv = advantages.clone()
@@ -539,7 +597,8 @@ class NTHRAdvantageHook:
             out = token_scores_from_hidden(
                 ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask, correct,
                 temperature=ctx.temperature, lm_head_bias=ctx.lm_head_bias, vocab=cfg.vocab,
-                dtype=self.dtype, chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self)
+                dtype=self.dtype, chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self,
+                logps=None if old_logps is None else old_logps[rows])
             scores, self_pairs = out if cfg.exclude_self else (out, None)
             tau = threshold(scores, mask, correct, cfg.beta, self_pairs=self_pairs)
             selected = _select(scores, mask, correct, tau)
@@ -564,8 +623,8 @@ class NTHRAdvantageHook:
 
 def nthr_advantage_fn(beta: float | NTHRConfig = 1.0, eta: str | float = "two_abs", vocab: str = "generated", *,
                       exclude_self: bool = False, dtype: torch.dtype = torch.float32,
-                      chunk_size: int | None = None) -> NTHRAdvantageHook:
+                      chunk_size: int | None = None, use_logps: bool = True) -> NTHRAdvantageHook:
     """The trainer hook for NTHR; pass an ``NTHRConfig`` as ``beta`` or the fields one by one."""
     config = beta if isinstance(beta, NTHRConfig) else NTHRConfig(beta=float(beta), eta=eta, vocab=vocab,
                                                                    exclude_self=exclude_self)
-    return NTHRAdvantageHook(config, dtype=dtype, chunk_size=chunk_size)
+    return NTHRAdvantageHook(config, dtype=dtype, chunk_size=chunk_size, use_logps=use_logps)

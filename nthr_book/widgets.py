@@ -39,6 +39,7 @@ __all__ = [
     "GroupScores",
     "ThresholdExplorer",
     "compute_group_scores",
+    "default_response",
     "displacement_comparison",
     "explorer_snapshot",
     "explorer_state",
@@ -291,6 +292,12 @@ class ExplorerState:
                 "mean_adv_incorrect_grpo": self.mean_incorrect_advantage_grpo}
 
 
+def default_response(state: ExplorerState) -> int:
+    """The incorrect response with the most selected tokens (the first one on ties): the one worth showing."""
+    rows = [g for g, ok in enumerate(state.correct) if not ok]
+    return max(rows, key=lambda g: (state.n_selected[g], -g))
+
+
 def _check_beta(beta: float) -> float:
     beta = float(beta)
     if math.isnan(beta) or beta == math.inf:
@@ -362,7 +369,7 @@ def _histogram_png(scores: GroupScores, state: ExplorerState, *, dpi: int = 72) 
 def _advantage_strip(values: Sequence[float], selected: Sequence[bool], lo: float) -> str:
     """Inline SVG: one bar per token of the new advantage (selected: orange η·A, others grey A)."""
     n = max(1, len(values))
-    w, h = 6, 40
+    w, h = 12, 40
     lo = lo if lo < 0 else -1.0
     bars = []
     for i, (v, sel) in enumerate(zip(values, selected)):
@@ -371,7 +378,7 @@ def _advantage_strip(values: Sequence[float], selected: Sequence[bool], lo: floa
         bars.append(f'<rect x="{i * w}" y="0" width="{w - 1}" height="{height:.2f}" fill="{color}">'
                     f"<title>token {i}: advantage {v:.4g}{' (selected: η·A)' if sel else ''}</title></rect>")
     return (f'<svg class="nthr-adv-strip" viewBox="0 0 {n * w} {h}" preserveAspectRatio="none" '
-            f'style="width:100%;max-width:{max(120, n * w)}px;height:{h}px;border-top:1px solid #444;'
+            f'style="width:100%;max-width:{max(240, n * w)}px;height:{h}px;border-top:1px solid #444;'
             f'background:#fafafa;">{"".join(bars)}</svg>')
 
 
@@ -405,13 +412,13 @@ def render_explorer_html(scores: GroupScores, state: ExplorerState, response: in
                          histogram: bool = True, live: bool = True) -> str:
     """The explorer's picture: chosen incorrect response (scores, selection), correct ones, τ, counts, histogram.
 
-    ``response`` is a row index of an incorrect response (default: the first). The chosen response
+    ``response`` is a row index of an incorrect response (default: ``default_response``). The chosen response
     is the only place with ``nthr-selected`` spans, so their number equals ``state.n_selected[response]``.
     ``live`` only sets the outer CSS class (``nthr-explorer-live`` or ``nthr-explorer-snapshot``).
     """
     incorrect = scores.incorrect_rows
     if response is None:
-        response = incorrect[0]
+        response = default_response(state)
     if response not in incorrect:
         raise ValueError(f"response={response} is not an incorrect response of question {scores.question_id!r} "
                          f"(incorrect rows: {incorrect})")
@@ -697,7 +704,9 @@ class ThresholdExplorer(ipw.VBox):
         self._updating = True
         try:
             self.controls["response"].options = [(f"#{r} ({int(mask[r].sum())} tokens)", r) for r in rows]
-            self.controls["response"].value = rows[0]
+            q, vocab = self.controls["question"].value, self.controls["vocab"].value
+            self.controls["response"].value = (default_response(self.state()) if self.scores.available(q, vocab)
+                                               else rows[0])
         finally:
             self._updating = False
 
@@ -777,7 +786,7 @@ def explorer_snapshot(groups: Sequence[Any], beta: float = 1.0, eta: str | float
     """The explorer's picture at fixed settings as ``IPython.display.HTML`` (visible without a kernel).
 
     ``question`` is an index into the mixed groups or a question id; ``response`` a row of an
-    incorrect response (default: the first). Scores as in ``threshold_explorer``.
+    incorrect response (default: the one with the most selected tokens). Scores as in ``threshold_explorer``.
     """
     from IPython.display import HTML
 

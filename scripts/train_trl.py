@@ -6,7 +6,8 @@ CPU, 2 procs:    accelerate launch --num_processes 2 --cpu scripts/train_trl.py 
 
 ``--nthr-beta none`` trains plain GRPO; any number (or -inf) trains NTHR with that beta.
 ``--task toy`` rewards the parity of the sum of the completion's token ids (mixed groups on any model,
-for tests); ``--task arithmetic`` uses nthr_book's arithmetic prompts and the boxed math reward.
+for tests); ``--task arithmetic`` uses nthr_book's arithmetic prompts and the boxed math reward;
+``--task math`` the paper's data (MATH train, levels 3-5, ``data.load_math_train``) with the boxed prompt.
 ``--dump-dir`` writes, per process and per step, the NTHR batch record (``step{S}_rank{R}.pt``) and,
 from the main process, ``log_history.json`` (TRL's logged metrics), for tests and debugging.
 See recipes/README.md for the multi-GPU, DeepSpeed and vLLM-colocate commands.
@@ -28,8 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), tiny-random, hub id or path")
-    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "toy"))
-    p.add_argument("--num-problems", type=int, default=256)
+    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "math", "toy"))
+    p.add_argument("--num-problems", type=int, default=256, help="arithmetic/toy pool size; math: 0 = all")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps (TRL max_steps)")
     p.add_argument("--num-generations", type=int, default=8, help="G, completions per prompt")
     p.add_argument("--per-device-batch", type=int, default=8, help="completions per process per micro-batch")
@@ -64,24 +65,28 @@ def toy_parity_reward(completions, completion_ids, **kwargs) -> list[float]:
 
 
 def math_answer_reward(completions, answer, **kwargs) -> list[float]:
-    """nthr_book's boxed math reward against the dataset's ``answer`` column."""
-    from nthr_book.data import ARITHMETIC_REQUIRE_BOXED
+    """nthr_book's boxed math reward against the dataset's ``answer`` column (\\boxed{} required)."""
     from nthr_book.rewards import math_rewards
 
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return math_rewards(texts, [str(a) for a in answer], require_boxed=ARITHMETIC_REQUIRE_BOXED)
+    return math_rewards(texts, [str(a) for a in answer], require_boxed=True)
 
 
 def build_dataset(task: str, tokenizer, n: int, seed: int):
-    """A datasets.Dataset with a ``prompt`` column (and ``answer`` for arithmetic)."""
+    """A datasets.Dataset with a ``prompt`` column (and ``answer`` for arithmetic and math)."""
     from datasets import Dataset
 
-    from nthr_book.data import arithmetic_problems, build_prompt
+    from nthr_book.data import arithmetic_problems, build_prompt, load_math_train
 
-    problems = arithmetic_problems(max(n, 1), seed=seed + 10_000)
+    if task == "math":
+        rows = load_math_train(levels=(3, 4, 5)).shuffle(seed=seed)
+        rows = rows.select(range(min(n, len(rows)))) if n else rows
+        problems, template = list(rows), "boxed"
+    else:
+        problems, template = arithmetic_problems(max(n, 1), seed=seed + 10_000), "arithmetic"
     if task == "toy":
         return Dataset.from_dict({"prompt": [p["problem"] for p in problems]})
-    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, p["problem"], "arithmetic") for p in problems],
+    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, p["problem"], template) for p in problems],
                               "answer": [str(p["answer"]) for p in problems]})
 
 

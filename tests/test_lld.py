@@ -327,6 +327,25 @@ def test_one_step_displacement_errors_name_the_problem():
         one_step_displacement(model, group, lr=0.0)
     with pytest.raises(ValueError, match="steps"):
         one_step_displacement(model, group, lr=0.1, steps=0)
+    with pytest.raises(ValueError, match="old_logps"):
+        one_step_displacement(model, group, lr=0.1, old_logps=torch.zeros(2, 7))
+
+
+def test_precomputed_initial_pass_and_selection_give_identical_results():
+    model = _small_model(4)
+    group = _group([[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
+                   [1.0, 0.0, 0.0, 1.0])
+    old_logps, hidden = lld.initial_token_logps(model, group, return_hidden=True)
+    selected, tau = lld.nthr_selection(model, group, beta=0.0, hidden=hidden)
+    assert torch.equal(selected, lld.nthr_selection(model, group, beta=0.0)[0])  # hidden recomputed inside
+    for update in ("grpo", "nthr"):
+        alone = one_step_displacement(model, group, update=update, lr=0.05, beta=0.0)
+        shared = one_step_displacement(model, group, update=update, lr=0.05, beta=0.0, old_logps=old_logps,
+                                       selected=selected if update == "nthr" else None)
+        assert shared.per_response_delta == alone.per_response_delta
+        assert shared.logp_init == alone.logp_init
+        if update == "nthr":
+            assert torch.equal(alone.extras["selected"], selected) and alone.extras["tau"] == tau
 
 
 # ------------------------------------------------------------------ groups: split, save, load
@@ -405,6 +424,13 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path
         assert rows.loc["random", "n_selected"] == rows.loc["nthr", "n_selected"]
         assert pd.isna(rows.loc["grpo", "n_selected"])
         assert_close(rows.loc["grpo", "delta"], sum(rows.loc["grpo", "per_response_delta"]) / 2)
+        assert pd.isna(rows.loc["grpo", "tau"]) and rows.loc["nthr", "tau"] == rows.loc["random", "tau"]
+    # the shared initial pass and selection give exactly what a standalone call gives
+    group = next(g for g in load_groups(path) if g.question_id == "c")
+    for method in ("grpo", "nthr", "random"):
+        alone = one_step_displacement(model, group, update=method, lr=1e-3, beta=0.0, seed=11)
+        row = df[(df["id"] == "c") & (df["method"] == method)].iloc[0]
+        assert row["delta"] == alone.delta and row["per_response_delta"] == alone.per_response_delta
     assert path.is_file()
 
     def no_sampling(*args, **kw):
@@ -466,3 +492,27 @@ def test_question_displacement_row():
     q = QuestionDisplacement("q", "nthr", 1, 2, 0.5, 0.25, [0.25], 3, 4, [-5.0])
     assert q.to_row() == {"id": "q", "method": "nthr", "n_correct": 1, "group_size": 2, "p": 0.5, "delta": 0.25,
                           "per_response_delta": [0.25], "n_selected": 3, "n_incorrect_tokens": 4}
+
+
+def test_near_miss_group_changes_only_the_final_number():
+    from nthr_book.lld import Group, near_miss_group, near_miss_text
+    from nthr_book.models import load_tokenizer
+
+    assert near_miss_text("7 * 3 = 21. The answer is \\boxed{21}.", "21") == "7 * 3 = 21. The answer is \\boxed{22}."
+    assert near_miss_text("so 4", "5") == "so 6"  # 4 + 1 would be the right answer: skip to 4 + 2
+    tok = load_tokenizer()
+    texts = ["2 + 3 = 5. The answer is \\boxed{5}.", "The answer is \\boxed{6}.", "no idea", "\\boxed{5}"]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    prompt = torch.tensor(tok("What is 2 + 3?", add_special_tokens=False)["input_ids"])
+    g = Group.from_tensors(prompt, ids, mask, [1.0, 0.0, 0.0, 1.0], question_id="q", answer="5", texts=texts)
+    near = near_miss_group(g, tok)
+    assert near.rollouts.texts[0] == texts[0] and near.rollouts.texts[3] == texts[3]
+    assert near.rollouts.texts[1] == "2 + 3 = 5. The answer is \\boxed{6}."  # copied from a correct one
+    assert near.rollouts.texts[2] == "\\boxed{6}"
+    assert torch.equal(near.rewards, g.rewards)
+    assert torch.equal(near.rollouts.completion_ids[0][near.rollouts.completion_mask[0]], ids[0][mask[0]])

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nthr_book.nthr import (
     ETA_SCHEDULES,
@@ -483,3 +484,188 @@ def test_hook_keyword_form_and_no_mixed_group():
         NTHRConfig(vocab="x")
     with pytest.raises(ValueError, match="'bad'"):
         nthr_advantage_fn(eta="bad")
+
+
+# --------------------------------------------------------------------------------------------
+# The log-probs shortcut: lse_t = z_t[y_t] - logps_t, only the |V*| rows of the head
+# --------------------------------------------------------------------------------------------
+
+
+def _head_group(seed=9, G=5, T=6, d=7, V=40, id_range=12, bias=True):
+    """hidden, weight, bias, tokens (ids < id_range), right-padded mask, correct, temperature."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(G, T, d, generator=gen)
+    weight = torch.randn(V, d, generator=gen) / 2
+    b = torch.randn(V, generator=gen) if bias else None
+    tokens = torch.randint(0, id_range, (G, T), generator=gen)
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 5, 6, 3])[:G, None]
+    correct = torch.tensor([True, False, True, False, False])[:G]
+    return hidden, weight, b, tokens, mask, correct, 0.7
+
+
+def _hand_logps(hidden, weight, bias, tokens, mask, temperature):
+    """log softmax((h Wᵀ + b) / temperature) at the token ids, float64, 0 off mask."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logps = torch.log_softmax(logits / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    return logps * mask
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [2, None])
+def test_generated_scores_with_logps_equal_the_full_softmax_path(bias, chunk_size):
+    hidden, weight, b, tokens, mask, correct, temp = _head_group(bias=bias)
+    logps = _hand_logps(hidden, weight, b, tokens, mask, temp)
+    # independent reference: the naive pair loop on q = full softmax, g restricted to V* (no renormalising)
+    logits = (hidden.double() @ weight.double().T + (0 if b is None else b.double())) / temp
+    expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=generated_ids(tokens, mask))
+    kw = dict(temperature=temp, lm_head_bias=b, chunk_size=chunk_size, return_self_pairs=True)
+    got, sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, dtype=torch.float64, **kw)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    ref, ref_sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, dtype=torch.float64, **kw)
+    torch.testing.assert_close(sp, ref_sp, rtol=1e-10, atol=1e-10)
+    got32 = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps.float(), **kw)[0]
+    assert rel_err(got32, expected) <= 1e-5
+    # "full" ignores the log-probs (exact): the same result with nonsense logps
+    full = token_scores_from_hidden(hidden, weight, tokens, mask, correct, vocab="full", temperature=temp,
+                                    lm_head_bias=b, dtype=torch.float64)
+    full_junk = token_scores_from_hidden(hidden, weight, tokens, mask, correct, vocab="full", temperature=temp,
+                                         lm_head_bias=b, dtype=torch.float64, logps=torch.zeros_like(logps))
+    torch.testing.assert_close(full_junk, full, rtol=0, atol=0)
+
+
+class _TinyLM(torch.nn.Module):
+    """A causal LM as grpo.per_token_logps sees one: a backbone (mixing earlier tokens) and a biased head."""
+
+    def __init__(self, V=300, d=8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(V, d, generator=gen))
+        self.mix = torch.nn.Parameter(torch.randn(d, d, generator=gen) / 3)
+        self.head = torch.nn.Linear(d, V)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(V, d, generator=gen))
+            self.head.bias.copy_(torch.randn(V, generator=gen))
+        self.base_model = self._Backbone(self)
+
+    class _Backbone(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = [lm]  # a list: no submodule cycle
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            lm = self.lm[0]
+            x = lm.embed[input_ids] * attention_mask[..., None]  # (N, L, d)
+            h = torch.tanh(x.cumsum(1) @ lm.mix)  # causal: position i sees tokens <= i
+            return SimpleNamespace(last_hidden_state=h)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_logps_from_per_token_logps_on_a_tiny_model():
+    from nthr_book.grpo import per_token_logps
+
+    model = _TinyLM()
+    G, P, T, temp = 4, 3, 7, 0.8
+    gen = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(0, 300, (1, P), generator=gen).expand(G, P)
+    completion_ids = torch.randint(0, 40, (G, T), generator=gen)  # V* a small part of the vocabulary
+    completion_mask = torch.arange(T)[None, :] < torch.tensor([7, 4, 6, 2])[:, None]
+    completion_ids = completion_ids.masked_fill(~completion_mask, 0)
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([torch.ones(G, P, dtype=torch.long), completion_mask.long()], 1)
+    with torch.no_grad():
+        logps, hidden = per_token_logps(model, input_ids, attention_mask, completion_mask, temperature=temp,
+                                        return_hidden=True)
+    head = model.get_output_embeddings()
+    correct = torch.tensor([True, False, True, False])
+    kw = dict(temperature=temp, lm_head_bias=head.bias.detach())
+    with_logps = token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, completion_mask, correct,
+                                          logps=logps, **kw)
+    without = token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, completion_mask, correct, **kw)
+    assert without.abs().max() > 0
+    assert rel_err(with_logps, without.double()) <= 1e-5
+    # and both against the naive pair loop on the full softmax, g restricted to V*
+    logits = (hidden.double() @ head.weight.detach().double().T + head.bias.detach().double()) / temp
+    expected = naive_pair_sums(hidden, logits, completion_ids, completion_mask, correct,
+                               vocab_ids=generated_ids(completion_ids, completion_mask))
+    assert rel_err(with_logps, expected) <= 1e-5
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_generated_path_with_logps_never_touches_the_whole_vocabulary():
+    # V = 50 000 is far above every other size here (n = 22 tokens, V* <= 12, d = 7): an op output with
+    # V elements (a (n, V) logit block, a (V,) bias, a converted (V, d) head) shows up as largest >= V.
+    hidden, weight, b, tokens, mask, correct, temp = _head_group(V=50_000)
+    logps = _hand_logps(hidden, weight, b, tokens, mask, temp).float()
+    kw = dict(temperature=temp, lm_head_bias=b)
+    with _LargestOutput() as probe:
+        with_logps = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, **kw)
+    assert probe.largest < 1000
+    with _LargestOutput() as probe:  # the check can fail: the path without logps forms (c, V) logits
+        without = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
+    assert probe.largest >= mask.sum() * 50_000
+    assert rel_err(with_logps, without.double()) <= 1e-5
+
+
+def test_logps_too_large_are_capped_at_the_generated_log_sum_exp():
+    # logps = 0 claims p(y_t) = 1, i.e. lse_t = z_t[y_t] <= logsumexp over V*: the cap raises it to the
+    # V* log-sum-exp, so q is the softmax renormalised over V* and never sums above 1.
+    hidden, weight, b, tokens, mask, correct, temp = _head_group(seed=5)
+    ids = generated_ids(tokens, mask)
+    logits = (hidden.double() @ weight.double().T + b.double()) / temp
+    pos = torch.searchsorted(ids, tokens.clamp(max=int(ids.max())))
+    expected = naive_pair_sums(hidden, logits[..., ids], pos, mask, correct)  # softmax over V* only
+    got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, temperature=temp, lm_head_bias=b,
+                                   logps=torch.zeros(mask.shape), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_logps_errors():
+    hidden, weight, b, tokens, mask, correct, temp = _head_group()
+    with pytest.raises(ValueError, match="`logps` must be None or have shape"):
+        token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=torch.zeros(5, 5))
+    bad = torch.zeros(mask.shape)
+    bad[2, 4] = math.nan
+    with pytest.raises(ValueError, match=r"`logps` is NaN under `mask` at \(row, column\) \(2, 4\)"):
+        token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=bad)
+    bad[2, 4], bad[1, 5] = 0.0, math.nan  # NaN under padding is ignored
+    token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=bad)
+
+
+def test_hook_uses_old_logps_when_present():
+    ctx = _hook_batch()
+    V = ctx.lm_head_weight.shape[0]
+    hook = nthr_advantage_fn(NTHRConfig(beta=0.0))
+    plain_adv, plain_metrics = hook(ctx)
+    ctx.old_logps = _hand_logps(ctx.hidden, ctx.lm_head_weight, ctx.lm_head_bias, ctx.completion_ids,
+                                ctx.completion_mask.bool(), ctx.temperature).float()
+    assert V > int(ctx.completion_ids[:4][ctx.completion_mask[:4].bool()].unique().numel())  # V* is a strict subset
+    adv, metrics = hook(ctx)
+    torch.testing.assert_close(adv, plain_adv)
+    assert metrics["nthr/score_mean"] == pytest.approx(plain_metrics["nthr/score_mean"], rel=1e-5)
+    ctx.old_logps = torch.zeros_like(ctx.old_logps)  # wrong log-probs change the scores: they are read
+    _, junk_metrics = hook(ctx)
+    assert abs(junk_metrics["nthr/score_mean"] - plain_metrics["nthr/score_mean"]) > 1e-3
+    off = nthr_advantage_fn(NTHRConfig(beta=0.0), use_logps=False)
+    assert "use_logps=False" in repr(off) and "use_logps" not in repr(hook)
+    assert off(ctx)[1]["nthr/score_mean"] == plain_metrics["nthr/score_mean"]
+    ctx.old_logps = torch.zeros(8, 5)
+    with pytest.raises(ValueError, match="ctx.old_logps must be"):
+        hook(ctx)

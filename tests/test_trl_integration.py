@@ -56,10 +56,10 @@ def parity_reward(completions, completion_ids, **kwargs) -> list[float]:
     return [float(sum(ids) % 2) for ids in completion_ids]
 
 
-def make_trainer(tmp_path, tokenizer, cls=NTHRGRPOTrainer, mode="fused", lr=1e-6, **kwargs):
-    overrides = {"per_device_train_batch_size": 8} | MODES[mode]
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), num_generations=G, max_completion_length=8, use_cpu=True,
-                      report_to="none", bf16=False, save_strategy="no", logging_steps=1, seed=0, max_steps=1,
+def make_trainer(tmp_path, tokenizer, cls=NTHRGRPOTrainer, mode="fused", lr=1e-6, config=None, **kwargs):
+    overrides = {"per_device_train_batch_size": 8, "use_cpu": True, "bf16": False} | MODES[mode] | (config or {})
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), num_generations=G, max_completion_length=8,
+                      report_to="none", save_strategy="no", logging_steps=1, seed=0, max_steps=1,
                       learning_rate=lr, **overrides)
     trainer = cls(model=tiny_random_model(seed=0), reward_funcs=parity_reward, args=args,
                   train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer, **kwargs)
@@ -82,11 +82,12 @@ def token_advantages(trainer, out: dict) -> torch.Tensor:
     return out["advantages"]
 
 
-def reference(model, out: dict, cfg: NTHRConfig) -> tuple[torch.Tensor, dict]:
+def reference(model, out: dict, cfg: NTHRConfig, bf16: bool = False) -> tuple[torch.Tensor, dict]:
     """nthr_book.nthr's hook on the same group-major batch, with hidden states from a separate forward."""
     T = out["completion_ids"].shape[1]
     mask = out["completion_mask"].bool()
-    with torch.no_grad():
+    device = out["completion_ids"].device.type
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):  # the forward only
         ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
         att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
         hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -T - 1:-1]  # (B, T, d)
@@ -136,6 +137,33 @@ def test_token_advantages_equal_nthr_book(tmp_path, tokenizer, mode):
     assert 0.0 < logged["nthr/selected_frac"][-1] < 1.0  # a selection that tests something
     for key in ("nthr/selected_frac", "nthr/tau_mean", "nthr/eta_mean", "nthr/mixed_groups"):
         assert logged[key][-1] == pytest.approx(metrics[key], rel=1e-5), key
+
+
+def test_full_vocabulary_log_sum_exp_option(tmp_path, tokenizer):
+    """scores_from_logps=False: the scorer forms the full-vocabulary log-sum-exp, as nthr_book's hook does."""
+    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE, scores_from_logps=False)
+    out = generate(ours)
+    expected, _ = reference(ours.model, out, SELECTIVE)
+    torch.testing.assert_close(out["advantages"], expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fused", "old_pass"])
+def test_cuda_bf16_token_advantages(tmp_path, tokenizer, mode):
+    """On CUDA in bf16 autocast, NTHR's advantages agree with nthr_book's hook on the same batch."""
+    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, mode, nthr=SELECTIVE,
+                        config={"use_cpu": False, "bf16": True})
+    assert not ours.scores_from_logps  # bf16 log-probs would carry the bf16 logits' rounding into q
+    out = generate(ours)
+    assert out["completion_ids"].is_cuda
+    adv = token_advantages(ours, out)
+    expected, metrics = reference(ours.model, out, SELECTIVE, bf16=True)
+    agree = ((adv - expected).abs() <= 1e-4 + 1e-3 * expected.abs()).float().mean().item()
+    print(f"{mode}: {agree:.4f} of the token advantages agree, selected_frac "
+          f"{ours._metrics['train']['nthr/selected_frac'][-1]:.3f} vs {metrics['nthr/selected_frac']:.3f}")
+    assert agree >= 0.99, f"only {agree:.3f} of the token advantages agree"
+    assert 0.0 < ours._metrics["train"]["nthr/selected_frac"][-1] < 1.0
 
 
 def test_beta_minus_inf_eta_zero_by_hand(tmp_path, tokenizer):

@@ -59,6 +59,14 @@ def _n_selected_spans(text: str) -> int:
     return len(re.findall(r'class="nthr-token nthr-selected"', text))
 
 
+def _most_selected_row(gs: widgets.GroupScores, beta: float, vocab: str = "generated") -> int:
+    """By hand: the incorrect row with the most selected tokens, the first one on ties."""
+    sel = nthr.select_tokens(gs.scores(vocab), gs.completion_mask, gs.correct, beta).sum(1).tolist()
+    rows = gs.incorrect_rows
+    best = max(sel[r] for r in rows)
+    return next(r for r in rows if sel[r] == best)
+
+
 def _interior_beta(gs: widgets.GroupScores, vocab: str = "generated") -> float:
     """A β whose τ falls strictly inside the incorrect tokens' scores (so the selection is non-trivial)."""
     s, mask, correct = gs.scores(vocab), gs.completion_mask, gs.correct
@@ -161,6 +169,15 @@ def test_explorer_state_eta_depends_on_p(scores):
         torch.testing.assert_close(st.new_advantages[wrong], hand * st.advantages[wrong])
 
 
+def test_default_response_is_the_most_selected_incorrect_one(scores):
+    gs = scores[1]  # q1: incorrect rows 0, 2, 3
+    st = widgets.explorer_state(gs, beta=-math.inf)
+    assert st.n_selected == [3, 0, 3, 2]  # every token of each incorrect response
+    assert widgets.default_response(st) == 0  # rows 0 and 2 tie: the first
+    st0 = widgets.explorer_state(gs, beta=1e9)  # nothing selected: the first incorrect row
+    assert widgets.default_response(st0) == 0 and st0.n_selected_group == 0
+
+
 def test_explorer_state_neg_inf_selects_every_incorrect_token(scores):
     gs = scores[0]
     st = widgets.explorer_state(gs, beta=-math.inf, eta=0.0)
@@ -207,6 +224,9 @@ def test_widget_controls_drive_tau_counts_and_html(groups, scores):
     assert len(c["question"].options) == 2  # the homogeneous group is left out
     assert c["run"].disabled  # no model: no Δ(x) button
     assert c["response"].options == (("#1 (6 tokens)", 1), ("#3 (7 tokens)", 3))
+    assert c["response"].value == _most_selected_row(scores[0], 1.0)
+    _check_view(ex, scores[0], 1.0, "two_abs", "generated", c["response"].value)
+    c["response"].value = 1
     _check_view(ex, scores[0], 1.0, "two_abs", "generated", 1)
 
     beta = round(_interior_beta(scores[0]), 2)
@@ -234,11 +254,11 @@ def test_widget_controls_drive_tau_counts_and_html(groups, scores):
     # another question: the response picker offers its incorrect rows and the view follows
     c["question"].value = 1
     assert [v for _, v in c["response"].options] == [0, 2, 3]
-    assert c["response"].value == 0
+    assert c["response"].value == _most_selected_row(scores[1], beta_full, "full")
     c["eta"].value = 0.0
-    _check_view(ex, scores[1], beta_full, 0.0, "full", 0)
-    c["response"].value = 2
-    _check_view(ex, scores[1], beta_full, 0.0, "full", 2)
+    for row in (0, 2, 3):
+        c["response"].value = row
+        _check_view(ex, scores[1], beta_full, 0.0, "full", row)
 
 
 def test_widget_computes_scores_once_per_question_and_vocab(model, groups, scores):
@@ -288,7 +308,8 @@ def test_snapshot_shows_the_same_counts(groups, scores):
     snap = widgets.explorer_snapshot(groups, beta=beta, eta="p", scores=scores)
     st = ex.state()
     assert "nthr-explorer-snapshot" in snap.data and "nthr-explorer-live" not in snap.data
-    assert _n_selected_spans(snap.data) == _n_selected_spans(ex.view_html) == st.n_selected[1]
+    ex.controls["response"].value = widgets.default_response(st)  # the snapshot's default response
+    assert _n_selected_spans(snap.data) == _n_selected_spans(ex.view_html) == max(st.n_selected)
     assert f'data-n-selected-group="{st.n_selected_group}"' in snap.data
     assert f'data-tau="{st.tau!r}"' in snap.data
     neg = widgets.explorer_snapshot(groups, beta=-math.inf, eta=0.0, scores=scores, question="q1", response=3,

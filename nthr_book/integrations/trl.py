@@ -165,14 +165,17 @@ class NTHRGRPOTrainer(GRPOTrainer):
     Extra keyword arguments: ``nthr`` (None: plain GRPO), ``track_lld`` (add an ``LLDCallback``),
     ``lld_eps``, ``correct_threshold`` (a response is correct when its reward exceeds it), ``correct_reward``
     (name or index of the reward function that decides correctness; None: TRL's weighted sum),
-    ``score_dtype`` and ``chunk_size`` (passed to ``token_scores_from_hidden``), ``record_nthr`` (keep
-    the last batch's local tensors in ``self.nthr_record`` on CPU, for tests and debugging).
+    ``score_dtype`` and ``chunk_size`` (passed to ``token_scores_from_hidden``), ``scores_from_logps``
+    (True: hand the pass's token log-probs to the scorer, whose "generated" vocabulary then multiplies
+    only the |V*| rows of the LM head, lse_t = z_t[y_t] - logp_t; False: full-vocabulary log-sum-exp;
+    None: True unless TRL trains in bf16/fp16, whose log-probs carry the low-precision logits' rounding),
+    ``record_nthr`` (keep the last batch's local tensors in ``self.nthr_record`` on CPU, for tests).
     """
 
     def __init__(self, *args: Any, nthr: NTHRConfig | None = None, track_lld: bool = True, lld_eps: float = 0.0,
                  correct_threshold: float = 0.5, correct_reward: str | int | None = None,
                  score_dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 record_nthr: bool = False, **kwargs: Any):
+                 scores_from_logps: bool | None = None, record_nthr: bool = False, **kwargs: Any):
         if nthr is not None and not isinstance(nthr, NTHRConfig):
             raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
         if math.isnan(float(correct_threshold)):
@@ -181,6 +184,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
         self.nthr = nthr
         self.correct_threshold = float(correct_threshold)
         self.score_dtype, self.chunk_size, self.record_nthr = score_dtype, chunk_size, bool(record_nthr)
+        if scores_from_logps is None:
+            scores_from_logps = not (self.args.bf16 or self.args.fp16)
+        self.scores_from_logps = bool(scores_from_logps)
         self.nthr_record: dict[str, Tensor] | None = None
         self._correct_col = self._resolve_correct_reward(correct_reward)
         self._capture: _Capture | None = None
@@ -303,7 +309,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
                 cap = self._extra_old_pass(out)
         self._start_lld_batch(out, None if cap is None else cap.logps)
         if cap is not None and self.nthr is not None:
-            out["advantages"] = self._nthr_advantages(out, cap.hidden)
+            out["advantages"] = self._nthr_advantages(out, cap.hidden, cap.logps)
         return out
 
     @torch.no_grad()
@@ -358,7 +364,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
                         lld.old_seq[inputs[_ROW] - offset] = seq
                     if fused:
                         with torch.no_grad():
-                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden)
+                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden, cap.logps)
                         inputs[_FUSED] = torch.tensor(False, device=inputs[_FUSED].device)
 
                 self._capture = _Capture(want_hidden=fused, on_done=on_done)
@@ -369,7 +375,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     # ---- NTHR on a generation batch ---------------------------------------------------------------------
     @torch.no_grad()
-    def _nthr_advantages(self, batch: dict, hidden: Tensor) -> Tensor:
+    def _nthr_advantages(self, batch: dict, hidden: Tensor, logps: Tensor) -> Tensor:
         """(b, T) advantages of the local rows: eta·A on selected tokens, TRL's A elsewhere (METHOD §3)."""
         acc, G, cfg = self.accelerator, self.num_generations, self.nthr
         rows, rewards, seq_adv = batch[_ROW], batch[_REWARD], batch[_SEQ_ADV]  # (b,) each
@@ -386,6 +392,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
             all_h = acc.gather(acc.pad_across_processes(hidden, dim=1))[order]
             all_ids = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))[order]
             all_mask = acc.gather(acc.pad_across_processes(mask, dim=1))[order]
+            all_logps = acc.gather(acc.pad_across_processes(logps.float(), dim=1))[order]
             all_rewards = acc.gather(rewards)[order]
             if not torch.equal(all_rows[order], torch.arange(all_rows.numel(), device=rows.device)):
                 raise RuntimeError("NTHR: the gathered rows are not the whole generation batch 0..N-1")
@@ -393,15 +400,17 @@ class NTHRGRPOTrainer(GRPOTrainer):
         else:
             order = rows.argsort()
             all_h, all_ids, all_mask, all_rewards = hidden[order], ids[order], mask[order], rewards[order]
+            all_logps = logps.float()[order]
             base = int(rows.min())
             if base % G or not torch.equal(rows[order] - base, torch.arange(b, device=rows.device)):
                 raise RuntimeError("NTHR: local rows do not hold whole groups")
 
         head = self._unwrapped().get_output_embeddings()
         local = set(rows.tolist())
+        no_autocast = torch.autocast(device_type=ids.device.type, enabled=False)  # scores in score_dtype
         selections: dict[int, tuple[Tensor, float]] = {}
         sums = torch.zeros(6, dtype=torch.float64)  # n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed
-        with maybe_gather_lm_head_ctx(head.weight, head.bias):
+        with no_autocast, maybe_gather_lm_head_ctx(head.weight, head.bias):
             weight, bias = head.weight, head.bias
             if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
                 weight = weight.full_tensor()
@@ -416,7 +425,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
                 out = token_scores_from_hidden(
                     all_h[sl], weight.detach(), all_ids[sl], m, correct, temperature=self.temperature,
                     lm_head_bias=None if bias is None else bias.detach(), vocab=cfg.vocab, dtype=self.score_dtype,
-                    chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self)
+                    chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self,
+                    logps=all_logps[sl] if self.scores_from_logps else None)
                 scores, self_pairs = out if cfg.exclude_self else (out, None)
                 tau = threshold(scores, m, correct, cfg.beta, self_pairs=self_pairs)
                 neg = (~correct)[:, None] & m  # (G, T') incorrect-response tokens
