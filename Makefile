@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: demo test unit notebooks lab model lint clean help
+.PHONY: demo test unit notebooks browser lab model lint clean help
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 25 min on 2 CPU cores)"
@@ -39,12 +39,17 @@ lint: $(STAMP)
 	$(PY) tests/check_notebooks.py
 
 unit: $(STAMP) model
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not browser"
 
 notebooks: $(STAMP) model
 	$(PY) -m pytest --nbmake --nbmake-timeout=1800 -q $(NOTEBOOKS)
 
-test: lint unit notebooks
+# A real browser: JupyterLab + Debian's chromium driven by Playwright (installs both if missing).
+browser: $(STAMP) model
+	bash tests/browser_setup.sh
+	NTHR_BOOK_BROWSER_REQUIRED=1 $(PY) -m pytest tests/test_browser.py -m browser -q -s
+
+test: lint unit notebooks browser
 
 demo: $(STAMP) model
 	$(PY) -m nthr_book.demo

@@ -14,7 +14,7 @@ groups (the ones GRPO learns from). Writes three files under ``config.build_dir(
 Usage (about 2-4 minutes on 2 idle CPU cores for the defaults; knobs as in ``arithmetic_problems``)::
 
     python bench/arithmetic_difficulty.py
-    python bench/arithmetic_difficulty.py --digits 1 --temperature 0.7 --n 50
+    python bench/arithmetic_difficulty.py --left 10,99 --temperature 0.7 --n 50
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def rate_bin(rate: float) -> str:
     return BINS[4]
 
 
-def _digits(text: str) -> int | tuple[int, int]:
-    """'2' -> 2, '1,2' -> (1, 2)."""
-    parts = [int(x) for x in text.split(",")]
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+def _pair(text: str) -> tuple[int, int]:
+    """'2,20' -> (2, 20)."""
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-examples", action="store_true", help="drop the template's example turns")
     p.add_argument("--require-boxed", choices=("yes", "no"), default="yes" if data.ARITHMETIC_REQUIRE_BOXED else "no")
     p.add_argument("--ops", default=None, help="operations, e.g. '+-*' (default: arithmetic_problems')")
-    p.add_argument("--digits", type=_digits, default=None, help="'2' or '1,2'")
-    p.add_argument("--right-digits", type=_digits, default=None, help="'1' or '1,2'")
+    p.add_argument("--left", type=_pair, default=None, help="range of the first operand, e.g. '2,20'")
+    p.add_argument("--right", type=_pair, default=None, help="range of the other operands, e.g. '2,9'")
     p.add_argument("--num-operands", type=int, default=None)
     p.add_argument("--phrasing", default=None, choices=("symbolic", "words", "story"))
     p.add_argument("--model", default="smollm2-135m")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     knobs = {k: v for k, v in {
-        "ops": tuple(args.ops) if args.ops else None, "digits": args.digits, "right_digits": args.right_digits,
+        "ops": tuple(args.ops) if args.ops else None, "left": args.left, "right": args.right,
         "num_operands": args.num_operands, "phrasing": args.phrasing}.items() if v is not None}
     problems = data.arithmetic_problems(args.n, seed=args.seed, **knobs)
     require_boxed = args.require_boxed == "yes"

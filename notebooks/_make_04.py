@@ -46,7 +46,7 @@ GROUPS_PATH = config.runs_dir() / "lld" / f"groups-{'fast' if FAST else 'full'}-
 # Without notebook 02's file we sample our own groups, saved under a name of their own.
 OWN_GROUPS_PATH = config.runs_dir() / "lld" / f"groups-04-{'fast' if FAST else 'full'}-seed{SEED}.pt"
 N_QUESTIONS = 6 if FAST else 64  # questions sampled when no groups file exists
-N_EXPLORE = 6 if FAST else 40  # mixed groups shown (scores are computed once per group)
+N_EXPLORE = 4 if FAST else 40  # mixed groups shown (scores are computed once per group)
 SAMPLING = dict(  # used only when sampling our own groups
     group_size=8,
     max_new_tokens=40 if FAST else 1024,
@@ -55,7 +55,7 @@ SAMPLING = dict(  # used only when sampling our own groups
     require_boxed=not FAST,
     seed=SEED,
 )
-LR = 5e-5 if FAST else 1e-6  # step size of the Δ(x) button (one SGD step, as in notebook 02)
+LR = 5e-5 if FAST else 1e-5  # step size of the Δ(x) button: one SGD step, as in notebook 02
 BETAS = [-math.inf, 0.0, 0.1, 1.0, 2.0]  # the sweep of section 5
 ETAS = ["two_abs", "p", "one_minus_p"]
 VOCABS = ["generated", "full"]

@@ -511,18 +511,13 @@ _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ivy")
 _ITEMS = ("apples", "stamps", "marbles", "books", "coins", "cards", "shells", "pens")
 
 
-def _digit_range(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    """(lo, hi) digit counts from an int or a pair; ValueError naming ``name`` otherwise."""
-    lo, hi = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi <= 9:
-        raise ValueError(f"{name} must be an int or a (lo, hi) pair with 1 <= lo <= hi <= 9, got {value!r}")
-    return lo, hi
-
-
-def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
-    """A number whose digit count is drawn uniformly in ``digits`` (1-digit numbers start at 2)."""
-    d = rng.randint(*digits)
-    return rng.randint(2 if d == 1 else 10 ** (d - 1), 10**d - 1)
+def _value_range(value: object, name: str) -> tuple[int, int]:
+    """(lo, hi) with 0 <= lo <= hi from a pair of ints; ValueError naming ``name`` otherwise."""
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            or not 0 <= value[0] <= value[1]):
+        raise ValueError(f"{name} must be a (lo, hi) pair of ints with 0 <= lo <= hi, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _evaluate(operands: list[int], ops: list[str]) -> int:
@@ -554,8 +549,8 @@ def arithmetic_problems(
     *,
     seed: int,
     ops: Sequence[str] = ("+", "-", "*"),
-    digits: int | tuple[int, int] = (1, 2),
-    right_digits: int | tuple[int, int] = 1,
+    left: tuple[int, int] = (2, 20),
+    right: tuple[int, int] = (2, 9),
     num_operands: int = 2,
     phrasing: str = "symbolic",
     allow_negative: bool = False,
@@ -563,10 +558,11 @@ def arithmetic_problems(
     """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
 
     Knobs (defaults tuned for the embedded SmolLM2-135M, see ``bench/arithmetic_difficulty.py``):
-    ``ops`` the operations drawn uniformly per slot; ``digits`` the digit count (an int, or (lo, hi)
-    drawn uniformly) of the first operand and ``right_digits`` that of every later one (so the default
-    asks "48 + 7", "53 * 6", "9 - 4"); ``num_operands`` (2-4, usual precedence); ``phrasing`` "symbolic" ("What is 23 + 45?"), "words" ("What is 23 plus 45?")
-    or "story" (a one-sentence word problem, two operands only); ``allow_negative`` keeps negative
+    ``ops`` the operations, drawn uniformly for each slot; ``left`` the range (lo, hi), inclusive, of
+    the first operand and ``right`` that of every later one, both drawn uniformly (the default asks
+    "17 - 3", "11 * 6", "9 + 8"; ``left=(10, 99)`` makes it harder, ``left=(2, 9)`` easier);
+    ``num_operands`` (2-4, usual precedence); ``phrasing`` "symbolic" ("What is 17 - 3?"), "words"
+    ("What is 17 minus 3?") or "story" (a one-sentence word problem, two operands only); ``allow_negative`` keeps negative
     results (otherwise they are redrawn). Question ``i`` depends only on ``(seed, i)`` and the knobs, so
     a larger ``n`` extends a smaller one. Each dict has ``id``, ``problem``, ``answer`` (a string),
     ``expression`` (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
@@ -578,8 +574,8 @@ def arithmetic_problems(
     ops = tuple(ops)
     if not ops or any(op not in ARITHMETIC_OPS for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {ARITHMETIC_OPS}, got {ops!r}")
-    digit_range = _digit_range(digits, "digits")
-    right_range = _digit_range(right_digits, "right_digits")
+    left_range = _value_range(left, "left")
+    right_range = _value_range(right, "right")
     if isinstance(num_operands, bool) or not isinstance(num_operands, int) or not 2 <= num_operands <= 4:
         raise ValueError(f"num_operands must be 2, 3 or 4, got {num_operands!r}")
     if phrasing not in ("symbolic", "words", "story"):
@@ -592,7 +588,7 @@ def arithmetic_problems(
         rng = random.Random(f"nthr_book.arithmetic/{seed}/{i}")  # str seeds are stable across runs
         for _ in range(1000):
             slot_ops = [rng.choice(ops) for _ in range(num_operands - 1)]
-            operands = [_operand(rng, digit_range)] + [_operand(rng, right_range) for _ in slot_ops]
+            operands = [rng.randint(*left_range)] + [rng.randint(*right_range) for _ in slot_ops]
             value = _evaluate(operands, slot_ops)
             if allow_negative or value >= 0:
                 break

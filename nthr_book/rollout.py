@@ -103,6 +103,20 @@ class Rollouts:
         return cls(**payload)
 
 
+def _shared_prompt_cache(model, ids: torch.Tensor, att: torch.Tensor, group_size: int):
+    """KV cache of all but the last prompt token, computed once per prompt and repeated ``group_size`` times."""
+    if ids.shape[1] < 2:
+        return None
+    position_ids = (att.cumsum(-1) - 1).clamp(min=0)  # as generate computes them under left padding
+    out = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=position_ids[:, :-1], use_cache=True)
+    new_api = "cache" in out  # transformers >= 5.2x renamed past_key_values to cache
+    cache = out["cache"] if new_api else out.past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(group_size)
+    return {"cache" if new_api else "past_key_values": cache}
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -124,12 +138,15 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
 @torch.no_grad()
 def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
-                    seed: int | None = None, add_special_tokens: bool = False, progress: bool = False) -> Rollouts:
+                    seed: int | None = None, add_special_tokens: bool = False, progress: bool = False,
+                    share_prompt: bool = True) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (temperature 0 = greedy). Introduced in notebook 00.
 
     ``prompts`` are full prompt strings (already through the chat template, see ``data.build_prompt``).
-    ``batch_size`` counts sequences per ``generate`` call (default: all). With ``seed`` the result is
-    reproducible (each generate call is seeded with ``seed + call index``), without touching the global RNG.
+    ``batch_size`` counts sequences per ``generate`` call (default: all), rounded down to whole groups.
+    With ``seed`` the result is reproducible (each generate call is seeded with ``seed + call index``),
+    without touching the global RNG. ``share_prompt`` prefills each prompt once and shares its KV cache
+    among the group's G samples (same tokens as without it, G times less prompt compute).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got a single string")
@@ -154,23 +171,29 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     was_training = model.training
     model.eval()
     chunks = []
-    starts = range(0, n, batch_size)
+    # Whole groups per generate call: the prompt is prefilled once per group and its KV cache repeated G
+    # times (the G samples of a prompt share it), which cuts the prompt's cost by G.
+    groups_per_call = max(1, batch_size // group_size)
+    starts = range(0, len(prompts), groups_per_call)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="generate", leave=False)
     try:
         for call, start in enumerate(starts):
-            ids = prompt_ids[start:start + batch_size].to(device)
-            att = prompt_mask[start:start + batch_size].to(device)
-            # Trim the shared left padding of this slice (shorter prompts in another slice).
-            keep = att.any(dim=0).nonzero()[0].item() if att.any() else 0
-            ids, att = ids[:, keep:], att[:, keep:]
+            ids = enc["input_ids"][start:start + groups_per_call].to(device)  # (k, P) one row per prompt
+            att = enc["attention_mask"][start:start + groups_per_call].to(device)
+            keep = int(att.any(dim=0).nonzero()[0].item()) if att.any() else 0
+            ids, att = ids[:, keep:], att[:, keep:]  # trim the left padding shared by this slice
+            cache = _shared_prompt_cache(model, ids, att, group_size) if share_prompt else None
+            extra = cache or {}
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed + call)
-                out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                                     pad_token_id=pad_id, eos_token_id=eos_ids, **sampling)
+                out = model.generate(input_ids=ids.repeat_interleave(group_size, dim=0),
+                                     attention_mask=att.repeat_interleave(group_size, dim=0),
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
+                                     **sampling, **extra)
             chunks.append(out[:, ids.shape[1]:].cpu())
     finally:
         model.train(was_training)

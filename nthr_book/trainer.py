@@ -190,7 +190,7 @@ class TrainConfig:
     def fast(cls, **overrides: Any) -> TrainConfig:
         """Embedded SmolLM2-135M on the arithmetic task: a few minutes on 2 CPU cores."""
         base = dict(model="smollm2-135m", task="arithmetic", num_problems=256, steps=12, prompts_per_step=4,
-                    group_size=8, lr=2e-6, temperature=1.0, max_new_tokens=48, kl_coef=0.0,
+                    group_size=8, lr=1e-5, temperature=1.0, max_new_tokens=48, kl_coef=0.0,
                     checkpoint_every=4)
         return cls(**(base | overrides))
 

@@ -356,9 +356,9 @@ def _histogram_png(scores: GroupScores, state: ExplorerState, *, dpi: int = 72) 
 
     fig = Figure(figsize=(5.2, 2.6), dpi=dpi)
     ax = fig.subplots()
-    where = "τ = -∞: every incorrect token selected" if state.tau == -math.inf else f"τ = {_fmt(state.tau)}"
+    where = "τ = -∞ (all incorrect selected)" if state.tau == -math.inf else f"τ = {_fmt(state.tau)}"
     viz.plot_score_histogram(scores.scores(state.vocab), scores.completion_mask, scores.correct, state.tau, ax=ax,
-                             bins=30, title=f"token scores ({state.vocab} vocabulary), {where}")
+                             bins=30, title=f"token scores ({state.vocab} vocab.), {where}")
     ax.title.set_fontsize(9)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -605,7 +605,7 @@ class ThresholdExplorer(ipw.VBox):
 
     def __init__(self, groups: Sequence[Any], *, scores: Sequence[GroupScores] | None = None,
                  model: nn.Module | None = None, tokenizer: Any = None, beta: float = 1.0,
-                 eta: str | float = "two_abs", vocab: str = "generated", lr: float = 1e-5, optimizer: str = "sgd",
+                 eta: str | float = "two_abs", vocab: str = "generated", lr: float = 5e-5, optimizer: str = "sgd",
                  temperature: float = 1.0, batch_size: int | None = None, histogram: bool = True):
         w = ipw
         beta = _check_beta(beta)
@@ -765,7 +765,7 @@ class ThresholdExplorer(ipw.VBox):
 
 
 def threshold_explorer(groups: Sequence[Any], *, beta: float = 1.0, eta: str | float = "two_abs",
-                       model: nn.Module | None = None, lr: float = 1e-5, scores: Sequence[GroupScores] | None = None,
+                       model: nn.Module | None = None, lr: float = 5e-5, scores: Sequence[GroupScores] | None = None,
                        tokenizer: Any = None, vocab: str = "generated", optimizer: str = "sgd",
                        temperature: float = 1.0, batch_size: int | None = None) -> ThresholdExplorer:
     """The NTHR threshold explorer for mixed ``lld.Group``s, returned without being displayed (notebook 04).

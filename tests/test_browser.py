@@ -3,13 +3,15 @@
 Needs Debian's ``chromium`` (/usr/bin/chromium) and the Playwright Python client (never its own browser
 download): ``bash tests/browser_setup.sh`` installs both. Run with ``pytest -m browser tests/test_browser.py``.
 Missing prerequisites skip the test, unless ``NTHR_BOOK_BROWSER_REQUIRED=1`` (CI) makes them a failure.
-The screenshot goes to ``build/browser/threshold_explorer.png``.
+Screenshots: ``build/browser/threshold_explorer.png`` (after β = -∞) and ``threshold_explorer_beta1.png``
+(the first view, β = 1); ``threshold_explorer_failure.png`` when the test fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -39,6 +41,8 @@ LAB_SETTINGS = {
     "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": False},
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
                                                                         "checkForUpdates": False},
+    # every cell in the DOM (no virtual scrolling), so the explorer's spans can be counted wherever it is
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
 
 
@@ -123,6 +127,31 @@ def _tail(path: Path, n: int = 3000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
+def _kernel_state(port: int, token: str) -> str | None:
+    """execution_state of the server's only kernel once a client is connected to it, else None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernels?token={token}", timeout=5) as resp:
+            kernels = json.loads(resp.read())
+    except OSError:
+        return None
+    if len(kernels) != 1 or kernels[0].get("connections", 0) < 1:
+        return None
+    return kernels[0].get("execution_state")
+
+
+def _started(page, port: int, token: str) -> bool:
+    """True once the notebook runs: the kernel is busy or some cell has an execution count."""
+    prompts = page.locator(".jp-InputArea-prompt").all_inner_texts()
+    return _kernel_state(port, token) == "busy" or any(re.search(r"\[(\*|\d+)\]", p) for p in prompts)
+
+
+def _finished(page, port: int, token: str) -> bool:
+    """True when the kernel is idle and every code cell shows an execution count."""
+    prompts = [p.strip() for p in page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()]
+    return (_kernel_state(port, token) == "idle" and bool(prompts)
+            and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts))
+
+
 def _cell_errors(page) -> list[str]:
     """Texts of error outputs shown in the notebook (a failed cell)."""
     return page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
@@ -151,6 +180,7 @@ def test_threshold_explorer_in_jupyterlab(tmp_path):
     had_checkpoints = (NOTEBOOK_DIR / ".ipynb_checkpoints").exists()
     shot = config.build_dir() / "browser" / "threshold_explorer.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
+    shot.with_name("threshold_explorer_failure.png").unlink(missing_ok=True)
     port, token = _free_port(), secrets.token_hex(16)
     t_start = time.monotonic()
     proc = _start_lab(tmp_path, port, token)
@@ -162,24 +192,38 @@ def test_threshold_explorer_in_jupyterlab(tmp_path):
                 page.set_default_timeout(60_000)
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/{NOTEBOOK}?token={token}")
                 page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=120_000)
-                # cells sent before the kernel is connected are dropped: wait for an idle kernel first
-                _wait_for(page, "an idle kernel", lambda: page.locator(
-                    '.jp-Notebook-ExecutionIndicator[data-status="idle"]').count() > 0, SERVER_START_S)
-                # Run > Run All Cells
-                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-                page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+                # cells sent before the page's kernel connection is up are dropped: wait for it, then
+                # Run > Run All Cells, and again if the kernel has not started executing
+                _wait_for(page, "a connected idle kernel", lambda: _kernel_state(port, token) == "idle", SERVER_START_S)
+                page.wait_for_timeout(2000)
                 t_run = time.monotonic()
+                for _attempt in range(3):
+                    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                    page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+                    deadline = time.monotonic() + 30
+                    while time.monotonic() < deadline and not _started(page, port, token):
+                        page.wait_for_timeout(500)
+                    if _started(page, port, token):
+                        break
+                else:
+                    pytest.fail("Run All Cells did not start the kernel three times")
 
                 live = page.locator(".nthr-explorer-live")
                 selected = page.locator(".nthr-explorer-live .nthr-selected")
                 _wait_for(page, "the explorer to render", lambda: live.count() > 0 and
                           page.locator(".nthr-explorer-live .nthr-token").count() > 0, RUN_ALL_S, check_errors=True)
                 t_explorer = time.monotonic()
+                # widget messages reach the kernel only between cells: wait for the whole notebook to finish
+                _wait_for(page, "the notebook to finish", lambda: _finished(page, port, token), RUN_ALL_S,
+                          check_errors=True)
+                t_done = time.monotonic()
                 explorer = page.locator(".nthr-threshold-explorer").first
                 explorer.scroll_into_view_if_needed()
                 before = selected.count()
                 attr_before = int(live.first.get_attribute("data-n-selected"))
+                tau_before = live.first.get_attribute("data-tau")
                 assert before == attr_before, (before, attr_before)
+                explorer.screenshot(path=str(shot.with_name("threshold_explorer_beta1.png")))
 
                 # β = -∞: every token of the shown incorrect response becomes selected
                 toggle = explorer.locator("button", has_text="β = -∞")
@@ -197,15 +241,16 @@ def test_threshold_explorer_in_jupyterlab(tmp_path):
                 handle = explorer.locator(".widget-slider .noUi-handle").first
                 handle.focus()
                 page.keyboard.press("End")
-                moved = _wait_for(page, "the slider's β", lambda: live.first.get_attribute("data-tau") not in (
-                    None, "-inf") and explorer.locator(".widget-readout").first.inner_text().strip() == "3.00",
-                    CHANGE_S)
-                assert moved
+                _wait_for(page, "the slider's β = 3", lambda: live.first.get_attribute("data-tau") not in (
+                    tau_before, "-inf", None), CHANGE_S)
+                assert explorer.locator(".widget-readout").first.inner_text().strip() == "3.00"
+                assert float(live.first.get_attribute("data-tau")) == pytest.approx(3 * float(tau_before))
                 at_max = selected.count()
+                assert at_max == int(live.first.get_attribute("data-n-selected"))
                 assert at_max <= before, f"a larger β selected more tokens: {at_max} > {before}"
                 assert not _cell_errors(page), _cell_errors(page)[0][-2000:]
-                print(f"\nbrowser test: lab up + run-all to explorer {t_explorer - t_run:.0f} s "
-                      f"(total {time.monotonic() - t_start:.0f} s); selected β=1: {before}, -∞: {after}, "
+                print(f"\nbrowser test: run-all to explorer {t_explorer - t_run:.0f} s, to the end "
+                      f"{t_done - t_run:.0f} s (total {time.monotonic() - t_start:.0f} s); selected β=1: {before}, -∞: {after}, "
                       f"β=3: {at_max}; screenshot {shot}")
             except BaseException:
                 try:

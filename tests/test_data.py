@@ -286,9 +286,9 @@ def _eval_expression(expr: str) -> int:
     "knobs",
     [
         {},
-        {"ops": ("*",), "digits": 2, "right_digits": (1, 2)},
-        {"ops": ("+", "-", "*"), "digits": (1, 3), "num_operands": 4},
-        {"ops": ("-",), "digits": 2, "num_operands": 3, "allow_negative": True},
+        {"ops": ("*",), "left": (10, 99), "right": (2, 99)},
+        {"ops": ("+", "-", "*"), "left": (0, 999), "right": (0, 30), "num_operands": 4},
+        {"ops": ("-",), "left": (10, 99), "right": (10, 99), "num_operands": 3, "allow_negative": True},
         {"phrasing": "words", "num_operands": 3},
         {"phrasing": "story"},
     ],
@@ -311,16 +311,15 @@ def test_arithmetic_answers_are_correct(knobs):
         assert any(int(p["answer"]) < 0 for p in problems)
 
 
-def test_arithmetic_digit_knobs():
-    problems = arithmetic_problems(300, seed=1, ops=("*",), digits=3, right_digits=1, num_operands=3)
+def test_arithmetic_range_knobs():
+    problems = arithmetic_problems(300, seed=1, ops=("*",), left=(100, 999), right=(2, 9), num_operands=3)
     for p in problems:
         a, _, b, _, c = p["expression"].split()
         assert 100 <= int(a) <= 999 and 2 <= int(b) <= 9 and 2 <= int(c) <= 9
-        assert p["max_digits"] == 3
-    sums = arithmetic_problems(300, seed=1, ops=("+",), digits=(1, 2), right_digits=(2, 3))
-    firsts = {len(p["expression"].split(" + ")[0]) for p in sums}
-    seconds = {len(p["expression"].split(" + ")[1]) for p in sums}
-    assert firsts == {1, 2} and seconds == {2, 3}
+        assert p["max_digits"] == 3 and p["ops"] == "**"
+    sums = arithmetic_problems(400, seed=1, ops=("+",), left=(3, 5), right=(7, 8))
+    pairs = {tuple(int(x) for x in p["expression"].split(" + ")) for p in sums}
+    assert pairs == {(a, b) for a in (3, 4, 5) for b in (7, 8)}  # every value of both ranges is drawn
 
 
 def test_arithmetic_is_deterministic_in_seed():
@@ -341,9 +340,11 @@ def test_arithmetic_default_mix_has_every_op():
     [
         ({"ops": ("/",)}, "ops"),
         ({"ops": ()}, "ops"),
-        ({"digits": 0}, "digits"),
-        ({"digits": (3, 2)}, "digits"),
-        ({"right_digits": 10}, "right_digits"),
+        ({"left": 5}, "left"),
+        ({"left": (3, 2)}, "left"),
+        ({"left": (-1, 2)}, "left"),
+        ({"right": (1.0, 2)}, "right"),
+        ({"right": "29"}, "right"),
         ({"num_operands": 1}, "num_operands"),
         ({"phrasing": "poem"}, "phrasing"),
         ({"phrasing": "story", "num_operands": 3}, "story"),
