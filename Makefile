@@ -35,7 +35,7 @@ model: $(STAMP)
 	$(PY) -c "from nthr_book.models import convert_embedded; print('embedded model cache:', convert_embedded())"
 
 lint: $(STAMP)
-	$(PY) -m ruff check nthr_book tests bench notebooks
+	$(PY) -m ruff check nthr_book tests bench notebooks scripts
 	$(PY) tests/check_notebooks.py
 
 unit: $(STAMP) model
