@@ -19,6 +19,7 @@ rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 01)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -38,6 +39,7 @@ __all__ = [
     "ARITHMETIC_REQUIRE_BOXED",
     "ARITHMETIC_TEMPERATURE",
     "ARITHMETIC_TEMPLATE",
+    "ARITHMETIC_TEST_FRACTION",
     "BENCHMARKS",
     "DATA_ENV",
     "HUB_SOURCES",
@@ -45,6 +47,7 @@ __all__ = [
     "PROMPT_TEMPLATES",
     "DataNotAvailableError",
     "arithmetic_problems",
+    "arithmetic_split",
     "benchmark_search_dirs",
     "build_prompt",
     "format_problem",
@@ -410,7 +413,9 @@ def _offline_flag() -> bool:
 
 
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds."""
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (True behind a proxy)."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy decides; the download timeouts below still bound the wait
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
     try:
@@ -506,6 +511,7 @@ def load_math_train(levels: Sequence[int] = (3, 4, 5), data_dir: str | Path | No
 # ---------------------------------------------------------------------------------------------
 
 ARITHMETIC_OPS = ("+", "-", "*")
+ARITHMETIC_TEST_FRACTION = 0.2  # share of the question space reserved for split="test"
 _OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Ben", "Ivy")
 _ITEMS = ("apples", "stamps", "marbles", "books", "coins", "cards", "shells", "pens")
@@ -544,6 +550,12 @@ def _word_problem(rng: random.Random, a: int, op: str, b: int) -> str:
     return f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have in total?"
 
 
+def arithmetic_split(expression: str) -> str:
+    """'test' for a fixed ``ARITHMETIC_TEST_FRACTION`` of expressions (by SHA-256), else 'train'."""
+    bucket = int.from_bytes(hashlib.sha256(expression.encode()).digest()[:8], "big") / 2.0**64
+    return "test" if bucket < ARITHMETIC_TEST_FRACTION else "train"
+
+
 def arithmetic_problems(
     n: int,
     *,
@@ -554,6 +566,7 @@ def arithmetic_problems(
     num_operands: int = 2,
     phrasing: str = "symbolic",
     allow_negative: bool = False,
+    split: str | None = None,
 ) -> list[dict]:
     """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
 
@@ -562,7 +575,11 @@ def arithmetic_problems(
     the first operand and ``right`` that of every later one, both drawn uniformly (the default asks
     "17 - 3", "11 * 6", "9 + 8"; ``left=(10, 99)`` makes it harder, ``left=(2, 9)`` easier);
     ``num_operands`` (2-4, usual precedence); ``phrasing`` "symbolic" ("What is 17 - 3?"), "words"
-    ("What is 17 minus 3?") or "story" (a one-sentence word problem, two operands only); ``allow_negative`` keeps negative
+    ("What is 17 minus 3?") or "story" (a one-sentence word problem, two operands only); ``split``
+    None (any question), "train" or "test": a fixed partition of the questions by a hash of their
+    expression (``ARITHMETIC_TEST_FRACTION`` of them are "test"), so that a held-out set is disjoint
+    from every training pool however many seeds draw from the small default space (about 430 distinct
+    questions); ``allow_negative`` keeps negative
     results (otherwise they are redrawn). Question ``i`` depends only on ``(seed, i)`` and the knobs, so
     a larger ``n`` extends a smaller one. Each dict has ``id``, ``problem``, ``answer`` (a string),
     ``expression`` (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
@@ -582,6 +599,8 @@ def arithmetic_problems(
         raise ValueError(f"phrasing must be 'symbolic', 'words' or 'story', got {phrasing!r}")
     if phrasing == "story" and num_operands != 2:
         raise ValueError("phrasing='story' needs num_operands=2")
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
 
     problems = []
     for i in range(n):
@@ -590,11 +609,12 @@ def arithmetic_problems(
             slot_ops = [rng.choice(ops) for _ in range(num_operands - 1)]
             operands = [rng.randint(*left_range)] + [rng.randint(*right_range) for _ in slot_ops]
             value = _evaluate(operands, slot_ops)
-            if allow_negative or value >= 0:
+            expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(slot_ops, operands[1:])])
+            if (allow_negative or value >= 0) and (split is None or arithmetic_split(expression) == split):
                 break
-        else:  # pragma: no cover - only with ops=("-",) and many operands
-            raise ValueError(f"could not draw a non-negative result for question {i}: allow_negative=True")
-        expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(slot_ops, operands[1:])])
+        else:
+            raise ValueError(f"could not draw question {i} in 1000 tries: the knobs leave (almost) no "
+                             f"question with a non-negative result in split={split!r}")
         if phrasing == "symbolic":
             problem = f"What is {expression}?"
         elif phrasing == "words":

@@ -164,6 +164,15 @@ def test_not_found_offline_names_benchmark_and_folders(isolated):
     assert str(config.data_dir() / "math500.jsonl") in msg and "HuggingFaceH4/MATH-500" in msg
 
 
+def test_hub_probe(monkeypatch):
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens on port 1: refused at once
+    assert data._hub_reachable(timeout=2.0) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")  # behind a proxy the download itself decides
+    assert data._hub_reachable(timeout=2.0) is True
+
+
 def test_hub_failure_becomes_clear_error(isolated, monkeypatch):
     datasets = pytest.importorskip("datasets")
 
@@ -330,6 +339,22 @@ def test_arithmetic_is_deterministic_in_seed():
     assert a[0]["id"] == "arith/3/0"
 
 
+def test_arithmetic_split_is_a_fixed_partition():
+    train = arithmetic_problems(600, seed=0, split="train")
+    test = arithmetic_problems(300, seed=5, split="test")
+    train_q, test_q = {p["expression"] for p in train}, {p["expression"] for p in test}
+    assert not train_q & test_q
+    everything = {p["expression"] for p in arithmetic_problems(20000, seed=1)}  # the whole default space
+    share = sum(data.arithmetic_split(e) == "test" for e in everything) / len(everything)
+    assert abs(share - data.ARITHMETIC_TEST_FRACTION) < 0.06
+    assert all(data.arithmetic_split(e) == "test" for e in test_q)
+    with pytest.raises(ValueError, match="split"):
+        arithmetic_problems(3, seed=0, split="val")
+    with pytest.raises(ValueError, match="1000 tries"):  # 2 + 2 alone: hashed into one split only
+        arithmetic_problems(1, seed=0, ops=("+",), left=(2, 2), right=(2, 2),
+                            split="train" if data.arithmetic_split("2 + 2") == "test" else "test")
+
+
 def test_arithmetic_default_mix_has_every_op():
     problems = arithmetic_problems(300, seed=0)
     assert {p["ops"] for p in problems} == {"+", "-", "*"}
@@ -396,7 +421,19 @@ def test_build_prompt_embedded_chat_template(tokenizer):
     assert "Please reason step by step, and put your final answer within \\boxed{}." in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
     arith = build_prompt(tokenizer, problem, template="arithmetic")
-    assert problem in arith and "\\boxed{" in arith and arith != prompt
+    question = format_problem(problem, "arithmetic")
+    assert arith.endswith("<|im_start|>user\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
+    for shown, response in data.ARITHMETIC_EXAMPLES:  # solved examples come first, as earlier turns
+        turn = (f"<|im_start|>user\n{format_problem(shown, 'arithmetic')}<|im_end|>\n"
+                f"<|im_start|>assistant\n{response}<|im_end|>\n")
+        assert turn in arith and arith.index(turn) < arith.index(question)
+    assert arith.count("<|im_start|>assistant") == len(data.ARITHMETIC_EXAMPLES) + 1
+    bare = build_prompt(tokenizer, problem, template="arithmetic", examples=())
+    assert bare == tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                 add_generation_prompt=True, tokenize=False)
+    shot = build_prompt(tokenizer, problem, examples=[("What is 1 + 1?", "It is \\boxed{2}.")])
+    assert "<|im_start|>assistant\nIt is \\boxed{2}.<|im_end|>" in shot
+    assert shot.endswith(prompt[prompt.index("<|im_start|>user"):])  # then the same question turn
     plain = build_prompt(tokenizer, problem, template="plain")
     assert "<|im_start|>user\n" + problem + "<|im_end|>" in plain
     custom = build_prompt(tokenizer, problem, template="Q: {problem} Put it in \\boxed{}.")
@@ -413,6 +450,17 @@ def test_format_problem_keeps_braces():
 def test_build_prompt_without_chat_template_is_plain_text():
     assert build_prompt(_PlainTokenizer(), "2+2?", template="plain") == "2+2?"
     assert build_prompt(_PlainTokenizer(), "2+2?") == "2+2?\n" + PROMPT_TEMPLATES["boxed"].split("\n", 1)[1]
+
+
+def test_build_prompt_plain_text_examples():
+    text = build_prompt(_PlainTokenizer(), "5+5?", template="{problem} =", examples=[("1+1?", "2"), ("2+2?", "4")])
+    assert text == "1+1? =\n\n2\n\n2+2? =\n\n4\n\n5+5? ="
+
+
+@pytest.mark.parametrize("examples", ["Q A", [("only one",)], [("q", 3)], [["q", "a", "b"]], 5])
+def test_build_prompt_bad_examples(examples):
+    with pytest.raises(TypeError, match="examples"):
+        build_prompt(_PlainTokenizer(), "2+2?", examples=examples)
 
 
 def test_build_prompt_unknown_template_lists_names():
