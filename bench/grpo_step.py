@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--natural-length", action="store_true", help="let completions stop at EOS")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward/backward on both sides (a multiple of --group-size; default: "
+                        "the whole step). TRL: per_device_train_batch_size, accumulated over the step")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-6)
@@ -64,6 +67,7 @@ def run_ours(args, model, tokenizer, device) -> dict:
                       method=args.method, steps=args.warmup + args.steps, prompts_per_step=args.prompts,
                       group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=args.lr, kl_coef=args.kl,
                       dynamic_sampling=False, track_lld=args.lld, bf16=args.bf16, gradient_checkpointing=False,
+                      micro_batch_groups=None if args.micro_batch is None else args.micro_batch // args.group_size,
                       output_dir=tempfile.mkdtemp(prefix="bench_ours_"))
     trainer = GRPOTrainer(cfg, reward_fn=lambda texts, answers: length_parity(texts), model=model,
                           tokenizer=tokenizer, device=device)
@@ -92,9 +96,11 @@ def run_trl(args, model, tokenizer, device, problems: list[str], template: str) 
     prompts = [build_prompt(tokenizer, p, template) for p in problems][: args.prompts * n_steps]
     generation_kwargs = None if args.natural_length else {"min_new_tokens": args.max_new_tokens}
     cuda = device == "cuda"
+    total = args.prompts * args.group_size
+    micro = args.micro_batch or total
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"), max_steps=n_steps, num_generations=args.group_size,
-        per_device_train_batch_size=args.prompts * args.group_size, gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=total // micro,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr,
         adam_beta2=0.99, beta=args.kl, epsilon=0.2, loss_type="dapo", scale_rewards="group", max_grad_norm=1.0,
         gradient_checkpointing=False, bf16=args.bf16 and cuda, use_cpu=not cuda, shuffle_dataset=False,
@@ -160,6 +166,10 @@ def run_trl(args, model, tokenizer, device, problems: list[str], template: str) 
 def main(argv: list[str] | None = None) -> int:
     """Run both trainers and print the comparison."""
     args = parse_args(argv)
+    if args.micro_batch is not None and (args.micro_batch % args.group_size
+                                         or (args.prompts * args.group_size) % args.micro_batch):
+        raise SystemExit(f"--micro-batch {args.micro_batch} must be a multiple of --group-size {args.group_size} "
+                         f"and divide {args.prompts * args.group_size}")
     import torch
 
     from nthr_book.config import default_device
@@ -171,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or default_device()
     print(f"model {args.model}, device {device}, {args.prompts} prompts x {args.group_size} completions x "
           f"{args.max_new_tokens} new tokens ({'natural length' if args.natural_length else 'exact length'}), "
+          f"micro-batch {args.micro_batch or args.prompts * args.group_size}, "
           f"lr {args.lr}, kl {args.kl}, method {args.method}, lld {args.lld}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
     ours_model, tokenizer = load_policy(args.model, device=device)

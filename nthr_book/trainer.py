@@ -50,6 +50,7 @@ from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
 from nthr_book.rollout import Rollouts, generate_groups
 
 METHODS = ("grpo", "nthr", "pos_only")
+TRAIN_POOL_SEED = 10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
 
 # Columns of metrics.csv, in order (NTHR columns are present, NaN, for other methods).
 METRIC_COLUMNS = (
@@ -268,11 +269,14 @@ class _Batch:
 
 # ---- data and rewards -----------------------------------------------------------------------------
 def training_problems(cfg: TrainConfig) -> list[dict]:
-    """The training pool of {id, problem, answer} for the config's task, in a seeded order."""
+    """The training pool of {id, problem, answer} for the config's task, in a seeded order.
+
+    The pool is the same for every seed (the seed only orders it), so a held-out set can avoid it.
+    """
     from nthr_book import data
 
     if cfg.task == "arithmetic":
-        problems = list(data.arithmetic_problems(cfg.num_problems or 512, seed=cfg.seed + 10_000))
+        problems = list(data.arithmetic_problems(cfg.num_problems or 512, seed=TRAIN_POOL_SEED))
     else:
         problems = list(data.load_math_train(levels=cfg.math_levels))
     order = np.random.default_rng(cfg.seed).permutation(len(problems))
