@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [data.build_prompt(tokenizer, p["problem"], args.template, examples=examples) for p in problems]
     t0 = time.perf_counter()
     rollouts = generate_groups(model, tokenizer, prompts, G, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+                               temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+                               progress=True)
     gen_s = time.perf_counter() - t0
     texts = rollouts.texts  # (n*G,) group-major
     golds = [p["answer"] for p in problems for _ in range(G)]

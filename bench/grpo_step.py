@@ -10,6 +10,8 @@ completion length of each is reported. Timings: ``--warmup`` untimed steps, then
 each; the median ratio is ours / TRL. Method of arXiv 2505.18830 (``--method nthr`` times NTHR in both).
 
     python bench/grpo_step.py                       # embedded SmolLM2-135M, 4 prompts x 8 x 32 tokens
+    python bench/grpo_step.py --micro-batch 8       # the same, one group per forward/backward (less memory:
+                                                    # TRL 1.16 on CPU runs its LM head on every position)
     python bench/grpo_step.py --model tiny-random   # smoke run
 """
 

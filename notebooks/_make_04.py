@@ -45,12 +45,12 @@ MODEL = "smollm2-135m" if FAST else "Qwen/Qwen2.5-0.5B-Instruct"
 GROUPS_PATH = config.runs_dir() / "lld" / f"groups-{'fast' if FAST else 'full'}-seed{SEED}.pt"
 # Without notebook 02's file we sample our own groups, saved under a name of their own.
 OWN_GROUPS_PATH = config.runs_dir() / "lld" / f"groups-04-{'fast' if FAST else 'full'}-seed{SEED}.pt"
-N_QUESTIONS = 6 if FAST else 64  # questions sampled when no groups file exists
+N_QUESTIONS = 12 if FAST else 64  # questions sampled when no groups file exists
 N_EXPLORE = 4 if FAST else 40  # mixed groups shown (scores are computed once per group)
 SAMPLING = dict(  # used only when sampling our own groups
     group_size=8,
     max_new_tokens=40 if FAST else 1024,
-    temperature=0.7 if FAST else 1.0,
+    temperature=1.0,
     template="arithmetic" if FAST else "boxed",
     require_boxed=not FAST,
     seed=SEED,
@@ -85,7 +85,7 @@ def load_or_sample_groups():
             if any(g.status == "mixed" for g in groups):
                 return groups, settings, f"loaded from {path}"
     if FAST:
-        problems = data.arithmetic_problems(N_QUESTIONS, seed=SEED, ops=("+",), digits=1)
+        problems = data.arithmetic_problems(N_QUESTIONS, seed=SEED)
     else:
         problems = [dict(row) for row in data.load_benchmark("math500").select(range(N_QUESTIONS))]
     t0 = time.time()

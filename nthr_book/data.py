@@ -570,19 +570,24 @@ def arithmetic_problems(
 ) -> list[dict]:
     """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
 
-    Knobs (defaults tuned for the embedded SmolLM2-135M, see ``bench/arithmetic_difficulty.py``):
-    ``ops`` the operations, drawn uniformly for each slot; ``left`` the range (lo, hi), inclusive, of
-    the first operand and ``right`` that of every later one, both drawn uniformly (the default asks
-    "17 - 3", "11 * 6", "9 + 8"; ``left=(10, 99)`` makes it harder, ``left=(2, 9)`` easier);
-    ``num_operands`` (2-4, usual precedence); ``phrasing`` "symbolic" ("What is 17 - 3?"), "words"
-    ("What is 17 minus 3?") or "story" (a one-sentence word problem, two operands only); ``split``
-    None (any question), "train" or "test": a fixed partition of the questions by a hash of their
-    expression (``ARITHMETIC_TEST_FRACTION`` of them are "test"), so that a held-out set is disjoint
-    from every training pool however many seeds draw from the small default space (about 430 distinct
-    questions); ``allow_negative`` keeps negative
-    results (otherwise they are redrawn). Question ``i`` depends only on ``(seed, i)`` and the knobs, so
-    a larger ``n`` extends a smaller one. Each dict has ``id``, ``problem``, ``answer`` (a string),
-    ``expression`` (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
+    Knobs (the defaults are tuned for the embedded SmolLM2-135M; see ``bench/arithmetic_difficulty.py``):
+
+    - ``ops``: the operations, one drawn uniformly for each slot.
+    - ``left`` / ``right``: inclusive (lo, hi) ranges, drawn uniformly, of the first operand and of every
+      later one. The default asks "17 - 3", "11 * 6", "9 + 8"; ``left=(2, 9)`` is easier (the model is
+      right about 80% of the time, most groups nearly all right), ``left=(10, 99)`` harder (most
+      questions never solved).
+    - ``num_operands``: 2 to 4, with the usual precedence.
+    - ``phrasing``: "symbolic" ("What is 17 - 3?"), "words" ("What is 17 minus 3?") or "story" (a
+      one-sentence word problem; two operands only).
+    - ``allow_negative``: keep negative results (otherwise they are drawn again).
+    - ``split``: None (any question), "train" or "test", a fixed partition by a hash of the expression
+      (``ARITHMETIC_TEST_FRACTION`` of the questions are "test"): held-out questions stay disjoint from
+      every training pool however many seeds draw from the small default space (about 430 questions).
+
+    Question ``i`` depends only on ``(seed, i)`` and the knobs, so a larger ``n`` extends a smaller one;
+    questions may repeat. Each dict has ``id``, ``problem``, ``answer`` (a string), ``expression``
+    (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
