@@ -1,0 +1,105 @@
+"""The command-line scripts: arguments reach the library, results are saved, finished work is reused."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from nthr_book import lld
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_lld_table(seed: int) -> pd.DataFrame:
+    rows = [{"id": f"q{i}", "method": m, "n_correct": 2, "group_size": 4, "p": 0.5, "delta": d,
+             "per_response_delta": [d, d - 0.1], "n_selected": 0, "n_incorrect_tokens": 5, "tau": None,
+             "seed": seed, "lr": 1e-3}
+            for i, (m, d) in enumerate([("grpo", -0.2), ("grpo", 0.3), ("pos_only", 0.4), ("pos_only", 0.5)])]
+    return pd.DataFrame(rows, columns=list(lld.ROW_COLUMNS))
+
+
+def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatch):
+    script = load_script("lld_displacement")
+    calls = []
+    monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
+    monkeypatch.setattr(script.lld, "lld_experiment",
+                        lambda model, tok, problems, **kw: calls.append(kw) or fake_lld_table(kw["seed"]))
+    args = ["--seeds", "0", "1", "--n-questions", "3", "--lr", "0.001", "--out", str(tmp_path)]
+    summary = script.main(args)
+    assert [c["seed"] for c in calls] == [0, 1] and {c["lr"] for c in calls} == {0.001}
+    assert calls[0]["groups_path"] == tmp_path / "groups-seed0.pt"
+    # grpo deltas over both seeds: -0.2, 0.3, -0.2, 0.3 -> median 0.05, half <= 0;
+    # per-response deltas -0.2, -0.3, 0.3, 0.2 (x2) -> LLD rate 0.5
+    assert summary.loc["grpo", "median_delta"] == pytest.approx(0.05)
+    assert summary.loc["grpo", "frac_delta_le_0"] == 0.5 and summary.loc["grpo", "lld_rate"] == 0.5
+    assert summary.loc["pos_only", "frac_delta_le_0"] == 0.0 and summary.loc["grpo", "n_questions"] == 4
+    assert (tmp_path / "summary_by_seed.csv").exists() and (tmp_path / "settings.json").exists()
+    # A rerun reads the finished seeds back from CSV (lists included) and measures nothing again.
+    again = script.main(args)
+    assert len(calls) == 2
+    pd.testing.assert_frame_equal(summary, again)
+
+
+def test_lld_displacement_rejects_bad_arguments():
+    script = load_script("lld_displacement")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--n-questions", "0"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--methods", "sgd"])
+
+
+def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
+    script = load_script("grpo_vs_nthr")
+    seen = {}
+
+    def fake_run(name, methods, seeds, config, n_eval, evaluate_base):
+        seen.update(name=name, methods=methods, seeds=seeds, config=config, n_eval=n_eval, base=evaluate_base)
+        return pd.DataFrame([
+            {"method": m, "seed": s, "train_reward_first5": 0.2, "train_reward_last5": 0.1 + 0.2 * s,
+             "lld_rate_mean": 0.3, "selected_frac_mean": 0.0, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7,
+             "n_eval": 10} for m in methods for s in seeds])
+
+    monkeypatch.setattr(script, "run_experiment", fake_run)
+    script.main(["--seeds", "0", "1", "--steps", "3", "--model", "tiny-random", "--n-eval", "10", "--no-base"])
+    cfg = seen["config"]
+    assert (cfg.steps, cfg.model, cfg.prompts_per_step) == (3, "tiny-random", 4)  # the rest from the fast preset
+    assert seen["name"] == "grpo_vs_nthr_fast" and seen["seeds"] == [0, 1] and seen["base"] is False
+    out = capsys.readouterr().out
+    assert "2/4 runs up" in out  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
+
+
+def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monkeypatch, capsys):
+    script = load_script("evaluate_benchmarks")
+    problems = [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+
+    def fake_load(name):
+        if name == "gsm8k":
+            raise script.data.DataNotAvailableError("gsm8k: no file and no hub here")
+        return problems
+
+    monkeypatch.setattr(script.data, "load_benchmark", fake_load)
+    rows = script.main(["--model", "tiny-random", "--benchmarks", "aime24", "gsm8k", "--limit", "2",
+                        "--max-new-tokens", "2", "--out", str(tmp_path)])
+    assert list(rows["benchmark"]) == ["aime24"] and int(rows["n"].iloc[0]) == 2  # --limit keeps the first 2
+    assert "gsm8k: skipped" in capsys.readouterr().out
+    assert (tmp_path / "tiny-random" / "aime24.jsonl").exists()
+    assert (tmp_path / "results-tiny-random.csv").exists() and (tmp_path / "results_vs_paper-tiny-random.csv").exists()
+
+
+def test_lld_displacement_template_argument():
+    script = load_script("lld_displacement")
+    custom = script.parse_args(["--template", "{problem} Explain briefly.", "--no-require-boxed"])
+    assert custom.template == "{problem} Explain briefly." and custom.require_boxed is False
+    assert script.parse_args([]).require_boxed is True
+    with pytest.raises(SystemExit):
+        script.parse_args(["--template", "no placeholder"])
