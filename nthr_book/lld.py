@@ -54,6 +54,7 @@ __all__ = [
     "load_groups",
     "nthr_selection",
     "one_step_displacement",
+    "paired_comparison",
     "release_snapshot",
     "sample_groups",
     "save_groups",
@@ -822,4 +823,34 @@ def displacement_summary(df):
     columns = ["method", "n_questions", "median_delta", "mean_delta", "frac_delta_le_0"]
     if "per_response_delta" in df.columns:
         columns.append("lld_rate")
+    return pd.DataFrame(rows, columns=columns).set_index("method")
+
+
+def paired_comparison(df, baseline: str = "grpo"):
+    """Each method against ``baseline`` on the same questions (and seeds): the paired view of Δ(x).
+
+    Per method other than ``baseline``: n_pairs (questions where both were measured), frac_above
+    (the share where the method's Δ is larger than the baseline's), median_diff and mean_diff of
+    Δ_method - Δ_baseline. With GRPO as the baseline, Pos Only above GRPO on most questions means the
+    negative gradient lowered the correct answers' rise (lazy); NTHR above GRPO means the penalty it
+    spared was pulling the correct answers down.
+    """
+    import pandas as pd
+
+    missing = [c for c in ("id", "method", "delta") if c not in df.columns]
+    if missing:
+        raise ValueError(f"`df` lacks column(s) {missing} (expected an lld_experiment table)")
+    if baseline not in set(df["method"]):
+        raise ValueError(f"baseline={baseline!r} is not among the methods {list(pd.unique(df['method']))}")
+    keys = ["seed", "id"] if "seed" in df.columns else ["id"]
+    wide = df.pivot_table(index=keys, columns="method", values="delta", aggfunc="first")
+    rows = []
+    for method in pd.unique(df["method"]):
+        if method == baseline:
+            continue
+        pair = wide[[baseline, method]].dropna()
+        diff = pair[method] - pair[baseline]
+        rows.append({"method": method, "n_pairs": int(len(diff)), "frac_above": float((diff > 0).mean()),
+                     "median_diff": float(diff.median()), "mean_diff": float(diff.mean())})
+    columns = ["method", "n_pairs", "frac_above", "median_diff", "mean_diff"]
     return pd.DataFrame(rows, columns=columns).set_index("method")

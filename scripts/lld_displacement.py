@@ -10,8 +10,9 @@ records Δ(x), the change of the mean log-likelihood of that question's correct 
 
 Writes, under ``--out`` (default ``runs/lld_sweep``): ``groups-seed<k>.pt`` (the sampled groups, reused
 on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a finished seed is skipped on a
-rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate, over all seeds) and
-``summary_by_seed.csv``, and ``settings.json`` (arguments and versions).
+rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate, over all seeds),
+``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: the share of questions where its Δ beats GRPO's,
+and the median difference) and ``settings.json`` (arguments and versions).
 """
 
 from __future__ import annotations
@@ -86,10 +87,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     by_seed = pd.concat({seed: lld.displacement_summary(part) for seed, part in table.groupby("seed")},
                         names=["seed"])
     atomic_write_text(out / "summary.csv", summary.to_csv())
+    paired = lld.paired_comparison(table) if "grpo" in set(table["method"]) else None
+    if paired is not None:
+        atomic_write_text(out / "paired_vs_grpo.csv", paired.to_csv())
     atomic_write_text(out / "summary_by_seed.csv", by_seed.to_csv())
     with pd.option_context("display.width", 140):
         print(by_seed.round(4).to_string(), "\n")
-        print(f"all seeds {args.seeds}:\n{summary.round(4).to_string()}")
+        print(f"all seeds {args.seeds}:\n{summary.round(4).to_string()}\n")
+        if paired is not None:
+            print(f"paired with GRPO on the same questions:\n{paired.round(4).to_string()}")
     print(f"wrote {out}")
     return summary
 

@@ -22,6 +22,7 @@ from nthr_book.lld import (
     lld_rate,
     load_groups,
     one_step_displacement,
+    paired_comparison,
     save_groups,
     sequence_logprobs,
 )
@@ -486,6 +487,30 @@ def test_displacement_summary_hand_values():
         displacement_summary(df.drop(columns="delta"))
     empty = displacement_summary(df.iloc[:0])  # every group dropped: an empty table, not an error
     assert len(empty) == 0 and "median_delta" in empty.columns
+
+
+def test_paired_comparison_hand_values():
+    df = pd.DataFrame({
+        "id": ["a", "a", "a", "b", "b", "b", "c", "c"],
+        "method": ["grpo", "pos_only", "nthr", "grpo", "pos_only", "nthr", "grpo", "pos_only"],
+        "delta": [-0.2, 0.3, -0.1, 0.5, 0.4, 0.6, 0.0, 0.1],
+        "seed": [0] * 8,
+    })
+    p = paired_comparison(df)
+    assert p.index.tolist() == ["pos_only", "nthr"]
+    # pos_only - grpo: 0.5, -0.1, 0.1 -> 2 of 3 above; nthr - grpo: 0.1, 0.1 (c has no nthr row)
+    assert p.loc["pos_only"].to_dict() == pytest.approx(
+        {"n_pairs": 3, "frac_above": 2 / 3, "median_diff": 0.1, "mean_diff": 0.5 / 3})
+    assert p.loc["nthr"].to_dict() == pytest.approx(
+        {"n_pairs": 2, "frac_above": 1.0, "median_diff": 0.1, "mean_diff": 0.1})
+    # the same id under another seed is another question, not a duplicate
+    two = pd.concat([df, df.assign(seed=1, delta=-df["delta"])])
+    assert paired_comparison(two).loc["pos_only", "n_pairs"] == 6
+    assert paired_comparison(df, baseline="pos_only").loc["grpo", "frac_above"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="baseline"):
+        paired_comparison(df, baseline="random")
+    with pytest.raises(ValueError, match="id"):
+        paired_comparison(df.drop(columns="id"))
 
 
 def test_question_displacement_row():

@@ -21,7 +21,7 @@ def load_script(name: str):
 
 
 def fake_lld_table(seed: int) -> pd.DataFrame:
-    rows = [{"id": f"q{i}", "method": m, "n_correct": 2, "group_size": 4, "p": 0.5, "delta": d,
+    rows = [{"id": f"q{i % 2}", "method": m, "n_correct": 2, "group_size": 4, "p": 0.5, "delta": d,
              "per_response_delta": [d, d - 0.1], "n_selected": 0, "n_incorrect_tokens": 5, "tau": None,
              "seed": seed, "lr": 1e-3}
             for i, (m, d) in enumerate([("grpo", -0.2), ("grpo", 0.3), ("pos_only", 0.4), ("pos_only", 0.5)])]
@@ -44,6 +44,8 @@ def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatc
     assert summary.loc["grpo", "frac_delta_le_0"] == 0.5 and summary.loc["grpo", "lld_rate"] == 0.5
     assert summary.loc["pos_only", "frac_delta_le_0"] == 0.0 and summary.loc["grpo", "n_questions"] == 4
     assert (tmp_path / "summary_by_seed.csv").exists() and (tmp_path / "settings.json").exists()
+    paired = pd.read_csv(tmp_path / "paired_vs_grpo.csv", index_col="method")
+    assert paired.loc["pos_only", "frac_above"] == 1.0 and paired.loc["pos_only", "n_pairs"] == 4  # 2 questions x 2 seeds
     # A rerun reads the finished seeds back from CSV (lists included) and measures nothing again.
     again = script.main(args)
     assert len(calls) == 2
