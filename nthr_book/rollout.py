@@ -209,7 +209,7 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     # Drop columns that are padding in every row.
     last = int(completion_mask.sum(dim=1).max().item())
     completion_ids, completion_mask = completion_ids[:, :last], completion_mask[:, :last]
-    texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, pad_id), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # already pad past EOS
     return Rollouts(
         prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
         completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),

@@ -49,13 +49,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     model, tokenizer = load_policy(args.model)
     results = []
     for bench in args.benchmarks:
-        try:
-            problems = data.load_benchmark(bench)
+        try:  # evaluate loads the benchmark by name
+            res = evaluate(model, tokenizer, bench, limit=args.limit, temperature=0.0,
+                           max_new_tokens=args.max_new_tokens, batch_size=args.batch, out_dir=out, label=label)
         except data.DataNotAvailableError as exc:
             print(f"{bench}: skipped ({exc})")
             continue
-        res = evaluate(model, tokenizer, problems, benchmark_name=bench, limit=args.limit, temperature=0.0,
-                       max_new_tokens=args.max_new_tokens, batch_size=args.batch, out_dir=out, label=label)
         results.append(res)
         print(f"{label} {bench:14s} {res.ci_text()}  (truncated {res.truncated:.0%})", flush=True)
     rows = pd.DataFrame([r.as_row() for r in results])

@@ -84,12 +84,12 @@ def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monk
     script = load_script("evaluate_benchmarks")
     problems = [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
 
-    def fake_load(name):
+    def fake_load(name, data_dir=None):
         if name == "gsm8k":
             raise script.data.DataNotAvailableError("gsm8k: no file and no hub here")
         return problems
 
-    monkeypatch.setattr(script.data, "load_benchmark", fake_load)
+    monkeypatch.setattr("nthr_book.evaluate.load_benchmark", fake_load)
     rows = script.main(["--model", "tiny-random", "--benchmarks", "aime24", "gsm8k", "--limit", "2",
                         "--max-new-tokens", "2", "--out", str(tmp_path)])
     assert list(rows["benchmark"]) == ["aime24"] and int(rows["n"].iloc[0]) == 2  # --limit keeps the first 2
