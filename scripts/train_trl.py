@@ -64,30 +64,23 @@ def toy_parity_reward(completions, completion_ids, **kwargs) -> list[float]:
     return [float(sum(ids) % 2) for ids in completion_ids]
 
 
-def math_answer_reward(completions, answer, **kwargs) -> list[float]:
-    """nthr_book's boxed math reward against the dataset's ``answer`` column (\\boxed{} required)."""
-    from nthr_book.rewards import math_rewards
-
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return math_rewards(texts, [str(a) for a in answer], require_boxed=True)
-
-
 def build_dataset(task: str, tokenizer, n: int, seed: int):
     """A datasets.Dataset with a ``prompt`` column (and ``answer`` for arithmetic and math)."""
     from datasets import Dataset
 
-    from nthr_book.data import arithmetic_problems, build_prompt, load_math_train
+    from nthr_book.data import arithmetic_problems, load_math_train
+    from nthr_book.integrations.trl import prompt_dataset
+    from nthr_book.trainer import TRAIN_POOL_SEED
 
     if task == "math":
         rows = load_math_train(levels=(3, 4, 5)).shuffle(seed=seed)
         rows = rows.select(range(min(n, len(rows)))) if n else rows
-        problems, template = list(rows), "boxed"
-    else:
-        problems, template = arithmetic_problems(max(n, 1), seed=seed + 10_000), "arithmetic"
+        return prompt_dataset(list(rows), tokenizer, "boxed")
+    # nthr_book.trainer's arithmetic pool (the same for every seed, so held-out sets avoid it)
+    problems = arithmetic_problems(max(n, 1), seed=TRAIN_POOL_SEED)
     if task == "toy":
         return Dataset.from_dict({"prompt": [p["problem"] for p in problems]})
-    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, p["problem"], template) for p in problems],
-                              "answer": [str(p["answer"]) for p in problems]})
+    return prompt_dataset(problems, tokenizer, "arithmetic")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl import GRPOConfig
 
     from nthr_book import config as book_config
-    from nthr_book.integrations.trl import NTHRConfig, NTHRGRPOTrainer
+    from nthr_book.integrations.trl import NTHRConfig, NTHRGRPOTrainer, math_answer_reward
     from nthr_book.models import load_policy
 
     if os.environ.get("OMP_NUM_THREADS") is None and not torch.cuda.is_available():

@@ -25,7 +25,14 @@ pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from nthr_book.integrations.trl import LLDCallback, NTHRConfig, NTHRGRPOTrainer, trl_runs_old_pass  # noqa: E402
+from nthr_book.integrations.trl import (  # noqa: E402
+    LLDCallback,
+    NTHRConfig,
+    NTHRGRPOTrainer,
+    math_answer_reward,
+    prompt_dataset,
+    trl_runs_old_pass,
+)
 from nthr_book.models import load_tokenizer, tiny_random_model  # noqa: E402
 from nthr_book.nthr import nthr_advantage_fn  # noqa: E402
 
@@ -272,3 +279,20 @@ def test_two_processes_score_whole_groups(tmp_path):
         torch.testing.assert_close(rec["advantages"], expected[rec["rows"], :T])
     assert logs["log_history"][0]["nthr/selected_frac"] == pytest.approx(metrics["nthr/selected_frac"], rel=1e-5)
     assert logs["log_history"][0]["nthr/mixed_groups"] == metrics["nthr/mixed_groups"]
+
+
+def test_math_answer_reward_in_trls_calling_convention():
+    completions = ["2 + 2 = 4. The answer is \\boxed{4}.", [{"role": "assistant", "content": "\\boxed{5}"}], "4"]
+    # TRL passes the dataset's columns (answer, possibly ints) and its own keywords
+    assert math_answer_reward(completions, answer=[4, "4", "4"], prompts=["p"] * 3) == [1.0, 0.0, 0.0]
+    assert math_answer_reward(completions[2:], answer=["4"], require_boxed=False) == [1.0]  # unboxed allowed
+
+
+def test_prompt_dataset_columns(tokenizer):
+    from nthr_book.data import build_prompt
+
+    problems = [{"id": "a", "problem": "What is 3 + 4?", "answer": 7}, {"id": "b", "problem": "What is 2 * 5?",
+                                                                         "answer": "10"}]
+    ds = prompt_dataset(problems, tokenizer, "arithmetic")
+    assert ds.column_names == ["prompt", "answer"] and ds["answer"] == ["7", "10"]
+    assert ds["prompt"][1] == build_prompt(tokenizer, "What is 2 * 5?", "arithmetic")

@@ -70,7 +70,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "nthr_book.integrations.trl needs TRL (tested with trl==1.16.0): pip install -e '.[trl]'"
     ) from err
 
-__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "trl_runs_old_pass"]
+__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "math_answer_reward", "prompt_dataset", "trl_runs_old_pass"]
 
 # Keys this trainer adds to TRL's batch dict (tensors with a leading batch dim, or 0-d; TRL's shuffle and
 # split pass them through): global row id, reward, TRL's (B,) advantages, and two 0-d flags.
@@ -467,3 +467,26 @@ class NTHRGRPOTrainer(GRPOTrainer):
         metrics["nthr/eta_mean"].append(eta_sum / n_mixed if n_mixed else math.nan)
         metrics["nthr/score_mean"].append(score_sum / n_neg if n_neg else math.nan)
         metrics["nthr/mixed_groups"].append(n_mixed)
+
+
+# ---- data and reward in TRL's shapes (notebook 07, scripts/train_trl.py) ---------------------------------
+def prompt_dataset(problems: list[dict], tokenizer, template: str):
+    """A ``datasets.Dataset`` for TRL: ``prompt`` (chat-templated by ``data.build_prompt``) and ``answer``."""
+    from datasets import Dataset
+
+    from nthr_book.data import build_prompt
+
+    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, p["problem"], template) for p in problems],
+                              "answer": [str(p["answer"]) for p in problems]})
+
+
+def math_answer_reward(completions, answer, *, require_boxed: bool = True, **kwargs) -> list[float]:
+    """A TRL reward function: nthr_book's math reward against the dataset's ``answer`` column.
+
+    TRL passes the completions (strings, or message lists for conversational prompts: the last message is
+    graded) and the dataset's other columns as keywords.
+    """
+    from nthr_book.rewards import math_rewards
+
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return math_rewards(texts, [str(a) for a in answer], require_boxed=require_boxed)
