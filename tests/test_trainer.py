@@ -52,7 +52,8 @@ def test_train_writes_metrics_and_model(tmp_path):
     assert list(df["step"]) == [0, 1, 2, 3]
     assert set(METRIC_COLUMNS) <= set(df.columns)
     assert ((df["accuracy"] >= 0) & (df["accuracy"] <= 1)).all()
-    assert (run / "model" / "config.json").exists() and (run / "checkpoint.pt").exists()
+    assert (run / "model" / "config.json").exists()
+    assert not (run / "checkpoint.pt").exists(), "a finished run keeps model/ only, not the optimizer state"
     used = df["groups_used"] > 0
     assert used.any(), "the parity reward should give mixed groups"
     assert df.loc[used, "kl"].notna().all() and df.loc[used, "lld/rate"].between(0, 1).all()
@@ -82,9 +83,31 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, extra):
     a, b = read_metrics(full / "metrics.csv"), read_metrics(resumed / "metrics.csv")
     cols = [c for c in a.columns if not c.startswith("time_")]
     pd.testing.assert_frame_equal(a[cols], b[cols])
-    wa = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
-    wb = torch.load(resumed / "checkpoint.pt", weights_only=False)["model"]
+    wa, wb = final_weights(full), final_weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def final_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
+    straight = train(tiny(tmp_path / "a"), reward_fn=parity_reward, progress=False)
+    short = tiny(tmp_path / "b", steps=2, keep_checkpoint=True)
+    train(short, reward_fn=parity_reward, progress=False)
+    assert (short.run_dir() / "checkpoint.pt").exists()
+    extended = train(short.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
+    assert len(read_metrics(extended / "metrics.csv")) == 4
+    wa, wb = final_weights(straight), final_weights(extended)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "2 + 2 steps from the checkpoint equal 4 straight steps"
+
+    dropped = tiny(tmp_path / "c", steps=2)
+    train(dropped, reward_fn=parity_reward, progress=False)
+    assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == dropped.run_dir()
+    with pytest.raises(ValueError, match="keep_checkpoint=True"):
+        train(dropped.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
 
 
 def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
