@@ -12,14 +12,21 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: demo test unit notebooks browser lab model lint clean help
+.PHONY: demo test unit notebooks browser lab model lint clean help space
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 20 min on 2 CPU cores)"
 	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 25 min on 2 CPU cores)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 
-$(PY):
+# The venv (2 GB), the model cache (0.5 GB) and the series' runs (4 GB, 1.6 GB more while a run checkpoints)
+# need about 8 GB; say so up front rather than fail half-way through an install with ENOSPC.
+MIN_FREE_GB ?= 8
+space:
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(f'nthr_book: only {free:.1f} GB free on the disk of $(CURDIR); .venv, the model cache and runs/ need about $(MIN_FREE_GB) GB (make clean frees runs/; MIN_FREE_GB=0 skips this check)') if free < $(MIN_FREE_GB) else None"
+
+$(PY): | space
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned to the CPU build that lies on this machine's disk (any torch<=2.13 works elsewhere).
