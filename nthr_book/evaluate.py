@@ -27,19 +27,21 @@ fresh run is reproducible; a resumed run is statistically, not bitwise, equal to
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from nthr_book import config
-from nthr_book.data import build_prompt, load_benchmark
+from nthr_book.data import DataNotAvailableError, build_prompt, load_benchmark
 from nthr_book.env import versions
 from nthr_book.io import append_jsonl, read_jsonl, write_json, write_jsonl
 from nthr_book.rewards import extract_boxed, math_rewards
@@ -53,6 +55,7 @@ __all__ = [
     "RECORD_FIELDS",
     "EvalResult",
     "evaluate",
+    "evaluate_suite",
     "normal_interval",
     "results_table",
     "wilson_interval",
@@ -397,6 +400,51 @@ def evaluate(
         settings=settings, ci_method=method, truncated=n_trunc / (len(problems) * n_samples),
         per_problem=per_problem, seconds=time.perf_counter() - start_time,
     )
+
+
+def evaluate_suite(
+    models: Mapping[str, Any],
+    benchmarks: Sequence[str] | Mapping[str, Any],
+    *,
+    load: Callable[[Any], tuple[Any, Any]] | None = None,
+    log: Callable[[str], None] | None = print,
+    **evaluate_kwargs: Any,
+) -> list[EvalResult]:
+    """Every model on every benchmark; notebook 06 and ``scripts/evaluate_benchmarks.py``.
+
+    ``models`` maps a label to what ``load`` takes (default ``models.load_policy``: an embedded name, hub
+    id or folder); each model is loaded once, evaluated on every benchmark, then freed. ``benchmarks``
+    are names (loaded by :func:`evaluate`; one that is not reachable is skipped with a note through
+    ``log``) or ``{name: rows}``. ``evaluate_kwargs`` go to :func:`evaluate` (``max_new_tokens`` and
+    ``batch_size`` are required there). Results come model-major, in the order given.
+    """
+    if load is None:
+        from nthr_book.models import load_policy as load
+    say = log or (lambda _msg: None)
+    items = list(benchmarks.items()) if isinstance(benchmarks, Mapping) else [(b, b) for b in benchmarks]
+    for name, _ in items:
+        if not isinstance(name, str):
+            raise TypeError(f"benchmark names must be strings, got {name!r}")
+    results: list[EvalResult] = []
+    unreachable: set[str] = set()
+    for label, source in models.items():
+        model, tokenizer = load(source)
+        for name, rows in items:
+            if name in unreachable:
+                continue
+            try:
+                res = evaluate(model, tokenizer, rows, benchmark_name=name, label=label, **evaluate_kwargs)
+            except DataNotAvailableError as exc:
+                unreachable.add(name)
+                say(f"{name}: skipped ({exc})")
+                continue
+            results.append(res)
+            say(f"{label:5s} {name:14s} {res.ci_text()}  (truncated {res.truncated:.0%})")
+        del model, tokenizer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from nthr_book import config, data
-from nthr_book.evaluate import evaluate, results_table
+from nthr_book.evaluate import evaluate_suite, results_table
 from nthr_book.io import atomic_write_text
-from nthr_book.models import load_policy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,17 +45,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     label = args.label or ("base" if args.model == "smollm2-135m" else Path(args.model).name)
     out = args.out or config.runs_dir() / "eval"
-    model, tokenizer = load_policy(args.model)
-    results = []
-    for bench in args.benchmarks:
-        try:  # evaluate loads the benchmark by name
-            res = evaluate(model, tokenizer, bench, limit=args.limit, temperature=0.0,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch, out_dir=out, label=label)
-        except data.DataNotAvailableError as exc:
-            print(f"{bench}: skipped ({exc})")
-            continue
-        results.append(res)
-        print(f"{label} {bench:14s} {res.ci_text()}  (truncated {res.truncated:.0%})", flush=True)
+    # prints one line per benchmark, and which benchmark files (or hub) are not reachable here
+    results = evaluate_suite({label: args.model}, args.benchmarks, limit=args.limit, temperature=0.0,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch, out_dir=out)
     rows = pd.DataFrame([r.as_row() for r in results])
     atomic_write_text(out / f"results-{label}.csv", rows.to_csv(index=False))
     table = results_table(results)

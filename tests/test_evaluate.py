@@ -17,6 +17,7 @@ from nthr_book.evaluate import (
     RECORD_FIELDS,
     EvalResult,
     evaluate,
+    evaluate_suite,
     normal_interval,
     results_table,
     wilson_interval,
@@ -190,6 +191,39 @@ def test_benchmark_by_name_goes_through_load_benchmark(policy, tmp_path, monkeyp
     assert asked == [("gsm8k", tmp_path)]
     assert res.benchmark == "gsm8k" and res.n == 2 and res.accuracy == 0.0
     assert res.records_path == tmp_path / "x" / "gsm8k.jsonl"
+
+
+def test_evaluate_suite_loads_each_model_once_and_skips_unreachable(policy, tmp_path, monkeypatch):
+    from nthr_book.data import DataNotAvailableError
+
+    model, tok = policy
+    loads = []
+
+    def load(source):
+        loads.append(source)
+        return model, tok
+
+    def fake_load_benchmark(name, data_dir=None):
+        if name == "aime24":
+            raise DataNotAvailableError("aime24 is not here")
+        return make_problems(3)
+
+    monkeypatch.setattr(ev, "load_benchmark", fake_load_benchmark)
+    monkeypatch.setattr(ev, "math_rewards", fake_grader({"100"}))
+    lines: list[str] = []
+    results = evaluate_suite({"base": "m0", "grpo": "m1"}, ["aime24", "gsm8k"], load=load, log=lines.append,
+                             max_new_tokens=TOKENS, batch_size=4, out_dir=tmp_path, progress=False)
+    assert loads == ["m0", "m1"]
+    assert [(r.label, r.benchmark) for r in results] == [("base", "gsm8k"), ("grpo", "gsm8k")]
+    assert all(r.n == 3 and r.accuracy == pytest.approx(1 / 3) for r in results)
+    assert sum(line.startswith("aime24: skipped") for line in lines) == 1, "said once, not once per model"
+    assert sum("gsm8k" in line for line in lines) == 2
+    assert (tmp_path / "grpo" / "gsm8k.jsonl").exists()
+
+    mine = evaluate_suite({"x": "m2"}, {"mine": make_problems(2)}, load=load, log=None, max_new_tokens=TOKENS,
+                          batch_size=4, out_dir=tmp_path, progress=False)
+    assert [(r.label, r.benchmark, r.n) for r in mine] == [("x", "mine", 2)]
+    assert (tmp_path / "x" / "mine.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------
