@@ -27,7 +27,7 @@ and notebook 03 (token scores and NTHR in `nthr_book.nthr`). Library modules use
 `nthr_book.widgets` (this notebook's), `nthr_book.nthr`, `nthr_book.lld`, `nthr_book.viz`."""),
     ("code", r"""from nthr_book import env
 
-env.report()"""),
+env.report();"""),
     ("md", r"""## Parameters
 
 `NTHR_BOOK_FAST=1` (the default without a GPU) uses the embedded SmolLM2-135M and a handful of
@@ -132,6 +132,14 @@ for gs in scores:
     a, b = gs.scores("generated")[m].double(), gs.scores("full")[m].double()
     approx.append({"id": gs.question_id, "tokens": int(m.sum()), "relative error": float((a - b).norm() / b.norm()),
                    "correlation": float(torch.corrcoef(torch.stack([a, b]))[0, 1])})
+
+# Open on the group where β = 1 spares the most tokens, so the first view shows NTHR at work
+# (on many groups β = 1 spares nothing: the correct answers' own scores set a high bar).
+n_spared = [widgets.explorer_state(gs, beta=1.0, eta="two_abs").n_selected_group for gs in scores]
+order = sorted(range(len(mixed)), key=lambda i: -n_spared[i])
+mixed, scores, approx = [mixed[i] for i in order], [scores[i] for i in order], [approx[i] for i in order]
+print("incorrect tokens selected at β = 1, per group:",
+      {g.question_id: n_spared[i] for g, i in zip(mixed, order)})
 pd.DataFrame(approx).round(4)"""),
     ("code", r"""# The explorer's numbers are the library's: τ and the selection come from nthr.threshold / select_tokens.
 gs = scores[0]

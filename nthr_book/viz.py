@@ -66,6 +66,7 @@ _PALETTE = sns.color_palette("colorblind", 10)
 _METHOD_COLORS = {"grpo": _PALETTE[0], "pos_only": _PALETTE[1], "nthr": _PALETTE[2], "random": _PALETTE[7],
                   "base": _PALETTE[5]}
 _OTHER_COLORS = [_PALETTE[i] for i in (3, 4, 6, 8, 9)]
+_LINESTYLES = ("-", "--", "-.", ":")  # training curves: the j-th method's dash pattern
 _HTML_CMAP = "RdBu_r"  # red = high score (harmful to the correct answers), blue = low
 
 
@@ -178,7 +179,7 @@ def plot_displacement(df: pd.DataFrame, methods: Sequence[str] = ("grpo", "pos_o
     ax.set_xlabel(f"question ({order})")
     ax.set_ylabel(DELTA_LABEL)
     ax.set_xlim(-0.6, len(table) - 0.4)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, never over them
     if title is not None:
         ax.set_title(title)
     _save(ax.figure, save)
@@ -605,7 +606,9 @@ def plot_training_curves(df: pd.DataFrame,
             n = int(rows["n_seeds"].max())
             color = method_color(level, j) if hue is not None else _PALETTE[0]
             name = method_label(level) if hue is not None else metric
-            ax.plot(x, y, color=color, label=f"{name} (n={n})")
+            # a dash pattern per method too, so that identical curves stay visible on top of each other
+            ax.plot(x, y, color=color, linestyle=_LINESTYLES[j % len(_LINESTYLES)], marker=".",
+                    label=f"{name} (n={n})")
             if band == "sd" and n > 1:
                 sd = rows["sd"].fillna(0.0).to_numpy(dtype=float)
                 ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, linewidth=0)
