@@ -43,6 +43,7 @@ __all__ = [
     "GROUPS_FORMAT",
     "METHODS",
     "OPTIMIZERS",
+    "balanced_group",
     "ROW_COLUMNS",
     "Group",
     "QuestionDisplacement",
@@ -274,6 +275,26 @@ def near_miss_group(group: Group, tokenizer) -> Group:
                               group.rewards.clone(), prompt_mask=ro.prompt_mask,
                               question_id=f"{group.question_id}/near-miss", answer=group.answer,
                               problem=group.problem, texts=texts)
+
+
+def balanced_group(group: Group, k: int) -> Group | None:
+    """The first ``k`` correct and first ``k`` incorrect responses of ``group`` (G = 2k, p = 1/2), in their
+    sampled order: METHOD §5's 4+/4- probe. None when the group has fewer than ``k`` of either."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an int >= 1, got {k!r}")
+    right = group.correct.nonzero().flatten()[:k]
+    wrong = (~group.correct).nonzero().flatten()[:k]
+    if len(right) < k or len(wrong) < k:
+        return None
+    rows = torch.cat([right, wrong]).sort().values  # (2k,) row indices, sampling order kept
+    ro = group.rollouts
+    idx = rows.to(ro.completion_ids.device)
+    out = Group.from_tensors(ro.prompt_ids[idx], ro.completion_ids[idx], ro.completion_mask[idx],
+                             group.rewards[rows], prompt_mask=ro.prompt_mask[idx], question_id=group.question_id,
+                             answer=group.answer, problem=group.problem, texts=[ro.texts[i] for i in rows.tolist()])
+    out.rollouts.truncated = ro.truncated[idx].clone()
+    out.rollouts = _trim(out.rollouts)  # drop completion columns only the left-out responses used
+    return out
 
 
 def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | None = None) -> Path:
@@ -672,7 +693,7 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
                    lr: float, seed: int, temperature: float = 1.0, template: str = "boxed",
                    require_boxed: bool = True, beta: float = 1.0, eta: float = 0.0, optimizer: str = "sgd",
                    steps: int = 1, vocab: str = "generated", groups_path: str | Path | None = None,
-                   batch_size: int | None = None, progress: bool = True):
+                   batch_size: int | None = None, balance: int | None = None, progress: bool = True):
     """Δ(x) per mixed question and method on the same sampled groups, as a DataFrame (notebook 02).
 
     Samples (seeded) and grades ``group_size`` responses per problem, or loads them from
@@ -681,7 +702,9 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
     per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for grpo/pos_only),
     seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass per question is
-    shared by all methods.
+    shared by all methods. ``balance=k`` measures each mixed group on its first k correct and k incorrect
+    responses only (``balanced_group``, METHOD §5's 4+/4- probe; sample a larger ``group_size`` so that
+    enough groups qualify); groups with fewer go to ``df.attrs["dropped"]["unbalanced"]``.
     """
     import pandas as pd
 
@@ -696,6 +719,10 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"`lr` must be a positive number, got {lr!r}")
+    if balance is not None and (isinstance(balance, bool) or not isinstance(balance, int) or balance < 1
+                                or 2 * balance > group_size):
+        raise ValueError(f"`balance` must be None or an int k >= 1 with 2k <= group_size={group_size}, "
+                         f"got {balance!r}")
     problems = list(problems)
     ids, _, _ = _problem_fields(problems)
     sampling = {"problem_ids": ids, "group_size": group_size, "max_new_tokens": max_new_tokens,
@@ -722,7 +749,13 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
             mixed.append(g)
         else:
             dropped[g.status].append(g.question_id)
-    print(f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept; dropped "
+    kept_note = ""
+    if balance is not None:
+        balanced = [(g.question_id, balanced_group(g, balance)) for g in mixed]
+        dropped["unbalanced"] = [qid for qid, b in balanced if b is None]
+        mixed = [b for _, b in balanced if b is not None]
+        kept_note = f" ({len(dropped['unbalanced'])} more dropped with fewer than {balance} right or wrong)"
+    print(f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept{kept_note}; dropped "
           f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong")
 
     # One initial pass per question, shared by every method; NTHR's selection, when needed, is computed
@@ -752,6 +785,7 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     df.attrs["n_sampled"] = len(groups)
     df.attrs["settings"] = sampling | {"methods": list(methods), "lr": lr, "beta": beta, "eta": eta,
                                        "optimizer": optimizer, "steps": steps, "vocab": vocab,
+                                       "balance": balance,
                                        "groups_path": None if path is None else str(path)}
     return df
 

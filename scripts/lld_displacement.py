@@ -7,6 +7,9 @@ records Δ(x), the change of the mean log-likelihood of that question's correct 
 
     python scripts/lld_displacement.py                          # seeds 0 1, 60 questions each, ~15 min CPU
     python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random   # smoke run
+    python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 --max-new-tokens 64 \
+        --template "{problem} Explain your reasoning in one or two sentences, then give the final answer." \
+        --no-require-boxed --out runs/lld_sweep_balanced       # METHOD.md §5's reasoning-prompt 4+/4- probe
 
 Writes, under ``--out`` (default ``runs/lld_sweep``): ``groups-seed<k>.pt`` (the sampled groups, reused
 on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a finished seed is skipped on a
@@ -44,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-5, help="plain SGD step size (METHOD.md §5)")
     p.add_argument("--beta", type=float, default=1.0, help="NTHR threshold factor")
     p.add_argument("--eta", type=float, default=0.0, help="NTHR down-weighting factor (0: the diagnostic setting)")
+    p.add_argument("--balance", type=int, default=None, metavar="K",
+                   help="measure each mixed group on its first K right and K wrong answers (METHOD.md §5's 4+/4- "
+                        "probe; use a --group-size of about 4K so that enough groups qualify)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/lld_sweep)")
     args = p.parse_args(argv)
     try:
@@ -52,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(exc))
     if args.n_questions < 1:
         p.error(f"--n-questions must be >= 1, got {args.n_questions}")
+    if args.balance is not None and not 1 <= 2 * args.balance <= args.group_size:
+        p.error(f"--balance K needs 1 <= 2K <= --group-size ({args.group_size}), got {args.balance}")
     return args
 
 
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                                 max_new_tokens=args.max_new_tokens, lr=args.lr, seed=seed,
                                 temperature=args.temperature, template=args.template,
                                 require_boxed=args.require_boxed,
-                                beta=args.beta, eta=args.eta, groups_path=out / f"groups-seed{seed}.pt")
+                                beta=args.beta, eta=args.eta, balance=args.balance,
+                                groups_path=out / f"groups-seed{seed}.pt")
         atomic_write_text(csv, df.to_csv(index=False))
         tables.append(df)
     table = pd.concat(tables, ignore_index=True)

@@ -16,6 +16,7 @@ from nthr_book import lld
 from nthr_book.lld import (
     Group,
     QuestionDisplacement,
+    balanced_group,
     displacement_summary,
     groups_from_rollouts,
     lld_experiment,
@@ -541,3 +542,50 @@ def test_near_miss_group_changes_only_the_final_number():
     assert near.rollouts.texts[2] == "\\boxed{6}"
     assert torch.equal(near.rewards, g.rewards)
     assert torch.equal(near.rollouts.completion_ids[0][near.rollouts.completion_mask[0]], ids[0][mask[0]])
+
+
+def test_balanced_group_keeps_the_first_k_of_each_in_order():
+    completions = [[10 + i] * (i + 1) for i in range(8)]  # response i: i + 1 copies of token 10 + i
+    group = _group(completions, [1, 0, 0, 1, 1, 0, 0, 0], question_id="q7")
+    two = balanced_group(group, 2)
+    # first two right: rows 0 and 3; first two wrong: rows 1 and 2 -> rows 0, 1, 2, 3 in sampling order
+    assert two.rewards.tolist() == [1.0, 0.0, 0.0, 1.0] and two.group_size == 4 and two.p == 0.5
+    for new_row, old_row in enumerate([0, 1, 2, 3]):
+        kept = two.rollouts.completion_ids[new_row][two.rollouts.completion_mask[new_row]]
+        assert kept.tolist() == completions[old_row]
+    assert two.rollouts.completion_ids.shape[1] == 4, "columns only the left-out responses used are trimmed"
+    three = balanced_group(group, 3)
+    assert three.rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0] and three.question_id == "q7"
+    assert balanced_group(group, 4) is None  # only three right answers
+    with pytest.raises(ValueError, match="k"):
+        balanced_group(group, 0)
+
+
+def test_lld_experiment_balance_uses_balanced_groups(tiny_policy, tmp_path, monkeypatch, capsys):
+    model, tokenizer = tiny_policy
+    monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
+    kwargs = dict(methods=("grpo", "pos_only"), group_size=6, max_new_tokens=5, lr=1e-3, seed=3,
+                  groups_path=tmp_path / "groups.pt", progress=False)
+    df = lld_experiment(model, tokenizer, PROBLEMS, balance=2, **kwargs)  # the fake grader gives 3 of 6 right
+    assert "2 mixed kept" in capsys.readouterr().out
+    assert (df["group_size"] == 4).all() and (df["n_correct"] == 2).all()
+    assert df.attrs["settings"]["balance"] == 2 and df.attrs["dropped"]["unbalanced"] == []
+    group = next(g for g in load_groups(tmp_path / "groups.pt") if g.question_id == "a")
+    alone = one_step_displacement(model, balanced_group(group, 2), update="grpo", lr=1e-3, seed=3)
+    assert df[(df["id"] == "a") & (df["method"] == "grpo")].iloc[0]["delta"] == alone.delta
+    with pytest.raises(ValueError, match="balance"):
+        lld_experiment(model, tokenizer, PROBLEMS, balance=4, **kwargs)
+
+
+def test_lld_experiment_balance_drops_groups_short_of_k(tiny_policy, monkeypatch, capsys):
+    model, tokenizer = tiny_policy
+
+    def one_right_for_c(completions, golds, **kwargs):  # question c: a single right answer in its group
+        return [float(i % 6 == 0) if g == "6" else r for i, (g, r) in
+                enumerate(zip(golds, _fake_grader(completions, golds)))]
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", one_right_for_c)
+    df = lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo",), group_size=6, max_new_tokens=5, lr=1e-3,
+                        seed=3, balance=2, progress=False)
+    assert df["id"].tolist() == ["a"] and df.attrs["dropped"]["unbalanced"] == ["c"]
+    assert "1 more dropped with fewer than 2 right or wrong" in capsys.readouterr().out

@@ -105,3 +105,7 @@ def test_lld_displacement_template_argument():
     assert script.parse_args([]).require_boxed is True
     with pytest.raises(SystemExit):
         script.parse_args(["--template", "no placeholder"])
+    assert script.parse_args(["--group-size", "16", "--balance", "4"]).balance == 4
+    assert script.parse_args([]).balance is None
+    with pytest.raises(SystemExit):
+        script.parse_args(["--balance", "5"])  # 2K > G = 8
