@@ -646,19 +646,20 @@ def train(config: TrainConfig, *, advantage_fn=None, reward_fn=None, resume: boo
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     run_dir = config.run_dir()
-    trainer = GRPOTrainer(config, advantage_fn=advantage_fn, reward_fn=reward_fn, model=model, tokenizer=tokenizer)
-    hook_repr = repr(trainer.advantage_fn)
+    hook = advantage_fn if advantage_fn is not None else make_advantage_fn(config)
+    hook_repr = repr(hook)
     _check_run_dir(run_dir, config, hook_repr, resume)
+    done = _steps_done(run_dir) if resume and (run_dir / "model").exists() else None  # None: not finished
+    if done is not None and done >= config.steps:
+        return run_dir  # reuse the finished run: no model load, no checkpoint read
     run_dir.mkdir(parents=True, exist_ok=True)
-    finished = (run_dir / "model").exists()
-    if resume and finished and _steps_done(run_dir) >= config.steps:
-        return run_dir  # nothing to do: reuse the finished run without reading its checkpoint
+    trainer = GRPOTrainer(config, advantage_fn=hook, reward_fn=reward_fn, model=model, tokenizer=tokenizer)
     if resume and (run_dir / "checkpoint.pt").exists():
         trainer.load_checkpoint(run_dir)
-    elif resume and finished:
-        raise ValueError(f"{run_dir}: the run finished at {_steps_done(run_dir)} steps and did not keep its "
-                         f"checkpoint, so it cannot be extended to steps={config.steps}; train it with "
-                         "keep_checkpoint=True, or choose another output_dir")
+    elif done is not None:
+        raise ValueError(f"{run_dir}: the run finished at {done} steps and did not keep its checkpoint, so it "
+                         f"cannot be extended to steps={config.steps}; train it with keep_checkpoint=True, "
+                         "or choose another output_dir")
     write_json(run_dir / "config.json", {"config": config.to_dict(), "advantage_fn": hook_repr,
                                          "reward_fn": repr(reward_fn) if reward_fn else "math_rewards",
                                          "versions": versions(), "device": str(trainer.device)})
