@@ -22,7 +22,7 @@ import types
 import torch
 
 from nthr_book.models import random_init_model, tiny_random_model
-from nthr_book.rollout import Rollouts, completion_mask_from_eos
+from nthr_book.rollout import Rollouts, completion_mask_from_eos, generate, generation_config
 from nthr_book.trainer import GRPOTrainer, TrainConfig
 
 DEVICE = "cuda"
@@ -42,14 +42,16 @@ class SyntheticTrainer(GRPOTrainer):
         prompt_ids = prompts.repeat_interleave(cfg.group_size, 0).to(dev)  # (N, P)
         prompt_mask = torch.ones_like(prompt_ids)
         self.model.eval()
+        # The trainer's sampling (softmax(logits / T), top_p as configured); no EOS id, so every
+        # completion runs to max_new_tokens.
+        sampling = generation_config(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, eos_token_id=None, pad_token_id=0)
         chunks = []
         bs = cfg.generation_batch_size or prompt_ids.shape[0]
         for i in range(0, prompt_ids.shape[0], bs):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                out = self.model.generate(input_ids=prompt_ids[i:i + bs], attention_mask=prompt_mask[i:i + bs],
-                                          do_sample=True, temperature=cfg.temperature, top_k=0,
-                                          max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
-                                          pad_token_id=0, eos_token_id=None)
+                out = generate(self.model, sampling, input_ids=prompt_ids[i:i + bs],
+                               attention_mask=prompt_mask[i:i + bs])
             chunks.append(out[:, self.prompt_len:])
         completion_ids = torch.cat(chunks)
         mask, truncated = completion_mask_from_eos(completion_ids, [-1])  # no EOS: all tokens valid

@@ -70,6 +70,7 @@ def run_ours(args, model, tokenizer, device) -> dict:
                       group_size=args.group_size, max_new_tokens=args.max_new_tokens, lr=args.lr, kl_coef=args.kl,
                       dynamic_sampling=False, track_lld=args.lld, bf16=args.bf16, gradient_checkpointing=False,
                       micro_batch_groups=None if args.micro_batch is None else args.micro_batch // args.group_size,
+                      min_new_tokens=0 if args.natural_length else args.max_new_tokens,
                       output_dir=tempfile.mkdtemp(prefix="bench_ours_"))
     trainer = GRPOTrainer(cfg, reward_fn=lambda texts, answers: length_parity(texts), model=model,
                           tokenizer=tokenizer, device=device)
@@ -79,9 +80,10 @@ def run_ours(args, model, tokenizer, device) -> dict:
         row = trainer.train_step(step)
         row["wall"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  ours step {step}{' (warm-up)' if step < args.warmup else ''}: {row['wall']:.2f} s, "
-              f"completion length {row['completion_length']:.1f}, "
-              + ", ".join(f"{k} {row['time_' + k]:.2f}" for k in PHASES if row.get('time_' + k)), flush=True)
+        split = ", ".join(f"{k} {row['time_' + k]:.2f}" for k in PHASES if row.get('time_' + k))
+        print(f"  ours step {step}{' (warm-up)' if step < args.warmup else ''}: "
+              f"{row['wall']:.2f} s, completion length {row['completion_length']:.1f}, {split}",
+              flush=True)
     return {"rows": rows, "prompts": [p["problem"] for p in trainer.problems], "template": trainer.template}
 
 
@@ -188,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()}", flush=True)
     ours_model, tokenizer = load_policy(args.model, device=device)
     trl_model, _ = load_policy(args.model, device="cpu")  # TRL's Trainer moves it to its device
-    if not args.natural_length:
-        ours_model.generation_config.min_new_tokens = args.max_new_tokens  # generate() merges it in
     problems_and_template: dict = {}
 
     def ours():

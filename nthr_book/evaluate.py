@@ -1,6 +1,6 @@
-"""Greedy / avg@k benchmark evaluation with resumable per-sample records, and the paper's Table 2 (notebook 07).
+"""Greedy / avg@k benchmark accuracy, resumable records, the paper's Table 2 (notebook 06).
 
-The paper (arXiv 2505.18830, METHOD.md §4) reports greedy accuracy on AIME24, AMC23, MATH500, Minerva
+The paper (arXiv 2505.18830, docs/method.md §4) reports greedy accuracy on AIME24, AMC23, MATH500, Minerva
 and OlympiadBench, one run each, without intervals. :func:`evaluate` measures the same quantity
 (``n_samples=1``, ``temperature=0``: pass@1) or avg@k (``n_samples=k`` sampled completions per problem,
 accuracy = mean over problems of the mean over samples), always with a 95% interval:
@@ -71,7 +71,7 @@ COMPARED_SETTINGS = ("benchmark", "label", "model", "n_samples", "temperature", 
 
 
 def _paper_table2() -> pd.DataFrame:
-    """METHOD.md §4, one row per (model, method); 'GRPO / NTHR' rows are split in two."""
+    """docs/method.md §4, one row per (model, method); 'GRPO / NTHR' rows are split in two."""
     rows = [
         ("Qwen2.5-0.5B-Instruct", "base", 0.0, 2.5, 33.4, 4.4, 7.0, 9.46),
         ("Qwen2.5-0.5B-Instruct", "GRPO", 0.0, 7.5, 33.8, 9.2, 8.1, 11.72),
@@ -97,7 +97,7 @@ PAPER_TABLE2 = _paper_table2()  # greedy accuracy %, one run each (arXiv 2505.18
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (95% with z=1.96); notebook 07."""
+    """Wilson score interval for ``k`` successes in ``n`` trials (95%: z=1.96); notebooks 05, 06."""
     if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
         raise TypeError(f"k and n must be integers, got k={k!r}, n={n!r}")
     k, n = int(k), int(n)
@@ -119,7 +119,7 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def normal_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
-    """``mean ± z * sd / sqrt(n)`` of per-problem scores (sd with ddof=1), clipped to [0, 1]; notebook 07."""
+    """``mean ± z * sd / sqrt(n)`` of per-problem scores (ddof=1), in [0, 1]; notebook 06."""
     values = [float(v) for v in values]
     n = len(values)
     if n == 0:
@@ -290,7 +290,7 @@ def evaluate(
     benchmark_name: str | None = None,
     data_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Accuracy of ``model`` on ``benchmark`` (pass@1 or avg@k) with resumable JSONL records; notebook 07.
+    """Accuracy of ``model`` on ``benchmark`` (pass@1 or avg@k), resumable records; notebook 06.
 
     ``benchmark`` is a name for ``data.load_benchmark`` (with ``data_dir``) or a list/Dataset of
     ``{id, problem, answer}`` (then ``benchmark_name`` names the records file, default "custom").
@@ -380,7 +380,8 @@ def evaluate(
                     row = g * n_samples + s
                     rec = {"id": p["id"], "sample": s, "prompt": batch_prompts[g], "completion": rollouts.texts[row],
                            "extracted": extract_boxed(rollouts.texts[row]), "gold": p["answer"],
-                           "correct": bool(rewards[row] >= 0.5), "truncated": bool(truncated[row])}
+                           "correct": bool(rewards[row] > 0.5),  # as everywhere: reward 1 = right
+                           "truncated": bool(truncated[row])}
                     append_jsonl(records_path, rec)
                     done[(p["id"], s)] = rec
             if bar is not None:
@@ -454,7 +455,7 @@ def evaluate_suite(
 
 def results_table(results: Sequence[EvalResult], *, paper_model: str | None = "Qwen2.5-0.5B-Instruct",
                   numeric: bool = False) -> pd.DataFrame:
-    """Our results next to the paper's Table 2 rows for ``paper_model`` (notebook 07).
+    """Our results next to the paper's Table 2 rows for ``paper_model`` (notebook 06).
 
     Rows are indexed by (source, method): the paper's rows ("paper", method) first, then ours
     ("ours", label) in order of appearance, then ("noise", "1 problem = pts") with 100/n per benchmark

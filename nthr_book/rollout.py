@@ -1,4 +1,4 @@
-"""Rollouts: sample ``group_size`` completions per prompt, batched, with the KV cache (notebook 01).
+"""Rollouts: sample ``group_size`` completions per prompt, batched, with the KV cache (notebook 00).
 
 Layout (group-major): rows ``[g*G:(g+1)*G]`` are the G completions of prompt ``g``.
 ``prompt_ids`` are left-padded, ``completion_ids`` right-padded; ``completion_mask`` is True on the
@@ -89,6 +89,30 @@ class Rollouts:
                 picked[f.name] = value
         return Rollouts(**picked)
 
+    @classmethod
+    def concat(cls, parts: list[Rollouts], *, pad_id: int) -> Rollouts:
+        """One group-major batch from several (prompts re-left-padded, completions re-right-padded)."""
+        P = max(r.prompt_ids.shape[1] for r in parts)
+        T = max(r.completion_ids.shape[1] for r in parts)
+
+        def padded(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+            out = x.new_full((x.shape[0], width), value)  # (n, width)
+            if left:
+                out[:, width - x.shape[1]:] = x
+            else:
+                out[:, : x.shape[1]] = x
+            return out
+
+        return cls(
+            prompt_ids=torch.cat([padded(r.prompt_ids, P, pad_id, True) for r in parts]),  # (N, P)
+            prompt_mask=torch.cat([padded(r.prompt_mask, P, 0, True) for r in parts]),
+            completion_ids=torch.cat([padded(r.completion_ids, T, pad_id, False) for r in parts]),
+            completion_mask=torch.cat([padded(r.completion_mask, T, False, False) for r in parts]),
+            texts=[t for r in parts for t in r.texts],
+            truncated=torch.cat([r.truncated for r in parts]),
+            group_size=parts[0].group_size, prompts=[q for r in parts for q in r.prompts],
+            meta=dict(parts[0].meta) | {"rounds": len(parts)})
+
     def save(self, path: str | Path) -> Path:
         """Save atomically (tensors and texts) so a rerun can compare methods on the same samples."""
         payload = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -125,6 +149,79 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
+# GenerationConfig fields whose "off" value is not None, set explicitly: the config says so itself.
+_PROCESSORS_OFF = dict(
+    num_beams=1, num_return_sequences=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0,
+    eta_cutoff=0.0, guidance_scale=1.0, renormalize_logits=False,
+    remove_invalid_values=False, use_cache=True, output_scores=False, output_logits=False,
+    return_dict_in_generate=False,
+)
+
+
+def _check_generation_args(max_new_tokens, temperature, top_p, top_k, min_new_tokens) -> None:
+    """Raise on a generation setting out of range, naming it."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
+            or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}], "
+                         f"got {min_new_tokens!r}")
+
+
+def generation_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int = 0, min_new_tokens: int = 0, eos_token_id: int | list[int] | None,
+                      pad_token_id: int | None, bos_token_id: int | None = None):
+    """The explicit ``GenerationConfig`` of every ``generate`` call in the library (notebook 00).
+
+    Applied, and nothing else: ``temperature > 0`` samples each token from softmax(logits / T)
+    (``temperature == 0``: greedy argmax); ``top_p < 1`` and ``top_k > 0`` only when the caller
+    asks (the defaults are off); ``min_new_tokens > 0`` only when asked (EOS masked until then);
+    stopping at any of ``eos_token_id`` or after ``max_new_tokens``. Not applied: repetition and
+    n-gram penalties, ``min_p``, ``typical_p``, epsilon / eta cutoffs, bad words, suppressed or
+    forced tokens, beams, guidance, watermarking, stop strings, max time. Use it through
+    :func:`generate`, which keeps the model's own ``generation_config`` (e.g. a hub model's
+    ``repetition_penalty``) from being merged in.
+    """
+    from transformers import GenerationConfig
+
+    _check_generation_args(max_new_tokens, temperature, top_p, top_k, min_new_tokens)
+    greedy = temperature == 0
+    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy \
+        else dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=top_k)
+    # min_length is off at 0; with min_new_tokens it is left unset (generate derives it from that).
+    length = dict(min_new_tokens=min_new_tokens) if min_new_tokens else dict(min_length=0)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                            **length, **sampling, **_PROCESSORS_OFF)
+
+
+def generate(model, config, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             **model_kwargs) -> torch.Tensor:
+    """``model.generate`` under exactly ``config`` (see :func:`generation_config`); notebook 00.
+
+    transformers fills every field left ``None`` in a passed config from ``model.generation_config``
+    (``_prepare_generation_config``), and several processors are off only at ``None`` (``min_p``,
+    ``bad_words_ids``, ``suppress_tokens``, ...), so the model's own config is set aside for the
+    call and put back after it (also on error).
+    Returns (N, P+T) ids: the prompt then the generated tokens.
+    """
+    own = model.generation_config
+    model.generation_config = config
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              generation_config=config, **model_kwargs)
+    finally:
+        model.generation_config = own
+
+
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, truncated): mask True up to and including the first EOS of each row; truncated if none."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
@@ -139,8 +236,13 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
 def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
                     seed: int | None = None, add_special_tokens: bool = False, progress: bool = False,
-                    share_prompt: bool = True) -> Rollouts:
+                    share_prompt: bool = True, top_k: int = 0, min_new_tokens: int = 0) -> Rollouts:
     """Sample ``group_size`` completions for each prompt (temperature 0 = greedy). Introduced in notebook 00.
+
+    Each token is drawn from softmax(logits / temperature) and nothing else: ``top_p`` / ``top_k``
+    only when given (off by default), ``min_new_tokens`` only when given, and none of the model's
+    own ``generation_config`` settings (a hub model's repetition penalty, ``top_k``, ``min_p``, ...)
+    is applied; see :func:`generation_config`. Only the EOS ids are read from the model's config.
 
     ``prompts`` are full prompt strings (already through the chat template, see ``data.build_prompt``).
     ``batch_size`` counts sequences per ``generate`` call (default: all), rounded down to whole groups.
@@ -152,21 +254,19 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
         raise TypeError("prompts must be a list of strings, got a single string")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos_ids = _eos_ids(model, tokenizer)
+    config = generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               top_k=top_k, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
+                               pad_token_id=pad_id,
+                               bos_token_id=getattr(tokenizer, "bos_token_id", None))
     tokenizer.padding_side = "left"
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (N, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)
     n = prompt_ids.shape[0]
     batch_size = batch_size or n
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
     was_training = model.training
     model.eval()
@@ -190,10 +290,8 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed + call)
-                out = model.generate(input_ids=ids.repeat_interleave(group_size, dim=0),
-                                     attention_mask=att.repeat_interleave(group_size, dim=0),
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
-                                     **sampling, **extra)
+                out = generate(model, config, input_ids=ids.repeat_interleave(group_size, dim=0),
+                               attention_mask=att.repeat_interleave(group_size, dim=0), **extra)
             chunks.append(out[:, ids.shape[1]:].cpu())
     finally:
         model.train(was_training)
@@ -214,5 +312,6 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
         prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
         completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
         texts=texts, truncated=truncated.to(device), group_size=group_size, prompts=list(prompts),
-        meta={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        meta={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+              "top_k": top_k, "min_new_tokens": min_new_tokens, "seed": seed},
     )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,3 +25,62 @@ def test_gpu_step_smoke_prints_the_table3_layout():
     assert "ratio nthr/grpo" in out.stdout
     nthr_step = next(line for line in lines if line.startswith("nthr") and "step 0" in line)
     assert "selected" in nthr_step and "nan" not in nthr_step.split("selected")[1]  # NTHR really scored tokens
+
+
+def _load_bench(name: str):
+    """Import bench/<name>.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_step_samples_ignore_the_models_generation_config(tmp_path):
+    from transformers import GenerationConfig
+
+    from nthr_book.models import tiny_random_model
+    from nthr_book.trainer import TrainConfig
+
+    bench = _load_bench("gpu_step")
+    bench.DEVICE = "cpu"
+    cfg = TrainConfig.paper_qwen_0_5b(model="tiny-random", max_new_tokens=6, prompts_per_step=2,
+                                      mini_batch_prompts=1, micro_batch_groups=1,
+                                      output_dir=tmp_path, task="arithmetic", num_problems=64,
+                                      bf16=False, gradient_checkpointing=False)
+    samples = []
+    for hub_like in (dict(repetition_penalty=1.5, typical_p=0.9, top_k=5, min_p=0.2), {}):
+        model = tiny_random_model()
+        model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, **hub_like)
+        trainer = bench.SyntheticTrainer(cfg, model=model,
+                                         tokenizer=types.SimpleNamespace(pad_token_id=0),
+                                         device="cpu", reward_fn=lambda c, a: [0.0] * len(c))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            samples.append(trainer.sample(0)[0].completion_ids)
+    assert samples[0].shape == (16, 6)  # no EOS: every completion is max_new_tokens long
+    assert torch.equal(samples[0], samples[1])
+
+
+def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
+    from nthr_book import trainer as trainer_module
+    from nthr_book.models import load_policy
+
+    bench = _load_bench("grpo_step")
+    mkdtemp = bench.tempfile.mkdtemp
+    monkeypatch.setattr(bench.tempfile, "mkdtemp",
+                        lambda prefix="": mkdtemp(prefix=prefix, dir=tmp_path))
+    model, tok = load_policy("tiny-random", device="cpu")
+    eos = torch.zeros(model.config.vocab_size)
+    eos[tok.eos_token_id] = 12.0  # EOS all but certain at every position, unless it is held back
+    model.get_output_embeddings().register_forward_hook(lambda module, inputs, out: out + eos)
+    before = trainer_module.generate_groups
+    lengths = {}
+    for natural in (True, False):
+        argv = ["--model", "tiny-random", "--prompts", "2", "--group-size", "2",
+                "--max-new-tokens", "5", "--warmup", "0", "--steps", "1",
+                *(["--natural-length"] if natural else [])]
+        rows = bench.run_ours(bench.parse_args(argv), model, tok, "cpu")["rows"]
+        lengths[natural] = rows[0]["completion_length"]
+    assert lengths[True] < 5  # the EOS bias works: free completions stop early
+    assert lengths[False] == 5  # exact length, as TRL's min_new_tokens gives on the other side
+    assert trainer_module.generate_groups is before  # the trainer's sampling is put back

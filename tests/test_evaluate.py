@@ -150,6 +150,17 @@ def test_pass1_accuracy_wilson_and_records(policy, tmp_path, monkeypatch):
     assert row["accuracy_pct"] == pytest.approx(40.0) and row["points_per_problem"] == pytest.approx(20.0)
 
 
+def test_correct_means_reward_above_one_half(policy, tmp_path, monkeypatch):
+    """Like the trainer and lld (reward > 0.5): a reward of exactly 0.5 is not a right answer."""
+    model, tok = policy
+    rewards = [0.5, 1.0, 0.0]
+    monkeypatch.setattr(ev, "math_rewards", lambda completions, golds, **_: rewards[: len(golds)])
+    res = evaluate(model, tok, make_problems(3), max_new_tokens=2, batch_size=3, out_dir=tmp_path,
+                   benchmark_name="toy", progress=False)
+    assert [r["correct"] for r in read_jsonl(res.records_path)] == [False, True, False]
+    assert res.per_problem == {"p0": 0.0, "p1": 1.0, "p2": 0.0}
+
+
 def test_avg_at_k_per_sample_records_and_normal_interval(policy, tmp_path, monkeypatch):
     model, tok = policy
     # problems 101 and 102 are solved by sample 0 only: per-problem means 0, .5, .5, 0, 0
