@@ -17,8 +17,30 @@ def _tmp_beside(path: Path) -> Path:
     return Path(tmp)
 
 
+def _fsync_dir(directory: Path) -> None:
+    """fsync a folder so that a rename in it survives a crash (POSIX only; best effort)."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename the (already fsynced) ``tmp`` over ``path``, then fsync the folder."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``text`` to ``path`` through a temporary file (fsynced) and an atomic rename."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
@@ -26,21 +48,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through a temporary file and an atomic rename."""
+    """``torch.save`` through a temporary file (fsynced) and an atomic rename."""
     import torch
 
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
