@@ -1,11 +1,11 @@
 """NTHR: token scores, self-influence threshold, token selection, advantage reweighting and GWHES.
 
-Implements section 3 of docs/METHOD.md, reconstructed from arXiv 2505.18830 (Deng et al., "On the
+Implements docs/method.md §3, reconstructed from arXiv 2505.18830 (Deng et al., "On the
 Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"). Per group, with
 ``g_t = onehot(y_t) - softmax(logits_t)`` and ``h_t`` the last hidden state that predicts token t:
 
     token_scores  s_t   = Σ_{k ∈ correct tokens} <g_t, g_k> <h_t, h_k>
-    self-influence s̄+_i = mean over the tokens t of correct response i of s_t
+    self-influence s̄+_i = mean over the tokens t of correct response i of s_t   (anchor "all")
     threshold      tau  = beta · min_i s̄+_i          (beta = -inf selects every incorrect token)
     selection           = tokens t of incorrect responses with s_t > tau
     reweighting         : the advantage of a selected token becomes eta · A
@@ -16,14 +16,23 @@ Scores are computed sum-first, never pairwise: ``M = Σ_k g_k h_kᵀ`` (|V'| × 
 ids occurring in the group's responses, without renormalising ``q`` (the paper's speed-up, a
 choice); given the tokens' log-probs (``logps``, which the trainer's old-policy pass already has) it
 multiplies only by the |V*| rows of the LM head, since the full-vocabulary log-sum-exp is then
-lse_t = z_t[y_t] - logps_t. ``vocab="full"`` is exact. Every function works on one group of G
-responses unless it says otherwise; ``nthr_advantage_fn`` builds the trainer hook that applies NTHR
-to a whole rollout batch.
+lse_t = z_t[y_t] - logps_t. ``vocab="full"`` is exact. ``token_scores_reference`` is the same
+formula pair by pair in float64, the independent check of the fast kernel.
+
+The paper defines the self-influence as the influence of a correct response's tokens on the
+likelihoods of *other* correct responses; whether the pairs inside one response count is left
+open, so ``anchor`` offers "all" (every correct token k, the self pair k == t included: the
+default), "other_responses" (only the other correct responses' tokens) and "no_self_token" (all
+but k == t). It changes s̄+ and so tau, never the incorrect tokens' scores.
+
+Every function works on one group of G responses unless it says otherwise; ``nthr_advantage_fn``
+builds the trainer hook that applies NTHR to a whole rollout batch.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,11 +41,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ANCHORS",
     "ETA_SCHEDULES",
     "VOCAB_MODES",
     "NTHRAdvantageHook",
     "NTHRConfig",
     "eta_for",
+    "group_selection",
     "gwhes",
     "gwhes_question",
     "nthr_advantage_fn",
@@ -48,10 +59,13 @@ __all__ = [
     "threshold",
     "token_scores",
     "token_scores_from_hidden",
+    "token_scores_reference",
     "topk_overlap",
 ]
 
 VOCAB_MODES = ("generated", "full")
+# Which correct tokens k count in the self-influence s̄+ of a correct token t (default "all").
+ANCHORS = ("all", "other_responses", "no_self_token")
 ETA_SCHEDULES = ("two_abs", "p", "one_minus_p")
 # Default chunk: about 2**25 logits (128 MiB in float32) per (tokens × vocabulary) temporary.
 _CHUNK_ELEMENTS = 2**25
@@ -95,6 +109,12 @@ def _check_vocab(vocab: str) -> None:
         raise ValueError(f"vocab={vocab!r}: expected one of {VOCAB_MODES}")
 
 
+def _check_anchor(anchor: str) -> None:
+    """Raise unless ``anchor`` is one of ANCHORS."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor={anchor!r}: expected one of {ANCHORS}")
+
+
 def _shape(x: Any) -> str:
     """Shape of a tensor, or the type name of anything else, for error messages."""
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
@@ -126,34 +146,44 @@ class _LogitsSource:
 class _HiddenSource:
     """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states.
 
-    Only the rows of W (and b) that a call needs are converted to ``dtype``: the restricted path never
-    touches, copies or multiplies by the other rows of a (V, d) head.
+    With ``softcap`` c (Gemma's ``final_logit_softcapping``) the logits are c·tanh((h Wᵀ + b) / c) /
+    temperature, as ``grpo.per_token_logps`` computes them. Only the rows of W (and b) that a call
+    needs are converted to ``dtype``: the restricted path never touches, copies or multiplies by the
+    other rows of a (V, d) head.
     """
 
     def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                 vocab_ids: Tensor | None, dtype):
-        self.h, self.inv_temperature, self.dtype = h, 1.0 / float(temperature), dtype  # h: (n, d) in dtype
+                 vocab_ids: Tensor | None, dtype, softcap: float | None = None):
+        self.h, self.dtype = h, dtype  # h: (n, d) in dtype
+        self.softcap, self.inv_temperature = softcap, 1.0 / float(temperature)
+        # Without a cap the temperature scales the (c, d) hidden chunk and the bias, not the logits.
+        self.pre_scale = self.inv_temperature if softcap is None else 1.0
         self._weight, self._bias = weight, bias  # (V, d), (V,) as given
         self._full: tuple[Tensor, Tensor | None] | None = None
         self.weight_sub, self.bias_sub = self._rows(vocab_ids) if vocab_ids is not None else self._all()
 
     def _rows(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(V', d) rows of W in dtype, and the bias of those rows pre-divided by the temperature."""
+        """(V', d) rows of W in dtype, and the bias of those rows times ``pre_scale``."""
         w = self._weight.index_select(0, ids.to(self._weight.device)).to(self.dtype)  # (V', d)
         if self._bias is None:
             return w, None
-        return w, self._bias.index_select(0, ids.to(self._bias.device)).to(self.dtype) * self.inv_temperature
+        b = self._bias.index_select(0, ids.to(self._bias.device)).to(self.dtype)  # (V',)
+        return w, b * self.pre_scale
 
     def _all(self) -> tuple[Tensor, Tensor | None]:
-        """The whole head in dtype; the bias pre-divided by the temperature (the hidden chunk is scaled)."""
+        """The whole head in dtype; the bias times ``pre_scale``."""
         if self._full is None:
-            bias = None if self._bias is None else self._bias.to(self.dtype) * self.inv_temperature  # (V,)
+            bias = None if self._bias is None else self._bias.to(self.dtype) * self.pre_scale
             self._full = (self._weight.to(self.dtype), bias)
         return self._full
 
     def _logits(self, idx: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        hs = self.h[idx] * self.inv_temperature  # (c, d)
-        return hs @ weight.T if bias is None else torch.addmm(bias, hs, weight.T)  # (c, V) or (c, V')
+        hs = self.h[idx] if self.pre_scale == 1.0 else self.h[idx] * self.pre_scale  # (c, d)
+        z = hs @ weight.T if bias is None else torch.addmm(bias, hs, weight.T)  # (c, V) or (c, V')
+        if self.softcap is None:
+            return z
+        cap = self.softcap
+        return z.div_(cap).tanh_().mul_(cap * self.inv_temperature)  # c·tanh(z / c) / T, in place
 
     def full(self, idx: Tensor) -> Tensor:
         """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
@@ -177,8 +207,9 @@ def _sum_first(source: _LogitsSource | _HiddenSource, h: Tensor, pos: Tensor, vo
     M = h.new_zeros(num_buckets, num_cols, d)  # (B, V', d)
     lse = h.new_zeros(n)  # full-vocabulary log-sum-exp per token
     from_logp = logp is not None and vocab_ids is not None
+    needed = (buckets >= 0) | targets  # tokens in no bucket and not scored need no logits at all
     # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ H_b.
-    for idx in torch.arange(n, device=h.device).split(chunk_size):
+    for idx in needed.nonzero().squeeze(1).split(chunk_size):
         if from_logp:
             z = source.restricted(idx)  # (c, V'), a fresh tensor: overwritten in place below
             z_y = z.gather(1, pos[idx, None])  # (c, 1) target logits
@@ -264,39 +295,98 @@ def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
 
 def _score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, vocab_size: int,
                  make_source: Callable[..., _LogitsSource | _HiddenSource], *, vocab: str, dtype: torch.dtype,
-                 chunk_size: int | None, return_self_pairs: bool,
-                 logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """token_scores on a given logit source: bucket 0 = correct responses, every token a target."""
+                 chunk_size: int | None, anchor: str | tuple[str, ...] | None,
+                 logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | dict[str, Tensor]]:
+    """token_scores on a given logit source: bucket 0 = correct responses, every token a target.
+
+    With ``anchor`` also the (G, T) pairs that anchor leaves out of s̄+ (a dict of them for a tuple
+    of anchors): none ("all"), the self pair ("no_self_token", a by-product of the scoring pass) or,
+    for "other_responses", each correct token's score against its own response, one response (one
+    bucket) at a time: memory stays one (V', d) matrix and the extra cost one pass over the correct
+    tokens.
+    """
+    kw = dict(vocab=vocab, dtype=dtype, chunk_size=chunk_size, logps=logps)
     bucket = torch.where(correct, 0, -1).to(hidden.device)  # (G,) correct rows build M
     targets = torch.ones_like(correct, device=hidden.device)
     s, self_pairs = _group_pairs(hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets,
-                                 vocab=vocab, dtype=dtype, chunk_size=chunk_size, logps=logps)
-    return (s[..., 0], self_pairs) if return_self_pairs else s[..., 0]
+                                 **kw)
+    scores = s[..., 0]  # (G, T)
+    if anchor is None:
+        return scores
+    pairs = {}
+    for name in (anchor,) if isinstance(anchor, str) else anchor:
+        if name == "all":
+            pairs[name] = torch.zeros_like(scores)
+        elif name == "no_self_token":
+            pairs[name] = self_pairs
+        else:  # "other_responses"
+            own = torch.zeros_like(scores)  # (G, T) Σ_{k in t's own response} <g_t,g_k><h_t,h_k>
+            rows = torch.arange(correct.numel(), device=hidden.device)
+            for i in correct.nonzero().flatten().tolist():
+                only_i = rows == i  # (G,) response i is the only bucket and the only target
+                s_i, _ = _group_pairs(hidden, tokens, mask, vocab_size, make_source,
+                                      torch.where(only_i, 0, -1), 1, only_i, **kw)
+                own[i] = s_i[i, :, 0]
+            pairs[name] = own
+    return scores, pairs[anchor] if isinstance(anchor, str) else pairs
+
+
+def _anchor_arg(anchor: str | Sequence[str] | None,
+                return_self_pairs: bool) -> str | tuple[str, ...] | None:
+    """The anchor(s) whose pairs a token_scores call returns (None: scores only); validated."""
+    if return_self_pairs:
+        if anchor not in (None, "no_self_token"):
+            raise ValueError("return_self_pairs=True means anchor='no_self_token', "
+                             f"got anchor={anchor!r}")
+        return "no_self_token"
+    if anchor is None or isinstance(anchor, str):
+        if anchor is not None:
+            _check_anchor(anchor)
+        return anchor
+    anchor = tuple(anchor)
+    for name in anchor:
+        _check_anchor(name)
+    return anchor
 
 
 def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
                  vocab: str = "generated", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 return_self_pairs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """(G, T) token_scores s_t = Σ_{correct k} <g_t,g_k><h_t,h_k> of one group, 0 off mask (notebook on NTHR)."""
+                 return_self_pairs: bool = False,
+                 anchor: str | Sequence[str] | None = None) -> Tensor | tuple[Tensor, Any]:
+    """(G, T) token_scores s_t = Σ_{correct k} <g_t,g_k><h_t,h_k> of a group, 0 off mask (nb 03).
+
+    ``anchor`` (one of ANCHORS) returns ``(scores, anchor_pairs)``: the (G, T) part of each correct
+    token's score that the self-influence leaves out under that anchor (see ``self_influence``);
+    several anchors return ``(scores, {anchor: anchor_pairs})`` from one scoring pass.
+    ``return_self_pairs=True`` is anchor="no_self_token".
+    """
     mask, correct = _check_group(hidden, tokens, mask, correct)
     if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {_shape(logits)}")
     make = lambda rows, cols, h, ids: _LogitsSource(logits, rows, cols, ids, dtype)
     return _score_pairs(hidden, tokens, mask, correct, logits.shape[-1], make, vocab=vocab, dtype=dtype,
-                        chunk_size=chunk_size, return_self_pairs=return_self_pairs)
+                        chunk_size=chunk_size, anchor=_anchor_arg(anchor, return_self_pairs))
 
 
 def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
                              correct: Tensor, *, temperature: float = 1.0, lm_head_bias: Tensor | None = None,
                              vocab: str = "generated", dtype: torch.dtype = torch.float32,
                              chunk_size: int | None = None, return_self_pairs: bool = False,
-                             logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                             logps: Tensor | None = None, softcap: float | None = None,
+                             anchor: str | Sequence[str] | None = None,
+                             ) -> Tensor | tuple[Tensor, Any]:
     """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T, V).
 
-    ``logps`` (G, T), the log-probs of ``tokens`` under the same logits (e.g. ``old_logps`` from
+    ``softcap`` c (a model's ``config.final_logit_softcapping``) makes the logits
+    c·tanh((hidden @ Wᵀ + b) / c) / temperature, as ``grpo.per_token_logps`` does; g_t stays the
+    prediction error onehot(y_t) - q_t of that distribution (notebook 03). ``logps`` (G, T), the
+    log-probs of ``tokens`` under the same logits (e.g. ``old_logps`` from
     ``grpo.per_token_logps``), lets ``vocab="generated"`` skip the full vocabulary altogether: the
-    log-sum-exp is lse_t = (h_t·W[y_t] + b[y_t]) / temperature - logps_t, so only the |V*| rows of W
-    are multiplied (cost G·T·|V*|·d instead of G·T·V·d). ``vocab="full"`` ignores them (exact).
+    log-sum-exp is lse_t = z_t[y_t] - logps_t with z_t[y_t] made from row y_t of W alone (exact
+    with a cap too, which acts on each logit separately), so only the |V*| rows of W are
+    multiplied (cost G·T·|V*|·d instead of G·T·V·d). They must come from float32 logits: bf16
+    logits shift lse_t by up to about 2⁻⁹·|z|. ``vocab="full"`` ignores them (exact).
+    ``anchor`` and ``return_self_pairs`` as in ``token_scores``.
     """
     mask, correct = _check_group(hidden, tokens, mask, correct)
     if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2 \
@@ -310,9 +400,32 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
         raise ValueError(f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got {_shape(logps)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    make = lambda rows, cols, h, ids: _HiddenSource(h, lm_head_weight, lm_head_bias, temperature, ids, dtype)
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError("softcap must be None or a positive number (final_logit_softcapping), "
+                         f"got {softcap!r}")
+    cap = None if softcap is None else float(softcap)
+    make = lambda rows, cols, h, ids: _HiddenSource(h, lm_head_weight, lm_head_bias, temperature,
+                                                    ids, dtype, cap)
+    anchor = _anchor_arg(anchor, return_self_pairs)
     return _score_pairs(hidden, tokens, mask, correct, V, make, vocab=vocab, dtype=dtype,
-                        chunk_size=chunk_size, return_self_pairs=return_self_pairs, logps=logps)
+                        chunk_size=chunk_size, anchor=anchor, logps=logps)
+
+
+def token_scores_reference(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor,
+                           correct: Tensor, *, vocab: str = "full") -> Tensor:
+    """(G, T) float64 s_t = Σ_{correct k} <g_t,g_k><h_t,h_k>, pair by pair (nb 03's check)."""
+    mask, correct = _check_group(hidden, tokens, mask, correct)
+    _check_vocab(vocab)
+    q = torch.softmax(logits.double(), dim=-1)  # (G, T, V) predicted next-token distributions
+    y = tokens.masked_fill(~mask, 0).long()  # (G, T) token ids, padding read as id 0
+    g = torch.nn.functional.one_hot(y, q.shape[-1]) - q  # (G, T, V) g_t = onehot(y_t) - q_t
+    if vocab == "generated":
+        g = g[..., torch.unique(tokens[mask])]  # (G, T, |V*|): restricted to V*, q not renormalised
+    h = hidden.double()  # (G, T, d)
+    gg = torch.einsum("itv,jkv->itjk", g, g)  # (G, T, G, T) <g_t, g_k> for every pair of tokens
+    hh = torch.einsum("itd,jkd->itjk", h, h)  # (G, T, G, T) <h_t, h_k>
+    k_counts = (mask & correct[:, None]).double()  # (G, T): the tokens k of correct responses
+    return (gg * hh * k_counts).sum((-2, -1)) * mask  # (G, T), 0 off mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,48 +433,68 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
 # --------------------------------------------------------------------------------------------
 
 
-def self_influence(scores: Tensor, mask: Tensor, correct: Tensor, *, exclude_self: bool = False,
-                   self_pairs: Tensor | None = None, hidden: Tensor | None = None, logits: Tensor | None = None,
-                   tokens: Tensor | None = None, vocab: str = "generated") -> Tensor:
-    """(N+,) s̄+_i: mean of s_t over the valid tokens of each correct response, in row order (NaN if none).
+def self_influence(scores: Tensor, mask: Tensor, correct: Tensor, *, anchor: str = "all",
+                   anchor_pairs: Tensor | None = None, hidden: Tensor | None = None,
+                   logits: Tensor | None = None, tokens: Tensor | None = None,
+                   vocab: str = "generated", exclude_self: bool = False,
+                   self_pairs: Tensor | None = None) -> Tensor:
+    """(N+,) s̄+_i: mean over the valid tokens t of correct response i of s_t minus anchor pairs.
 
-    Self pairs are the k == t terms <g_t,g_t><h_t,h_t> = |g_t|²|h_t|² (a token paired with itself,
-    not the other tokens of its response). They are included by default (METHOD §3 choice); with
-    ``exclude_self=True`` they are subtracted, taken from ``self_pairs`` (the second output of
-    ``token_scores(..., return_self_pairs=True)``) or else computed from ``hidden``, ``logits``,
-    ``tokens`` with the same ``vocab`` as the scores.
+    NaN for a response without tokens; rows in order.
+    ``anchor`` says which correct tokens k count for t: "all" (every one, the self pair k == t
+    included: the book's default), "no_self_token" (all but k == t, whose term is |g_t|²|h_t|²) or
+    "other_responses" (only the tokens of the other correct responses: the paper's "influence on the
+    likelihoods of other correct responses"). The left-out pairs are ``anchor_pairs`` (the second
+    output of ``token_scores(..., anchor=...)``) or else computed from ``hidden``, ``logits``,
+    ``tokens`` with the scores' ``vocab``. ``exclude_self=True`` and ``self_pairs`` are the older
+    spelling of anchor="no_self_token" and ``anchor_pairs`` (deprecated).
     """
     mask, correct = _check_scores(scores, mask, correct)
+    _check_anchor(anchor)
     if exclude_self:
-        if self_pairs is None:
-            if hidden is None or logits is None or tokens is None:
-                raise ValueError("exclude_self=True needs `self_pairs`, or `hidden`, `logits` and `tokens`")
-            _, self_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
-                                         dtype=scores.dtype, return_self_pairs=True)
-        if self_pairs.shape != scores.shape:
-            raise ValueError(f"`self_pairs` must have the shape of `scores` {tuple(scores.shape)}, "
-                             f"got {tuple(self_pairs.shape)}")
-        scores = scores - self_pairs.to(scores.dtype)
-    elif self_pairs is not None:
-        raise ValueError("`self_pairs` was given with exclude_self=False; pass exclude_self=True to use it")
+        if anchor not in ("all", "no_self_token"):
+            raise ValueError(f"exclude_self=True means anchor='no_self_token', got {anchor=}")
+        anchor = "no_self_token"
+    if self_pairs is not None:
+        if anchor == "all":
+            raise ValueError("`self_pairs` was given with exclude_self=False; "
+                             "pass exclude_self=True to use it")
+        if anchor_pairs is not None:
+            raise ValueError("pass `anchor_pairs` or its older name `self_pairs`, not both")
+        anchor_pairs = self_pairs
+    if anchor_pairs is None and anchor != "all":
+        if hidden is None or logits is None or tokens is None:
+            raise ValueError(f"anchor={anchor!r} needs `anchor_pairs`, "
+                             "or `hidden`, `logits` and `tokens`")
+        _, anchor_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
+                                       dtype=scores.dtype, anchor=anchor)
+    if anchor_pairs is not None:
+        if anchor_pairs.shape != scores.shape:
+            raise ValueError(f"`anchor_pairs` must be shaped like `scores` {tuple(scores.shape)}, "
+                             f"got {tuple(anchor_pairs.shape)}")
+        scores = scores - anchor_pairs.to(scores.dtype)  # (G, T) s_t over the anchor's k only
     m = mask[correct].to(scores.dtype)  # (N+, T)
     return (scores[correct] * m).sum(-1) / m.sum(-1)  # 0/0 = NaN for an empty response
 
 
 def threshold(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
-              self_pairs: Tensor | None = None) -> float:
+              anchor_pairs: Tensor | None = None, self_pairs: Tensor | None = None) -> float:
     """tau = beta · min_i s̄+_i over correct responses; -inf when beta = -inf, +inf when none is correct.
 
     beta = -inf is taken literally as "select every incorrect token" (IEEE would give +inf for a
     negative minimum). With no correct response (or only empty ones) tau = +inf, which selects
-    nothing. ``self_pairs`` given: the self-influence excludes them (see ``self_influence``).
+    nothing. ``anchor_pairs`` (or their older name ``self_pairs``) given: the self-influence leaves
+    them out (see ``self_influence``); the default is anchor "all".
     """
     beta = float(beta)
     if math.isnan(beta):
         raise ValueError("beta must be a number or -inf, got nan")
     if beta == -math.inf:
         return -math.inf
-    s_bar = self_influence(scores, mask, correct, exclude_self=self_pairs is not None, self_pairs=self_pairs)
+    if anchor_pairs is not None and self_pairs is not None:
+        raise ValueError("pass `anchor_pairs` or its older name `self_pairs`, not both")
+    pairs = self_pairs if anchor_pairs is None else anchor_pairs
+    s_bar = self_influence(scores, mask, correct, anchor_pairs=pairs)
     s_bar = s_bar[~s_bar.isnan()]  # responses without tokens have no self-influence
     if s_bar.numel() == 0:
         return math.inf
@@ -369,9 +502,9 @@ def threshold(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
 
 
 def select_tokens(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
-                  self_pairs: Tensor | None = None) -> Tensor:
+                  anchor_pairs: Tensor | None = None, self_pairs: Tensor | None = None) -> Tensor:
     """(G, T) bool: tokens of incorrect responses, inside ``mask``, whose score exceeds tau (strictly)."""
-    tau = threshold(scores, mask, correct, beta, self_pairs=self_pairs)
+    tau = threshold(scores, mask, correct, beta, anchor_pairs=anchor_pairs, self_pairs=self_pairs)
     return _select(scores, mask, correct, tau)
 
 
@@ -447,13 +580,14 @@ def random_selection(selected: Tensor, mask: Tensor, seed: int) -> Tensor:
 
 
 def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
-          vocab: str = "generated", dtype: torch.dtype = torch.float32,
+          vocab: str = "full", dtype: torch.dtype = torch.float32,
           chunk_size: int | None = None) -> Tensor:
     """(N+,) GWHES_i = p- Σ_{t∈y+_i} Σ_{k incorrect} <.,.><.,.> - p+ Σ_{t∈y+_i} Σ_{k correct} <.,.><.,.>.
 
     p = N+/G, p+ = (1-p)/sqrt(p(1-p)), p- = p/sqrt(p(1-p)); larger means lazier. Computed
-    sum-first with M_correct and M_incorrect. All-correct groups give NaN (p+ undefined); all-wrong
-    groups give an empty tensor.
+    sum-first with M_correct and M_incorrect, over the full vocabulary as the paper's theorem has it
+    (``vocab="generated"``: g restricted to V* like the NTHR speed-up). All-correct groups give NaN
+    (p+ undefined); all-wrong groups give an empty tensor. Notebook 03.
     """
     mask, correct = _check_group(hidden, tokens, mask, correct)
     if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
@@ -476,7 +610,10 @@ def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct:
 
 def gwhes_question(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor,
                    **kwargs: Any) -> float:
-    """Per-question GWHES: mean of ``gwhes`` over the correct responses; NaN for homogeneous groups."""
+    """Per-question GWHES: mean of ``gwhes`` over the correct responses (default: full vocabulary).
+
+    NaN for homogeneous groups. Notebook 03.
+    """
     values = gwhes(hidden, logits, tokens, mask, correct, **kwargs)
     return float(values.mean()) if values.numel() else math.nan
 
@@ -514,7 +651,7 @@ def random_topk_overlap_expectation(n: int, k: int) -> float:
 
 @dataclass(frozen=True)
 class NTHRConfig:
-    """NTHR settings for the trainer hook (METHOD §3)."""
+    """NTHR settings for the trainer hook (notebook 03); equal settings compare equal."""
 
     beta: float = 1.0
     """Threshold scale: tau = beta · min_i s̄+_i; -inf selects every incorrect token, 0 positive scores."""
@@ -523,13 +660,24 @@ class NTHRConfig:
     vocab: str = "generated"
     """"generated": g restricted to the group's token ids (paper's speed-up); "full": exact."""
     exclude_self: bool = False
-    """Exclude the k == t self pairs from the self-influence s̄+ (default: included, METHOD choice)."""
+    """Deprecated spelling of anchor="no_self_token"; always equals anchor == "no_self_token"."""
+    anchor: str = "all"
+    """Tokens k in the self-influence s̄+: "all", "other_responses", "no_self_token" (ANCHORS)."""
 
     def __post_init__(self) -> None:
         _check_vocab(self.vocab)
+        _check_anchor(self.anchor)
         if math.isnan(float(self.beta)):
             raise ValueError("NTHRConfig.beta must be a number or -inf, got nan")
         eta_for(0.5, self.eta)  # validates the schedule
+        if self.exclude_self and self.anchor == "all":
+            warnings.warn("NTHRConfig(exclude_self=True) is deprecated: use anchor='no_self_token'",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "anchor", "no_self_token")
+        elif self.exclude_self and self.anchor != "no_self_token":
+            raise ValueError("NTHRConfig: exclude_self=True means anchor='no_self_token', "
+                             f"got anchor={self.anchor!r}")
+        object.__setattr__(self, "exclude_self", self.anchor == "no_self_token")  # spellings agree
 
     @classmethod
     def paper(cls) -> NTHRConfig:
@@ -542,15 +690,38 @@ class NTHRConfig:
         return cls(eta=0.0)
 
 
+def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
+                    correct: Tensor, config: NTHRConfig, *, temperature: float = 1.0,
+                    lm_head_bias: Tensor | None = None, softcap: float | None = None,
+                    logps: Tensor | None = None, dtype: torch.dtype = torch.float32,
+                    chunk_size: int | None = None) -> tuple[Tensor, float, Tensor]:
+    """(G, T) token_scores, tau and (G, T) selection of one group under an NTHRConfig (notebook 03).
+
+    The trainer hook's step per mixed group: scores and the config's anchor pairs from
+    ``token_scores_from_hidden``, then ``threshold`` and the selection s_t > tau.
+    """
+    skip_pairs = config.anchor == "all" or float(config.beta) == -math.inf  # tau needs no pairs
+    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct,
+                                   temperature=temperature, lm_head_bias=lm_head_bias,
+                                   vocab=config.vocab, dtype=dtype, chunk_size=chunk_size,
+                                   logps=logps, softcap=softcap,
+                                   anchor=None if skip_pairs else config.anchor)
+    scores, pairs = (out, None) if skip_pairs else out
+    tau = threshold(scores, mask, correct, config.beta, anchor_pairs=pairs)
+    return scores, tau, _select(scores, mask, correct, tau)
+
+
 class NTHRAdvantageHook:
     """Trainer hook: ``hook(ctx) -> (advantages, metrics)`` applying NTHR to every mixed group of a batch.
 
     ``ctx`` has ``advantages`` (N, T), ``rewards`` (num_groups, G), ``group_size``, ``completion_ids``
     (N, T), ``completion_mask`` (N, T), ``hidden`` (N, T, d), ``lm_head_weight`` (V, d),
-    ``lm_head_bias`` (V,) or None and ``temperature``, and optionally ``old_logps`` (N, T), the token
-    log-probs of the pass that produced ``hidden``: when present (and ``use_logps``) the
-    generated-vocabulary scores take their log-sum-exp from them and never multiply by the whole head
-    (see ``token_scores_from_hidden``). A response is correct when its reward > 0.5.
+    ``lm_head_bias`` (V,) or None and ``temperature``, and optionally ``softcap`` (the model's
+    ``final_logit_softcapping``) and ``old_logps`` (N, T), the float32 token log-probs of the pass
+    that produced ``hidden``: when present (and ``use_logps``) the generated-vocabulary scores take
+    their log-sum-exp from them and never multiply by the whole head (see
+    ``token_scores_from_hidden``). A response is correct when its reward > 0.5. Each mixed group
+    goes through ``group_selection``.
     Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
     ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
     when there is none; tau_mean is -inf for beta = -inf) and ``nthr/mixed_groups``.
@@ -563,7 +734,10 @@ class NTHRAdvantageHook:
         self.config, self.dtype, self.chunk_size, self.use_logps = config, dtype, chunk_size, bool(use_logps)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in asdict(self.config).items())
+        settings = asdict(self.config)
+        if settings["anchor"] != "other_responses":  # spelled exclude_self=False / True, as older
+            del settings["anchor"]  # runs recorded them
+        fields = ", ".join(f"{k}={v!r}" for k, v in settings.items())
         extra = "" if self.use_logps else ", use_logps=False"  # the default keeps older runs' repr
         return f"NTHRAdvantageHook({fields}{extra})"
 
@@ -580,6 +754,7 @@ class NTHRAdvantageHook:
         if ctx.hidden.dim() != 3 or tuple(ctx.hidden.shape[:2]) != (N, T):
             raise ValueError(f"ctx.hidden must be (N, T, d) with (N, T) = {(N, T)}, got {tuple(ctx.hidden.shape)}")
         old_logps = getattr(ctx, "old_logps", None) if self.use_logps else None
+        softcap = getattr(ctx, "softcap", None)
         if old_logps is not None and tuple(old_logps.shape) != (N, T):
             raise ValueError(f"ctx.old_logps must be (N, T) = {(N, T)}, got {tuple(old_logps.shape)}")
         correct_all = (rewards > 0.5).to(advantages.device)  # (num_groups, G)
@@ -594,14 +769,11 @@ class NTHRAdvantageHook:
                 continue  # homogeneous group: untouched
             rows = slice(g * G, (g + 1) * G)
             mask = mask_all[rows]
-            out = token_scores_from_hidden(
-                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask, correct,
-                temperature=ctx.temperature, lm_head_bias=ctx.lm_head_bias, vocab=cfg.vocab,
-                dtype=self.dtype, chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self,
-                logps=None if old_logps is None else old_logps[rows])
-            scores, self_pairs = out if cfg.exclude_self else (out, None)
-            tau = threshold(scores, mask, correct, cfg.beta, self_pairs=self_pairs)
-            selected = _select(scores, mask, correct, tau)
+            scores, tau, selected = group_selection(
+                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask, correct, cfg,
+                temperature=ctx.temperature, lm_head_bias=ctx.lm_head_bias, softcap=softcap,
+                logps=None if old_logps is None else old_logps[rows], dtype=self.dtype,
+                chunk_size=self.chunk_size)
             eta = eta_for(n_pos / G, cfg.eta)
             new_adv[rows] = reweight_advantages(advantages[rows], selected, eta)
             neg = (~correct)[:, None] & mask
@@ -622,9 +794,13 @@ class NTHRAdvantageHook:
 
 
 def nthr_advantage_fn(beta: float | NTHRConfig = 1.0, eta: str | float = "two_abs", vocab: str = "generated", *,
-                      exclude_self: bool = False, dtype: torch.dtype = torch.float32,
-                      chunk_size: int | None = None, use_logps: bool = True) -> NTHRAdvantageHook:
-    """The trainer hook for NTHR; pass an ``NTHRConfig`` as ``beta`` or the fields one by one."""
-    config = beta if isinstance(beta, NTHRConfig) else NTHRConfig(beta=float(beta), eta=eta, vocab=vocab,
-                                                                   exclude_self=exclude_self)
+                      anchor: str = "all", exclude_self: bool = False,
+                      dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
+                      use_logps: bool = True) -> NTHRAdvantageHook:
+    """The NTHR trainer hook: an ``NTHRConfig`` as ``beta``, or its fields one by one (nb 05)."""
+    if isinstance(beta, NTHRConfig):
+        config = beta
+    else:
+        config = NTHRConfig(beta=float(beta), eta=eta, vocab=vocab, exclude_self=exclude_self,
+                            anchor=anchor)
     return NTHRAdvantageHook(config, dtype=dtype, chunk_size=chunk_size, use_logps=use_logps)

@@ -1,13 +1,14 @@
 """The NTHR threshold explorer: token scores, τ, selected tokens and advantages of one group, live.
 
-Implements the interactive view of METHOD.md §3 for arXiv 2505.18830 (Deng et al., "On the Effect
+Implements the interactive view of docs/method.md §3 for arXiv 2505.18830 (Deng et al., "On the Effect
 of Negative Gradient in Group Relative Deep Reinforcement Optimization"), notebook 04. The module is
 thin wiring over pure functions:
 
-- ``compute_group_scores`` : one forward pass per group -> ``GroupScores`` (token_scores per vocab mode)
-- ``explorer_state``       : ``GroupScores`` + (beta, eta, vocab) -> ``ExplorerState`` (tau, selection,
-  counts, advantages), only through ``nthr.threshold`` / ``select_tokens`` / ``eta_for`` /
-  ``reweight_advantages``
+- ``compute_group_scores`` : one forward pass per group -> ``GroupScores`` (token_scores and the
+  anchor pairs of ``nthr.ANCHORS`` per vocab mode)
+- ``explorer_state``       : ``GroupScores`` + (beta, eta, vocab, anchor) -> ``ExplorerState`` (tau,
+  selection, counts, advantages), only through ``nthr.threshold`` / ``select_tokens`` /
+  ``eta_for`` / ``reweight_advantages``
 - ``render_explorer_html`` : ``ExplorerState`` -> HTML (``viz.render_token_scores_html``,
   ``viz.plot_score_histogram`` as an inline PNG, a per-token advantage strip)
 - ``threshold_explorer``   : the widget (``ThresholdExplorer``, an ipywidgets ``VBox``), returned
@@ -23,7 +24,7 @@ import html
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ipywidgets as ipw
@@ -75,6 +76,8 @@ class GroupScores:
     problem: str = ""
     answer: str = ""
     temperature: float = 1.0
+    anchor_pairs: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    """vocab mode -> anchor -> (G, T) pairs the anchor leaves out of s̄+ (token_scores(anchor=))."""
 
     def __post_init__(self) -> None:
         qid = self.question_id
@@ -94,6 +97,18 @@ class GroupScores:
             if not isinstance(s, Tensor) or tuple(s.shape) != (G, T):
                 raise ValueError(f"GroupScores {qid!r}: token_scores[{vocab!r}] must be (G, T) = {(G, T)}, "
                                  f"got {_shape(s)}")
+        for vocab, by_anchor in self.anchor_pairs.items():
+            if vocab not in self.token_scores:
+                raise ValueError(f"GroupScores {qid!r}: anchor_pairs[{vocab!r}] without "
+                                 f"{vocab!r} token_scores")
+            for anchor, pairs in by_anchor.items():
+                if anchor not in nthr.ANCHORS:
+                    raise ValueError(f"GroupScores {qid!r}: anchor_pairs key {anchor!r} is not "
+                                     f"one of {nthr.ANCHORS}")
+                if not isinstance(pairs, Tensor) or tuple(pairs.shape) != (G, T):
+                    where = f"anchor_pairs[{vocab!r}][{anchor!r}]"
+                    raise ValueError(f"GroupScores {qid!r}: {where} must be (G, T) = {(G, T)}, "
+                                     f"got {_shape(pairs)}")
         lengths = mask.sum(1).tolist()
         if len(self.tokens) != G or any(len(t) != n for t, n in zip(self.tokens, lengths)):
             got = [len(t) for t in self.tokens]
@@ -102,8 +117,9 @@ class GroupScores:
 
     @classmethod
     def from_group(cls, group: Any, token_scores: Mapping[str, Tensor], *, tokenizer: Any = None,
-                   temperature: float = 1.0) -> GroupScores:
-        """GroupScores of an ``lld.Group`` from precomputed (G, T) token_scores per vocab mode."""
+                   temperature: float = 1.0,
+                   anchor_pairs: Mapping[str, Mapping[str, Tensor]] | None = None) -> GroupScores:
+        """GroupScores of an ``lld.Group`` from precomputed (G, T) token_scores and anchor pairs."""
         r = group.rollouts
         ids = r.completion_ids.detach().cpu().long()  # (G, T)
         mask = r.completion_mask.detach().cpu().bool()  # (G, T)
@@ -111,7 +127,9 @@ class GroupScores:
                    rewards=group.rewards.detach().cpu().float(),
                    token_scores={k: v.detach().cpu().float() for k, v in token_scores.items()},
                    tokens=display_tokens(ids, mask, tokenizer), problem=str(group.problem),
-                   answer=str(group.answer), temperature=float(temperature))
+                   answer=str(group.answer), temperature=float(temperature),
+                   anchor_pairs={v: {a: p.detach().cpu().float() for a, p in by.items()}
+                                 for v, by in (anchor_pairs or {}).items()})
 
     @property
     def group_size(self) -> int:
@@ -140,11 +158,33 @@ class GroupScores:
                            f"{list(self.token_scores)}); compute them with compute_group_scores(..., vocab={vocab!r})")
         return self.token_scores[vocab]
 
+    def pairs(self, vocab: str, anchor: str) -> Tensor | None:
+        """(G, T) pairs ``anchor`` leaves out of s̄+ (None for "all"); KeyError when absent."""
+        if anchor not in nthr.ANCHORS:
+            raise ValueError(f"anchor={anchor!r}: expected one of {nthr.ANCHORS}")
+        if anchor == "all":
+            return None
+        pairs = self.anchor_pairs.get(vocab, {}).get(anchor)
+        if pairs is None:
+            raise KeyError(f"GroupScores {self.question_id!r} has no {anchor!r} anchor pairs for "
+                           f"{vocab!r}; compute them with compute_group_scores(..., "
+                           f"anchors=[{anchor!r}])")
+        return pairs
+
+    def has_anchor(self, vocab: str, anchor: str) -> bool:
+        """True when the ``vocab`` scores and (unless "all") the anchor's pairs are here."""
+        has_pairs = anchor == "all" or anchor in self.anchor_pairs.get(vocab, {})
+        return vocab in self.token_scores and has_pairs
+
     def with_scores(self, other: GroupScores) -> GroupScores:
         """A copy holding the vocab modes of both (``other`` wins on overlap); same group required."""
         if other.question_id != self.question_id or not torch.equal(other.completion_ids, self.completion_ids):
             raise ValueError(f"cannot merge scores of question {other.question_id!r} into {self.question_id!r}")
-        return replace(self, token_scores={**self.token_scores, **other.token_scores})
+        pairs = {v: dict(by) for v, by in self.anchor_pairs.items()}
+        for v in other.token_scores:  # other's scores come with other's pairs (or none)
+            pairs[v] = dict(other.anchor_pairs.get(v, {}))
+        return replace(self, token_scores={**self.token_scores, **other.token_scores},
+                       anchor_pairs=pairs)
 
 
 def display_tokens(completion_ids: Tensor, completion_mask: Tensor, tokenizer: Any = None) -> list[list[str]]:
@@ -175,12 +215,15 @@ class _EvalMode:
 @torch.no_grad()
 def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[str] = "generated",
                          temperature: float = 1.0, tokenizer: Any = None, batch_size: int | None = None,
-                         dtype: torch.dtype = torch.float32) -> GroupScores:
+                         dtype: torch.dtype = torch.float32,
+                         anchors: Sequence[str] = nthr.ANCHORS) -> GroupScores:
     """GroupScores of one ``lld.Group``: one forward pass, then token_scores for each vocab mode (notebook 04).
 
     Hidden states come from ``grpo.per_token_logps(return_hidden=True)`` (eval mode, no gradient),
-    scores from ``nthr.token_scores_from_hidden`` with the model's LM head and ``temperature``.
-    ``vocab`` is one mode or several ("generated", "full"): every mode reuses the same hidden states.
+    scores from ``nthr.token_scores_from_hidden`` with the model's LM head, ``temperature`` and
+    ``final_logit_softcapping``. ``vocab`` is one mode or several ("generated", "full"): every mode
+    reuses the same hidden states. ``anchors``: whose anchor pairs to keep, so the explorer can
+    switch anchor without the model ("other_responses" costs one more pass over the correct tokens).
     """
     modes = (vocab,) if isinstance(vocab, str) else tuple(vocab)
     if not modes:
@@ -188,6 +231,10 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
     for mode in modes:
         if mode not in nthr.VOCAB_MODES:
             raise ValueError(f"vocab={mode!r}: expected one of {nthr.VOCAB_MODES}")
+    anchors = (anchors,) if isinstance(anchors, str) else tuple(anchors)
+    for anchor in anchors:
+        if anchor not in nthr.ANCHORS:
+            raise ValueError(f"anchors: {anchor!r} is not one of {nthr.ANCHORS}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     try:
@@ -213,13 +260,18 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     correct = group.correct.to(device)  # (G,)
-    scores = {}
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
+    kw = dict(temperature=temperature, lm_head_bias=None if bias is None else bias.detach(),
+              dtype=dtype, softcap=softcap)
+    scores, pairs = {}, {}
+    keep = tuple(a for a in anchors if a != "all")  # "all" leaves nothing out
     for mode in modes:
-        s = nthr.token_scores_from_hidden(hidden, head.weight.detach(), r.completion_ids, mask, correct,
-                                          temperature=temperature, lm_head_bias=None if bias is None else bias.detach(),
-                                          vocab=mode, dtype=dtype)
+        s, by_anchor = nthr.token_scores_from_hidden(hidden, head.weight.detach(), r.completion_ids,
+                                                     mask, correct, vocab=mode, anchor=keep, **kw)
         scores[mode] = s.cpu()  # (G, T)
-    return GroupScores.from_group(group, scores, tokenizer=tokenizer, temperature=temperature)
+        pairs[mode] = {a: p.cpu() for a, p in by_anchor.items()}  # anchor -> (G, T)
+    return GroupScores.from_group(group, scores, tokenizer=tokenizer, temperature=temperature,
+                                  anchor_pairs=pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,16 +281,17 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
 
 @dataclass(frozen=True)
 class ExplorerState:
-    """τ, the selection and the advantages of one group at (beta, eta, vocab): what the explorer shows."""
+    """τ, selection and advantages of a group at (beta, eta, vocab, anchor): the explorer view."""
 
     question_id: str
     vocab: str
+    anchor: str  # nthr.ANCHORS: which correct tokens k count in s̄+
     beta: float
     eta_schedule: str | float
     eta: float  # eta_for(p, eta_schedule)
     p: float  # N+ / G
     tau: float  # beta · min_i s̄+_i (-inf for beta = -inf)
-    self_influence: list[float]  # (N+,) s̄+_i of the correct responses, in row order
+    self_influence: list[float]  # (N+,) s̄+_i of the correct responses under ``anchor``
     selected: Tensor  # (G, T) bool: incorrect tokens with score > tau
     n_tokens: list[int]  # (G,) valid tokens per response
     n_selected: list[int]  # (G,) selected tokens per response (0 for correct ones)
@@ -285,7 +338,8 @@ class ExplorerState:
 
     def summary(self) -> dict[str, Any]:
         """One flat row: settings, tau, counts, fractions, mean incorrect advantage (for tables)."""
-        return {"id": self.question_id, "vocab": self.vocab, "beta": self.beta, "eta_schedule": str(self.eta_schedule),
+        return {"id": self.question_id, "vocab": self.vocab, "anchor": self.anchor,
+                "beta": self.beta, "eta_schedule": str(self.eta_schedule),
                 "eta": self.eta, "p": self.p, "tau": self.tau, "n_selected": self.n_selected_group,
                 "n_incorrect_tokens": self.n_incorrect_tokens, "selected_frac": self.selected_frac,
                 "mean_adv_incorrect": self.mean_incorrect_advantage,
@@ -306,23 +360,30 @@ def _check_beta(beta: float) -> float:
 
 
 def explorer_state(scores: GroupScores, *, beta: float = 1.0, eta: str | float = "two_abs",
-                   vocab: str = "generated") -> ExplorerState:
-    """The ExplorerState of one group at (beta, eta, vocab), from nthr.threshold/select_tokens/reweight_advantages."""
+                   vocab: str = "generated", anchor: str = "all") -> ExplorerState:
+    """The ExplorerState of a group at (beta, eta, vocab, anchor) from nthr's functions (nb 04).
+
+    Only nthr.threshold / select_tokens / self_influence / eta_for / reweight_advantages. ``anchor``
+    (``nthr.ANCHORS``) changes s̄+ and so τ, never the incorrect tokens' scores.
+    """
     beta = _check_beta(beta)
     s = scores.scores(vocab)  # (G, T)
+    pairs = scores.pairs(vocab, anchor)  # (G, T) or None for "all"
     mask, correct = scores.completion_mask, scores.correct  # (G, T), (G,)
     n_pos, G = int(correct.sum()), scores.group_size
     if n_pos in (0, G):
         raise ValueError(f"question {scores.question_id!r} is not mixed (N+={n_pos} of G={G}): nothing to select")
-    tau = nthr.threshold(s, mask, correct, beta)
-    selected = nthr.select_tokens(s, mask, correct, beta)  # (G, T)
+    tau = nthr.threshold(s, mask, correct, beta, anchor_pairs=pairs)
+    selected = nthr.select_tokens(s, mask, correct, beta, anchor_pairs=pairs)  # (G, T)
     p = n_pos / G
     eta_value = float(nthr.eta_for(p, eta))
     advantages = grpo.expand_advantages(grpo.group_advantages(scores.rewards[None]), mask)  # (G, T)
     new_advantages = nthr.reweight_advantages(advantages, selected, eta_value)  # (G, T)
     return ExplorerState(
-        question_id=scores.question_id, vocab=vocab, beta=beta, eta_schedule=eta, eta=eta_value, p=p, tau=float(tau),
-        self_influence=nthr.self_influence(s, mask, correct).tolist(), selected=selected,
+        question_id=scores.question_id, vocab=vocab, anchor=anchor, beta=beta, eta_schedule=eta,
+        eta=eta_value, p=p, tau=float(tau),
+        self_influence=nthr.self_influence(s, mask, correct, anchor_pairs=pairs).tolist(),
+        selected=selected,
         n_tokens=mask.sum(1).tolist(), n_selected=selected.sum(1).tolist(), advantages=advantages,
         new_advantages=new_advantages, completion_mask=mask.clone(), correct=correct.tolist())
 
@@ -455,7 +516,8 @@ def render_explorer_html(scores: GroupScores, state: ExplorerState, response: in
               f"{' · answer ' + html.escape(scores.answer) if scores.answer else ''}</div>"
               f'<div class="nthr-summary" style="font-size:13px;margin-bottom:6px;">'
               f"N+ = {sum(state.correct)} of G = {len(state.correct)} (p = {state.p:.3g}) · vocabulary "
-              f"<b>{state.vocab}</b> · β = <b>{beta_txt}</b> · η = {html.escape(_eta_label(state.eta_schedule))} "
+              f"<b>{state.vocab}</b> · s̄+ anchor <b>{state.anchor}</b>"
+              f" · β = <b>{beta_txt}</b> · η = {html.escape(_eta_label(state.eta_schedule))} "
               f"= <b>{_fmt(state.eta, 3)}</b><br><b>τ = {html.escape(tau_txt)}</b><br>"
               f"selected: <b>{n_sel}</b> of {n_tok} tokens of response #{response}; group: "
               f"<b>{state.n_selected_group}</b> of {state.n_incorrect_tokens} incorrect tokens "
@@ -569,23 +631,24 @@ class _ScoreCache:
         self.model, self.tokenizer, self.temperature, self.batch_size = model, tokenizer, temperature, batch_size
         self.computed = 0  # number of compute_group_scores calls (tests check that moves never recompute)
 
-    def has(self, index: int, vocab: str) -> bool:
-        """True when the scores of (question index, vocab) are cached."""
+    def has(self, index: int, vocab: str, anchor: str = "all") -> bool:
+        """True when the scores of (question index, vocab) and the anchor's pairs are cached."""
         s = self.cache.get(self.groups[index].question_id)
-        return s is not None and vocab in s.token_scores
+        return s is not None and s.has_anchor(vocab, anchor)
 
-    def available(self, index: int, vocab: str) -> bool:
+    def available(self, index: int, vocab: str, anchor: str = "all") -> bool:
         """True when the scores are cached or can be computed (a model is there)."""
-        return self.has(index, vocab) or self.model is not None
+        return self.has(index, vocab, anchor) or self.model is not None
 
-    def get(self, index: int, vocab: str) -> GroupScores:
+    def get(self, index: int, vocab: str, anchor: str = "all") -> GroupScores:
         g = self.groups[index]
         s = self.cache.get(g.question_id)
-        if s is not None and vocab in s.token_scores:
+        if s is not None and s.has_anchor(vocab, anchor):
             return s
         if self.model is None:
-            raise LookupError(f"no {vocab!r} scores for question {g.question_id!r}: pass model= to compute them, "
-                              f"or scores= computed with compute_group_scores(..., vocab={vocab!r})")
+            raise LookupError(f"no {vocab!r} scores with {anchor!r} anchor pairs for question "
+                              f"{g.question_id!r}: pass model= to compute them, or scores= "
+                              f"computed with compute_group_scores(..., vocab={vocab!r})")
         new = compute_group_scores(self.model, g, vocab=vocab, temperature=self.temperature,
                                    tokenizer=self.tokenizer, batch_size=self.batch_size)
         self.computed += 1
@@ -606,12 +669,15 @@ class ThresholdExplorer(ipw.VBox):
     def __init__(self, groups: Sequence[Any], *, scores: Sequence[GroupScores] | None = None,
                  model: nn.Module | None = None, tokenizer: Any = None, beta: float = 1.0,
                  eta: str | float = "two_abs", vocab: str = "generated", lr: float = 5e-5, optimizer: str = "sgd",
-                 temperature: float = 1.0, batch_size: int | None = None, histogram: bool = True):
+                 temperature: float = 1.0, batch_size: int | None = None, histogram: bool = True,
+                 anchor: str = "all"):
         w = ipw
         beta = _check_beta(beta)
         nthr.eta_for(0.5, eta)  # validates the schedule
         if vocab not in nthr.VOCAB_MODES:
             raise ValueError(f"vocab={vocab!r}: expected one of {nthr.VOCAB_MODES}")
+        if anchor not in nthr.ANCHORS:
+            raise ValueError(f"anchor={anchor!r}: expected one of {nthr.ANCHORS}")
         if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"`lr` must be a positive number, got {lr!r}")
         groups = _mixed(groups)
@@ -644,6 +710,9 @@ class ThresholdExplorer(ipw.VBox):
             "vocab": w.ToggleButtons(options=list(nthr.VOCAB_MODES), value=vocab, description="vocabulary",
                                      tooltips=["V*: token ids of the group's responses (paper's speed-up)",
                                                "the full vocabulary (exact)"]),
+            "anchor": w.Dropdown(options=list(nthr.ANCHORS), value=anchor, description="s̄+ anchor",
+                                 tooltip="which correct tokens k count in s̄+ (and so in τ)",
+                                 layout=w.Layout(width="260px")),
             "run": w.Button(description="Δ(x): one NTHR step vs GRPO", disabled=model is None, icon="play",
                             tooltip="needs model=" if model is None else "one update from the initial weights",
                             layout=w.Layout(width="260px")),
@@ -657,13 +726,13 @@ class ThresholdExplorer(ipw.VBox):
         }
         c, o = self.controls, self.outputs
         self._set_response_options()
-        for name in ("question", "response", "beta_neg_inf", "beta", "eta", "vocab"):
+        for name in ("question", "response", "beta_neg_inf", "beta", "eta", "vocab", "anchor"):
             c[name].observe(self._on_change, names="value")
         c["run"].on_click(self._on_run)
         super().__init__(children=[
             w.HBox([c["question"], c["response"]]),
             w.HBox([c["beta_neg_inf"], c["beta"], c["eta"]]),
-            c["vocab"],
+            w.HBox([c["vocab"], c["anchor"]]),
             o["view"],
             w.HBox([c["run"], o["progress"], o["status"]]),
             o["result"],
@@ -683,13 +752,15 @@ class ThresholdExplorer(ipw.VBox):
         return self.groups[self.controls["question"].value]
 
     def current_scores(self) -> GroupScores:
-        """GroupScores of the chosen question in the chosen vocab mode (computed once, then cached)."""
-        return self.scores.get(self.controls["question"].value, self.controls["vocab"].value)
+        """GroupScores of the chosen question, vocab and anchor (computed once, then cached)."""
+        c = self.controls
+        return self.scores.get(c["question"].value, c["vocab"].value, c["anchor"].value)
 
     def state(self) -> ExplorerState:
         """The ExplorerState at the controls' current values."""
         c = self.controls
-        return explorer_state(self.current_scores(), beta=self.beta, eta=c["eta"].value, vocab=c["vocab"].value)
+        return explorer_state(self.current_scores(), beta=self.beta, eta=c["eta"].value,
+                              vocab=c["vocab"].value, anchor=c["anchor"].value)
 
     @property
     def view_html(self) -> str:
@@ -704,9 +775,10 @@ class ThresholdExplorer(ipw.VBox):
         self._updating = True
         try:
             self.controls["response"].options = [(f"#{r} ({int(mask[r].sum())} tokens)", r) for r in rows]
-            q, vocab = self.controls["question"].value, self.controls["vocab"].value
-            self.controls["response"].value = (default_response(self.state()) if self.scores.available(q, vocab)
-                                               else rows[0])
+            c = self.controls
+            q, vocab, anchor = c["question"].value, c["vocab"].value, c["anchor"].value
+            ready = self.scores.available(q, vocab, anchor)
+            c["response"].value = default_response(self.state()) if ready else rows[0]
         finally:
             self._updating = False
 
@@ -722,19 +794,22 @@ class ThresholdExplorer(ipw.VBox):
     def refresh(self) -> None:
         """Recompute the state from cached scores and redraw the view."""
         c, o = self.controls, self.outputs
-        q, vocab = c["question"].value, c["vocab"].value
-        if not self.scores.available(q, vocab):
-            o["view"].value = (f'<div class="nthr-explorer nthr-explorer-live" style="color:#b2182b;">no {vocab!r} '
-                               f"scores for question {html.escape(self.groups[q].question_id)}: pass model= or "
-                               f"scores computed with vocab={vocab!r}</div>")
+        q, vocab, anchor = c["question"].value, c["vocab"].value, c["anchor"].value
+        if not self.scores.available(q, vocab, anchor):
+            what = f"{vocab!r} scores" + ("" if anchor == "all" else f" with {anchor!r} pairs")
+            qid = html.escape(self.groups[q].question_id)
+            style = "color:#b2182b;"
+            o["view"].value = (f'<div class="nthr-explorer nthr-explorer-live" style="{style}">'
+                               f"no {what} for question {qid}: pass model= or scores computed "
+                               f"with compute_group_scores(..., vocab={vocab!r})</div>")
             return
         qid = self.groups[q].question_id
-        if not self.scores.has(q, vocab):  # first view of this (question, vocab): one forward pass
+        if not self.scores.has(q, vocab, anchor):  # first view of (question, vocab): a forward pass
             o["status"].value = f"<i>computing {vocab} scores for question {html.escape(qid)}…</i>"
         gs = self.current_scores()
         if o["status"].value.startswith("<i>computing"):
             o["status"].value = ""
-        state = explorer_state(gs, beta=self.beta, eta=c["eta"].value, vocab=vocab)
+        state = explorer_state(gs, beta=self.beta, eta=c["eta"].value, vocab=vocab, anchor=anchor)
         o["view"].value = render_explorer_html(gs, state, c["response"].value, histogram=self.histogram)
 
     def _on_run(self, _button: Any = None) -> None:
@@ -767,22 +842,26 @@ class ThresholdExplorer(ipw.VBox):
 def threshold_explorer(groups: Sequence[Any], *, beta: float = 1.0, eta: str | float = "two_abs",
                        model: nn.Module | None = None, lr: float = 5e-5, scores: Sequence[GroupScores] | None = None,
                        tokenizer: Any = None, vocab: str = "generated", optimizer: str = "sgd",
-                       temperature: float = 1.0, batch_size: int | None = None) -> ThresholdExplorer:
+                       temperature: float = 1.0, batch_size: int | None = None,
+                       anchor: str = "all") -> ThresholdExplorer:
     """The NTHR threshold explorer for mixed ``lld.Group``s, returned without being displayed (notebook 04).
 
     Scores come from ``scores`` (GroupScores, e.g. from ``compute_group_scores``) or are computed
     with ``model`` once per question and vocab mode. Controls: question, incorrect response, β
-    (slider plus a β = -∞ toggle), η schedule, vocabulary; the Δ(x) button (enabled with ``model``)
-    runs ``lld.one_step_displacement`` with ``lr``/``optimizer`` for NTHR at the current settings and GRPO.
+    (slider plus a β = -∞ toggle), η schedule, vocabulary, s̄+ anchor (``nthr.ANCHORS``); the Δ(x)
+    button (enabled with ``model``) runs ``lld.one_step_displacement`` with ``lr``/``optimizer`` for
+    NTHR at the current settings and GRPO.
     """
     return ThresholdExplorer(groups, scores=scores, model=model, tokenizer=tokenizer, beta=beta, eta=eta, vocab=vocab,
-                             lr=lr, optimizer=optimizer, temperature=temperature, batch_size=batch_size)
+                             lr=lr, optimizer=optimizer, temperature=temperature,
+                             batch_size=batch_size, anchor=anchor)
 
 
 def explorer_snapshot(groups: Sequence[Any], beta: float = 1.0, eta: str | float = "two_abs", *,
                       vocab: str = "generated", question: int | str = 0, response: int | None = None,
                       scores: Sequence[GroupScores] | None = None, model: nn.Module | None = None,
-                      tokenizer: Any = None, temperature: float = 1.0, histogram: bool = True):
+                      tokenizer: Any = None, temperature: float = 1.0, histogram: bool = True,
+                      anchor: str = "all"):
     """The explorer's picture at fixed settings as ``IPython.display.HTML`` (visible without a kernel).
 
     ``question`` is an index into the mixed groups or a question id; ``response`` a row of an
@@ -802,8 +881,8 @@ def explorer_snapshot(groups: Sequence[Any], beta: float = 1.0, eta: str | float
             raise ValueError(f"question={question} is out of range: {len(mixed)} mixed groups")
     if model is None and not _align_scores(mixed, scores):
         raise ValueError("pass model= (scores are computed once per group) or scores= (a list of GroupScores)")
-    gs = _ScoreCache(mixed, scores, model, tokenizer, temperature, None).get(index, vocab)
-    state = explorer_state(gs, beta=beta, eta=eta, vocab=vocab)
+    gs = _ScoreCache(mixed, scores, model, tokenizer, temperature, None).get(index, vocab, anchor)
+    state = explorer_state(gs, beta=beta, eta=eta, vocab=vocab, anchor=anchor)
     return HTML(render_explorer_html(gs, state, response, histogram=histogram, live=False))
 
 

@@ -1,8 +1,13 @@
-"""Tests for nthr_book.nthr: every score against a naive float64 pairwise loop (arXiv 2505.18830, §3)."""
+"""Tests for nthr_book.nthr: every score against a naive float64 pairwise loop (arXiv 2505.18830).
+
+Tolerances are rounding bounds, derived where they are used from the unit roundoff of the precision
+(F32, F64) and the number of terms (``score_atol``); the references are float64.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -10,9 +15,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nthr_book.nthr import (
+    ANCHORS,
     ETA_SCHEDULES,
     NTHRConfig,
     eta_for,
+    group_selection,
     gwhes,
     gwhes_question,
     nthr_advantage_fn,
@@ -24,14 +31,17 @@ from nthr_book.nthr import (
     threshold,
     token_scores,
     token_scores_from_hidden,
+    token_scores_reference,
     topk_overlap,
 )
 
 torch.set_num_threads(1)
 
+F32, F64 = 2.0**-24, 2.0**-53  # unit roundoffs of float32 and float64
+
 
 # --------------------------------------------------------------------------------------------
-# Naive references (float64, explicit loops over token pairs)
+# Naive references (float64, explicit loops over token pairs) and rounding bounds
 # --------------------------------------------------------------------------------------------
 
 
@@ -66,6 +76,48 @@ def naive_pair_sums(hidden, logits, tokens, mask, source_rows, vocab_ids=None, s
     return out
 
 
+def pair_scale(hidden, logits, tokens, mask, source_rows, vocab_ids=None):
+    """(G, T) Σ_{valid k of source_rows} <|g_t|,|g_k|><|h_t|,|h_k|> (float64): the terms' size."""
+    g, h = _g_h(hidden, logits, tokens, vocab_ids)
+    gg = torch.einsum("itv,jkv->itjk", g.abs(), g.abs())  # (G, T, G, T)
+    hh = torch.einsum("itd,jkd->itjk", h.abs(), h.abs())  # (G, T, G, T)
+    k = (mask.bool() & torch.as_tensor(source_rows).bool()[:, None]).double()  # (G, T)
+    return (gg * hh * k).sum((-2, -1)) * mask
+
+
+def score_atol(hidden, logits, tokens, mask, source_rows, eps, *, vocab_ids=None, logit_err=0.0,
+               lse_err=0.0):
+    """Absolute rounding bound of scores made in precision eps from these inputs (a tolerance).
+
+    A score sums n pair terms, each a product of inner products over |V'| and d coordinates: its
+    error is at most m·eps·Σ|terms| with m = n + |V'| + d (Higham, Accuracy and Stability of
+    Numerical Algorithms, §3.1), plus 16 ulps for the softmax's exp, log and division. Logits off
+    by at most ``logit_err`` move each g_v by a relative 2·logit_err at most (q_v and its
+    normaliser), two g's per term: 4·logit_err/eps ulps more. A log-sum-exp off by ``lse_err``
+    (read from rounded log-probs) moves q_y by a relative lse_err, i.e. g_y = 1 - q_y by up to
+    q_y/(1 - q_y) times that.
+    """
+    n = int(mask.sum())
+    cols = logits.shape[-1] if vocab_ids is None else len(vocab_ids)
+    q_y = torch.softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)[mask.bool()]
+    lse_factor = max(1.0, float((q_y / (1 - q_y)).max())) if lse_err else 0.0
+    m = n + cols + hidden.shape[-1] + 16 + (4 * logit_err + 2 * lse_factor * lse_err) / eps
+    return m * eps * float(pair_scale(hidden, logits, tokens, mask, source_rows, vocab_ids).max())
+
+
+def logit_err(hidden, weight, bias, temperature, eps):
+    """Bound of logits (h·W_v + b_v) / T rounded in precision eps: (d+4)·eps·max(|h||W_v|+|b_v|)/T.
+
+    d + 2 for the inner product, the bias and the scaling; 2 more for a soft-cap (tanh, whose slope
+    is at most 1, and its two scalings).
+    """
+    h = hidden.double().abs().reshape(-1, hidden.shape[-1])  # (n, d)
+    scale = h @ weight.double().abs().T  # (n, V)
+    if bias is not None:
+        scale = scale + bias.double().abs()
+    return (hidden.shape[-1] + 4) * eps * float(scale.max()) / temperature
+
+
 def generated_ids(tokens, mask):
     """Sorted token ids occurring under the mask (V*)."""
     return torch.unique(tokens[mask.bool()])
@@ -82,12 +134,6 @@ def make_group(G, T, d, V, seed, correct, lengths=None, id_range=None):
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     tokens = tokens.masked_fill(~mask, 0)  # padding id
     return hidden, logits, tokens, mask, torch.tensor(correct, dtype=torch.bool)
-
-
-def rel_err(a, b):
-    """max |a - b| / max |b| (0 when both vanish)."""
-    scale = b.abs().max().item()
-    return (a.double() - b).abs().max().item() / scale if scale > 0 else a.abs().max().item()
 
 
 GROUP_CASES = [
@@ -120,11 +166,13 @@ def test_token_scores_full_vocab_matches_naive(case):
     assert (got[~mask] == 0).all()
     if correct.any():
         assert expected.abs().max() > 0
-        assert rel_err(got, expected) <= 1e-5
+        tol32 = score_atol(hidden, logits, tokens, mask, correct, F32)
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol32)
     else:
         assert (got == 0).all()
     got64 = token_scores(hidden, logits, tokens, mask, correct, vocab="full", dtype=torch.float64, chunk_size=2)
-    torch.testing.assert_close(got64, expected, rtol=1e-10, atol=1e-10)
+    tol64 = score_atol(hidden, logits, tokens, mask, correct, F64)
+    torch.testing.assert_close(got64, expected, rtol=0, atol=2 * tol64)  # both sides round
 
 
 @pytest.mark.parametrize("case", range(len(GROUP_CASES)))
@@ -137,12 +185,14 @@ def test_token_scores_generated_vocab_matches_naive_restriction(case):
     assert ids.numel() < 13
     expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
     got = token_scores(hidden, logits, tokens, mask, correct, vocab="generated", dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    tol64 = score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)  # both sides round in float64
     got32 = token_scores(hidden, logits, tokens, mask, correct)  # default vocab is "generated"
     if correct.any():
-        assert rel_err(got32, expected) <= 1e-5
+        tol32 = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids)
+        torch.testing.assert_close(got32.double(), expected, rtol=0, atol=tol32)
         full = naive_pair_sums(hidden, logits, tokens, mask, correct)
-        assert (full - expected).abs().max() > 1e-6  # the restriction is an approximation
+        assert (full - expected).abs().max() > 1e3 * tol32  # the restriction is an approximation
 
 
 def test_token_scores_hand_example():
@@ -152,11 +202,31 @@ def test_token_scores_hand_example():
     tokens = torch.tensor([[0], [1]])
     mask = torch.ones(2, 1, dtype=torch.bool)
     # g_0 = (1/2, -1/2), g_1 = (-1/2, 1/2): <g0,g0> = 1/2, <g0,g1> = -1/2; h products 1, 2, 4
-    # s_0 = 1/2·1 - 1/2·2 = -1/2 ; s_1 = -1/2·2 + 1/2·4 = 1
-    got = token_scores(hidden, logits, tokens, mask, torch.tensor([True, True]), vocab="full")
-    torch.testing.assert_close(got, torch.tensor([[-0.5], [1.0]]))
-    only_first = token_scores(hidden, logits, tokens, mask, torch.tensor([True, False]), vocab="full")
-    torch.testing.assert_close(only_first, torch.tensor([[0.5], [-1.0]]))
+    # s_0 = 1/2·1 - 1/2·2 = -1/2 ; s_1 = -1/2·2 + 1/2·4 = 1. Every step is exact in binary
+    # (halves, small integers), so the kernel and the reference must give these values exactly.
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    torch.testing.assert_close(token_scores(hidden, logits, tokens, mask, both, vocab="full"),
+                               torch.tensor([[-0.5], [1.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(token_scores(hidden, logits, tokens, mask, first, vocab="full"),
+                               torch.tensor([[0.5], [-1.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(token_scores_reference(hidden, logits, tokens, mask, both),
+                               torch.tensor([[-0.5], [1.0]], dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", [1, 5, 7, 8])
+@pytest.mark.parametrize("vocab", ["full", "generated"])
+def test_token_scores_reference_equals_the_double_loop(case, vocab):
+    # token_scores_reference (einsum over all pairs) against the explicit loop: two float64 sums of
+    # the same terms in different orders, so they agree to the float64 rounding bound.
+    G, T, correct, lengths = GROUP_CASES[case]
+    hidden, logits, tokens, mask, correct = make_group(G, T, 3, 9, seed=40 + case, correct=correct,
+                                                       lengths=lengths, id_range=6)
+    ids = None if vocab == "full" else generated_ids(tokens, mask)
+    expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
+    got = token_scores_reference(hidden, logits, tokens, mask, correct, vocab=vocab)
+    assert got.dtype == torch.float64
+    tol64 = score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)  # both sides round: twice it
 
 
 @pytest.mark.parametrize("vocab", ["full", "generated"])
@@ -171,14 +241,19 @@ def test_token_scores_from_hidden_equals_token_scores(vocab, chunk_size):
     tokens = torch.randint(0, 9, (G, T), generator=gen)
     mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 5, 6, 3])[:, None]
     correct = torch.tensor([True, False, True, False, False])
-    logits = (hidden @ weight.T + bias) / temperature
-    expected = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64)
+    logits64 = (hidden.double() @ weight.double().T + bias.double()) / temperature
+    expected = token_scores_reference(hidden, logits64, tokens, mask, correct, vocab=vocab)
     got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, temperature=temperature,
                                    lm_head_bias=bias, vocab=vocab, chunk_size=chunk_size)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    chunked = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64,
-                           chunk_size=chunk_size)
-    torch.testing.assert_close(chunked, expected, rtol=1e-12, atol=1e-12)
+    ids = None if vocab == "full" else generated_ids(tokens, mask)
+    # float32 scores from float32 logits h·W (d-term products): both roundings enter the bound
+    err = logit_err(hidden, weight, bias, temperature, F32)
+    tol32 = score_atol(hidden, logits64, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol32)
+    chunked = token_scores(hidden, logits64, tokens, mask, correct, vocab=vocab,
+                           dtype=torch.float64, chunk_size=chunk_size)
+    tol64 = score_atol(hidden, logits64, tokens, mask, correct, F64, vocab_ids=ids)
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=2 * tol64)  # both sides round
 
 
 def test_token_scores_from_hidden_without_bias_and_low_precision_inputs():
@@ -188,12 +263,15 @@ def test_token_scores_from_hidden_without_bias_and_low_precision_inputs():
     tokens = torch.randint(0, 10, (3, 4), generator=gen)
     mask = torch.ones(3, 4, dtype=torch.bool)
     correct = torch.tensor([True, False, True])
-    logits = hidden.bfloat16().double() @ weight.bfloat16().double().T
-    expected = token_scores(hidden.bfloat16(), logits, tokens, mask, correct, vocab="full", dtype=torch.float64)
-    got = token_scores_from_hidden(hidden.bfloat16(), weight.bfloat16(), tokens, mask, correct, vocab="full",
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()  # bf16 values are exact in float64
+    logits = h16.double() @ w16.double().T
+    expected = token_scores_reference(h16, logits, tokens, mask, correct)
+    got = token_scores_from_hidden(h16, w16, tokens, mask, correct, vocab="full",
                                    dtype=torch.float64)
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    err = logit_err(h16, w16, None, 1.0, F64)  # float64 logits on both sides
+    tol64 = score_atol(h16, logits, tokens, mask, correct, F64, logit_err=2 * err)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)
 
 
 def test_token_scores_errors():
@@ -208,11 +286,58 @@ def test_token_scores_errors():
         token_scores(hidden, logits, tokens.masked_fill(mask, 5), mask, correct)
     with pytest.raises(ValueError, match="lm_head_weight"):
         token_scores_from_hidden(hidden, torch.randn(5, 3), tokens, mask, correct)
+    with pytest.raises(ValueError, match="anchor='mine'"):
+        token_scores(hidden, logits, tokens, mask, correct, anchor="mine")
+    with pytest.raises(ValueError, match="return_self_pairs=True means anchor='no_self_token'"):
+        token_scores(hidden, logits, tokens, mask, correct, return_self_pairs=True, anchor="all")
+    with pytest.raises(ValueError, match="softcap must be None or a positive number"):
+        token_scores_from_hidden(hidden, torch.randn(5, 4), tokens, mask, correct, softcap=0.0)
 
 
 # --------------------------------------------------------------------------------------------
-# Self pairs and self-influence
+# Self pairs, anchors and self-influence
 # --------------------------------------------------------------------------------------------
+
+
+def anchor_brute_force(hidden, logits, tokens, mask, correct, anchor, vocab_ids=None):
+    """(N+,) s̄+_i summing, pair by pair, the terms <g_t,g_k><h_t,h_k> the anchor keeps (float64)"""
+    g, h = _g_h(hidden, logits, tokens, vocab_ids)
+    G, T = mask.shape
+    out = []
+    for i in correct.nonzero().flatten().tolist():
+        per_token = []
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            total = 0.0
+            for j in range(G):
+                if not correct[j] or (anchor == "other_responses" and j == i):
+                    continue  # k in correct responses (only other ones for "other_responses")
+                for k in range(T):
+                    if not mask[j, k] or (anchor == "no_self_token" and (j, k) == (i, t)):
+                        continue
+                    total += float(g[i, t] @ g[j, k]) * float(h[i, t] @ h[j, k])
+            per_token.append(total)
+        out.append(sum(per_token) / len(per_token) if per_token else math.nan)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def self_pair_atol(hidden, logits, tokens, mask, eps, vocab_ids=None, logit_err=0.0, lse_err=0.0):
+    """Rounding bound of |g_t|²|h_t|² made as (Σ q² - 2 q_y + 1)·Σ h²: m·eps·4·max |h_t|².
+
+    The g part's terms sum to Σ q² + 2 q_y + 1 <= 4 (|V'| + 4 roundings), Σ h² has d, softmax 16;
+    q off by a relative ρ (logits off by logit_err, the log-sum-exp by lse_err: ρ <= 2·logit_err +
+    lse_err) moves Σ q² - 2 q_y by at most 4ρ.
+    """
+    cols = logits.shape[-1] if vocab_ids is None else len(vocab_ids)
+    m = cols + hidden.shape[-1] + 16 + (2 * logit_err + lse_err) / eps
+    h_sq = hidden.double().square().sum(-1)[mask.bool()]  # (n,) |h_t|²
+    return m * eps * 4 * float(h_sq.max())
+
+
+# three correct responses (5, 2 and 4 tokens), one incorrect; G=4, T=5, d=3, V=7
+ANCHOR_GROUP = dict(G=4, T=5, d=3, V=7, seed=31, correct=[True, False, True, True],
+                    lengths=[5, 3, 2, 4], id_range=5)
 
 
 @pytest.mark.parametrize("vocab", ["full", "generated"])
@@ -224,22 +349,99 @@ def test_self_pairs_and_self_influence_exclusion(vocab):
     scores, self_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64,
                                       return_self_pairs=True)
     g, h = _g_h(hidden, logits, tokens, ids)
-    torch.testing.assert_close(self_pairs, (g.square().sum(-1) * h.square().sum(-1)) * mask)
+    torch.testing.assert_close(self_pairs, (g.square().sum(-1) * h.square().sum(-1)) * mask, rtol=0,
+                               atol=self_pair_atol(hidden, logits, tokens, mask, F64, ids))
     with_self = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
     without_self = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids, skip_self=True)
     lengths = mask.sum(-1).double()
     expected_in = with_self.sum(-1)[correct] / lengths[correct]
     expected_ex = without_self.sum(-1)[correct] / lengths[correct]
-    torch.testing.assert_close(self_influence(scores, mask, correct), expected_in)
+    # means of scores within the bound (both sides float64), minus self pairs within theirs
+    tol = 2 * score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
+    tol_ex = tol + self_pair_atol(hidden, logits, tokens, mask, F64, ids)
+    torch.testing.assert_close(self_influence(scores, mask, correct), expected_in, rtol=0, atol=tol)
+    no_self = self_influence(scores, mask, correct, anchor="no_self_token", anchor_pairs=self_pairs)
+    torch.testing.assert_close(no_self, expected_ex, rtol=0, atol=tol_ex)
+    # the older spelling: exclude_self=True with self_pairs, or computed from the inputs
     torch.testing.assert_close(self_influence(scores, mask, correct, exclude_self=True, self_pairs=self_pairs),
-                               expected_ex)
+                               expected_ex, rtol=0, atol=tol_ex)
     from_inputs = self_influence(scores, mask, correct, exclude_self=True, hidden=hidden, logits=logits,
                                  tokens=tokens, vocab=vocab)
-    torch.testing.assert_close(from_inputs, expected_ex)
-    with pytest.raises(ValueError, match="exclude_self=True needs"):
+    torch.testing.assert_close(from_inputs, expected_ex, rtol=0, atol=tol_ex)
+    with pytest.raises(ValueError, match="anchor='no_self_token' needs"):
         self_influence(scores, mask, correct, exclude_self=True)
     with pytest.raises(ValueError, match="exclude_self=False"):
         self_influence(scores, mask, correct, self_pairs=self_pairs)
+    with pytest.raises(ValueError, match="not both"):
+        self_influence(scores, mask, correct, exclude_self=True, self_pairs=self_pairs,
+                       anchor_pairs=self_pairs)
+    with pytest.raises(ValueError, match="exclude_self=True means anchor='no_self_token'"):
+        self_influence(scores, mask, correct, exclude_self=True, anchor="other_responses")
+    with pytest.raises(ValueError, match="shaped like `scores`"):
+        self_influence(scores, mask, correct, anchor_pairs=self_pairs[:, :2])
+
+
+@pytest.mark.parametrize("anchor", ANCHORS)
+@pytest.mark.parametrize("vocab", ["full", "generated"])
+def test_anchor_self_influence_and_tau_match_pairwise_brute_force(anchor, vocab):
+    cfg = dict(ANCHOR_GROUP)
+    sizes = [cfg.pop(k) for k in ("G", "T", "d", "V")]
+    hidden, logits, tokens, mask, correct = make_group(*sizes, **cfg)
+    ids = None if vocab == "full" else generated_ids(tokens, mask)
+    expected = anchor_brute_force(hidden, logits, tokens, mask, correct, anchor, ids)  # (3,)
+    if anchor == "other_responses":  # the same from the pairwise reference: s_t against the others
+        others = []
+        for i in correct.nonzero().flatten().tolist():
+            c = correct.clone()
+            c[i] = False
+            s_i = token_scores_reference(hidden, logits, tokens, mask, c, vocab=vocab)[i]
+            others.append(s_i[mask[i]].mean())
+        tol64 = 2 * score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
+        torch.testing.assert_close(torch.stack(others), expected, rtol=0, atol=tol64)
+    for dtype, eps in ((torch.float64, F64), (torch.float32, F32)):
+        # s̄+ = mean of s_t minus pairs: two sums within the score bound, 3 with the brute force's
+        tol = 3 * score_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=ids)
+        scores, pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
+                                     dtype=dtype, anchor=anchor)
+        s_bar = self_influence(scores, mask, correct, anchor_pairs=pairs)
+        torch.testing.assert_close(s_bar.double(), expected, rtol=0, atol=tol)
+        computed = self_influence(scores, mask, correct, anchor=anchor, hidden=hidden,
+                                  logits=logits, tokens=tokens, vocab=vocab)
+        torch.testing.assert_close(computed.double(), expected, rtol=0, atol=tol)
+        for beta in (1.0, 0.5, -2.0):
+            tau = threshold(scores, mask, correct, beta, anchor_pairs=pairs)
+            assert tau == pytest.approx(beta * float(expected.min()), rel=0, abs=abs(beta) * tol)
+        # the anchor moves s̄+ only: the scores (of incorrect tokens too) are those without one
+        plain = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=dtype)
+        assert torch.equal(scores, plain)
+    # several anchors from one scoring pass: the same pairs as one anchor at a time
+    group = (hidden, logits, tokens, mask, correct)
+    _, by_anchor = token_scores(*group, vocab=vocab, anchor=ANCHORS)
+    assert set(by_anchor) == set(ANCHORS)
+    assert torch.equal(by_anchor[anchor], token_scores(*group, vocab=vocab, anchor=anchor)[1])
+    if anchor != "all":  # the anchors differ here by far more than the bound
+        everything = anchor_brute_force(hidden, logits, tokens, mask, correct, "all", ids)
+        tol32 = score_atol(hidden, logits, tokens, mask, correct, F32)
+        assert (everything - expected).abs().min() > 1e3 * tol32
+
+
+@pytest.mark.parametrize("anchor", ANCHORS)
+@pytest.mark.parametrize("use_logps", [False, True])
+def test_anchor_pairs_from_hidden_match_the_brute_force(anchor, use_logps):
+    hidden, weight, b, tokens, mask, correct, temp = _head_group(seed=17)
+    logits64 = (hidden.double() @ weight.double().T + b.double()) / temp
+    ids = generated_ids(tokens, mask)
+    expected = anchor_brute_force(hidden, logits64, tokens, mask, correct, anchor, ids)
+    logps = _hand_logps(hidden, weight, b, tokens, mask, temp).float() if use_logps else None
+    scores, pairs = token_scores_from_hidden(hidden, weight, tokens, mask, correct,
+                                             temperature=temp, lm_head_bias=b, logps=logps,
+                                             anchor=anchor, chunk_size=2)
+    err = logit_err(hidden, weight, b, temp, F32)
+    lse_err = err + F32 * float(logps.abs().max()) if use_logps else 0.0  # z_y and the log-prob
+    tol = 3 * score_atol(hidden, logits64, tokens, mask, correct, F32, vocab_ids=ids,
+                         logit_err=err, lse_err=lse_err)
+    s_bar = self_influence(scores, mask, correct, anchor_pairs=pairs)
+    torch.testing.assert_close(s_bar.double(), expected, rtol=0, atol=tol)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +469,26 @@ HAND_CORRECT = torch.tensor([True, True, False, False])
     ],
 )
 def test_threshold_and_selection_by_hand(beta, tau, row2, row3):
-    torch.testing.assert_close(self_influence(HAND_SCORES, HAND_MASK, HAND_CORRECT), torch.tensor([3.0, 2.0]))
+    # means of small integers (6/2, 6/3) are exact in binary: no tolerance
+    torch.testing.assert_close(self_influence(HAND_SCORES, HAND_MASK, HAND_CORRECT),
+                               torch.tensor([3.0, 2.0]), rtol=0, atol=0)
     assert threshold(HAND_SCORES, HAND_MASK, HAND_CORRECT, beta) == tau
     expected = torch.tensor([[0, 0, 0], [0, 0, 0], row2, row3], dtype=torch.bool)
     assert torch.equal(select_tokens(HAND_SCORES, HAND_MASK, HAND_CORRECT, beta), expected)
+
+
+def test_threshold_with_anchor_pairs_by_hand():
+    # pairs [[1, 1], [0.5, 1.5, 1]] leave s̄+ = (2, 1) exactly: tau = beta · 1, the scores unchanged
+    pairs = torch.tensor([[1.0, 1.0, 7.0], [0.5, 1.5, 1.0], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
+    hand = (HAND_SCORES, HAND_MASK, HAND_CORRECT)
+    torch.testing.assert_close(self_influence(*hand, anchor_pairs=pairs), torch.tensor([2.0, 1.0]),
+                               rtol=0, atol=0)
+    assert threshold(*hand, 1.0, anchor_pairs=pairs) == 1.0
+    assert threshold(*hand, 1.0, self_pairs=pairs) == 1.0  # the older name
+    expected = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(select_tokens(*hand, 1.0, anchor_pairs=pairs), expected)
+    with pytest.raises(ValueError, match="not both"):
+        threshold(HAND_SCORES, HAND_MASK, HAND_CORRECT, 1.0, anchor_pairs=pairs, self_pairs=pairs)
 
 
 def test_threshold_negative_minimum_and_edge_cases():
@@ -303,17 +521,20 @@ ETA_TABLE_G8 = {  # p = 0/8 .. 8/8
 
 @pytest.mark.parametrize("schedule", ETA_SCHEDULES)
 def test_eta_table_for_group_of_8(schedule):
+    # multiples of 1/8 and their sums and differences are exact in binary: no tolerance
     expected = ETA_TABLE_G8[schedule]
     for n_pos in range(9):
-        assert eta_for(n_pos / 8, schedule) == pytest.approx(expected[n_pos], abs=1e-12)
+        assert eta_for(n_pos / 8, schedule) == expected[n_pos]
     p = torch.arange(9, dtype=torch.float64) / 8
-    torch.testing.assert_close(eta_for(p, schedule), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(eta_for(p, schedule), torch.tensor(expected, dtype=torch.float64),
+                               rtol=0, atol=0)
 
 
 def test_eta_constant_and_errors():
     assert eta_for(0.375, 0.0) == 0.0
     assert eta_for(0.375, 0.3) == 0.3
-    torch.testing.assert_close(eta_for(torch.tensor([0.25, 0.5]), 0.5), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(eta_for(torch.tensor([0.25, 0.5]), 0.5), torch.tensor([0.5, 0.5]),
+                               rtol=0, atol=0)
     with pytest.raises(ValueError, match="'sqrt'"):
         eta_for(0.5, "sqrt")
     with pytest.raises(ValueError, match="p must lie"):
@@ -321,14 +542,17 @@ def test_eta_constant_and_errors():
 
 
 def test_reweight_advantages():
+    # products by 0, 0.25, 0.5 and 9 of small integers are exact in binary: no tolerance
     adv = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
     sel = torch.tensor([[0, 0, 0], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
     expected = torch.tensor([[1.0, 1.0, 0.0], [-0.5, -2.0, -1.5], [-1.0, -0.5, -1.0]])
-    torch.testing.assert_close(reweight_advantages(adv, sel, 0.5), expected)
+    torch.testing.assert_close(reweight_advantages(adv, sel, 0.5), expected, rtol=0, atol=0)
     per_row = torch.tensor([9.0, 0.0, 0.25])
     expected_rows = torch.tensor([[1.0, 1.0, 0.0], [0.0, -2.0, 0.0], [-1.0, -0.25, -1.0]])
-    torch.testing.assert_close(reweight_advantages(adv, sel, per_row), expected_rows)
-    torch.testing.assert_close(reweight_advantages(adv, sel, per_row[:, None]), expected_rows)
+    torch.testing.assert_close(reweight_advantages(adv, sel, per_row), expected_rows,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(reweight_advantages(adv, sel, per_row[:, None]), expected_rows,
+                               rtol=0, atol=0)
     assert torch.equal(adv[1], torch.tensor([-1.0, -2.0, -3.0]))  # input untouched
     with pytest.raises(ValueError, match="does not broadcast"):
         reweight_advantages(adv, sel, torch.ones(2))
@@ -355,12 +579,22 @@ def test_random_selection_is_uniform_over_valid_tokens():
     selected = torch.tensor([[1, 0, 0, 0, 0]], dtype=torch.bool)
     counts = sum(random_selection(selected, mask, seed=s).long() for s in range(800))
     assert counts[0, 4] == 0
-    assert (counts[0, :4] > 150).all() and (counts[0, :4] < 250).all()  # 200 each expected
+    # 200 each expected; ±50 is 4.1 standard deviations of Binomial(800, 1/4) (sd 12.2)
+    assert (counts[0, :4] > 150).all() and (counts[0, :4] < 250).all()
 
 
 # --------------------------------------------------------------------------------------------
 # GWHES and top-K overlap
 # --------------------------------------------------------------------------------------------
+
+
+def gwhes_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=None):
+    """Bound of GWHES_i = p-/sd·Σ_t s_t(incorrect k) - p+/sd·Σ_t s_t(correct k), from scores'."""
+    p = correct.double().mean().item()
+    sd = math.sqrt(p * (1 - p))
+    to_pos = score_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=vocab_ids)
+    to_neg = score_atol(hidden, logits, tokens, mask, ~correct, eps, vocab_ids=vocab_ids)
+    return mask.shape[1] * ((p / sd) * to_neg + ((1 - p) / sd) * to_pos)  # <= T tokens a response
 
 
 @pytest.mark.parametrize("vocab", ["full", "generated"])
@@ -375,9 +609,28 @@ def test_gwhes_matches_naive(vocab, correct):
     sd = math.sqrt(p * (1 - p))
     expected = (p / sd) * to_neg - ((1 - p) / sd) * to_pos
     got = gwhes(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64, chunk_size=3)
-    torch.testing.assert_close(got, expected)
+    tol64 = 2 * gwhes_atol(hidden, logits, tokens, mask, correct, F64, ids)  # both sides round
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol64)
+    tol32 = gwhes_atol(hidden, logits, tokens, mask, correct, F32, ids)  # a mean of values in it
     assert gwhes_question(hidden, logits, tokens, mask, correct, vocab=vocab) == pytest.approx(
-        expected.mean().item(), rel=1e-5)
+        expected.mean().item(), rel=0, abs=tol32)
+
+
+def test_gwhes_defaults_to_the_full_vocabulary():
+    hidden, logits, tokens, mask, correct = make_group(5, 4, 3, 8, seed=21,
+                                                       correct=[True, False, False, True, False],
+                                                       lengths=[4, 3, 4, 1, 2], id_range=3)
+    assert generated_ids(tokens, mask).numel() <= 3  # V* is a strict subset: the two modes differ
+    to_pos = naive_pair_sums(hidden, logits, tokens, mask, correct).sum(-1)[correct]
+    to_neg = naive_pair_sums(hidden, logits, tokens, mask, ~correct).sum(-1)[correct]
+    sd = math.sqrt(0.4 * 0.6)
+    expected = (0.4 / sd) * to_neg - (0.6 / sd) * to_pos  # full vocabulary, the paper's GWHES
+    tol32 = gwhes_atol(hidden, logits, tokens, mask, correct, F32)
+    group = (hidden, logits, tokens, mask, correct)
+    torch.testing.assert_close(gwhes(*group).double(), expected, rtol=0, atol=tol32)
+    assert gwhes_question(*group) == pytest.approx(expected.mean().item(), rel=0, abs=tol32)
+    generated = gwhes(hidden, logits, tokens, mask, correct, vocab="generated").double()
+    assert (generated - expected).abs().max() > 10 * tol32
 
 
 def test_gwhes_homogeneous_groups():
@@ -392,8 +645,8 @@ def test_topk_overlap_by_hand():
     a = [5.0, 4.0, 3.0, 2.0, 1.0]
     assert topk_overlap(a, a, 2) == 1.0
     assert topk_overlap(a, [1.0, 2.0, 3.0, 4.0, 5.0], 2) == 0.0
-    assert topk_overlap(a, [1.0, 2.0, 3.0, 4.0, 5.0], 3) == pytest.approx(1 / 3)
-    assert topk_overlap(a, torch.tensor([0.9, -1.0, 0.8, 0.0, 3.0]), 3) == pytest.approx(2 / 3)
+    assert topk_overlap(a, [1.0, 2.0, 3.0, 4.0, 5.0], 3) == 1 / 3
+    assert topk_overlap(a, torch.tensor([0.9, -1.0, 0.8, 0.0, 3.0]), 3) == 2 / 3
     assert topk_overlap(a, [0.0, 0.0, 0.0, 0.0, 0.0], 1) == 1.0  # ties: lower index first
     assert topk_overlap(a, [9.0, 0.0, 0.0, 0.0, 0.0], 5) == 1.0
     with pytest.raises(ValueError, match="same items"):
@@ -403,6 +656,7 @@ def test_topk_overlap_by_hand():
 
 
 def test_random_topk_overlap_expectation_matches_paper_baselines():
+    # the paper prints three decimals: a rounding of at most 5e-4, plus a float's 1e-4 slack
     assert random_topk_overlap_expectation(57, 10) == pytest.approx(0.175, abs=6e-4)
     assert random_topk_overlap_expectation(47, 10) == pytest.approx(0.213, abs=6e-4)
     assert random_topk_overlap_expectation(57, 15) == pytest.approx(0.263, abs=6e-4)
@@ -410,6 +664,7 @@ def test_random_topk_overlap_expectation_matches_paper_baselines():
     gen = torch.Generator().manual_seed(0)
     fixed = torch.arange(20.0)
     mean = sum(topk_overlap(fixed, torch.randperm(20, generator=gen).double(), 5) for _ in range(2000)) / 2000
+    # overlap/5 is hypergeometric (sd 0.172 a draw): the mean of 2000 has sd 0.0038; 0.02 ≈ 5 sd
     assert mean == pytest.approx(5 / 20, abs=0.02)
 
 
@@ -435,8 +690,32 @@ def _hook_batch():
                            lm_head_bias=bias, temperature=0.8)
 
 
+def _hook_reference(ctx, config, softcap=None, logps=None):
+    """Float64 scores, tau, selection and the score bound of ctx's mixed group 0, pair by pair.
+
+    ``logps``: the float32 log-probs the hook reads its log-sum-exp from (their rounding counts).
+    """
+    rows = slice(0, 4)
+    h, ids = ctx.hidden[rows], ctx.completion_ids[rows]
+    mask, correct = ctx.completion_mask[rows].bool(), ctx.rewards[0] > 0.5
+    z = h.double() @ ctx.lm_head_weight.double().T + ctx.lm_head_bias.double()
+    logits = (z if softcap is None else torch.tanh(z / softcap) * softcap) / ctx.temperature
+    vocab_ids = None if config.vocab == "full" else generated_ids(ids, mask)
+    scores = token_scores_reference(h, logits, ids, mask, correct, vocab=config.vocab)
+    s_bar = anchor_brute_force(h, logits, ids, mask, correct, config.anchor, vocab_ids)
+    tau = config.beta * float(s_bar.min())
+    err = logit_err(h, ctx.lm_head_weight, ctx.lm_head_bias, ctx.temperature, F32)
+    lse_err = 0.0 if logps is None else err + F32 * float(logps[rows].abs().max())
+    tol = score_atol(h, logits, ids, mask, correct, F32, vocab_ids=vocab_ids, logit_err=err,
+                     lse_err=lse_err)
+    return scores, tau, (~correct)[:, None] & mask & (scores > tau), tol
+
+
 @pytest.mark.parametrize("config", [NTHRConfig(), NTHRConfig(beta=0.0, eta="p", vocab="full"),
-                                    NTHRConfig(beta=0.5, eta=0.0, exclude_self=True)])
+                                    NTHRConfig(beta=0.5, eta=0.0, anchor="no_self_token"),
+                                    NTHRConfig(beta=0.5, eta=0.0, anchor="other_responses"),
+                                    NTHRConfig(beta=0.3, eta="p", vocab="full",
+                                               anchor="other_responses")])
 def test_hook_matches_manual_composition(config):
     ctx = _hook_batch()
     hook = nthr_advantage_fn(config)
@@ -445,27 +724,69 @@ def test_hook_matches_manual_composition(config):
     new_adv, metrics = hook(ctx)
     # homogeneous group untouched
     assert torch.equal(new_adv[4:], ctx.advantages[4:])
-    # manual composition for the mixed group
+    # the float64 pairwise composition for the mixed group
     rows = slice(0, 4)
     mask = ctx.completion_mask[rows].bool()
     correct = ctx.rewards[0] > 0.5
-    logits = (ctx.hidden[rows] @ ctx.lm_head_weight.T + ctx.lm_head_bias) / ctx.temperature
-    scores, self_pairs = token_scores(ctx.hidden[rows], logits, ctx.completion_ids[rows], mask, correct,
-                                      vocab=config.vocab, return_self_pairs=True)
-    sp = self_pairs if config.exclude_self else None
-    selected = select_tokens(scores, mask, correct, config.beta, self_pairs=sp)
+    scores, tau, selected, tol = _hook_reference(ctx, config)
     negative = (~correct)[:, None] & mask
     assert 0 < selected.sum() < negative.sum()  # the example selects some, not all
+    # no incorrect score lies within the rounding bounds of tau (3: s̄+ and pairs): same selection
+    assert float((scores[negative] - tau).abs().min()) > 3 * tol + 3 * abs(config.beta) * tol
     eta = eta_for(0.5, config.eta)
     expected = reweight_advantages(ctx.advantages[rows], selected, eta)
-    torch.testing.assert_close(new_adv[rows], expected)
+    assert torch.equal(new_adv[rows], expected)  # the same selection gives the same products
     assert not torch.equal(new_adv[rows], ctx.advantages[rows]) or eta == 1.0
     assert metrics["nthr/mixed_groups"] == 1.0
-    assert metrics["nthr/selected_frac"] == pytest.approx(selected.sum().item() / negative.sum().item())
-    assert metrics["nthr/tau_mean"] == pytest.approx(threshold(scores, mask, correct, config.beta, self_pairs=sp),
-                                                     rel=1e-5)
-    assert metrics["nthr/score_mean"] == pytest.approx(scores[negative].mean().item(), rel=1e-5)
+    assert metrics["nthr/selected_frac"] == selected.sum().item() / negative.sum().item()
+    assert metrics["nthr/tau_mean"] == pytest.approx(tau, rel=0, abs=3 * abs(config.beta) * tol)
+    score_mean = scores[negative].mean().item()
+    assert metrics["nthr/score_mean"] == pytest.approx(score_mean, rel=0, abs=tol)
     assert metrics["nthr/eta_mean"] == eta
+
+
+def test_group_selection_is_the_hooks_step():
+    ctx = _hook_batch()
+    config = NTHRConfig(beta=0.5, anchor="other_responses")
+    mask, correct = ctx.completion_mask[:4].bool(), ctx.rewards[0] > 0.5
+    scores, tau, selected = group_selection(ctx.hidden[:4], ctx.lm_head_weight,
+                                            ctx.completion_ids[:4], mask, correct, config,
+                                            temperature=ctx.temperature,
+                                            lm_head_bias=ctx.lm_head_bias)
+    ref_scores, ref_tau, ref_selected, tol = _hook_reference(ctx, config)
+    torch.testing.assert_close(scores.double(), ref_scores, rtol=0, atol=tol)
+    assert tau == pytest.approx(ref_tau, rel=0, abs=3 * 0.5 * tol)
+    assert torch.equal(selected, ref_selected)
+    _, metrics = nthr_advantage_fn(config)(ctx)
+    assert metrics["nthr/tau_mean"] == tau
+
+
+def test_config_anchor_and_the_deprecated_exclude_self():
+    with pytest.warns(DeprecationWarning, match="anchor='no_self_token'"):
+        old = NTHRConfig(exclude_self=True)
+    assert old == NTHRConfig(anchor="no_self_token")
+    assert old.anchor == "no_self_token" and old.exclude_self
+    assert NTHRConfig(anchor="no_self_token").exclude_self is True
+    assert NTHRConfig(anchor="other_responses").exclude_self is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling and copies of it do not warn
+        NTHRConfig(anchor="no_self_token")
+        nthr_advantage_fn(NTHRConfig(anchor="no_self_token"))
+    with pytest.raises(ValueError, match="anchor='mine'"):
+        NTHRConfig(anchor="mine")
+    with pytest.raises(ValueError, match="exclude_self=True means anchor='no_self_token'"):
+        NTHRConfig(exclude_self=True, anchor="other_responses")
+    # the hook's repr is what a finished run records: "all" and "no_self_token" read as before the
+    # anchor existed (exclude_self=False / True), "other_responses" is named
+    assert repr(nthr_advantage_fn()) == \
+        "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False)"
+    assert repr(nthr_advantage_fn(anchor="no_self_token")) == \
+        "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=True)"
+    assert repr(nthr_advantage_fn(anchor="other_responses")) == \
+        ("NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False, "
+         "anchor='other_responses')")
+    other = NTHRConfig(anchor="other_responses")
+    assert nthr_advantage_fn(anchor="other_responses").config == other
 
 
 def test_hook_keyword_form_and_no_mixed_group():
@@ -475,7 +796,9 @@ def test_hook_keyword_form_and_no_mixed_group():
     new_adv, metrics = hook(ctx)
     negative = (ctx.rewards[0] < 0.5)[:, None] & ctx.completion_mask[:4].bool()
     assert metrics["nthr/selected_frac"] == 1.0  # beta = -inf selects every incorrect token
-    torch.testing.assert_close(new_adv[:4], torch.where(negative, 0.5 * ctx.advantages[:4], ctx.advantages[:4]))
+    # eta = 1 - 1/2 = 0.5 times A: exact in binary
+    halved = torch.where(negative, 0.5 * ctx.advantages[:4], ctx.advantages[:4])
+    torch.testing.assert_close(new_adv[:4], halved, rtol=0, atol=0)
     ctx.rewards = torch.zeros(2, 4)
     new_adv, metrics = hook(ctx)
     assert torch.equal(new_adv, ctx.advantages)
@@ -484,6 +807,49 @@ def test_hook_keyword_form_and_no_mixed_group():
         NTHRConfig(vocab="x")
     with pytest.raises(ValueError, match="'bad'"):
         nthr_advantage_fn(eta="bad")
+
+
+# --------------------------------------------------------------------------------------------
+# Soft-capped logits (Gemma's final_logit_softcapping)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", ["full", "generated"])
+@pytest.mark.parametrize("use_logps", [False, True])
+def test_softcap_scores_match_the_reference_on_capped_logits(vocab, use_logps):
+    hidden, weight, b, tokens, mask, correct, temp = _head_group(seed=13)
+    weight, cap = weight * 4, 3.0  # logits of several units: a cap of 3 bends them
+    z = hidden.double() @ weight.double().T + b.double()
+    capped = torch.tanh(z / cap) * cap / temp  # (G, T, V) float64, capped before the temperature
+    assert (z.abs() > 2 * cap).any()
+    expected = token_scores_reference(hidden, capped, tokens, mask, correct, vocab=vocab)
+    logps = torch.log_softmax(capped, -1).gather(-1, tokens[..., None]).squeeze(-1) * mask
+    kw = dict(temperature=temp, lm_head_bias=b, vocab=vocab)
+    got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, softcap=cap,
+                                   logps=logps.float() if use_logps else None, **kw)
+    ids = None if vocab == "full" else generated_ids(tokens, mask)
+    err = logit_err(hidden, weight, b, temp, F32)
+    lse_err = err + F32 * float(logps.abs().max()) if use_logps else 0.0  # z_y and the log-prob
+    tol = score_atol(hidden, capped, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err,
+                     lse_err=lse_err)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol)
+    uncapped = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
+    assert (uncapped.double() - expected).abs().max() > 100 * tol  # the test sees a missing cap
+
+
+def test_hook_reads_the_softcap_from_ctx():
+    ctx = _hook_batch()
+    config = NTHRConfig(beta=0.0, vocab="full")
+    ctx.softcap = 2.0
+    _, metrics = nthr_advantage_fn(config)(ctx)
+    scores, tau, selected, tol = _hook_reference(ctx, config, softcap=2.0)
+    negative = (ctx.rewards[0] < 0.5)[:, None] & ctx.completion_mask[:4].bool()
+    score_mean = scores[negative].mean().item()
+    assert metrics["nthr/score_mean"] == pytest.approx(score_mean, rel=0, abs=tol)
+    assert metrics["nthr/selected_frac"] == selected.sum().item() / negative.sum().item()
+    ctx.softcap = None
+    _, plain = nthr_advantage_fn(config)(ctx)
+    assert abs(plain["nthr/score_mean"] - metrics["nthr/score_mean"]) > 100 * tol
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,14 +885,23 @@ def test_generated_scores_with_logps_equal_the_full_softmax_path(bias, chunk_siz
     logps = _hand_logps(hidden, weight, b, tokens, mask, temp)
     # independent reference: the naive pair loop on q = full softmax, g restricted to V* (no renormalising)
     logits = (hidden.double() @ weight.double().T + (0 if b is None else b.double())) / temp
-    expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=generated_ids(tokens, mask))
+    ids = generated_ids(tokens, mask)
+    expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
     kw = dict(temperature=temp, lm_head_bias=b, chunk_size=chunk_size, return_self_pairs=True)
     got, sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, dtype=torch.float64, **kw)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    err64 = logit_err(hidden, weight, b, temp, F64)
+    tol64 = score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids, logit_err=err64,
+                       lse_err=err64 + F64 * float(logps.abs().max()))
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)  # both sides round in float64
     ref, ref_sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, dtype=torch.float64, **kw)
-    torch.testing.assert_close(sp, ref_sp, rtol=1e-10, atol=1e-10)
+    sp_tol = self_pair_atol(hidden, logits, tokens, mask, F64, ids, logit_err=err64,
+                            lse_err=err64 + F64 * float(logps.abs().max()))
+    torch.testing.assert_close(sp, ref_sp, rtol=0, atol=2 * sp_tol)  # both sides within the bound
     got32 = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps.float(), **kw)[0]
-    assert rel_err(got32, expected) <= 1e-5
+    err32 = logit_err(hidden, weight, b, temp, F32)
+    tol32 = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err32,
+                       lse_err=err32 + F32 * float(logps.abs().max()))
+    torch.testing.assert_close(got32.double(), expected, rtol=0, atol=tol32)
     # "full" ignores the log-probs (exact): the same result with nonsense logps
     full = token_scores_from_hidden(hidden, weight, tokens, mask, correct, vocab="full", temperature=temp,
                                     lm_head_bias=b, dtype=torch.float64)
@@ -586,12 +961,20 @@ def test_logps_from_per_token_logps_on_a_tiny_model():
                                           logps=logps, **kw)
     without = token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, completion_mask, correct, **kw)
     assert without.abs().max() > 0
-    assert rel_err(with_logps, without.double()) <= 1e-5
-    # and both against the naive pair loop on the full softmax, g restricted to V*
-    logits = (hidden.double() @ head.weight.detach().double().T + head.bias.detach().double()) / temp
+    # both against the naive pair loop on the full softmax (float64), g restricted to V*
+    W, b = head.weight.detach(), head.bias.detach()
+    logits = (hidden.double() @ W.double().T + b.double()) / temp
+    ids = generated_ids(completion_ids, completion_mask)
     expected = naive_pair_sums(hidden, logits, completion_ids, completion_mask, correct,
-                               vocab_ids=generated_ids(completion_ids, completion_mask))
-    assert rel_err(with_logps, expected) <= 1e-5
+                               vocab_ids=ids)
+    # float32 logits here and in per_token_logps; its log-softmax adds a float32 log-sum-exp over V
+    err = logit_err(hidden, W, b, temp, F32)
+    lse_err = err + (W.shape[0] + 16) * F32 * float(logits.abs().max())
+    args = (hidden, logits, completion_ids, completion_mask, correct, F32)
+    tol = score_atol(*args, vocab_ids=ids, logit_err=err)
+    torch.testing.assert_close(without.double(), expected, rtol=0, atol=tol)
+    tol_logps = score_atol(*args, vocab_ids=ids, logit_err=err, lse_err=lse_err)
+    torch.testing.assert_close(with_logps.double(), expected, rtol=0, atol=tol_logps)
 
 
 class _LargestOutput(TorchDispatchMode):
@@ -621,7 +1004,14 @@ def test_generated_path_with_logps_never_touches_the_whole_vocabulary():
     with _LargestOutput() as probe:  # the check can fail: the path without logps forms (c, V) logits
         without = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
     assert probe.largest >= mask.sum() * 50_000
-    assert rel_err(with_logps, without.double()) <= 1e-5
+    logits = (hidden.double() @ weight.double().T + b.double()) / temp  # (G, T, 50 000) float64
+    expected = token_scores_reference(hidden, logits, tokens, mask, correct, vocab="generated")
+    err = logit_err(hidden, weight, b, temp, F32)
+    ids = generated_ids(tokens, mask)
+    tol = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err,
+                     lse_err=err + F32 * float(logps.abs().max()))
+    torch.testing.assert_close(with_logps.double(), expected, rtol=0, atol=tol)
+    torch.testing.assert_close(without.double(), expected, rtol=0, atol=tol)
 
 
 def test_logps_too_large_are_capped_at_the_generated_log_sum_exp():
@@ -634,7 +1024,9 @@ def test_logps_too_large_are_capped_at_the_generated_log_sum_exp():
     expected = naive_pair_sums(hidden, logits[..., ids], pos, mask, correct)  # softmax over V* only
     got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, temperature=temp, lm_head_bias=b,
                                    logps=torch.zeros(mask.shape), dtype=torch.float64)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    err = logit_err(hidden, weight, b, temp, F64)
+    tol = score_atol(hidden, logits[..., ids], pos, mask, correct, F64, logit_err=err)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol)  # both sides round in float64
 
 
 def test_logps_errors():
@@ -658,11 +1050,13 @@ def test_hook_uses_old_logps_when_present():
                                 ctx.completion_mask.bool(), ctx.temperature).float()
     assert V > int(ctx.completion_ids[:4][ctx.completion_mask[:4].bool()].unique().numel())  # V* is a strict subset
     adv, metrics = hook(ctx)
-    torch.testing.assert_close(adv, plain_adv)
-    assert metrics["nthr/score_mean"] == pytest.approx(plain_metrics["nthr/score_mean"], rel=1e-5)
+    assert torch.equal(adv, plain_adv)  # the same selection (no score near tau), the same products
+    _, _, _, lse_tol = _hook_reference(ctx, NTHRConfig(beta=0.0), logps=ctx.old_logps)  # >= plain's
+    plain_mean = plain_metrics["nthr/score_mean"]
+    assert metrics["nthr/score_mean"] == pytest.approx(plain_mean, rel=0, abs=2 * lse_tol)
     ctx.old_logps = torch.zeros_like(ctx.old_logps)  # wrong log-probs change the scores: they are read
     _, junk_metrics = hook(ctx)
-    assert abs(junk_metrics["nthr/score_mean"] - plain_metrics["nthr/score_mean"]) > 1e-3
+    assert abs(junk_metrics["nthr/score_mean"] - plain_metrics["nthr/score_mean"]) > 100 * lse_tol
     off = nthr_advantage_fn(NTHRConfig(beta=0.0), use_logps=False)
     assert "use_logps=False" in repr(off) and "use_logps" not in repr(hook)
     assert off(ctx)[1]["nthr/score_mean"] == plain_metrics["nthr/score_mean"]
