@@ -1,6 +1,6 @@
 """Lazy Likelihood Displacement (LLD): one update on one question's group, and how ln π(y+|x) moves.
 
-Implements METHOD.md §2, from arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in
+Implements docs/method.md §2, from arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in
 Group Relative Deep Reinforcement Optimization"), Figures 1 and 4. For a question ``x`` whose group
 of G sampled responses is mixed (0 < N+ < G), start from the initial weights, apply ``steps``
 updates (default one) on that group only, and record
@@ -11,7 +11,9 @@ where ``ln π(y|x)`` is the *sum* of the response's token log-probabilities. LLD
 rules compared on the same groups: ``"grpo"`` (group advantages), ``"pos_only"`` (negative
 advantages set to 0), ``"nthr"`` (NTHR-selected tokens of the wrong responses get η·A, η = 0 by
 default, the paper's diagnostic) and ``"random"`` (as many tokens per wrong response as NTHR picks,
-chosen uniformly, advantage η·A).
+chosen uniformly, advantage η·A). Random's positions are drawn with
+``question_seed(seed, question_id)``, a stable hash of the experiment seed and the question id: two
+questions of the same shape get different positions, and a rerun of a question gets the same ones.
 
 After each measurement the weights are restored **bit for bit** by copying back a snapshot of the
 trainable parameters. The snapshot buffers are allocated once per model (one copy of the trainable
@@ -21,6 +23,7 @@ every question, so memory stays flat over a whole experiment; ``release_snapshot
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import weakref
@@ -53,9 +56,13 @@ __all__ = [
     "lld_experiment",
     "lld_rate",
     "load_groups",
+    "near_miss_group",
+    "near_miss_ids",
+    "near_miss_text",
     "nthr_selection",
     "one_step_displacement",
     "paired_comparison",
+    "question_seed",
     "release_snapshot",
     "sample_groups",
     "save_groups",
@@ -107,9 +114,17 @@ class Group:
     def from_tensors(cls, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                      rewards: Sequence[float] | Tensor, *, prompt_mask: Tensor | None = None,
                      question_id: str = "q", answer: str = "", problem: str = "",
-                     texts: Sequence[str] | None = None) -> Group:
-        """A Group from raw tensors: prompt_ids (P,) or (G, P), completion_ids/mask (G, T), rewards (G,)."""
+                     texts: Sequence[str] | None = None,
+                     truncated: Sequence[bool] | Tensor | None = None) -> Group:
+        """A Group from raw tensors: prompt_ids (P,) or (G, P), completion_ids/mask (G, T), rewards
+        (G,), truncated (G,) bool for rows that ended without EOS (default: none)."""
         G = completion_ids.shape[0]
+        if truncated is None:
+            truncated = torch.zeros(G, dtype=torch.bool)
+        truncated = torch.as_tensor(truncated, dtype=torch.bool).to(completion_ids.device)
+        if tuple(truncated.shape) != (G,):
+            raise ValueError(f"`truncated` must have shape (G,) = ({G},), "
+                             f"got {tuple(truncated.shape)}")
         if prompt_ids.dim() == 1:
             prompt_ids = prompt_ids[None].expand(G, -1)
         if prompt_mask is None:
@@ -121,7 +136,7 @@ class Group:
             prompt_ids=prompt_ids.long().clone(), prompt_mask=prompt_mask.long().clone(),
             completion_ids=completion_ids.long().clone(), completion_mask=completion_mask.clone(),
             texts=list(texts) if texts is not None else [""] * G,
-            truncated=torch.zeros(G, dtype=torch.bool, device=completion_ids.device), group_size=G,
+            truncated=truncated, group_size=G,
             prompts=[problem], meta={},
         )
         return cls(rollouts, torch.as_tensor(rewards, dtype=torch.float32), question_id, answer, problem)
@@ -228,58 +243,119 @@ def sample_groups(model: nn.Module, tokenizer, problems: Iterable[dict], *, grou
 _LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?!.*\d)", re.S)
 
 
+def _changed_number(number: str, answer: str) -> str:
+    """The near-miss replacement of a final number: + 1 for integers (+ 2 when + 1 is the answer),
+    else a "1" appended."""
+    try:
+        new = str(int(number) + 1)
+    except ValueError:
+        new = number + "1"
+    if new == str(answer).strip():
+        new = str(int(number) + 2) if number.lstrip("-").isdigit() else new + "1"
+    return new
+
+
 def near_miss_text(text: str, answer: str) -> str:
     """``text`` with its final number changed (answer + 1 for integers): a nearly-correct wrong answer."""
     match = _LAST_NUMBER.search(text)
     if match is None:
         raise ValueError(f"no number to change in {text[:80]!r}")
-    try:
-        new = str(int(match.group()) + 1)
-    except ValueError:
-        new = match.group() + "1"
-    if new == str(answer).strip():
-        new = str(int(match.group()) + 2) if match.group().lstrip("-").isdigit() else new + "1"
-    return text[: match.start()] + new + text[match.end():]
+    return text[: match.start()] + _changed_number(match.group(), answer) + text[match.end():]
+
+
+def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str) -> list[int]:
+    """``completion_ids`` with only the final number's tokens re-encoded (near_miss_text on ids):
+    every other token, and the trailing EOS or its absence (truncation), kept. Notebook 02."""
+    if isinstance(completion_ids, Tensor):
+        completion_ids = completion_ids.tolist()
+    ids = [int(i) for i in completion_ids]
+    special = set(tokenizer.all_special_ids)
+    n = len(ids)
+    while n and ids[n - 1] in special:  # the trailing EOS (if the response ended) is kept verbatim
+        n -= 1
+    body, tail = ids[:n], ids[n:]
+
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
+
+    text = decode(body)
+    match = _LAST_NUMBER.search(text)
+    if match is None:
+        raise ValueError(f"no number to change in {text[:80]!r}")
+    # Tokens [a, b) hold the number: body[:b] is the shortest prefix whose text reaches its end,
+    # body[:a] the longest that stops at or before its start (prefixes that end inside a multi-byte
+    # character do not decode to a prefix of the text and are skipped).
+    a = b = n
+    chars_a = chars_b = len(text)
+    for k in range(n, -1, -1):
+        prefix = decode(body[:k])
+        if not text.startswith(prefix):
+            continue
+        if len(prefix) >= match.end():
+            b, chars_b = k, len(prefix)
+        elif len(prefix) <= match.start():
+            a, chars_a = k, len(prefix)
+            break
+    changed = _changed_number(match.group(), answer)
+    # what tokens [a, b) become: their text with the number changed
+    piece = text[chars_a: match.start()] + changed + text[match.end(): chars_b]
+    out = body[:a] + list(tokenizer(piece, add_special_tokens=False)["input_ids"]) + body[b:]
+    if decode(out) != text[: match.start()] + changed + text[match.end():]:
+        raise ValueError(f"the tokenizer encodes {piece!r} differently on its own than in context; "
+                         "near-miss ids need context-free pieces (byte-level BPE, as SmolLM2 and "
+                         "Qwen2.5 use)")
+    return out + tail
 
 
 def near_miss_group(group: Group, tokenizer) -> Group:
-    """The controlled LLD experiment (METHOD §5): keep the correct responses, replace each incorrect one by a
-    copy of a correct response whose final number is changed, so right and wrong share almost every token."""
+    """The controlled LLD experiment (docs/method.md §5): keep the correct responses, replace each incorrect
+    one by a copy of a correct response whose final number is changed, so right and wrong share
+    almost every token.
+
+    Built on token ids (``near_miss_ids``): the copy shares every token of its source except those
+    of the final number, and keeps the source's truncation (no EOS when the source had none). The
+    k-th incorrect response copies the (k mod N+)-th correct one. Introduced in notebook 02.
+    """
     if group.status != "mixed":
         raise ValueError(f"Group {group.question_id!r} is {group.status}: near-miss negatives need a mixed group")
     ro, G = group.rollouts, group.group_size
     right = [i for i in range(G) if bool(group.correct[i])]
-    eos = tokenizer.eos_token_id
     rows: list[list[int]] = []
     texts: list[str] = []
-    n_wrong = 0
+    sources: list[int] = []  # (G,) the row each new row is built from
     for i in range(G):
-        if bool(group.correct[i]):
-            ids = ro.completion_ids[i][ro.completion_mask[i].bool()].tolist()
-            texts.append(ro.texts[i])
-        else:
-            source = right[n_wrong % len(right)]  # the k-th wrong answer copies the (k mod N+)-th right one
-            n_wrong += 1
-            texts.append(near_miss_text(ro.texts[source], group.answer))
-            ids = tokenizer(texts[-1], add_special_tokens=False)["input_ids"] + [eos]
+        n_wrong_before = i - sum(r < i for r in right)
+        source = i if bool(group.correct[i]) else right[n_wrong_before % len(right)]
+        ids = ro.completion_ids[source][ro.completion_mask[source].bool()].tolist()
+        text = ro.texts[i]
+        if source != i:
+            try:
+                ids = near_miss_ids(ids, tokenizer, group.answer)
+            except ValueError as err:
+                raise ValueError(f"Group {group.question_id!r}, correct response {source}: "
+                                 f"{err}") from err
+            text = tokenizer.decode(ids, skip_special_tokens=True)
         rows.append(ids)
+        texts.append(text)
+        sources.append(source)
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    completion_ids = torch.full((G, width), pad, dtype=torch.long)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    completion_ids = torch.full((G, width), pad, dtype=torch.long)  # (G, T) right-padded
     completion_mask = torch.zeros((G, width), dtype=torch.bool)
     for i, ids in enumerate(rows):
-        completion_ids[i, : len(ids)] = torch.tensor(ids)
+        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[i, : len(ids)] = True
     device = ro.completion_ids.device
     return Group.from_tensors(ro.prompt_ids, completion_ids.to(device), completion_mask.to(device),
                               group.rewards.clone(), prompt_mask=ro.prompt_mask,
                               question_id=f"{group.question_id}/near-miss", answer=group.answer,
-                              problem=group.problem, texts=texts)
+                              problem=group.problem, texts=texts,
+                              truncated=ro.truncated.cpu()[sources])
 
 
 def balanced_group(group: Group, k: int) -> Group | None:
-    """The first ``k`` correct and first ``k`` incorrect responses of ``group`` (G = 2k, p = 1/2), in their
-    sampled order: METHOD §5's 4+/4- probe. None when the group has fewer than ``k`` of either."""
+    """The first ``k`` correct and ``k`` incorrect responses of ``group`` (G = 2k, p = 1/2), in their
+    sampled order (the balanced 4+/4- probe of docs/results.md); None when it has fewer of either."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an int >= 1, got {k!r}")
     right = group.correct.nonzero().flatten()[:k]
@@ -456,7 +532,7 @@ def release_snapshot(model: nn.Module) -> bool:
 
 @dataclass
 class QuestionDisplacement:
-    """Δ(x) of one question under one update rule, with what it was made of (METHOD §2)."""
+    """Δ(x) of one question under one update rule, with what it was made of (docs/method.md §2)."""
 
     question_id: str
     method: str
@@ -484,15 +560,30 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 
 def _nthr_selection(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor, correct: Tensor,
-                    *, beta: float, temperature: float, vocab: str) -> tuple[Tensor, float]:
-    """(G, T) NTHR selection of the initial model and its threshold tau (METHOD §3)."""
+                    *, beta: float, temperature: float, vocab: str,
+                    anchor: str = "all") -> tuple[Tensor, float]:
+    """(G, T) NTHR selection of the initial model and its threshold tau (docs/method.md §3)."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    scores = _nthr.token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, mask, correct,
-                                            temperature=temperature,
-                                            lm_head_bias=None if bias is None else bias.detach(), vocab=vocab)
-    tau = _nthr.threshold(scores, mask, correct, beta)
-    return _nthr.select_tokens(scores, mask, correct, beta), tau
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
+    config = _nthr.NTHRConfig(beta=beta, eta=0.0, vocab=vocab, anchor=anchor)
+    _, tau, selected = _nthr.group_selection(
+        hidden, head.weight.detach(), completion_ids, mask, correct, config, temperature=temperature,
+        lm_head_bias=None if bias is None else bias.detach(), softcap=softcap)
+    return selected, tau
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """The Random control's seed for one question: 63 bits of sha256("<seed>/<question_id>").
+
+    Stable across processes and machines (unlike Python's salted ``hash``), so a rerun of a question
+    draws the same random positions while questions of the same shape draw different ones.
+    Notebook 02.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {seed!r}")
+    digest = hashlib.sha256(f"{seed}/{question_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # < 2**63: a valid torch.Generator seed
 
 
 def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo", lr: float,
@@ -505,7 +596,9 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
     log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW with fresh state and weight_decay 0,
     a choice: the displacement then comes from the gradient alone). ``selected`` (G, T) bool overrides
-    NTHR's selection for "nthr" and "random" (e.g. to reuse it); ``old_logps`` (G, T) are the initial
+    NTHR's selection for "nthr" and "random" (e.g. to reuse it); "random" draws its positions with
+    ``question_seed(seed, question_id)`` (kept in ``extras["random_seed"]``), so each question gets
+    its own draw and a rerun the same one. ``old_logps`` (G, T) are the initial
     per-token log-probs when already computed with these weights (``initial_token_logps``), saving a
     forward pass. Model modes, gradients already stored on the parameters and the global RNG state are
     left as they were. Introduced in notebook 02.
@@ -572,7 +665,8 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
                     del hidden
                 extras["nthr_selected"] = selected.cpu()
                 if update == "random":
-                    selected = _nthr.random_selection(selected, mask, seed)
+                    extras["random_seed"] = question_seed(seed, qid)
+                    selected = _nthr.random_selection(selected, mask, extras["random_seed"])
                 advantages = _nthr.reweight_advantages(advantages, selected, eta)
                 extras.update(selected=selected.cpu(), eta=eta, beta=beta, vocab=vocab)
 
@@ -639,7 +733,7 @@ def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 
 def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, temperature: float = 1.0,
                    vocab: str = "generated", hidden: Tensor | None = None,
                    batch_size: int | None = None) -> tuple[Tensor, float]:
-    """(G, T) bool NTHR selection of ``group`` under the current weights, and its threshold tau (METHOD §3)."""
+    """(G, T) bool NTHR selection of ``group`` under the current weights, and its tau (docs/method.md §3)."""
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if hidden is None:
         _, hidden = initial_token_logps(model, group, temperature=temperature, batch_size=batch_size,
@@ -702,9 +796,11 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
     per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for grpo/pos_only),
     seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass per question is
-    shared by all methods. ``balance=k`` measures each mixed group on its first k correct and k incorrect
-    responses only (``balanced_group``, METHOD §5's 4+/4- probe; sample a larger ``group_size`` so that
-    enough groups qualify); groups with fewer go to ``df.attrs["dropped"]["unbalanced"]``.
+    shared by all methods; "random" spares as many tokens per wrong response as NTHR, at positions
+    drawn with ``question_seed(seed, id)`` (one draw per question). ``balance=k`` measures each
+    mixed group on its first k correct and k incorrect responses only (``balanced_group``, the
+    balanced 4+/4- probe of docs/results.md; sample a larger ``group_size`` so that enough groups qualify); groups with
+    fewer go to ``df.attrs["dropped"]["unbalanced"]``.
     """
     import pandas as pd
 
@@ -829,7 +925,8 @@ def _flat_values(values: Any) -> list[float]:
 
 
 def lld_rate(delta_per_response: Any, eps: float = 0.0) -> float:
-    """Fraction of correct responses whose ln π rose by no more than eps (Δ_i ≤ eps); NaN when empty."""
+    """LLD rate: the fraction of correct responses whose summed log-likelihood ln π(y+|x) rose by no
+    more than eps (Δ_i ≤ eps, Δ_i as in ``per_response_delta``); NaN when empty. Notebook 02."""
     values = _flat_values(delta_per_response)
     if any(math.isnan(v) for v in values):
         raise ValueError("`delta_per_response` contains NaN")

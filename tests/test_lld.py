@@ -51,6 +51,50 @@ def _small_model(seed: int = 0):
     return tiny_random_model(VOCAB, seed=seed, hidden_size=32)
 
 
+# ------------------------------------------------------------------ tolerances
+# The library computes in float32, the references below in float64. A float32 result that went
+# through n rounded operations on values of size <= scale is off by at most ~n·ε·scale (first
+# order), and by about sqrt(n)·ε·scale when the rounding errors are independent (Higham, "Accuracy
+# and Stability of Numerical Algorithms", ch. 2); the tolerances use the latter, n counted
+# generously as below.
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def _forward_terms(model, seq_len: int) -> int:
+    """Rounded operations chained into one float32 log-prob of the tiny Llama.
+
+    Per layer: two RMSNorms, the q/k/v and o projections and the MLP's gate/up (each a reduction
+    over hidden), q·k (head_dim), softmax and the weighted sum (seq_len each), the MLP's down
+    projection (intermediate); then the final norm, the LM head (hidden) and the log-softmax
+    (vocabulary).
+    """
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    per_layer = 5 * c.hidden_size + head_dim + 2 * seq_len + c.intermediate_size
+    return c.num_hidden_layers * per_layer + 2 * c.hidden_size + c.vocab_size
+
+
+def _f32_tol(n_terms: int, scale: float) -> float:
+    """Expected rounding error of n_terms float32 operations on values of size <= scale."""
+    return math.sqrt(n_terms) * EPS32 * scale
+
+
+def _logprob_atol(model, completions: list[list[int]], scale: float, n_evals: int = 1) -> float:
+    """Tolerance of a float32 ln π summed over the longest completion (or of n_evals of them)."""
+    T = max(len(c) for c in completions)
+    return _f32_tol(n_evals * T * _forward_terms(model, len(PROMPT) + T), scale)
+
+
+def _delta_tol(model, completions: list[list[int]], scale: float,
+               steps: int) -> tuple[float, float]:
+    """(rtol, atol) of a float32 Δ against a float64 one: atol for the two ln π it subtracts, rtol
+    for the float32 gradient of the token sum (each step moves Δ by its relative error)."""
+    n_tokens = sum(len(c) for c in completions)
+    n_grad = n_tokens * _forward_terms(model, len(PROMPT) + max(len(c) for c in completions))
+    return steps * _f32_tol(n_grad, 1.0), _logprob_atol(model, completions, scale, n_evals=2)
+
+
 # ------------------------------------------------------------------ the smallest demonstration of LLD
 
 REPEAT_CORRECT = [10, 11, 12, 13]
@@ -82,8 +126,9 @@ def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
     model = _small_model(0)
     group = _group(**REPEAT_GROUP)
     res = one_step_displacement(model, group, update="grpo", lr=1e-2)
-    # Equivalent update: the wrong response's tail only, as its own "response" with advantage -1 (hand loss).
-    m2 = copy.deepcopy(model)
+    # Equivalent update, in float64: the wrong response's tail alone, as a "response" with A = -1.
+    m0 = copy.deepcopy(model).double()
+    m2 = copy.deepcopy(m0)
     ids = torch.cat([PROMPT, torch.tensor(REPEAT_CORRECT * 2)])[None]
     logits = m2(input_ids=ids).logits[0, len(PROMPT) + 3: -1]  # predicts tail tokens 4..7
     tail_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(PROMPT) + 4:, None]).sum()
@@ -91,9 +136,11 @@ def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
     with torch.no_grad():
         for p in m2.parameters():
             p -= 1e-2 * p.grad
-    before = _hand_logprob(model, PROMPT, REPEAT_CORRECT)
+    before = _hand_logprob(m0, PROMPT, REPEAT_CORRECT)
     after = _hand_logprob(m2, PROMPT, REPEAT_CORRECT)
-    assert_close(res.delta, float(after - before), rtol=1e-3, atol=1e-5)
+    completions = REPEAT_GROUP["completions"]
+    rtol, atol = _delta_tol(model, completions, scale=float(before.abs()), steps=1)
+    assert_close(res.delta, float(after - before), rtol=rtol, atol=atol)
 
 
 # ------------------------------------------------------------------ restoration: weights, grads, modes, RNG
@@ -162,8 +209,10 @@ def _hand_token_logps(model, prompt: torch.Tensor, completions: list[list[int]],
 
 
 def _hand_update(model, completions, advantages, temperature, lr, optimizer, steps):
-    """Apply ``steps`` updates of the clipped token-mean loss written out by hand; returns the updated copy."""
-    m = copy.deepcopy(model)
+    """Apply ``steps`` updates of the clipped token-mean loss written out by hand, in float64;
+    returns the updated float64 copy."""
+    m = copy.deepcopy(model).double()
+    advantages = [adv.double() for adv in advantages]
     old = [lp.detach() for lp in _hand_token_logps(m, PROMPT, completions, temperature)]
     n_tokens = sum(len(c) for c in completions)
     adam_m = {p: torch.zeros_like(p) for p in m.parameters()}
@@ -216,16 +265,20 @@ def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
         assert 0 < res.n_selected_tokens < res.n_incorrect_tokens  # a real partial selection at beta = 0
         advantages = [torch.where(selected[i, : len(c)], eta * adv, adv)
                       for i, (c, adv) in enumerate(zip(completions, advantages))]
+    # float64 reference
     new_model = _hand_update(model, completions, advantages, temperature, lr, optimizer, steps)
+    model64 = copy.deepcopy(model).double()
     correct = [i for i, r in enumerate(rewards) if r > 0.5]
-    per = [float(_hand_logprob(new_model, PROMPT, completions[i], temperature)
-                 - _hand_logprob(model, PROMPT, completions[i], temperature)) for i in correct]
+    init = [float(_hand_logprob(model64, PROMPT, completions[i], temperature)) for i in correct]
+    per = [float(_hand_logprob(new_model, PROMPT, completions[i], temperature)) - init[k]
+           for k, i in enumerate(correct)]
     assert res.n_incorrect_tokens == 5 + 2
     assert res.n_correct == 2 and res.group_size == 4 and res.p == 0.5
-    assert_close(res.per_response_delta, per, rtol=2e-3, atol=2e-5)
-    assert_close(res.delta, sum(per) / len(per), rtol=2e-3, atol=2e-5)
-    init = [float(_hand_logprob(model, PROMPT, completions[i], temperature)) for i in correct]
-    assert_close(res.logp_init, init, rtol=1e-5, atol=1e-5)
+    scale = max(abs(v) for v in init)  # |ln π| bounds the size of the summed log-probs
+    rtol, atol = _delta_tol(model, completions, scale, steps)
+    assert_close(res.per_response_delta, per, rtol=rtol, atol=atol)
+    assert_close(res.delta, sum(per) / len(per), rtol=rtol, atol=atol)
+    assert_close(res.logp_init, init, rtol=0.0, atol=_logprob_atol(model, completions, scale))
     if steps == 2 and optimizer == "sgd":
         assert res.extras["clip_frac"][1] > 0  # the clipped branch was exercised
 
@@ -237,8 +290,16 @@ def test_micro_batches_give_the_same_delta(batch_size):
     group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0])
     full = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2)
     micro = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2, batch_size=batch_size)
-    assert_close(micro.per_response_delta, full.per_response_delta, rtol=1e-4, atol=1e-6)
-    assert_close(micro.extras["loss"], full.extras["loss"], rtol=1e-5, atol=1e-7)
+    # Two float32 computations that differ in padding and summation order: each is within the
+    # float32 tolerance of the exact value, so they are within twice that of each other.
+    completions = [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]]
+    scale = max(abs(v) for v in full.logp_init)
+    rtol, atol = _delta_tol(model, completions, scale, steps=2)
+    assert_close(micro.per_response_delta, full.per_response_delta, rtol=2 * rtol, atol=2 * atol)
+    # the loss: a mean over the 14 tokens of ratio·A, |A| = 1 and ratio ≈ 1, each from one forward
+    n_loss = 14 * _forward_terms(model, len(PROMPT) + 5)
+    loss_atol = 2 * _f32_tol(n_loss, 1.0)
+    assert_close(micro.extras["loss"], full.extras["loss"], rtol=0.0, atol=loss_atol)
 
 
 def test_eta_one_makes_nthr_and_random_equal_to_grpo():
@@ -249,7 +310,8 @@ def test_eta_one_makes_nthr_and_random_equal_to_grpo():
     for update in ("nthr", "random"):
         res = one_step_displacement(model, group, update=update, lr=0.05, eta=1.0, beta=-math.inf)
         assert res.n_selected_tokens == res.n_incorrect_tokens == 7  # beta = -inf selects every wrong token
-        assert_close(res.per_response_delta, base, rtol=0, atol=1e-9)
+        # 1.0 · A is A exactly, so the update runs the same float32 operations: equal bit for bit
+        assert res.per_response_delta == base
 
 
 def test_random_selection_matches_nthr_counts_per_response():
@@ -267,6 +329,46 @@ def test_random_selection_matches_nthr_counts_per_response():
         assert not bool((rsel & ~incorrect_tokens).any())
         assert torch.equal(rand.extras["nthr_selected"], sel)
         assert rand.n_selected_tokens == nthr_res.n_selected_tokens
+
+
+def test_random_control_draws_per_question_and_repeats_on_rerun():
+    """Questions of the same shape get different random positions; a rerun gets the same ones."""
+    model = _small_model(4)
+    completions = [[10, 11, 12], list(range(20, 40)), list(range(40, 60)), [11, 12, 13]]
+    selected = torch.zeros(4, 20, dtype=torch.bool)
+    selected[1, :5] = selected[2, :5] = True  # 5 of 20 tokens per wrong response: C(20, 5) draws
+
+    def draw(question_id: str, seed: int = 7):
+        group = _group(completions, [1.0, 0.0, 0.0, 1.0], question_id=question_id)
+        res = one_step_displacement(model, group, update="random", lr=0.05, seed=seed,
+                                    selected=selected)
+        # NTHR's count per response
+        assert torch.equal(res.extras["selected"].sum(1), selected.sum(1))
+        assert res.extras["random_seed"] == lld.question_seed(seed, question_id)
+        return res.extras["selected"]
+
+    first = draw("q1")
+    assert torch.equal(draw("q1"), first)  # a rerun of the same question
+    assert not torch.equal(draw("q2"), first)  # another question of the same shape
+    assert not torch.equal(draw("q1", seed=8), first)  # another experiment seed
+
+
+def test_question_seed_is_stable_across_processes():
+    """Not Python's salted ``hash``: another interpreter with another hash seed gives the same."""
+    import os
+    import subprocess
+    import sys
+
+    here = lld.question_seed(3, "algebra/17")
+    code = "from nthr_book.lld import question_seed; print(question_seed(3, 'algebra/17'))"
+    env = os.environ | {"PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout) == here
+    assert 0 <= here < 2**63  # a valid torch.Generator seed
+    assert lld.question_seed(3, "algebra/18") != here and lld.question_seed(4, "algebra/17") != here
+    with pytest.raises(TypeError, match="seed"):
+        lld.question_seed("3", "algebra/17")
 
 
 # ------------------------------------------------------------------ sequence_logprobs
@@ -287,14 +389,16 @@ def test_sequence_logprobs_matches_per_row_forward_with_left_padding_and_micro_b
         prompt_mask[i, P - len(p):] = 1
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = True
-    model.eval()
-    expected = torch.stack([_hand_logprob(model, torch.tensor(p), c, 0.8) for p, c in zip(prompts, completions)])
-    model.train()
+    model64 = copy.deepcopy(model).double().eval()
+    expected = torch.stack([_hand_logprob(model64, torch.tensor(p), c, 0.8)
+                            for p, c in zip(prompts, completions)])
+    # float32 forward against the float64 reference: sqrt(T · forward terms) · ε32 · |ln π|
+    atol = _f32_tol(T * _forward_terms(model, P + T), float(expected.abs().max()))
     for bs in (None, 1, 3):
         got = sequence_logprobs(model, prompt_ids, ids, mask, prompt_mask=prompt_mask, temperature=0.8,
                                 batch_size=bs)
         assert got.dtype == torch.float64 and not got.requires_grad
-        assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert_close(got, expected, rtol=0.0, atol=atol)
     assert model.training  # mode restored
 
 
@@ -425,7 +529,10 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path
         rows = df[df["id"] == qid].set_index("method")
         assert rows.loc["random", "n_selected"] == rows.loc["nthr", "n_selected"]
         assert pd.isna(rows.loc["grpo", "n_selected"])
-        assert_close(rows.loc["grpo", "delta"], sum(rows.loc["grpo", "per_response_delta"]) / 2)
+        per = rows.loc["grpo", "per_response_delta"]
+        # a float64 mean of 2 terms: at most 2 roundings of values of size max|per|
+        assert_close(rows.loc["grpo", "delta"], sum(per) / 2, rtol=0.0,
+                     atol=2 * EPS64 * max(map(abs, per)))
         assert pd.isna(rows.loc["grpo", "tau"]) and rows.loc["nthr", "tau"] == rows.loc["random", "tau"]
     # the shared initial pass and selection give exactly what a standalone call gives
     group = next(g for g in load_groups(path) if g.question_id == "c")
@@ -479,11 +586,13 @@ def test_displacement_summary_hand_values():
     })
     s = displacement_summary(df)
     assert s.index.tolist() == ["grpo", "pos_only"]
+    tol = 4 * EPS64  # float64 means of 3 values below 1: 3 additions and a division, 4 roundings
     assert s.loc["grpo"].to_dict() == pytest.approx({
         "n_questions": 3, "median_delta": 0.0, "mean_delta": (-0.2 + 0.1 + 0.0) / 3,
-        "frac_delta_le_0": 2 / 3, "lld_rate": 2 / 4})
+        "frac_delta_le_0": 2 / 3, "lld_rate": 2 / 4}, rel=0, abs=tol)
     assert s.loc["pos_only"].to_dict() == pytest.approx({
-        "n_questions": 3, "median_delta": 0.4, "mean_delta": 0.4, "frac_delta_le_0": 0.0, "lld_rate": 0.0})
+        "n_questions": 3, "median_delta": 0.4, "mean_delta": 0.4, "frac_delta_le_0": 0.0,
+        "lld_rate": 0.0}, rel=0, abs=tol)
     with pytest.raises(ValueError, match="delta"):
         displacement_summary(df.drop(columns="delta"))
     empty = displacement_summary(df.iloc[:0])  # every group dropped: an empty table, not an error
@@ -500,14 +609,17 @@ def test_paired_comparison_hand_values():
     p = paired_comparison(df)
     assert p.index.tolist() == ["pos_only", "nthr"]
     # pos_only - grpo: 0.5, -0.1, 0.1 -> 2 of 3 above; nthr - grpo: 0.1, 0.1 (c has no nthr row)
+    tol = 5 * EPS64  # float64 differences, then a median or mean of <= 3: <= 5 roundings below 1
     assert p.loc["pos_only"].to_dict() == pytest.approx(
-        {"n_pairs": 3, "frac_above": 2 / 3, "median_diff": 0.1, "mean_diff": 0.5 / 3})
+        {"n_pairs": 3, "frac_above": 2 / 3, "median_diff": 0.1, "mean_diff": 0.5 / 3},
+        rel=0, abs=tol)
     assert p.loc["nthr"].to_dict() == pytest.approx(
-        {"n_pairs": 2, "frac_above": 1.0, "median_diff": 0.1, "mean_diff": 0.1})
+        {"n_pairs": 2, "frac_above": 1.0, "median_diff": 0.1, "mean_diff": 0.1}, rel=0, abs=tol)
     # the same id under another seed is another question, not a duplicate
     two = pd.concat([df, df.assign(seed=1, delta=-df["delta"])])
     assert paired_comparison(two).loc["pos_only", "n_pairs"] == 6
-    assert paired_comparison(df, baseline="pos_only").loc["grpo", "frac_above"] == pytest.approx(1 / 3)
+    # 1 of 3 above: a ratio of small integers, exact
+    assert paired_comparison(df, baseline="pos_only").loc["grpo", "frac_above"] == 1 / 3
     with pytest.raises(ValueError, match="baseline"):
         paired_comparison(df, baseline="random")
     with pytest.raises(ValueError, match="id"):
@@ -542,6 +654,62 @@ def test_near_miss_group_changes_only_the_final_number():
     assert near.rollouts.texts[2] == "\\boxed{6}"
     assert torch.equal(near.rewards, g.rewards)
     assert torch.equal(near.rollouts.completion_ids[0][near.rollouts.completion_mask[0]], ids[0][mask[0]])
+
+
+def test_near_miss_group_on_token_ids_shares_every_other_token_and_keeps_truncation():
+    """Near-miss rows are their source's token ids with only the final number's tokens changed:
+    not a re-tokenisation of the decoded text, and no EOS added to a truncated source."""
+    from nthr_book.lld import near_miss_group
+    from nthr_book.models import load_tokenizer
+
+    tok = load_tokenizer()
+
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    eos = tok.eos_token_id
+    # Correct row 0 ended with EOS; its prefix is spelled one character per token, a split the
+    # tokenizer would not make itself (sampled ids need not be the canonical tokenisation).
+    prefix0 = [i for ch in "2 + 17 = 19. The answer is \\boxed{" for i in enc(ch)]
+    assert prefix0 != enc("2 + 17 = 19. The answer is \\boxed{")
+    # Correct row 3 was truncated (no EOS), with a multi-byte character before its final number.
+    prefix3 = enc("so 2 + 17 → ")
+    rows = [prefix0 + enc("19") + enc("}.") + [eos],  # correct
+            enc("no idea") + [eos],  # wrong, ended
+            enc("it is 7"),  # wrong, truncated
+            prefix3 + enc("19") + enc(" and")]  # correct, truncated
+    truncated = [False, True, False, True]  # the wrong rows' flags: the opposite of their sources'
+    width = max(map(len, rows))
+    ids = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+    g = Group.from_tensors(torch.tensor(enc("What is 2 + 17?")), ids, mask, [1.0, 0.0, 0.0, 1.0],
+                           question_id="q", answer="19", texts=texts, truncated=truncated)
+
+    near = near_miss_group(g, tok)
+
+    expected = [rows[0],
+                prefix0 + enc("20") + enc("}.") + [eos],  # copies row 0: only the answer differs
+                prefix3 + enc("20") + enc(" and"),  # copies row 3: still no EOS
+                rows[3]]
+    r = near.rollouts
+    assert [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(4)] == expected
+    assert r.truncated.tolist() == [False, False, True, True]
+    assert r.texts[1] == "2 + 17 = 19. The answer is \\boxed{20}."
+    assert r.texts[2] == "so 2 + 17 → 20 and"
+    grade = rewards_mod.math_rewards
+    assert grade([texts[0], r.texts[1]], ["19"] * 2, require_boxed=True) == [1.0, 0.0]
+    assert grade([texts[3], r.texts[2]], ["19"] * 2, require_boxed=False) == [1.0, 0.0]
+    assert torch.equal(near.rewards, g.rewards) and near.question_id == "q/near-miss"
+
+    words = enc("nineteen")  # a correct answer without digits: no final number to change
+    no_number = Group.from_tensors(torch.tensor([5]), torch.tensor([words, words]),
+                                   torch.ones(2, len(words), dtype=torch.bool), [1.0, 0.0],
+                                   question_id="z", answer="19")
+    with pytest.raises(ValueError, match="'z'.*no number"):
+        near_miss_group(no_number, tok)
 
 
 def test_balanced_group_keeps_the_first_k_of_each_in_order():
