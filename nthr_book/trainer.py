@@ -1,6 +1,6 @@
 """A small, resumable GRPO trainer with a per-token advantage hook for NTHR (notebooks 01 and 05).
 
-One step (METHOD.md §1): sample prompts -> rollouts (``generate_groups``) -> rewards -> group
+One step (docs/method.md §1): sample prompts -> rollouts (``generate_groups``) -> rewards -> group
 advantages -> optional ``advantage_fn`` (NTHR plugs in here, on the hidden states of the old-policy
 pass) -> mini-batch updates of the clipped token loss with a k3 KL to a frozen reference.
 
@@ -40,6 +40,7 @@ from nthr_book.env import set_seed, versions
 from nthr_book.grpo import (
     AGG_MODES,
     STD_MODES,
+    chunked_token_logps,
     expand_advantages,
     group_advantages,
     mixed_group_mask,
@@ -49,6 +50,8 @@ from nthr_book.grpo import (
     sequence_logprob,
 )
 from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
+from nthr_book.lld import lld_rate
+from nthr_book.nthr import ANCHORS
 from nthr_book.rollout import Rollouts, generate_groups
 
 METHODS = ("grpo", "nthr", "pos_only")
@@ -56,7 +59,8 @@ TRAIN_POOL_SEED = 10_000  # arithmetic_problems seed of the training pool (run s
 
 # Columns of metrics.csv, in order (NTHR columns are present, NaN, for other methods).
 METRIC_COLUMNS = (
-    "step", "reward_mean", "accuracy", "frac_homogeneous", "groups_used", "completion_length",
+    "step", "reward_mean", "accuracy", "frac_homogeneous", "groups_used", "sampling/prompts",
+    "sampling/mixed", "sampling/refill_rounds", "completion_length",
     "truncation_rate", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min",
     "ratio_max", "grad_norm", "lld/delta_mean", "lld/rate", "lld/n_correct", "nthr/selected_frac",
     "nthr/tau_mean", "nthr/score_mean", "nthr/eta_mean", "time_generation", "time_old_logps",
@@ -108,6 +112,8 @@ class TrainConfig:
     """Nucleus sampling."""
     max_new_tokens: int = 64
     """Completion token budget."""
+    min_new_tokens: int = 0
+    """EOS is blocked before this many tokens (0: off; benchmarks use it to fix the length)."""
     clip_eps: float = 0.2
     """PPO clip range (low side, and high side unless clip_eps_high is set)."""
     clip_eps_high: float | None = None
@@ -120,12 +126,17 @@ class TrainConfig:
     """Advantage normaliser: "population" (paper), "sample", "none" (Dr. GRPO)."""
     dynamic_sampling: bool = True
     """Drop homogeneous groups (all right or all wrong) from the update."""
+    refill_max_rounds: int = 0
+    """DAPO's refill for dynamic sampling: up to this many extra rounds of prompts_per_step new
+    prompts until prompts_per_step mixed groups are kept (0: off, the update gets fewer groups)."""
     nthr_beta: float = 1.0
     """NTHR threshold scale beta (method == "nthr"); -inf selects every incorrect token."""
     nthr_eta: str | float = "two_abs"
     """NTHR advantage factor schedule: "two_abs", "p", "one_minus_p" or a number."""
     nthr_vocab: str = "generated"
     """NTHR vocabulary: "generated" (paper's speed-up) or "full" (exact)."""
+    nthr_anchor: str = "all"
+    """NTHR anchor, the tokens k of s̄+: "all" (default), "other_responses" or "no_self_token"."""
     track_lld: bool = True
     """Log the change of ln pi of this step's correct responses over the update and the LLD rate."""
     lld_eps: float = 0.0
@@ -160,6 +171,8 @@ class TrainConfig:
                 bad(name, "must be >= 1")
         if self.num_problems < 0:
             bad("num_problems", "must be >= 0")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            bad("min_new_tokens", f"must lie in [0, max_new_tokens={self.max_new_tokens}]")
         mini = self.mini_batch_prompts or self.prompts_per_step
         if mini < 1 or self.prompts_per_step % mini:
             bad("mini_batch_prompts", f"must divide prompts_per_step={self.prompts_per_step}")
@@ -183,10 +196,18 @@ class TrainConfig:
             bad("adv_std", f"expected one of {STD_MODES}")
         if self.nthr_vocab not in ("generated", "full"):
             bad("nthr_vocab", "expected 'generated' or 'full'")
+        if self.nthr_anchor not in ANCHORS:
+            bad("nthr_anchor", f"expected one of {ANCHORS}")
         if isinstance(self.nthr_eta, str) and self.nthr_eta not in ("two_abs", "p", "one_minus_p"):
             bad("nthr_eta", "expected 'two_abs', 'p', 'one_minus_p' or a number")
         if math.isnan(self.nthr_beta):
             bad("nthr_beta", "must be a number or -inf")
+        if isinstance(self.refill_max_rounds, bool) or not isinstance(self.refill_max_rounds, int) \
+                or self.refill_max_rounds < 0:
+            bad("refill_max_rounds", "must be an int >= 0 (0: no refill)")
+        if self.refill_max_rounds and not self.dynamic_sampling:
+            bad("refill_max_rounds", "refills the mixed groups of dynamic sampling: needs "
+                "dynamic_sampling=True")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0")
 
@@ -201,7 +222,7 @@ class TrainConfig:
 
     @classmethod
     def paper_qwen_0_5b(cls, **overrides: Any) -> TrainConfig:
-        """The paper's Qwen2.5-0.5B-Instruct setting (METHOD.md §1) for one GPU."""
+        """The paper's Qwen2.5-0.5B-Instruct setting (docs/method.md §1) for one GPU."""
         base = dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", num_problems=0, math_levels=(3, 4, 5),
                     template="boxed", require_boxed=True, steps=105, prompts_per_step=32,
                     mini_batch_prompts=16, micro_batch_groups=2, group_size=8, lr=5e-7, temperature=1.0,
@@ -256,7 +277,33 @@ class AdvantageContext:
     lm_head_weight: torch.Tensor  # (V, d)
     lm_head_bias: torch.Tensor | None  # (V,)
     temperature: float
-    old_logps: torch.Tensor  # (N, T)
+    old_logps: torch.Tensor  # (N, T) float32 log-probs of the pass that made ``hidden``
+    softcap: float | None = None  # the model's final_logit_softcapping c (logits c·tanh(z/c))
+
+
+@torch.no_grad()
+def float32_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids: torch.Tensor,
+                  completion_mask: torch.Tensor, *, temperature: float,
+                  softcap: float | None = None) -> torch.Tensor:
+    """(N, T) float32 token log-probs from (N, T, d) hidden states, outside autocast (notebook 05).
+
+    Under bf16 autocast the LM head's logits are bf16, and NTHR reads its log-sum-exp off the
+    log-probs (lse_t = z_t[y_t] - logp_t), so the hook gets these instead: the same states, the
+    head in float32 (a float32 copy when its weights are not), ``grpo.chunked_token_logps``.
+    """
+    mask = completion_mask.bool()  # (N, T)
+    if any(p.dtype != torch.float32 for p in lm_head.parameters()):
+        lm_head = copy.deepcopy(lm_head).float()
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (N, T), 0 off mask
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logps[mask] = chunked_token_logps(hidden[mask].float(), lm_head, completion_ids[mask],
+                                          temperature=temperature, softcap=softcap)
+    return logps
+
+
+def _softcap(model) -> float | None:
+    """The model's final logit soft-cap c, or None (read as ``grpo.per_token_logps`` reads it)."""
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
 
 
 @dataclass
@@ -320,7 +367,7 @@ def make_advantage_fn(cfg: TrainConfig):
         return None
     from nthr_book.nthr import nthr_advantage_fn
 
-    return nthr_advantage_fn(cfg.nthr_beta, cfg.nthr_eta, cfg.nthr_vocab)
+    return nthr_advantage_fn(cfg.nthr_beta, cfg.nthr_eta, cfg.nthr_vocab, anchor=cfg.nthr_anchor)
 
 
 # ---- metrics I/O ----------------------------------------------------------------------------------
@@ -389,8 +436,11 @@ class GRPOTrainer:
         self.rows: list[dict] = []
 
     # -- helpers
+    def _bf16(self) -> bool:
+        return self.cfg.bf16 and self.device.type == "cuda"
+
     def _autocast(self):
-        enabled = self.cfg.bf16 and self.device.type == "cuda"
+        enabled = self._bf16()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _needs_hidden(self) -> bool:
@@ -412,26 +462,46 @@ class GRPOTrainer:
                                    temperature=self.cfg.temperature, return_hidden=hidden)
 
     def _apply_hook(self, ro: Rollouts, rewards, advantages, old_logps, hidden) -> tuple[torch.Tensor, dict]:
-        head = self.model.get_output_embeddings()
+        head, softcap = self.model.get_output_embeddings(), _softcap(self.model)
+        if self._bf16() and hidden is not None and getattr(self.advantage_fn, "use_logps", True):
+            # bf16 logits would round NTHR's log-sum-exp: the hook reads float32 log-probs instead
+            old_logps = float32_logps(hidden.detach(), head, ro.completion_ids, ro.completion_mask,
+                                      temperature=self.cfg.temperature, softcap=softcap)
         ctx = AdvantageContext(
             advantages=advantages, rewards=rewards, group_size=ro.group_size, completion_ids=ro.completion_ids,
             completion_mask=ro.completion_mask.bool(), hidden=None if hidden is None else hidden.detach(),
             lm_head_weight=head.weight.detach(), lm_head_bias=None if head.bias is None else head.bias.detach(),
-            temperature=self.cfg.temperature, old_logps=old_logps)
+            temperature=self.cfg.temperature, old_logps=old_logps, softcap=softcap)
         with torch.no_grad():
             return self.advantage_fn(ctx)
 
     # -- one step
-    def sample(self, step: int) -> tuple[Rollouts, torch.Tensor, list[dict]]:
-        """Rollouts and rewards (num_groups, G) for a step (seeded by config seed and step)."""
+    def sample(self, step: int, refill_round: int = 0) -> tuple[Rollouts, torch.Tensor, list[dict]]:
+        """Rollouts and rewards (num_groups, G) for a step (seeded by config seed and step).
+
+        ``refill_round`` r >= 1 is the r-th refill round (``refill_max_rounds``): prompts_per_step
+        more pool prompts, the r-th slice of a permutation of the pool seeded by (seed, step) that
+        leaves out the step's own prompts, sampled with a seed made from (seed, step, r).
+        Notebook 05.
+        """
         from nthr_book.data import build_prompt
 
+        n, gen_seed = self.cfg.prompts_per_step, self.cfg.seed * 1_000_003 + step
         problems = self._step_problems(step)
+        if refill_round > 0:
+            own = {id(p) for p in problems}
+            order = np.random.default_rng([self.cfg.seed, step]).permutation(len(self.problems))
+            rest = [self.problems[i] for i in order if id(self.problems[i]) not in own]
+            rest = rest or self.problems  # a pool of one batch: refill from it again
+            first = (refill_round - 1) * n
+            problems = [rest[k % len(rest)] for k in range(first, first + n)]
+            seeds = np.random.SeedSequence([self.cfg.seed, step, refill_round])
+            gen_seed = int(seeds.generate_state(1)[0])
         prompts = [build_prompt(self.tokenizer, p["problem"], self.template) for p in problems]
         ro = generate_groups(self.model, self.tokenizer, prompts, self.cfg.group_size,
                              max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                              top_p=self.cfg.top_p, batch_size=self.cfg.generation_batch_size,
-                             seed=self.cfg.seed * 1_000_003 + step)
+                             min_new_tokens=self.cfg.min_new_tokens, seed=gen_seed)
         golds = [str(p["answer"]) for p in problems for _ in range(self.cfg.group_size)]
         rewards = torch.tensor(self.reward_fn(ro.texts, golds), dtype=torch.float32)
         if rewards.numel() != len(golds):
@@ -443,6 +513,15 @@ class GRPOTrainer:
         cfg, times = self.cfg, dict.fromkeys(("generation", "old_logps", "reference", "nthr", "update", "lld"), 0.0)
         t_step = time.perf_counter()
         ro, rewards, _ = self.sample(step)
+        # DAPO's refill: more rounds of prompts while fewer than prompts_per_step groups are mixed
+        parts, rounds = [(ro, rewards)], 0
+        while rounds < cfg.refill_max_rounds and \
+                sum(int(mixed_group_mask(r).sum()) for _, r in parts) < cfg.prompts_per_step:
+            rounds += 1
+            parts.append(self.sample(step, rounds)[:2])
+        if rounds:
+            ro = Rollouts.concat([p for p, _ in parts], pad_id=self.tokenizer.pad_token_id)
+            rewards = torch.cat([r for _, r in parts])  # (num_groups of all rounds, G)
         times["generation"] = time.perf_counter() - t_step
         row: dict[str, float] = {
             "step": step,
@@ -454,7 +533,11 @@ class GRPOTrainer:
         mixed = mixed_group_mask(rewards)
         row["frac_homogeneous"] = float(1 - mixed.float().mean())
         keep = mixed.nonzero().squeeze(-1).tolist() if cfg.dynamic_sampling else list(range(rewards.shape[0]))
+        keep = keep[: cfg.prompts_per_step]  # a refill may find more mixed groups than needed
         row["groups_used"] = float(len(keep))
+        # how the batch was filled: prompts sampled, mixed groups among them, refill rounds used
+        row.update({"sampling/prompts": float(rewards.shape[0]),
+                    "sampling/mixed": float(mixed.sum()), "sampling/refill_rounds": float(rounds)})
         if keep:
             self._update(ro.select_groups(keep), rewards[keep], row, times)
         row.update({f"time_{k}": v for k, v in times.items()})
@@ -574,7 +657,7 @@ class GRPOTrainer:
         after = sequence_logprob(new[correct_rows], ro.completion_mask[correct_rows])
         delta = after - before
         row["lld/delta_mean"] = float(delta.mean())
-        row["lld/rate"] = float((delta <= self.cfg.lld_eps).float().mean())
+        row["lld/rate"] = lld_rate(delta, self.cfg.lld_eps)
 
     # -- checkpoints
     def save_checkpoint(self, run_dir: Path) -> None:
@@ -625,7 +708,9 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, hook_repr: str, resume: bool
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it, "
                               "or choose another output_dir")
     mine = json.loads(json.dumps(cfg.to_dict()))
-    diff = sorted(k for k in set(mine) | set(saved["config"]) if mine.get(k) != saved["config"].get(k)
+    # A field added after the run was saved (absent there) ran with its default behaviour.
+    theirs = json.loads(json.dumps(TrainConfig().to_dict())) | saved["config"]
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
                   and k not in _RESUMABLE_CHANGES)
     if diff or saved.get("advantage_fn") != hook_repr:
         what = diff or ["advantage_fn"]

@@ -1,14 +1,31 @@
-"""Trainer: config validation, one real loop on tiny-random, resume equals an uninterrupted run."""
+"""Trainer: config validation, one real loop on tiny-random, resume equals an uninterrupted run.
+
+Tolerances are rounding bounds derived from the unit roundoff (F32) and the number of terms.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
-from nthr_book.trainer import METRIC_COLUMNS, TrainConfig, read_metrics, train
+from nthr_book import grpo, nthr
+from nthr_book.models import tiny_random_model
+from nthr_book.trainer import (
+    METRIC_COLUMNS,
+    GRPOTrainer,
+    TrainConfig,
+    float32_logps,
+    make_advantage_fn,
+    read_metrics,
+    train,
+)
+
+F32 = 2.0**-24  # float32 unit roundoff
 
 
 def parity_reward(completions: list[str], answers: list[str]) -> list[float]:
@@ -30,6 +47,7 @@ def tiny(tmp_path, **kw) -> TrainConfig:
     ("method", "ppo", "method"),
     ("temperature", 0.0, "temperature"),
     ("lr", -1.0, "lr"),
+    ("nthr_anchor", "mine", "nthr_anchor"),
 ])
 def test_bad_config_names_the_field(field, value, words):
     with pytest.raises(ValueError, match=f"TrainConfig.{words}"):
@@ -141,3 +159,242 @@ def test_metrics_nan_when_no_mixed_group(tmp_path):
     run = train(tiny(tmp_path, steps=1), reward_fn=lambda c, a: [0.0] * len(c), progress=False)
     row = read_metrics(run / "metrics.csv").iloc[0]
     assert row["groups_used"] == 0 and row["frac_homogeneous"] == 1 and math.isnan(row["loss"])
+
+
+# ------------------------------------------------------------------ dynamic sampling, DAPO's refill
+
+
+class FirstRoundMostlyHomogeneous:
+    """Reward stand-in: the first sampling round has one mixed group (the rest all wrong); later
+    rounds have every group mixed, or none when ``later_mixed`` is False. Mixed: 1, 0, 1, 0, ..."""
+
+    def __init__(self, group_size: int, later_mixed: bool = True):
+        self.group_size, self.later_mixed, self.calls = group_size, later_mixed, 0
+
+    def __call__(self, completions: list[str], answers: list[str]) -> list[float]:
+        self.calls += 1
+        mixed_groups = 1 if self.calls == 1 else (len(completions) // self.group_size
+                                                  if self.later_mixed else 0)
+        return [float(i // self.group_size < mixed_groups and i % 2 == 0)
+                for i in range(len(completions))]
+
+
+def _refill_trainer(tmp_path, reward, **kw):
+    """A GRPOTrainer on tiny-random whose hook records the groups the update sees."""
+    from nthr_book.trainer import GRPOTrainer
+
+    seen: list[torch.Tensor] = []
+
+    def spy(ctx):
+        seen.append(ctx.rewards.clone())  # (num_groups, G) of the groups in the update
+        return ctx.advantages, {}
+
+    cfg = tiny(tmp_path, prompts_per_step=4, group_size=4, kl_coef=0.0, track_lld=False, **kw)
+    trainer = GRPOTrainer(cfg, advantage_fn=spy, reward_fn=reward, device="cpu")
+    sampled: list[tuple[int, list[str]]] = []
+    plain_sample = trainer.sample
+
+    def spy_sample(step, refill_round=0):
+        out = plain_sample(step, refill_round)
+        sampled.append((refill_round, [p["id"] for p in out[2]]))
+        return out
+
+    trainer.sample = spy_sample
+    return trainer, seen, sampled
+
+
+def test_refill_fills_the_batch_with_mixed_groups(tmp_path):
+    from nthr_book.grpo import mixed_group_mask
+
+    reward = FirstRoundMostlyHomogeneous(group_size=4)
+    trainer, seen, sampled = _refill_trainer(tmp_path, reward, refill_max_rounds=3)
+    row = trainer.train_step(0)
+    # round 0: 1 mixed of 4; round 1: 4 more mixed, so 5 >= 4 and the refill stops after one round
+    assert [r for r, _ in sampled] == [0, 1] and reward.calls == 2
+    assert not set(sampled[0][1]) & set(sampled[1][1]), "a refill round samples new prompts"
+    assert row["sampling/refill_rounds"] == 1 and row["sampling/prompts"] == 8
+    assert row["sampling/mixed"] == 5 and row["groups_used"] == 4
+    groups = torch.cat(seen)  # (groups in the update, G)
+    assert groups.shape[0] == 4 and bool(mixed_group_mask(groups).all())
+    # the same step again: the same refill prompts (seeded by seed, step and round)
+    again, _, sampled_again = _refill_trainer(tmp_path, FirstRoundMostlyHomogeneous(4),
+                                              refill_max_rounds=3)
+    again.train_step(0)
+    assert sampled_again == sampled
+
+
+def test_refill_rounds_are_bounded_and_without_refill_the_batch_shrinks(tmp_path):
+    reward = FirstRoundMostlyHomogeneous(group_size=4, later_mixed=False)
+    trainer, seen, sampled = _refill_trainer(tmp_path / "refill", reward, refill_max_rounds=2)
+    row = trainer.train_step(0)
+    assert [r for r, _ in sampled] == [0, 1, 2] and reward.calls == 3  # at most 2 extra rounds
+    assert row["sampling/refill_rounds"] == 2 and row["sampling/prompts"] == 12
+    assert row["groups_used"] == 1 and torch.cat(seen).shape[0] == 1
+
+    off, seen_off, sampled_off = _refill_trainer(tmp_path / "off", FirstRoundMostlyHomogeneous(4))
+    row = off.train_step(0)
+    assert [r for r, _ in sampled_off] == [0]
+    assert row["sampling/refill_rounds"] == 0 and row["sampling/prompts"] == 4
+    assert row["groups_used"] == 1 and torch.cat(seen_off).shape[0] == 1  # the update shrinks to 1
+
+
+def test_refill_config_checks_and_old_configs_load():
+    with pytest.raises(ValueError, match="TrainConfig.refill_max_rounds"):
+        TrainConfig(refill_max_rounds=-1)
+    with pytest.raises(ValueError, match="TrainConfig.refill_max_rounds.*dynamic_sampling"):
+        TrainConfig(refill_max_rounds=2, dynamic_sampling=False)
+    old = TrainConfig().to_dict()
+    del old["refill_max_rounds"]  # a config.json written before the field existed
+    assert TrainConfig.from_dict(old).refill_max_rounds == 0
+
+
+# ---- NTHR options: the anchor ---------------------------------------------------------------
+
+
+def test_nthr_anchor_reaches_the_hook_and_its_repr():
+    for anchor in nthr.ANCHORS:
+        hook = make_advantage_fn(TrainConfig(method="nthr", nthr_anchor=anchor))
+        assert hook.config == nthr.NTHRConfig(anchor=anchor)
+    hooks = [make_advantage_fn(TrainConfig(method="nthr", nthr_anchor=a)) for a in nthr.ANCHORS]
+    assert len({repr(h) for h in hooks}) == 3  # finished runs with different anchors are told apart
+    cfg = TrainConfig(nthr_anchor="other_responses")
+    assert TrainConfig.from_dict(cfg.to_dict()).nthr_anchor == "other_responses"
+
+
+def _finished_run(tmp_path, cfg: TrainConfig, drop: tuple[str, ...] = ()) -> None:
+    """A run folder as train() leaves it (config.json, metrics.csv, model/); ``drop``: unsaved."""
+    run = cfg.run_dir()
+    (run / "model").mkdir(parents=True)
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in drop}
+    record = {"config": saved, "advantage_fn": repr(make_advantage_fn(cfg))}
+    (run / "config.json").write_text(json.dumps(record))
+    pd.DataFrame({"step": range(cfg.steps)}).to_csv(run / "metrics.csv", index=False)
+
+
+def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path):
+    cfg = tiny(tmp_path, method="nthr", steps=2)
+    _finished_run(tmp_path, cfg, drop=("nthr_anchor",))  # older runs did not record the field
+    reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)  # no model load
+    assert reused == cfg.run_dir()
+    with pytest.raises(ValueError, match="nthr_anchor"):
+        train(cfg.replace(nthr_anchor="other_responses"), reward_fn=parity_reward, resume=True,
+              progress=False)
+
+
+# ---- bf16 autocast: NTHR reads float32 log-probs --------------------------------------------
+
+
+def _logps_bound(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> float:
+    """Rounding bound of float32 log softmax(h·Wᵀ / T)[y] = z_y - m - log Σ exp(z - m).
+
+    Each logit is an inner product of d terms (+2 for the scaling): (d + 2)·F32·S with S = max
+    |h|·|W|/T, counted twice (z_y and the log-sum-exp); the sum of V positive terms has a relative
+    error (V + 2)·F32, which the log turns into an absolute one; 4·F32·S for the subtractions.
+    """
+    h = hidden.double().abs().reshape(-1, hidden.shape[-1])  # (n, d)
+    S = float((h @ weight.double().abs().T).max()) / temperature
+    return (2 * (hidden.shape[-1] + 2) + 4) * F32 * S + (weight.shape[0] + 2) * F32
+
+
+def _reference_logps(hidden, weight, ids, mask, temperature, softcap=None) -> torch.Tensor:
+    """Float64 log softmax of the (capped) logits h·Wᵀ at the token ids, 0 off mask."""
+    z = hidden.double() @ weight.double().T
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return torch.log_softmax(z / temperature, -1).gather(-1, ids[..., None]).squeeze(-1) * mask
+
+
+def test_float32_logps_under_bf16_autocast_give_float64_scores():
+    model = tiny_random_model(300, seed=1, hidden_size=16).eval()  # small d: tight float32 bounds
+    with torch.no_grad():
+        model.model.norm.weight.mul_(32.0)  # logits up to about 17 as in trained models (init: ~1)
+    gen = torch.Generator().manual_seed(0)
+    G, P, T, temp = 4, 3, 6, 0.9
+    ids = torch.randint(3, 40, (G, T), generator=gen)  # V* a small part of the vocabulary
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 4, 5, 3])[:, None]
+    input_ids = torch.cat([torch.randint(3, 300, (1, P), generator=gen).expand(G, P), ids], 1)
+    attention = torch.cat([torch.ones(G, P, dtype=torch.long), mask.long()], 1)
+    head = model.get_output_embeddings()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logps, hidden = grpo.per_token_logps(model, input_ids, attention, mask,
+                                                  temperature=temp, return_hidden=True)
+        ours = float32_logps(hidden, head, ids, mask, temperature=temp)  # inside it on purpose
+    W = head.weight.detach()
+    expected = _reference_logps(hidden, W, ids, mask, temp)
+    bound = _logps_bound(hidden, W, temp)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), expected, rtol=0, atol=bound)
+    assert (bf16_logps.double() - expected).abs().max() > 10 * bound  # what the hook used to read
+    # NTHR scores from each: the float64 pair-by-pair reference, generated vocabulary
+    correct = torch.tensor([True, False, True, False])
+    logits = hidden.double() @ W.double().T / temp
+    reference = nthr.token_scores_reference(hidden, logits, ids, mask, correct, vocab="generated")
+    kw = dict(temperature=temp, vocab="generated")
+    with_ours = nthr.token_scores_from_hidden(hidden, W, ids, mask, correct, logps=ours, **kw)
+    with_bf16 = nthr.token_scores_from_hidden(hidden, W, ids, mask, correct, logps=bf16_logps, **kw)
+    # A score sums n terms of inner products over |V*| and d coordinates: m·F32·Σ|terms| with
+    # m = n + |V*| + d + 16. The log-sum-exp read off the log-probs is off by at most 2·bound (the
+    # log-prob and z_y), so q by a relative 3·bound and g_y = 1 - q_y by q_y/(1 - q_y) times that:
+    # 2 g's per term.
+    q = torch.softmax(logits, -1)
+    g = (torch.nn.functional.one_hot(ids, 300).double() - q)[..., torch.unique(ids[mask])]
+    q_y = q.gather(-1, ids[..., None]).squeeze(-1)[mask]
+    abs_terms = torch.einsum("itv,jkv->itjk", g.abs(), g.abs()) * torch.einsum(
+        "itd,jkd->itjk", hidden.double().abs(), hidden.double().abs())  # (G, T, G, T)
+    scale = float((abs_terms * (mask & correct[:, None])).sum((-2, -1)).max())
+    rel_g = 3 * bound * max(1.0, float((q_y / (1 - q_y)).max()))
+    m = int(mask.sum()) + g.shape[-1] + hidden.shape[-1] + 16 + 2 * rel_g / F32
+    tol = m * F32 * scale
+    torch.testing.assert_close(with_ours.double(), reference, rtol=0, atol=tol)
+    assert (with_bf16.double() - reference).abs().max() > 2 * tol  # beyond any float32 rounding
+
+
+def _spy_on_nthr(seen: list):
+    """An NTHR hook keeping a copy of each context it sees (the head is updated in place later)"""
+    hook = nthr.nthr_advantage_fn(nthr.NTHRConfig(beta=0.0))
+
+    def spy(ctx):
+        seen.append(SimpleNamespace(**{k: v.clone() if isinstance(v, torch.Tensor) else v
+                                       for k, v in vars(ctx).items()}))
+        return hook(ctx)
+
+    return spy
+
+
+def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
+    # bf16 autocast on CPU stands in for CUDA: the trainer's bf16 switch is made true here
+    monkeypatch.setattr(GRPOTrainer, "_bf16", lambda self: self.cfg.bf16)
+    seen = []
+    # every group mixed: rows alternate wrong and right
+    alternate = lambda completions, answers: [float(i % 2) for i in range(len(completions))]
+    train(tiny(tmp_path, steps=2, bf16=True, method="nthr"), advantage_fn=_spy_on_nthr(seen),
+          reward_fn=alternate, progress=False)
+    assert seen
+    for ctx in seen:
+        W, mask = ctx.lm_head_weight, ctx.completion_mask
+        head = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+        head.weight.data.copy_(W)
+        # the log-probs the hook reads are float32_logps of its hidden states (the training pass's
+        # come from bf16 logits: they differ), and they are float64's up to float32 rounding
+        assert ctx.old_logps.dtype == torch.float32 and ctx.softcap is None
+        ours = float32_logps(ctx.hidden, head, ctx.completion_ids, mask, temperature=1.0)
+        assert torch.equal(ctx.old_logps, ours)
+        expected = _reference_logps(ctx.hidden, W, ctx.completion_ids, mask, 1.0)
+        bound = _logps_bound(ctx.hidden, W, 1.0)
+        torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
+
+
+def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
+    from nthr_book.models import load_policy
+
+    model, tokenizer = load_policy("tiny-random", device="cpu")
+    model.config.final_logit_softcapping = 2.0  # grpo.per_token_logps caps its log-probs with it
+    seen = []
+    train(tiny(tmp_path, steps=1, method="nthr"), advantage_fn=_spy_on_nthr(seen),
+          reward_fn=parity_reward, model=model, tokenizer=tokenizer, progress=False)
+    assert seen and all(ctx.softcap == 2.0 for ctx in seen)
+    for ctx in seen:  # the log-probs the hook reads its log-sum-exp from are the capped ones
+        W, mask = ctx.lm_head_weight, ctx.completion_mask
+        expected = _reference_logps(ctx.hidden, W, ctx.completion_ids, mask, 1.0, softcap=2.0)
+        bound = _logps_bound(ctx.hidden, W, 1.0)  # tanh's slope is at most 1: this bound holds
+        torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
