@@ -1,66 +1,127 @@
 """Train GRPO or NTHR (arXiv 2505.18830) with TRL's GRPOTrainer: one process, DDP, DeepSpeed, vLLM.
 
-Single process:  python scripts/train_trl.py --model tiny-random --task toy --steps 2
-Several:         accelerate launch --config_file recipes/ddp.yaml scripts/train_trl.py --task arithmetic ...
-CPU, 2 procs:    accelerate launch --num_processes 2 --cpu scripts/train_trl.py --model tiny-random ...
+One process: python scripts/train_trl.py --model_name_or_path tiny-random --task toy --max_steps 2
+Several:     accelerate launch --config_file recipes/ddp.yaml scripts/train_trl.py --task math ...
+Resume:      python scripts/train_trl.py ... --resume_from_checkpoint last  (or a checkpoint folder)
+From a file: python scripts/train_trl.py --config my_run.yaml  (any option below, as YAML keys)
 
-``--nthr-beta none`` trains plain GRPO; any number (or -inf) trains NTHR with that beta.
-``--task toy`` rewards the parity of the sum of the completion's token ids (mixed groups on any model,
-for tests); ``--task arithmetic`` uses nthr_book's arithmetic prompts and the boxed math reward;
-``--task math`` the paper's data (MATH train, levels 3-5, ``data.load_math_train``) with the boxed prompt.
-``--dump-dir`` writes, per process and per step, the NTHR batch record (``step{S}_rank{R}.pt``) and,
-from the main process, ``log_history.json`` (TRL's logged metrics), for tests and debugging.
-See recipes/README.md for the multi-GPU, DeepSpeed and vLLM-colocate commands.
+The options are TRL's own (``TrlParser``): every ``GRPOConfig`` field (``--max_steps``,
+``--per_device_train_batch_size``, ``--num_generations``, ``--learning_rate``, ``--beta`` for the
+KL, ``--use_vllm``, ``--vllm_mode``, ``--save_steps``, ``--report_to``, ...), every ``ModelConfig``
+field (``--model_name_or_path``, ``--dtype``, ``--use_peft``, ...) and this script's
+``ScriptArguments`` below (task and NTHR). ``-h`` lists them all. Defaults that differ from TRL's
+are in ``script_defaults``.
+
+``--nthr_beta none`` trains plain GRPO; any number (or ``--nthr_beta=-inf``) trains NTHR with that
+beta. ``--task toy`` rewards the parity of the sum of the completion's token ids (mixed groups on
+any model, for tests); ``--task arithmetic`` uses nthr_book's arithmetic prompts and the boxed math
+reward; ``--task math`` the paper's data (MATH train, levels 3-5, ``data.load_math_train``) with the
+boxed prompt. ``--model_name_or_path``: ``smollm2-135m`` (the embedded model), ``tiny-random``, a
+hub id or a folder. The model is loaded after the config, by TRL, so DeepSpeed ZeRO-3
+initialisation and ``--dtype`` apply. The trained model (and tokenizer) is saved to
+``--output_dir`` at the end, checkpoints every ``--save_steps`` steps (``checkpoint-N``) for
+``--resume_from_checkpoint``. ``--dump_dir`` writes, per process and per step, the NTHR batch
+record (``step{S}_rank{R}.pt``) and, from the main process, ``log_history.json`` (TRL's logged
+metrics), for tests and debugging. See recipes/README.md for the multi-GPU, DeepSpeed and vLLM
+(colocate and server) commands.
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
+
+from nthr_book import config as book_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), tiny-random, hub id or path")
-    p.add_argument("--task", default="arithmetic", choices=("arithmetic", "math", "toy"))
-    p.add_argument("--num-problems", type=int, default=256, help="arithmetic/toy pool size; math: 0 = all")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps (TRL max_steps)")
-    p.add_argument("--num-generations", type=int, default=8, help="G, completions per prompt")
-    p.add_argument("--per-device-batch", type=int, default=8, help="completions per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps-per-generation", type=int, default=None)
-    p.add_argument("--num-iterations", type=int, default=1)
-    p.add_argument("--max-completion-length", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--loss-type", default="dapo", help="TRL loss_type: grpo, bnpo, dr_grpo, dapo, ...")
-    p.add_argument("--kl-beta", type=float, default=0.0, help="TRL's KL coefficient (beta)")
-    p.add_argument("--nthr-beta", default="1.0", help="NTHR threshold scale; 'none' = plain GRPO")
-    p.add_argument("--nthr-eta", default="two_abs", help="two_abs, p, one_minus_p or a number")
-    p.add_argument("--nthr-vocab", default="generated", choices=("generated", "full"))
-    p.add_argument("--nthr-exclude-self", action="store_true", help="self-influence without self pairs")
-    p.add_argument("--no-lld", action="store_true", help="do not log lld/delta_mean and lld/rate")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--use-vllm", action="store_true")
-    p.add_argument("--vllm-mode", default="colocate", choices=("colocate", "server"))
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--output-dir", default=None, help="default: <runs>/trl/<method>")
-    p.add_argument("--dump-dir", default=None)
-    p.add_argument("--logging-steps", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+@dataclass
+class ScriptArguments:
+    """This script's options beside TRL's ``GRPOConfig`` and ``ModelConfig``: data and NTHR."""
+
+    task: Literal["arithmetic", "math", "toy"] = field(default="arithmetic", metadata={
+        "help": "arithmetic (boxed math reward), math (MATH levels 3-5) or toy (token-id parity "
+                "reward, for tests)"})
+    num_problems: int = field(default=256, metadata={
+        "help": "arithmetic/toy pool size; math: 0 = all"})
+    nthr_beta: str = field(default="1.0", metadata={
+        "help": "NTHR threshold scale (a number, or -inf as --nthr_beta=-inf); 'none' trains plain "
+                "GRPO"})
+    nthr_eta: str = field(default="two_abs", metadata={
+        "help": "two_abs, p, one_minus_p or a number"})
+    nthr_vocab: Literal["generated", "full"] = field(default="generated", metadata={
+        "help": "generated: g restricted to the group's token ids (paper); full: exact"})
+    nthr_anchor: Literal["all", "other_responses", "no_self_token"] = field(
+        default="all", metadata={"help": "which correct tokens count in the self-influence"})
+    track_lld: bool = field(default=True, metadata={
+        "help": "log lld/delta_mean and lld/rate (one extra no-grad pass per generation batch)"})
+    lld_eps: float = field(default=0.0, metadata={
+        "help": "lld/rate counts changes <= lld_eps"})
+    dump_dir: str | None = field(default=None, metadata={
+        "help": "per-step NTHR records, for tests"})
+
+    def nthr_config(self):
+        """The ``NTHRConfig`` these options describe, or None for plain GRPO."""
+        from nthr_book.nthr import NTHRConfig
+
+        if self.nthr_beta.strip().lower() == "none":
+            return None
+        try:
+            eta: str | float = float(self.nthr_eta)
+        except ValueError:
+            eta = self.nthr_eta
+        return NTHRConfig(beta=float(self.nthr_beta), eta=eta, vocab=self.nthr_vocab,
+                          anchor=self.nthr_anchor)
+
+
+def _cuda_bf16() -> bool:
+    """True on a GPU that computes in bf16 (the script's default ``--bf16``)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def script_defaults() -> dict:
+    """Defaults that differ from TRL's: the book's small run, on the CPU when there is no GPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(
+        # float32 master weights (bf16 compute through autocast)
+        model_name_or_path="smollm2-135m", dtype="float32",
+        output_dir=str(book_config.runs_dir() / "trl" / "{method}"),  # {method}: grpo or nthr
+        max_steps=20, per_device_train_batch_size=8, num_generations=8, max_completion_length=64,
+        temperature=1.0, learning_rate=1e-6, loss_type="dapo", beta=0.0, logging_steps=1,
+        save_steps=50, report_to="none", seed=0, disable_dropout=True,
+        gradient_checkpointing=False, bf16=_cuda_bf16(), use_cpu=not cuda,
+    )
+
+
+def make_parser():
+    """TRL's parser over ``ScriptArguments``, ``GRPOConfig`` and ``ModelConfig`` (and defaults)."""
+    from trl import GRPOConfig, ModelConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, GRPOConfig, ModelConfig))
+    parser.set_defaults(**script_defaults())
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """``(script_args, training_args, model_args)`` from the command line (or ``--config``)."""
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    method = "grpo" if script_args.nthr_config() is None else "nthr"
+    training_args.output_dir = training_args.output_dir.replace("{method}", method)
+    if training_args.resume_from_checkpoint in ("last", "true", "True"):
+        training_args.resume_from_checkpoint = True  # the newest checkpoint-N in output_dir
+    return script_args, training_args, model_args
 
 
 def toy_parity_reward(completions, completion_ids, **kwargs) -> list[float]:
-    """1.0 when the sum of the completion's token ids is odd (a deterministic reward with mixed groups)."""
+    """1.0 when the sum of the completion's token ids is odd (deterministic, mixed groups)."""
     return [float(sum(ids) % 2) for ids in completion_ids]
 
 
@@ -83,51 +144,55 @@ def build_dataset(task: str, tokenizer, n: int, seed: int):
     return prompt_dataset(problems, tokenizer, "arithmetic")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build the trainer from the options and train."""
-    args = parse_args(argv)
+def policy_for_trl(model_args, training_args):
+    """The ``model`` argument for the trainer: a name or folder that TRL loads, or a built model.
+
+    Called after ``GRPOConfig`` exists (DeepSpeed ZeRO-3 then partitions the weights as they load);
+    ``ModelConfig``'s ``dtype``, ``model_revision`` and ``attn_implementation`` reach
+    ``from_pretrained`` through ``model_init_kwargs``, as in TRL's own ``trl grpo`` script.
+    """
+    import torch
+
+    from nthr_book import models
+
+    name = model_args.model_name_or_path
+    if name == models.TINY_RANDOM:  # built from a config, nothing to download
+        dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+        return models.tiny_random_model().to(getattr(torch, dtype))
+    init = dict(revision=model_args.model_revision, dtype=model_args.dtype,
+                attn_implementation=model_args.attn_implementation)
+    training_args.model_init_kwargs = init | dict(training_args.model_init_kwargs or {})
+    return str(models.convert_embedded()) if name == models.EMBEDDED else name
+
+
+def run(argv: list[str] | None = None):
+    """Parse, build the trainer, train (or resume), save the model; returns the trainer."""
+    script_args, training_args, model_args = parse_args(argv)
     import torch
     from transformers import TrainerCallback
-    from trl import GRPOConfig
+    from trl import get_peft_config
 
-    from nthr_book import config as book_config
-    from nthr_book.integrations.trl import NTHRConfig, NTHRGRPOTrainer, math_answer_reward
-    from nthr_book.models import load_policy
+    from nthr_book.integrations.trl import NTHRGRPOTrainer, math_answer_reward
+    from nthr_book.models import load_tokenizer
 
     if os.environ.get("OMP_NUM_THREADS") is None and not torch.cuda.is_available():
         torch.set_num_threads(1)
-    nthr = None
-    if args.nthr_beta.lower() != "none":
-        eta = args.nthr_eta
-        try:
-            eta = float(eta)
-        except ValueError:
-            pass
-        nthr = NTHRConfig(beta=float(args.nthr_beta), eta=eta, vocab=args.nthr_vocab,
-                          exclude_self=args.nthr_exclude_self)
+    nthr = script_args.nthr_config()
     method = "grpo" if nthr is None else "nthr"
-    output_dir = Path(args.output_dir or book_config.runs_dir() / "trl" / method)
+    output_dir = Path(training_args.output_dir)
 
-    model, tokenizer = load_policy(args.model, device="cpu")
-    dataset = build_dataset(args.task, tokenizer, args.num_problems, args.seed)
-    reward = toy_parity_reward if args.task == "toy" else math_answer_reward
-    cuda = torch.cuda.is_available()
-    config = GRPOConfig(
-        output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
-        gradient_accumulation_steps=args.grad_accum, steps_per_generation=args.steps_per_generation,
-        num_iterations=args.num_iterations, num_generations=args.num_generations,
-        max_completion_length=args.max_completion_length, temperature=args.temperature, learning_rate=args.lr,
-        loss_type=args.loss_type, beta=args.kl_beta, bf16=args.bf16 and cuda, use_cpu=not cuda,
-        gradient_checkpointing=args.gradient_checkpointing, use_vllm=args.use_vllm, vllm_mode=args.vllm_mode,
-        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization, logging_steps=args.logging_steps,
-        save_strategy="no", report_to="none", seed=args.seed, disable_dropout=True,
-    )
-    trainer = NTHRGRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer, nthr=nthr, track_lld=not args.no_lld,
-                              record_nthr=args.dump_dir is not None)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    dataset = build_dataset(script_args.task, tokenizer, script_args.num_problems,
+                            training_args.seed)
+    reward = toy_parity_reward if script_args.task == "toy" else math_answer_reward
+    trainer = NTHRGRPOTrainer(
+        model=policy_for_trl(model_args, training_args), reward_funcs=reward, args=training_args,
+        train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args),
+        nthr=nthr, track_lld=script_args.track_lld, lld_eps=script_args.lld_eps,
+        record_nthr=script_args.dump_dir is not None)
     rank = trainer.accelerator.process_index
-    if args.dump_dir:
-        dump = Path(args.dump_dir)
+    if script_args.dump_dir:
+        dump = Path(script_args.dump_dir)
         dump.mkdir(parents=True, exist_ok=True)
 
         class Dump(TrainerCallback):
@@ -139,19 +204,26 @@ def main(argv: list[str] | None = None) -> int:
                 return control
 
         trainer.add_callback(Dump())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(str(output_dir))  # every process: ZeRO-3 gathers the shards for the main one
     if trainer.accelerator.is_main_process:
-        history = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-                   for row in trainer.state.log_history]
+        history = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in row.items()} for row in trainer.state.log_history]
         text = json.dumps({"method": method, "world_size": trainer.accelerator.num_processes,
                            "log_history": history}, indent=1)
-        (output_dir / "log_history.json").parent.mkdir(parents=True, exist_ok=True)
         (output_dir / "log_history.json").write_text(text)
-        if args.dump_dir:
-            (Path(args.dump_dir) / "log_history.json").write_text(text)
+        if script_args.dump_dir:
+            (Path(script_args.dump_dir) / "log_history.json").write_text(text)
         last = {k: v for k, v in history[-2].items() if k.startswith(("nthr/", "lld/", "reward"))} \
             if len(history) > 1 else {}
-        print(f"[train_trl] {method}: {len(history) - 1} logged steps; last: {last}")
+        print(f"[train_trl] {method}: {len(history) - 1} logged steps, model saved to "
+              f"{output_dir}; last: {last}")
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: train, then exit 0."""
+    run(argv)
     return 0
 
 

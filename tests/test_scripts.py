@@ -109,3 +109,71 @@ def test_lld_displacement_template_argument():
     assert script.parse_args([]).balance is None
     with pytest.raises(SystemExit):
         script.parse_args(["--balance", "5"])  # 2K > G = 8
+
+
+# ---- scripts/train_trl.py (TRL's parser, save, resume) -----------------------------------------
+TRL_TINY = ["--model_name_or_path", "tiny-random", "--task", "toy", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "8",
+            "--nthr_beta", "1", "--nthr_anchor", "no_self_token", "--learning_rate", "1e-3",
+            "--save_steps", "1"]
+
+
+def test_train_trl_parses_trl_options_and_nthr_config():
+    pytest.importorskip("trl")
+    from nthr_book.nthr import NTHRConfig
+
+    script = load_script("train_trl")
+    args, grpo, model = script.parse_args(
+        ["--nthr_anchor", "other_responses", "--nthr_eta", "0.5", "--nthr_beta=-inf",
+         "--max_steps", "3", "--report_to", "tensorboard", "--save_steps", "7",
+         "--dtype", "bfloat16"])
+    assert args.nthr_config() == NTHRConfig(beta=-float("inf"), eta=0.5, anchor="other_responses")
+    # GRPOConfig's and ModelConfig's own fields
+    assert (grpo.max_steps, grpo.save_steps, grpo.report_to) == (3, 7, ["tensorboard"])
+    assert model.dtype == "bfloat16" and model.model_name_or_path == "smollm2-135m"
+    assert grpo.output_dir.endswith("nthr")
+    args, grpo, _ = script.parse_args(["--nthr_beta", "none", "--resume_from_checkpoint", "last"])
+    assert args.nthr_config() is None and grpo.output_dir.endswith("grpo")
+    assert grpo.resume_from_checkpoint is True  # the newest checkpoint-N of output_dir
+    assert grpo.report_to == [] and grpo.save_strategy == "steps"  # script defaults: no tracker
+    with pytest.raises(SystemExit):
+        script.parse_args(["--nthr_anchor", "mine"])
+
+
+def test_train_trl_leaves_model_loading_to_trl_after_the_config():
+    """A hub id or folder goes to TRL by name with ModelConfig's dtype: loaded after the config."""
+    pytest.importorskip("trl")
+    script = load_script("train_trl")
+    _, grpo, model = script.parse_args(["--model_name_or_path", "org/some-model",
+                                        "--dtype", "bfloat16", "--attn_implementation", "sdpa"])
+    assert script.policy_for_trl(model, grpo) == "org/some-model"
+    init = grpo.model_init_kwargs
+    assert init["dtype"] == "bfloat16" and init["attn_implementation"] == "sdpa"
+
+
+@pytest.mark.slow
+def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
+    """Two steps save checkpoint-1, checkpoint-2 and the final model; resuming from checkpoint-1
+    repeats step 2 exactly (weights, optimizer, RNG and data position come back)."""
+    pytest.importorskip("trl")
+    import torch
+    from safetensors.torch import load_file
+
+    script = load_script("train_trl")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    trainer = script.run(TRL_TINY + ["--max_steps", "2", "--output_dir", str(full)])
+    assert trainer.state.global_step == 2
+    for folder in (full, full / "checkpoint-1", full / "checkpoint-2"):
+        assert (folder / "model.safetensors").exists(), folder
+    assert (full / "tokenizer.json").exists() and (full / "log_history.json").exists()
+    final = load_file(full / "model.safetensors")
+    saved = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(final[k], saved[k]) for k in final)  # the trained weights
+
+    again = script.run(TRL_TINY + ["--max_steps", "2", "--output_dir", str(resumed),
+                                   "--resume_from_checkpoint", str(full / "checkpoint-1")])
+    assert again.state.global_step == 2
+    step1 = load_file(full / "checkpoint-1" / "model.safetensors")
+    redone = load_file(resumed / "model.safetensors")
+    assert any(not torch.equal(redone[k], step1[k]) for k in step1)  # step 2 trained after resuming
+    assert all(torch.equal(redone[k], final[k]) for k in final)  # exactly as without interruption

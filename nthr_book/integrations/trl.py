@@ -1,50 +1,85 @@
-"""NTHR inside TRL's ``GRPOTrainer`` (tested with trl==1.16.0): per-token advantages and LLD logging.
+"""NTHR inside TRL's ``GRPOTrainer`` (tested with trl==1.16.0): per-token advantages, LLD logging.
 
-Implements METHOD.md §3 (arXiv 2505.18830, Deng et al., "On the Effect of Negative Gradient in Group
-Relative Deep Reinforcement Optimization") on top of TRL, for multi-GPU, DeepSpeed and vLLM runs::
+Implements NTHR (arXiv 2505.18830, Deng et al., "On the Effect of Negative Gradient in Group
+Relative Deep Reinforcement Optimization") on top of TRL, for multi-GPU, DeepSpeed and vLLM runs
+(notebook 07)::
 
     trainer = NTHRGRPOTrainer(model, reward_funcs=..., args=GRPOConfig(...), train_dataset=...,
                               nthr=NTHRConfig(beta=1.0, eta="two_abs", vocab="generated"))
 
-``nthr=None`` is plain GRPO (bit for bit the same loss and gradients as ``trl.GRPOTrainer``), and so is a
-``beta`` that selects no token. TRL's advantages are one number per sequence, (B,); with NTHR the batch
-carries (B, T) advantages, which TRL 1.16's ``_compute_loss`` uses as they are ("if advantages.dim() == 1:
-unsqueeze(1)"), so every loss type (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo) is TRL's own.
-Padded positions keep the sequence's advantage, exactly as TRL's broadcast has it (they are masked).
+``nthr=None`` is plain GRPO (bit for bit the same loss and gradients as ``trl.GRPOTrainer``), and so
+is a ``beta`` that selects no token. The ``NTHRConfig`` is used whole: each mixed group goes through
+``nthr_book.nthr.group_selection``, so every option of the config (beta, vocabulary, anchor, ...)
+means here what it means in ``nthr_book.trainer``. TRL's advantages are one number per sequence,
+(B,); with NTHR the batch carries (B, T) advantages, which TRL 1.16's ``_compute_loss`` uses as they
+are ("if advantages.dim() == 1: unsqueeze(1)"), so every loss type (grpo, bnpo, dr_grpo, dapo,
+cispo, sapo, luspo, vespo) is TRL's own. Padded positions keep the sequence's advantage, exactly as
+TRL's broadcast has it (they are masked).
 
-Which pass the hidden states come from (selection is computed once per generation batch, no gradient):
+Selected tokens get eta·A only where their response's advantage A is negative. With one binary
+reward that is every incorrect response of a mixed group; with several reward functions,
+``multi_objective_aggregation="normalize_then_sum"`` or a ``correct_reward`` that is not the whole
+reward, an "incorrect" response can have A >= 0, and its tokens keep A (NTHR dampens the push-down
+of tokens the correct responses share, never a push-up).
 
-* TRL computes ``old_per_token_logps`` (when ``gradient_accumulation_steps % (steps_per_generation *
-  num_iterations) != 0``, or vLLM with ``vllm_importance_sampling_correction``): a forward hook on the
-  backbone reads the hidden states of that same pass. No extra forward.
-* TRL skips it (``old_per_token_logps = None``: the policy has not moved since generation, so TRL uses
-  ``per_token_logps.detach()``) and ``steps_per_generation == 1``: each micro-batch is the whole local
-  generation batch and the current policy is the old one, so the hidden states of the training forward
-  in ``compute_loss`` are the old policy's. NTHR runs between that forward and TRL's loss (it replaces
-  ``inputs["advantages"]`` before TRL reads it). No extra forward; this is TRL's default layout.
-* TRL skips it and ``steps_per_generation > 1``: a group's completions are spread over micro-batches that
-  are run one after the other, and the first loss needs the selection of the whole group, so one extra
-  no-grad forward over the generation batch runs after generation (the pass TRL itself runs whenever it
-  needs old log-probs). Its log-probs are not handed to TRL, whose loss stays untouched.
+TRL's advantages are not ``nthr_book.grpo.group_advantages``' defaults: TRL divides by the unbiased
+(Bessel, G - 1) std of the group plus 1e-4, the native trainer by the population std plus 1e-6
+(the theory's sqrt(p(1-p))). At N+ = 1 of G = 8 TRL's advantages are about 0.935 times the
+native ones (sqrt(7/8) and the larger eps), for the correct and the incorrect responses alike; the
+ratio tends to 1 as G grows. Learning rates carry over between the two trainers only up to that
+factor.
+
+Which pass the hidden states come from (selection is computed once per generation batch, no
+gradient), and what each layout costs on top of plain GRPO:
+
+* TRL computes ``old_per_token_logps`` (when ``gradient_accumulation_steps % (steps_per_generation
+  * num_iterations) != 0``, or vLLM with ``vllm_importance_sampling_correction``): a forward hook on
+  the backbone reads the hidden states of that same pass. No extra forward.
+* TRL skips it (``old_per_token_logps = None``: the policy has not moved since generation, so TRL
+  uses ``per_token_logps.detach()``) and ``steps_per_generation == 1`` (TRL's default layout): each
+  micro-batch is the whole local generation batch and the current policy is the old one, so the
+  hidden states of the training forward in ``compute_loss`` are the old policy's. NTHR runs between
+  that forward and TRL's loss (it replaces ``inputs["advantages"]`` before TRL reads it). No extra
+  forward.
+* TRL skips it and ``steps_per_generation > 1``: a group's completions are spread over micro-batches
+  that are run one after the other, and the first loss needs the selection of the whole group, so
+  ONE EXTRA NO-GRAD FORWARD over the local generation batch runs after generation (what TRL's own
+  old-policy pass costs: about a third of a training forward-backward over the same rows). Its
+  log-probs are not handed to TRL, whose loss stays untouched. To avoid it, make TRL run its pass
+  (e.g. ``num_iterations=2``) or use ``steps_per_generation=1``.
+
+The scoring itself (generated vocabulary) multiplies only the |V*| rows of the LM head
+(the paper measures it at about 4% of a step).
+
+LLD tracking (``track_lld=True``, the default) costs ONE EXTRA NO-GRAD FORWARD per generation
+batch, over its correct responses only, after the optimizer step that finished the batch (the "new"
+ln π; the "old" one is read from a pass that runs anyway). Every process runs as many rows as the
+process with the most correct responses (ZeRO-3 needs the same forward calls everywhere).
+``track_lld=False`` removes it.
 
 Several processes: TRL spreads one generation batch over the processes in rank order (process ``r``
-holds rows ``[r*b, (r+1)*b)``), so the G completions of a prompt may sit on two processes. When ``b`` is
-not a multiple of ``num_generations``, the hidden states, ids, masks and rewards of the batch are gathered
-(``accelerator.pad_across_processes`` + ``gather``: world_size × local memory), every process scores the
-groups that touch its rows, and keeps its own slice; when ``b % num_generations == 0`` every group is local
-and nothing is gathered. Metrics count each group once (on the process holding its first row) and are
-summed over processes.
+holds rows ``[r*b, (r+1)*b)``), so the G completions of a prompt may sit on two processes. When
+``b`` is not a multiple of ``num_generations``, the hidden states, ids, masks, rewards and
+advantages of the batch are gathered (``accelerator.pad_across_processes`` + ``gather``: world_size
+× local memory), every process scores the groups that touch its rows, and keeps its own slice; when
+``b % num_generations == 0`` every group is local and nothing is gathered. Metrics count each group
+once (on the process holding its first row) and are summed over processes. A check that can fail on
+one process only is agreed on by all of them (one all-reduce of a flag) before the next collective,
+so that every process raises instead of the others waiting forever.
 
 vLLM (``use_vllm=True``, server or colocate): nothing specific is needed, everything hooks in after
-generation on the training model's passes. With ``vllm_importance_sampling_correction`` (TRL's default)
-TRL always runs the old-policy pass, which NTHR reuses.
+generation on the training model's passes. With ``vllm_importance_sampling_correction`` (TRL's
+default) TRL always runs the old-policy pass, which NTHR reuses.
 
-A response is correct when its reward (TRL's weighted sum over reward functions, or the one named by
-``correct_reward``) exceeds ``correct_threshold`` (0.5, for binary rewards). ``LLDCallback`` logs
-``lld/delta_mean`` (mean change of ln π(y+|x) of the correct responses of a generation batch over the
-update(s) that consumed it) and ``lld/rate`` (share with change <= eps); NTHR logs ``nthr/selected_frac``,
-``nthr/tau_mean``, ``nthr/score_mean``, ``nthr/eta_mean`` and ``nthr/mixed_groups`` to TRL's metrics.
-Models with a logit scale or soft-capping in the LM head are refused (the scores read the plain head).
+A response is correct when its reward (TRL's weighted sum over reward functions, or the one named
+by ``correct_reward``) exceeds ``correct_threshold`` (0.5, for binary rewards). ``LLDCallback``
+logs ``lld/delta_mean`` (mean change of ln π(y+|x) of the correct responses of a generation batch
+over the update(s) that consumed it) and ``lld/rate`` (share with change <= eps); responses TRL
+masks out whole (``mask_truncated_completions``) are left out. NTHR logs ``nthr/selected_frac``
+(reweighted tokens / incorrect-response tokens inside TRL's loss mask, mixed groups),
+``nthr/tau_mean``, ``nthr/score_mean``, ``nthr/eta_mean`` and ``nthr/mixed_groups`` to TRL's
+metrics. Models with a logit scale or soft-capping in the LM head are refused (the scores read the
+plain head).
 """
 
 from __future__ import annotations
@@ -57,7 +92,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nthr_book.nthr import NTHRConfig, eta_for, threshold, token_scores_from_hidden
+from nthr_book.nthr import NTHRConfig, eta_for, group_selection, reweight_advantages
+from nthr_book.rollout import generation_config
 
 try:
     from accelerate.utils import is_peft_model
@@ -70,22 +106,55 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "nthr_book.integrations.trl needs TRL (tested with trl==1.16.0): pip install -e '.[trl]'"
     ) from err
 
-__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "math_answer_reward", "prompt_dataset", "trl_runs_old_pass"]
+__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "low_precision_logits",
+           "math_answer_reward", "prompt_dataset", "trl_runs_old_pass"]
 
-# Keys this trainer adds to TRL's batch dict (tensors with a leading batch dim, or 0-d; TRL's shuffle and
-# split pass them through): global row id, reward, TRL's (B,) advantages, and two 0-d flags.
-_ROW, _REWARD, _SEQ_ADV, _FUSED, _BATCH = "nthr_row", "nthr_reward", "seq_advantages", "nthr_fused", "nthr_batch"
+# Keys this trainer adds to TRL's batch dict (tensors with a leading batch dim, or 0-d; TRL's
+# shuffle and split pass them through): global row id, reward, TRL's (B,) advantages, two 0-d flags.
+_ROW, _REWARD, _SEQ_ADV = "nthr_row", "nthr_reward", "seq_advantages"
+_FUSED, _BATCH = "nthr_fused", "nthr_batch"
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def trl_runs_old_pass(args: Any, use_vllm: bool, vllm_is_correction: bool) -> bool:
     """True when TRL 1.16 computes ``old_per_token_logps`` after generation (its own condition)."""
     generate_every = args.steps_per_generation * args.num_iterations
-    return args.gradient_accumulation_steps % generate_every != 0 or (use_vllm and vllm_is_correction)
+    runs_it = args.gradient_accumulation_steps % generate_every != 0
+    return runs_it or (use_vllm and vllm_is_correction)
+
+
+def low_precision_logits(accelerator: Any, args: Any, model: Any) -> bool:
+    """True when the policy's log-probs come from bf16/fp16 logits (notebook 07).
+
+    Accelerate's mixed precision decides, not only GRPOConfig's ``bf16``/``fp16``: ``accelerate
+    launch`` with ``mixed_precision: bf16`` trains in bf16 autocast while ``args.bf16`` may be
+    False.
+    Half-precision weights (a model loaded in bf16) count too.
+    """
+    mixed = str(getattr(accelerator, "mixed_precision", "no") or "no").lower()
+    flags = bool(getattr(args, "bf16", False)) or bool(getattr(args, "fp16", False))
+    return mixed in ("bf16", "fp16") or flags or getattr(model, "dtype", None) in _HALF
+
+
+def _raise_on_any_process(accelerator: Any, error: BaseException | None) -> None:
+    """Raise ``error`` here, and a RuntimeError on every other process when any process has one.
+
+    One all-reduce of a flag, called by every process before the next collective: a check that fails
+    on one process only then stops all of them instead of leaving the others in a gather.
+    """
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(error is not None)], device=accelerator.device)
+        failed = float(accelerator.reduce(flag, reduction="sum").item())
+        if error is None and failed > 0:
+            raise RuntimeError(f"NTHRGRPOTrainer: {failed:g} other process(es) failed a check "
+                               "here; their error says why")
+    if error is not None:
+        raise error
 
 
 @dataclass
 class _Capture:
-    """One policy pass to intercept: its returned log-probs and (optionally) the backbone's hidden states."""
+    """One policy pass to intercept: its returned log-probs and (optionally) the hidden states."""
 
     want_hidden: bool
     on_done: Callable[[_Capture], None] | None = None
@@ -96,25 +165,27 @@ class _Capture:
 
 @dataclass
 class _LLDBatch:
-    """A generation batch whose correct responses' ln π is compared before and after its update(s)."""
+    """A generation batch whose correct responses' ln π is compared before and after its updates."""
 
     batch_id: int
     end_step: int  # TRL micro-step count after which the batch is fully consumed
     input_ids: Tensor  # (b, P+T) local rows, generation order
     attention_mask: Tensor  # (b, P+T)
     completion_mask: Tensor  # (b, T) loss mask
-    correct: Tensor  # (b,) bool
+    correct: Tensor  # (b,) bool: correct and with at least one token inside the loss mask
     old_seq: Tensor  # (b,) ln π_old(y|x), NaN until known
 
 
 class LLDCallback(TrainerCallback):
-    """Logs ``lld/delta_mean`` and ``lld/rate`` once the update(s) that consumed a generation batch are done.
+    """Logs ``lld/delta_mean`` and ``lld/rate`` once the update(s) of a generation batch are done.
 
     For the correct responses (reward > threshold) of each generation batch, Δ = ln π_new(y+|x) -
-    ln π_old(y+|x) (sums of token log-probs, old from the old-policy pass, new from one no-grad pass after
-    the optimizer step that finished the batch); ``lld/rate`` is the share with Δ <= ``eps`` (METHOD §2).
-    Added automatically by ``NTHRGRPOTrainer(track_lld=True)``; pass your own instance to change ``eps``.
-    When gradient accumulation does not end with the batch, "after" also includes part of the next batch.
+    ln π_old(y+|x) (sums of token log-probs, old from the old-policy pass, new from one no-grad pass
+    after the optimizer step that finished the batch); ``lld/rate`` is the share with Δ <= ``eps``
+    (the paper's LLD). Responses without a token in TRL's loss mask
+    (``mask_truncated_completions``) have no ln π to compare and are left out. Added automatically
+    by ``NTHRGRPOTrainer(track_lld=True)``; pass your own instance to change ``eps``. When gradient
+    accumulation does not end with the batch, "after" also includes part of the next batch.
     """
 
     def __init__(self, eps: float = 0.0):
@@ -135,8 +206,11 @@ class LLDCallback(TrainerCallback):
     def _measure(self, trainer: NTHRGRPOTrainer, batch: _LLDBatch) -> None:
         acc = trainer.accelerator
         rows = batch.correct.nonzero().squeeze(-1)  # (n,) local correct rows
+        error = None
         if bool(batch.old_seq[rows].isnan().any()):
-            raise RuntimeError("LLDCallback: old log-probs of a generation batch were never recorded")
+            error = RuntimeError("LLDCallback: old log-probs of a generation batch were never "
+                                 "recorded")
+        _raise_on_any_process(acc, error)  # before the gather and the forward (ZeRO-3 collectives)
         # Every process runs the same number of forward calls (ZeRO-3 gathers parameters per call).
         n_max = int(acc.gather(torch.tensor([rows.numel()], device=acc.device)).max())
         if n_max == 0:
@@ -144,7 +218,8 @@ class LLDCallback(TrainerCallback):
         pad = rows.new_zeros(n_max - rows.numel())  # filler rows, ignored
         idx = torch.cat([rows, pad])
         T = batch.completion_mask.shape[1]
-        with disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        ckpt_kwargs = trainer.args.gradient_checkpointing_kwargs
+        with disable_gradient_checkpointing(trainer.model, ckpt_kwargs):
             logps, _, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, batch.input_ids[idx], batch.attention_mask[idx], T,
                 batch_size=trainer.args.per_device_train_batch_size)
@@ -160,22 +235,24 @@ class LLDCallback(TrainerCallback):
 
 
 class NTHRGRPOTrainer(GRPOTrainer):
-    """TRL's GRPOTrainer with NTHR's per-token advantages (``nthr=NTHRConfig(...)``) and LLD metrics.
+    """TRL's GRPOTrainer with NTHR's per-token advantages (``nthr=NTHRConfig(...)``), LLD metrics.
 
     Extra keyword arguments: ``nthr`` (None: plain GRPO), ``track_lld`` (add an ``LLDCallback``),
-    ``lld_eps``, ``correct_threshold`` (a response is correct when its reward exceeds it), ``correct_reward``
-    (name or index of the reward function that decides correctness; None: TRL's weighted sum),
-    ``score_dtype`` and ``chunk_size`` (passed to ``token_scores_from_hidden``), ``scores_from_logps``
-    (True: hand the pass's token log-probs to the scorer, whose "generated" vocabulary then multiplies
-    only the |V*| rows of the LM head, lse_t = z_t[y_t] - logp_t; False: full-vocabulary log-sum-exp;
-    None: True unless TRL trains in bf16/fp16, whose log-probs carry the low-precision logits' rounding),
-    ``record_nthr`` (keep the last batch's local tensors in ``self.nthr_record`` on CPU, for tests).
+    ``lld_eps``, ``correct_threshold`` (a response is correct when its reward exceeds it),
+    ``correct_reward`` (name or index of the reward function that decides correctness; None: TRL's
+    weighted sum), ``score_dtype`` and ``chunk_size`` (passed to ``group_selection``),
+    ``scores_from_logps`` (True: hand the pass's token log-probs to the scorer, whose "generated"
+    vocabulary then multiplies only the |V*| rows of the LM head, lse_t = z_t[y_t] - logp_t; False:
+    full-vocabulary log-sum-exp; None: True unless ``low_precision_logits``, since bf16/fp16
+    log-probs carry the low-precision logits' rounding), ``record_nthr`` (keep the last batch's
+    local tensors in ``self.nthr_record`` on CPU, for tests).
     """
 
-    def __init__(self, *args: Any, nthr: NTHRConfig | None = None, track_lld: bool = True, lld_eps: float = 0.0,
-                 correct_threshold: float = 0.5, correct_reward: str | int | None = None,
-                 score_dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 scores_from_logps: bool | None = None, record_nthr: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, nthr: NTHRConfig | None = None, track_lld: bool = True,
+                 lld_eps: float = 0.0, correct_threshold: float = 0.5,
+                 correct_reward: str | int | None = None, score_dtype: torch.dtype = torch.float32,
+                 chunk_size: int | None = None, scores_from_logps: bool | None = None,
+                 record_nthr: bool = False, **kwargs: Any):
         if nthr is not None and not isinstance(nthr, NTHRConfig):
             raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
         if math.isnan(float(correct_threshold)):
@@ -183,9 +260,11 @@ class NTHRGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.nthr = nthr
         self.correct_threshold = float(correct_threshold)
-        self.score_dtype, self.chunk_size, self.record_nthr = score_dtype, chunk_size, bool(record_nthr)
+        self.score_dtype, self.chunk_size = score_dtype, chunk_size
+        self.record_nthr = bool(record_nthr)
         if scores_from_logps is None:
-            scores_from_logps = not (self.args.bf16 or self.args.fp16)
+            low = low_precision_logits(self.accelerator, self.args, self._unwrapped())
+            scores_from_logps = not low
         self.scores_from_logps = bool(scores_from_logps)
         self.nthr_record: dict[str, Tensor] | None = None
         self._correct_col = self._resolve_correct_reward(correct_reward)
@@ -203,71 +282,104 @@ class NTHRGRPOTrainer(GRPOTrainer):
             cb.trainer = self
         self._track_lld = bool(callbacks)
 
-    # ---- set-up checks --------------------------------------------------------------------------
+    # ---- set-up checks -------------------------------------------------------------------------
     def _resolve_correct_reward(self, correct_reward: str | int | None) -> int | None:
         if correct_reward is None:
             return None
         names = list(self.reward_func_names)
         if isinstance(correct_reward, str):
             if correct_reward not in names:
-                raise ValueError(f"correct_reward={correct_reward!r}: not a reward function name, expected one of {names}")
+                raise ValueError(f"correct_reward={correct_reward!r}: not a reward function name, "
+                                 f"expected one of {names}")
             return names.index(correct_reward)
         if not 0 <= int(correct_reward) < len(names):
-            raise ValueError(f"correct_reward={correct_reward}: index out of range for {len(names)} reward functions")
+            raise ValueError(f"correct_reward={correct_reward}: index out of range for "
+                             f"{len(names)} reward functions")
         return int(correct_reward)
 
     def _unwrapped(self):
         model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if is_peft_model(model) else model
 
+    def _softcap(self) -> float | None:
+        """The model's final logit soft-cap c (Gemma), which NTHR's logits apply too; None if unset."""
+        cfg = self._unwrapped().config.get_text_config()
+        return getattr(cfg, "final_logit_softcapping", None) or None
+
+    def _generate_single_turn(self, *args: Any, **kwargs: Any):
+        """TRL's generation with the model's own generation_config set aside (docs/method.md §1).
+
+        TRL passes its settings (temperature, top_p, top_k, min_p, repetition_penalty) in a
+        GenerationConfig; transformers fills every field left None there from the model's own
+        ``generation_config`` (a hub model's ``typical_p``, ``no_repeat_ngram_size``, ...), which
+        would make the samples differ from what the log-probs assume. During the call the model
+        carries ``rollout.generation_config``'s neutral settings instead.
+        """
+        model = self._unwrapped()
+        own = model.generation_config
+        model.generation_config = generation_config(
+            max_new_tokens=self.max_completion_length, temperature=float(self.temperature or 1.0),
+            eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id,
+            bos_token_id=own.bos_token_id)
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            model.generation_config = own
+
     def _check_plain_lm_head(self) -> None:
         cfg = self._unwrapped().config.get_text_config()
-        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling"):
+        for name in ("logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling"):
             value = getattr(cfg, name, None)
             if value is not None and value != 1.0:
-                raise ValueError(f"NTHRGRPOTrainer: the model config sets {name}={value}; NTHR scores read the plain "
-                                 "LM head (hidden @ W.T + b) / temperature and would not match TRL's log-probs")
+                raise ValueError(f"NTHRGRPOTrainer: the model config sets {name}={value}; NTHR "
+                                 "scores read the plain LM head (hidden @ W.T + b) / temperature "
+                                 "and would not match TRL's log-probs")
 
-    # ---- interception of TRL's passes --------------------------------------------------------------
+    # ---- interception of TRL's passes ----------------------------------------------------------
     def _is_policy(self, model) -> bool:
         unwrap = self.accelerator.unwrap_model
-        return model is self.model or model is self.model_wrapped or unwrap(model) is unwrap(self.model)
+        same = model is self.model or model is self.model_wrapped
+        return same or unwrap(model) is unwrap(self.model)
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           *args, **kwargs):
         cap = self._capture
         if cap is None or not self._is_policy(model):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              *args, **kwargs)
-        self._capture = None  # exactly one pass: the next call (e.g. the PEFT reference pass) is TRL's alone
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+                                                              logits_to_keep, *args, **kwargs)
+        self._capture = None  # exactly one pass: the next call (PEFT's reference pass) is TRL's
         handle = None
         if cap.want_hidden:
             def hook(module, hook_args, output):
                 h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-                # TRL's fused head scores last_hidden_state[:, :-1] against labels[:, 1:] and keeps the last
-                # logits_to_keep positions: the states at L-1-T .. L-2 predict the T completion tokens.
+                # TRL's fused head scores last_hidden_state[:, :-1] against labels[:, 1:] and
+                # keeps the last logits_to_keep positions: states L-1-T .. L-2 predict the T
+                # completion tokens.
                 cap.chunks.append(h[:, -logits_to_keep - 1:-1].detach())
 
             handle = self._unwrapped().base_model.register_forward_hook(hook)
         try:
-            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                             *args, **kwargs)
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
+                                                             logits_to_keep, *args, **kwargs)
         finally:
             if handle is not None:
                 handle.remove()
         cap.logps = out[0].detach()
         if cap.want_hidden:
             if not cap.chunks:
-                raise RuntimeError("NTHRGRPOTrainer: the backbone forward hook did not fire during the policy pass")
-            cap.hidden = torch.cat(cap.chunks) if len(cap.chunks) > 1 else cap.chunks[0]  # (B, T, d)
+                raise RuntimeError("NTHRGRPOTrainer: the backbone forward hook did not fire "
+                                   "during the policy pass")
+            cap.hidden = torch.cat(cap.chunks)  # (B, T, d)
             cap.chunks = []
         if cap.on_done is not None:
             cap.on_done(cap)
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._rewards_per_func = rewards_per_func  # (B_global, n_funcs), gathered over processes by TRL
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # (B_global, n_funcs), gathered by TRL
         return rewards_per_func
 
     def _global_rewards(self) -> Tensor:
@@ -277,23 +389,25 @@ class NTHRGRPOTrainer(GRPOTrainer):
             return torch.nan_to_num(rpf[:, self._correct_col], nan=0.0)
         return (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
 
-    # ---- generation batch ----------------------------------------------------------------------------
+    # ---- generation batch ----------------------------------------------------------------------
     def _active(self) -> bool:
         return self.nthr is not None or self._track_lld
 
     def _generate_and_score_completions(self, inputs):
         if not (self.model.training and self._active()):
             return super()._generate_and_score_completions(inputs)
-        old_pass = trl_runs_old_pass(self.args, self.use_vllm, self.vllm_importance_sampling_correction)
+        old_pass = trl_runs_old_pass(self.args, self.use_vllm,
+                                     self.vllm_importance_sampling_correction)
         cap = _Capture(want_hidden=self.nthr is not None) if old_pass else None
         self._capture = cap
         try:
             out = super()._generate_and_score_completions(inputs)
         finally:
             self._capture = None
+        # Decided by the config alone, so every process raises here or none does.
         if old_pass != ("old_per_token_logps" in out) or (cap is not None and cap.logps is None):
-            raise RuntimeError("NTHRGRPOTrainer: TRL's old-policy pass is not where trl==1.16.0 has it; "
-                               "this integration is tested with trl==1.16.0")
+            raise RuntimeError("NTHRGRPOTrainer: TRL's old-policy pass is not where trl==1.16.0 "
+                               "has it; this integration is tested with trl==1.16.0")
         device = out["prompt_ids"].device
         b = out["prompt_ids"].shape[0]
         rows = self.accelerator.process_index * b + torch.arange(b, device=device)  # global row ids
@@ -315,22 +429,26 @@ class NTHRGRPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _extra_old_pass(self, out: dict) -> _Capture:
         """One no-grad policy pass over the local generation batch, for its hidden states."""
-        if "pixel_values" in out:
-            raise NotImplementedError("NTHRGRPOTrainer: multimodal batches need TRL's old-policy pass; set "
-                                      "steps_per_generation=1 or gradient_accumulation_steps so that TRL runs it")
+        if "pixel_values" in out:  # the same on every process (a multimodal model's batches)
+            raise NotImplementedError("NTHRGRPOTrainer: multimodal batches need TRL's "
+                                      "old-policy pass; set steps_per_generation=1 or "
+                                      "gradient_accumulation_steps so that TRL runs it")
         cap = self._capture = _Capture(want_hidden=True)
         input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
         attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
         try:
-            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask,
-                                                        out["completion_ids"].shape[1],
-                                                        batch_size=self.args.per_device_train_batch_size)
+            with disable_gradient_checkpointing(self.model,
+                                                self.args.gradient_checkpointing_kwargs):
+                self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, out["completion_ids"].shape[1],
+                    batch_size=self.args.per_device_train_batch_size)
         finally:
             self._capture = None
         return cap
 
     def _loss_mask(self, batch: dict) -> Tensor:
+        """(b, T) TRL's loss mask: completion_mask (zero rows when truncated completions are masked)
+        times tool_mask."""
         mask = batch["completion_mask"]
         return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
 
@@ -341,22 +459,24 @@ class NTHRGRPOTrainer(GRPOTrainer):
         old_seq = torch.full((mask.shape[0],), math.nan, device=mask.device)
         if old_logps is not None:
             old_seq = (old_logps.float() * mask).sum(-1)
+        # A response TRL masks out whole has ln π = 0 before and after: no displacement to measure.
+        correct = (out[_REWARD] > self.correct_threshold) & mask.bool().any(-1)  # (b,)
         generate_every = self.args.steps_per_generation * self.num_iterations
         self._lld_pending.append(_LLDBatch(
             batch_id=self._batch_counter, end_step=self._step + generate_every,
             input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
             attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
-            completion_mask=mask, correct=out[_REWARD] > self.correct_threshold, old_seq=old_seq))
+            completion_mask=mask, correct=correct, old_seq=old_seq))
 
-    # ---- the loss -----------------------------------------------------------------------------------------
+    # ---- the loss --------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         if self.model.training and _BATCH in inputs:
             fused = bool(inputs[_FUSED])
             lld = next((b for b in self._lld_pending if b.batch_id == int(inputs[_BATCH])), None)
             lld_missing = lld is not None and bool(lld.old_seq.isnan().any())
             if fused or lld_missing:
-                # The policy has not moved since generation here (TRL skipped the old pass), so the training
-                # forward is the old policy's pass: read it, then let TRL compute its loss.
+                # The policy has not moved since generation here (TRL skipped the old pass), so the
+                # training forward is the old policy's pass: read it, then let TRL compute its loss.
                 def on_done(cap: _Capture) -> None:
                     if lld_missing:
                         offset = self.accelerator.process_index * lld.old_seq.numel()
@@ -364,7 +484,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
                         lld.old_seq[inputs[_ROW] - offset] = seq
                     if fused:
                         with torch.no_grad():
-                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden, cap.logps)
+                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden,
+                                                                         cap.logps)
                         inputs[_FUSED] = torch.tensor(False, device=inputs[_FUSED].device)
 
                 self._capture = _Capture(want_hidden=fused, on_done=on_done)
@@ -373,89 +494,124 @@ class NTHRGRPOTrainer(GRPOTrainer):
         finally:
             self._capture = None
 
-    # ---- NTHR on a generation batch ---------------------------------------------------------------------
+    # ---- NTHR on a generation batch --------------------------------------------------------------
+    def _local_error(self, rows: Tensor, seq_adv: Tensor, hidden: Tensor, logps: Tensor, T: int,
+                     gathered: bool) -> Exception | None:
+        """What is wrong with this process's part of the batch (None: nothing), collective-free."""
+        b = rows.numel()
+        if tuple(seq_adv.shape) != (b,) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, T) \
+                or tuple(logps.shape) != (b, T):
+            return ValueError(f"NTHR expects (b,) sequence advantages, (b, T, d) hidden states and "
+                              f"(b, T) log-probs with (b, T) = {(b, T)}, got {tuple(seq_adv.shape)}"
+                              f", {tuple(hidden.shape)} and {tuple(logps.shape)}")
+        base, G = int(rows.min()), self.num_generations
+        if not gathered and (base % G or not torch.equal(rows.sort().values - base,
+                                                         torch.arange(b, device=rows.device))):
+            return RuntimeError(f"NTHR: local rows {rows.tolist()} do not hold whole groups of {G}")
+        return None
+
     @torch.no_grad()
     def _nthr_advantages(self, batch: dict, hidden: Tensor, logps: Tensor) -> Tensor:
-        """(b, T) advantages of the local rows: eta·A on selected tokens, TRL's A elsewhere (METHOD §3)."""
-        acc, G, cfg = self.accelerator, self.num_generations, self.nthr
+        """(b, T) advantages: eta·A on selected tokens of responses with A < 0, A elsewhere."""
+        acc, G = self.accelerator, self.num_generations
         rows, rewards, seq_adv = batch[_ROW], batch[_REWARD], batch[_SEQ_ADV]  # (b,) each
         ids, mask = batch["completion_ids"], self._loss_mask(batch).long()  # (b, T)
         b, T = ids.shape
-        if seq_adv.dim() != 1 or hidden.shape[:2] != (b, T):
-            raise ValueError(f"NTHR expects (b,) sequence advantages and (b, T, d) hidden states with (b, T) = "
-                             f"{(b, T)}, got {tuple(seq_adv.shape)} and {tuple(hidden.shape)}")
-        if acc.num_processes > 1 and b % G != 0:
-            # Groups straddle processes: gather the whole generation batch (widths padded to the largest).
+        gathered = acc.num_processes > 1 and b % G != 0  # groups straddle processes
+        _raise_on_any_process(acc, self._local_error(rows, seq_adv, hidden, logps, T, gathered))
+        if gathered:
+            # The whole generation batch on every process, in row order (widths padded).
             pad_id = self._tokenizer.pad_token_id or 0
             all_rows = acc.gather(rows)
             order = all_rows.argsort()
-            all_h = acc.gather(acc.pad_across_processes(hidden, dim=1))[order]
-            all_ids = acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))[order]
-            all_mask = acc.gather(acc.pad_across_processes(mask, dim=1))[order]
-            all_logps = acc.gather(acc.pad_across_processes(logps.float(), dim=1))[order]
-            all_rewards = acc.gather(rewards)[order]
-            if not torch.equal(all_rows[order], torch.arange(all_rows.numel(), device=rows.device)):
-                raise RuntimeError("NTHR: the gathered rows are not the whole generation batch 0..N-1")
+            group = {"hidden": acc.gather(acc.pad_across_processes(hidden, dim=1))[order],
+                     "ids": acc.gather(acc.pad_across_processes(ids, dim=1,
+                                                                pad_index=pad_id))[order],
+                     "mask": acc.gather(acc.pad_across_processes(mask, dim=1))[order],
+                     "logps": acc.gather(acc.pad_across_processes(logps.float(), dim=1))[order],
+                     "rewards": acc.gather(rewards)[order], "adv": acc.gather(seq_adv)[order]}
             base = 0
         else:
             order = rows.argsort()
-            all_h, all_ids, all_mask, all_rewards = hidden[order], ids[order], mask[order], rewards[order]
-            all_logps = logps.float()[order]
+            group = {"hidden": hidden[order], "ids": ids[order], "mask": mask[order],
+                     "logps": logps.float()[order], "rewards": rewards[order],
+                     "adv": seq_adv[order]}
             base = int(rows.min())
-            if base % G or not torch.equal(rows[order] - base, torch.arange(b, device=rows.device)):
-                raise RuntimeError("NTHR: local rows do not hold whole groups")
+        try:
+            if gathered and not torch.equal(all_rows[order], torch.arange(all_rows.numel(),
+                                                                          device=rows.device)):
+                raise RuntimeError("NTHR: the gathered rows are not the whole generation batch "
+                                   "0..N-1")
+            selected, eta, sums, scored = self._select(rows, base, group, T)
+            error = None
+        except Exception as err:  # raised on every process below, before the metrics' all-reduce
+            error = err
+        _raise_on_any_process(acc, error)
+        token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
+        token_adv = reweight_advantages(token_adv, selected, eta)  # eta·A on selected tokens
+        self._log_nthr(sums)
+        if self.record_nthr:
+            self.nthr_record = {
+                "rows": rows.cpu(), "prompt_ids": batch["prompt_ids"].cpu(),
+                "prompt_mask": batch["prompt_mask"].cpu(), "completion_ids": ids.cpu(),
+                "completion_mask": mask.cpu(), "rewards": rewards.cpu(),
+                "seq_advantages": seq_adv.cpu(), "advantages": token_adv.cpu(),
+                "selected": selected.cpu(), "hidden": hidden.float().cpu(),
+                "groups_scored": torch.tensor(scored, dtype=torch.long),
+            }
+        return token_adv
 
+    def _select(self, rows: Tensor, base: int, group: dict,
+                T: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """NTHR on the groups that touch the local rows (``group`` holds rows base, base+1, ...).
+
+        Returns the (b, T) selected local tokens, the (b,) eta of each local row, the metric sums
+        and the groups scored.
+        """
+        G, cfg, b = self.num_generations, self.nthr, rows.numel()
         head = self._unwrapped().get_output_embeddings()
-        local = set(rows.tolist())
-        no_autocast = torch.autocast(device_type=ids.device.type, enabled=False)  # scores in score_dtype
+        local = rows.tolist()
+        # scores in score_dtype, whatever autocast the trainer runs under
+        no_autocast = torch.autocast(device_type=rows.device.type, enabled=False)
         selections: dict[int, tuple[Tensor, float]] = {}
-        sums = torch.zeros(6, dtype=torch.float64)  # n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed
+        # n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed
+        sums = torch.zeros(6, dtype=torch.float64)
         with no_autocast, maybe_gather_lm_head_ctx(head.weight, head.bias):
             weight, bias = head.weight, head.bias
             if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
                 weight = weight.full_tensor()
                 bias = None if bias is None else bias.full_tensor()
-            for g in sorted({int(r) // G for r in rows.tolist()}):
+            for g in sorted({r // G for r in local}):
                 sl = slice(g * G - base, (g + 1) * G - base)
-                correct = all_rewards[sl] > self.correct_threshold  # (G,)
+                correct = group["rewards"][sl] > self.correct_threshold  # (G,)
                 n_pos = int(correct.sum())
                 if n_pos in (0, G):
                     continue  # homogeneous group: untouched
-                m = all_mask[sl].bool()  # (G, T')
-                out = token_scores_from_hidden(
-                    all_h[sl], weight.detach(), all_ids[sl], m, correct, temperature=self.temperature,
-                    lm_head_bias=None if bias is None else bias.detach(), vocab=cfg.vocab, dtype=self.score_dtype,
-                    chunk_size=self.chunk_size, return_self_pairs=cfg.exclude_self,
-                    logps=all_logps[sl] if self.scores_from_logps else None)
-                scores, self_pairs = out if cfg.exclude_self else (out, None)
-                tau = threshold(scores, m, correct, cfg.beta, self_pairs=self_pairs)
-                neg = (~correct)[:, None] & m  # (G, T') incorrect-response tokens
-                selected = neg & (scores > tau)
+                m = group["mask"][sl].bool()  # (G, T')
+                scores, tau, chosen = group_selection(
+                    group["hidden"][sl], weight.detach(), group["ids"][sl], m, correct, cfg,
+                    temperature=self.temperature,
+                    lm_head_bias=None if bias is None else bias.detach(),
+                    logps=group["logps"][sl] if self.scores_from_logps else None,
+                    softcap=self._softcap(), dtype=self.score_dtype, chunk_size=self.chunk_size)
+                # eta·A dampens the push-down of incorrect responses: never rescale an A >= 0
+                chosen = chosen & (group["adv"][sl] < 0)[:, None]  # (G, T')
                 eta = float(eta_for(n_pos / G, cfg.eta))
-                selections[g] = (selected, eta)
+                selections[g] = (chosen, eta)
                 if g * G in local:  # count each group once, on the process holding its first row
-                    sums += torch.tensor([float(selected.sum()), float(neg.sum()), tau, eta,
+                    neg = (~correct)[:, None] & m  # (G, T') incorrect tokens inside TRL's loss mask
+                    sums += torch.tensor([float(chosen.sum()), float(neg.sum()), tau, eta,
                                           float(scores[neg].sum()), 1.0], dtype=torch.float64)
-
-        token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
-        selected_local = torch.zeros(b, T, dtype=torch.bool, device=ids.device)
-        for i, r in enumerate(rows.tolist()):
+        selected = torch.zeros(b, T, dtype=torch.bool, device=rows.device)
+        eta_rows = torch.ones(b, device=rows.device)  # (b,) eta of each local row's group
+        for i, r in enumerate(local):
             if r // G in selections:
-                selected, eta = selections[r // G]
-                sel = selected[r % G]
-                if bool(sel[T:].any()):
-                    raise RuntimeError("NTHR: a token beyond the local completion width was selected")
-                selected_local[i] = sel[:T]
-                token_adv[i] = torch.where(sel[:T], eta * seq_adv[i], seq_adv[i])
-        self._log_nthr(sums)
-        if self.record_nthr:
-            self.nthr_record = {
-                "rows": rows.cpu(), "prompt_ids": batch["prompt_ids"].cpu(), "prompt_mask": batch["prompt_mask"].cpu(),
-                "completion_ids": ids.cpu(), "completion_mask": mask.cpu(), "rewards": rewards.cpu(),
-                "seq_advantages": seq_adv.cpu(), "advantages": token_adv.cpu(), "selected": selected_local.cpu(),
-                "hidden": hidden.float().cpu(), "groups_scored": torch.tensor(sorted(selections), dtype=torch.long),
-            }
-        return token_adv
+                chosen, eta_rows[i] = selections[r // G]
+                if bool(chosen[r % G, T:].any()):
+                    raise RuntimeError("NTHR: a token beyond the local completion width was "
+                                       "selected")
+                selected[i] = chosen[r % G, :T]
+        return selected, eta_rows, sums, sorted(selections)
 
     def _log_nthr(self, sums: Tensor) -> None:
         acc = self.accelerator
@@ -469,22 +625,23 @@ class NTHRGRPOTrainer(GRPOTrainer):
         metrics["nthr/mixed_groups"].append(n_mixed)
 
 
-# ---- data and reward in TRL's shapes (notebook 07, scripts/train_trl.py) ---------------------------------
+# ---- data and reward in TRL's shapes (notebook 07, scripts/train_trl.py) -------------------------
 def prompt_dataset(problems: list[dict], tokenizer, template: str):
-    """A ``datasets.Dataset`` for TRL: ``prompt`` (chat-templated by ``data.build_prompt``) and ``answer``."""
+    """A ``datasets.Dataset`` for TRL: ``prompt`` (``data.build_prompt``) and ``answer`` (nb 07)."""
     from datasets import Dataset
 
     from nthr_book.data import build_prompt
 
-    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, p["problem"], template) for p in problems],
+    prompts = [build_prompt(tokenizer, p["problem"], template) for p in problems]
+    return Dataset.from_dict({"prompt": prompts,
                               "answer": [str(p["answer"]) for p in problems]})
 
 
 def math_answer_reward(completions, answer, *, require_boxed: bool = True, **kwargs) -> list[float]:
     """A TRL reward function: nthr_book's math reward against the dataset's ``answer`` column.
 
-    TRL passes the completions (strings, or message lists for conversational prompts: the last message is
-    graded) and the dataset's other columns as keywords.
+    TRL passes the completions (strings, or message lists for conversational prompts: the last
+    message is graded) and the dataset's other columns as keywords.
     """
     from nthr_book.rewards import math_rewards
 
