@@ -1,7 +1,7 @@
 """Benchmarks, the MATH training split, a synthetic arithmetic task and prompts (arXiv 2505.18830).
 
 The paper trains on MATH levels 3-5 and evaluates on AIME24, AMC23, MATH500, Minerva Math and
-OlympiadBench (METHOD.md §1); GSM8K is added as an easier yardstick. Every benchmark loads as a
+OlympiadBench; GSM8K is added as an easier yardstick. Every benchmark loads as a
 ``datasets.Dataset`` with string columns ``id``, ``problem`` and ``answer`` (plus ``level``, ``subject``,
 ``unique_id`` and the like where the source has them), whatever the source's field names and answer
 formats are.
@@ -14,7 +14,7 @@ Where the files come from, first hit wins (see ``data/README.md``):
 
 The embedded SmolLM2-135M cannot solve any of these, so the fast runs use :func:`arithmetic_problems`,
 a synthetic family with difficulty knobs whose defaults put the embedded model's per-question success
-rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 01).
+rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 00).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class DataNotAvailableError(FileNotFoundError):
 # The instruction used by the paper (Qwen2.5-Math's evaluation prompt).
 BOXED_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 # Tuned for the embedded SmolLM2-135M on arithmetic_problems (bench/arithmetic_difficulty.py). Asked
-# for \boxed{} in words only, the 135M model boxes almost nothing (METHOD.md §5); shown two solved
+# for \boxed{} in words only, the 135M model boxes almost nothing; shown two solved
 # questions as earlier chat turns (ARITHMETIC_EXAMPLES), it boxes every answer, stops after one line,
 # and its wrong answers differ from the right ones in the number only ("7 * 3 = 18. The answer is
 # \boxed{18}."): the near-miss negatives under which LLD shows.
@@ -144,7 +144,7 @@ def _check_examples(examples: object) -> tuple[tuple[str, str], ...]:
 
 def build_prompt(tokenizer, problem: str, template: str = "boxed", *,
                  examples: Sequence[tuple[str, str]] | None = None) -> str:
-    """The model's chat-formatted prompt asking for ``problem`` with ``template``'s instruction (notebook 01).
+    """The chat-formatted prompt asking ``problem`` with ``template``'s instruction (notebook 00).
 
     ``template`` is a key of ``PROMPT_TEMPLATES`` ("boxed": the paper's Qwen-math instruction,
     "arithmetic": the one tuned for the embedded model, "plain": the bare problem) or a custom string
@@ -458,7 +458,7 @@ def _describe(dirs: list[tuple[str, Path]], file_name: str) -> str:
 
 
 def load_benchmark(name: str, data_dir: str | Path | None = None):
-    """A benchmark as a ``datasets.Dataset`` with string ``id``, ``problem``, ``answer`` (notebook 07).
+    """A benchmark as a ``datasets.Dataset``, string ``id``, ``problem``, ``answer`` (nb 00, 06).
 
     ``name`` is one of ``BENCHMARKS``. Answers are normalised to strings the graders accept: AIME's
     zero padding kept ("023"), AMC floats as integers ("27"), Minerva's last ``\\boxed{}`` of the
@@ -476,7 +476,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None):
 
 
 def load_math_train(levels: Sequence[int] = (3, 4, 5), data_dir: str | Path | None = None):
-    """The MATH train split restricted to ``levels`` (the paper's training data; notebook 08).
+    """The MATH train split restricted to ``levels``: the paper's training data (nb 05, full run).
 
     A local ``math_train.jsonl`` (MATH records: problem, solution, level, type) in the benchmark search
     folders wins; otherwise the seven subject configs of ``EleutherAI/hendrycks_math`` are fetched from
@@ -568,7 +568,7 @@ def arithmetic_problems(
     allow_negative: bool = False,
     split: str | None = None,
 ) -> list[dict]:
-    """``n`` synthetic arithmetic questions with exact integer answers (notebook 01).
+    """``n`` synthetic arithmetic questions with exact integer answers (notebook 00).
 
     Knobs (the defaults are tuned for the embedded SmolLM2-135M; see ``bench/arithmetic_difficulty.py``):
 

@@ -1,4 +1,4 @@
-"""Safe binary math-answer rewards on math-verify (the reward ``r_i`` of arXiv 2505.18830, METHOD.md §1).
+"""Safe binary math-answer rewards on math-verify (the reward ``r_i`` of arXiv 2505.18830).
 
 ``r_i = 1`` when the final answer of completion ``i`` (the last ``\\boxed{...}``) is equivalent to the
 gold answer, else ``0``. The model's text is untrusted, so the reward is built to stay correct and
@@ -590,7 +590,7 @@ def _prepare(completion: str, gold: str, require_boxed: bool) -> float | list[st
 
 
 def math_reward(completion: str, gold: str, *, require_boxed: bool = True, timeout_s: float = 5.0) -> float:
-    """1.0 when the completion's final (boxed) answer is equivalent to ``gold``, else 0.0 (notebook 01)."""
+    """1.0 when the completion's final (boxed) answer equals ``gold`` as maths, else 0.0 (nb 00)."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
     if not isinstance(gold, str):

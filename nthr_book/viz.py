@@ -196,7 +196,7 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 
 def tokens_for_display(tokenizer, ids: Sequence[int] | Tensor, *, window: int = 8) -> list[str]:
-    """One surface string per token id: the text each token adds to the decoded response.
+    """One surface string per token id: the text each token adds to the decoded response (nb 03).
 
     A piece is the difference between decoding the ``window`` ids before a token with and without
     it, so leading spaces survive for byte-level and SentencePiece tokenizers alike, and a character
@@ -342,7 +342,7 @@ def render_group_html(tokens_incorrect: Sequence[Sequence[str]], scores_incorrec
                       selected_incorrect: Sequence[Any] | None = None, tau: float | None = None, *,
                       selected_correct: Sequence[Any] | None = None, title: str | None = None,
                       scale: float | None = None) -> str:
-    """Incorrect (left) and correct (right) responses of one group on one colour scale (the paper's Figure 3).
+    """A group's incorrect (left) and correct (right) responses on one colour scale (Fig. 3; nb 03).
 
     The header shows τ, the response counts and how many incorrect tokens are selected. Each list
     holds one entry per response: token strings, scores (sequence or 1-D tensor), selected masks.
@@ -404,7 +404,7 @@ def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor 
                          tokens_incorrect: Sequence[str] | None = None, tokens_correct: Sequence[str] | None = None,
                          ax: Axes | None = None, *, matrix: Tensor | np.ndarray | None = None, max_tokens: int = 40,
                          cmap: str = "RdBu_r", title: str | None = None, save: str | Path | None = None) -> Axes:
-    """Heatmap of <g_t,g_k><h_t,h_k>, incorrect tokens as rows and correct tokens as columns.
+    """Heatmap of <g_t,g_k><h_t,h_k>: incorrect tokens as rows, correct ones as columns (nb 03).
 
     Give ``g``/``h`` of both responses, or a precomputed ``matrix`` (Ta, Tb). Only the first
     ``max_tokens`` rows and columns are drawn; the colour map is centred at 0 (red: the pair pushes
@@ -446,7 +446,7 @@ def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor 
 def plot_score_histogram(scores: Tensor | np.ndarray, mask: Tensor | np.ndarray, correct: Tensor | np.ndarray,
                          tau: float | None = None, ax: Axes | None = None, *, bins: int | Sequence[float] = 40,
                          density: bool = False, title: str | None = None, save: str | Path | None = None) -> Axes:
-    """Histograms of the token scores of incorrect and correct responses of a group, τ as a line.
+    """Histograms of a group's incorrect and correct token scores, τ as a vertical line (nb 03).
 
     ``scores`` and ``mask`` are (G, T), ``correct`` (G,) bool or 0/1. Both histograms share bin edges
     (``ax.containers[0]`` incorrect, ``[1]`` correct). A finite ``tau`` draws a vertical line and
@@ -519,7 +519,7 @@ def _run_identity(run_dir: Path) -> tuple[str | None, int | None]:
 
 
 def load_metrics(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Concatenate each run's metrics.csv with ``method``, ``seed`` and ``run`` columns (notebook 05).
+    """Concatenate each run's metrics.csv with ``method``, ``seed`` and ``run`` columns (nb 01, 05).
 
     method and seed come from the run's config.json ({"method": ..., "seed": ...}, at the top or
     under "config" as ``nthr_book.trainer`` writes it) or else from the path pattern
@@ -563,7 +563,7 @@ def plot_training_curves(df: pd.DataFrame,
                          *, hue: str | None = "method", seed_col: str | None = "seed", step_col: str = "step",
                          band: str | None = "sd", axes: Sequence[Axes] | np.ndarray | None = None,
                          ncols: int = 3, save: str | Path | None = None) -> np.ndarray:
-    """One panel per metric: the mean over seeds per step as a line and a band, one colour per ``hue`` (notebook 05).
+    """One panel per metric: mean over seeds per step and a band, a colour per ``hue`` (nb 01, 05).
 
     Each run is first averaged per step (rows repeated after a resume count once), then
     ``band="sd"`` shades mean ± sd over seeds (none with a single seed), ``"minmax"`` the range over
@@ -633,7 +633,7 @@ def plot_training_curves(df: pd.DataFrame,
 
 def plot_benchmark_table(df: pd.DataFrame, ax: Axes | None = None, *, hue: str = "method", title: str | None = None,
                          save: str | Path | None = None) -> Axes:
-    """Grouped bars of accuracy with 95% interval error bars, benchmarks on x and one bar per method (notebook 07).
+    """Bars of accuracy with 95% interval error bars, benchmarks on x, a bar per method (nb 05, 06).
 
     Columns ``benchmark``, ``method``, ``accuracy``, ``ci_low``, ``ci_high``; rows of
     ``EvalResult.as_row()`` (``label``, ``accuracy_pct``, ``ci_low_pct``, ``ci_high_pct``) work too.

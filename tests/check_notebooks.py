@@ -1,15 +1,106 @@
-"""Lint the notebook series: committed without outputs, the shared skeleton, and thin (library-backed).
+"""Lint the notebook series: no outputs committed, the shared skeleton, machine-independent checks.
 
-Run by ``make lint`` (part of ``make test``); exits non-zero with one line per problem.
+Run by ``make lint`` (part of ``make test``); exits non-zero with one line per problem. A check is
+machine-independent when its tolerance is derived (from a dtype's eps and the number of summed
+terms; never a bare number such as ``atol=1e-4``, never a library default) and when an ``assert``
+orders measured medians, means or Δ's only with a stated margin (a ``# margin: ...`` comment); the
+rest is printed, not asserted.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 from pathlib import Path
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+CLOSE_CALLS = {"assert_close", "allclose", "assert_allclose", "isclose"}
+TOLERANCES = ("rtol", "atol")
+ORDER = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+MEASURED = re.compile(r"median|\bmean\b|delta|Δ")
+DERIVE = "derive it from the dtype's eps and the number of terms, with a comment"
+
+
+def _number(node: ast.AST) -> float | None:
+    """The value of a numeric literal (``1e-4``, ``-0.5``), else None."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _number(node.operand)
+        return None if value is None else -value
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    return None
+
+
+def _call_name(node: ast.Call) -> str:
+    return node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+
+
+def _top_compares(test: ast.AST) -> list[ast.Compare]:
+    """What an assert states: ``a < b``, ``a < b and c``, ``not a < b``, ``(a < b).all()``."""
+    if isinstance(test, ast.Compare):
+        return [test]
+    if isinstance(test, ast.BoolOp):
+        return [c for value in test.values for c in _top_compares(value)]
+    if isinstance(test, ast.UnaryOp):
+        return _top_compares(test.operand)
+    if isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute) \
+            and test.func.attr in ("all", "any"):
+        return _top_compares(test.func.value)
+    return []
+
+
+def _tolerance_problems(node: ast.Call) -> list[str]:
+    """assert_close / allclose with a default tolerance or a bare-number one."""
+    name, given = _call_name(node), {k.arg: k.value for k in node.keywords}
+    missing = [t for t in TOLERANCES if t not in given]
+    out = [f"line {node.lineno}: {name} without {'/'.join(missing)} uses a default tolerance; "
+           + DERIVE] if missing else []
+    for tol in TOLERANCES:
+        value = _number(given[tol]) if tol in given else None
+        if value:  # 0 means exact, which needs no derivation; any other literal is a guess
+            out.append(f"line {node.lineno}: {tol}={value:g} is a bare number; {DERIVE}")
+    return out
+
+
+def _assert_problems(node: ast.Assert, lines: list[str]) -> list[str]:
+    """An ordering with a bare slack, or one of measured values without a stated margin."""
+    if not any(isinstance(op, ORDER) for c in _top_compares(node.test) for op in c.ops):
+        return []
+    out = []
+    slack = [v for n in ast.walk(node.test) if (v := _number(n)) and abs(v) < 1e-3]
+    if slack:
+        out.append(f"line {node.lineno}: an ordering with a bare slack of {slack[0]:g}; {DERIVE}")
+    said = "\n".join(lines[max(node.lineno - 2, 0):node.end_lineno])  # the assert, the line above
+    test = ast.unparse(node.test)
+    if MEASURED.search(test) and "margin" not in said:
+        out.append(f"line {node.lineno}: an assert orders measured values ({test[:60]}); assert "
+                   "only what holds with a wide margin on any CPU (say so in a '# margin:' "
+                   "comment) and print the rest")
+    return out
+
+
+def check_problems(source: str) -> list[str]:
+    """Machine-dependent checks of one code cell: bare or default tolerances, unmargined orders."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython syntax (magics): not ours to lint here
+        return []
+    lines = source.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _call_name(node) in CLOSE_CALLS:
+            out += _tolerance_problems(node)
+        if isinstance(node, ast.Compare) and any(isinstance(op, ORDER) for op in node.ops):
+            sides = [node.left, *node.comparators]
+            has_abs = any(isinstance(x, ast.Call) and _call_name(x) == "abs" for x in sides)
+            if has_abs and any(0 < abs(_number(x) or 0) < 1 for x in sides):
+                out.append(f"line {node.lineno}: abs(...) compared with a bare number; {DERIVE} "
+                           "(or compare exactly when both sides compute the same thing)")
+        if isinstance(node, ast.Assert):
+            out += _assert_problems(node, lines)
+    return out
 
 
 def problems(path: Path) -> list[str]:
@@ -25,6 +116,7 @@ def problems(path: Path) -> list[str]:
             out.append(f"{path.name}: code cell {i} has outputs (commit notebooks without outputs: nbstripout)")
         if cell.get("execution_count") is not None:
             out.append(f"{path.name}: code cell {i} has an execution count")
+        out += [f"{path.name}: code cell {i}, {p}" for p in check_problems("".join(cell["source"]))]
     if not code or "env.report()" not in "".join(code[0]["source"]):
         out.append(f"{path.name}: the first code cell must call nthr_book.env.report()")
     if not any("config.fast_mode()" in "".join(c["source"]) and "mode_name()" in "".join(c["source"]) for c in code):
@@ -43,7 +135,8 @@ def main() -> int:
         print(f"no notebooks found in {NOTEBOOKS}")
         return 1
     found = [p for path in paths for p in problems(path)]
-    print("\n".join(found) if found else f"{len(paths)} notebooks: no outputs, skeleton ok")
+    ok = f"{len(paths)} notebooks: no outputs, skeleton and checks ok"
+    print("\n".join(found) if found else ok)
     return 1 if found else 0
 
 

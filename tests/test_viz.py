@@ -22,6 +22,11 @@ from nthr_book import viz  # noqa: E402
 
 torch.set_num_threads(1)
 
+EPS64, EPS32 = np.finfo(np.float64).eps, np.finfo(np.float32).eps
+# data-score attributes are written with 6 significant digits: half a unit in the 6th digit,
+# relatively
+SCORE_RTOL = 0.5e-5
+
 
 @pytest.fixture(autouse=True)
 def _no_show_and_close(monkeypatch):
@@ -60,14 +65,14 @@ def test_plot_displacement_bars_sorted_by_grpo():
     assert len(ax.containers) == 3
     for container, m in zip(ax.containers, ("grpo", "pos_only", "nthr")):
         expected = [df[(df.id == q) & (df.method == m)].delta.item() for q in order]
-        np.testing.assert_allclose(_heights(container), expected)
+        np.testing.assert_array_equal(_heights(container), expected)  # the data, not a computation
     assert [t.get_text() for t in ax.get_xticklabels()] == order
     # bars of the same question sit side by side, methods left to right
     xs = np.array([[p.get_x() for p in c.patches] for c in ax.containers])
     assert (np.diff(xs, axis=0) > 0).all()
     assert ax.get_ylabel() == "Δ ln π(y+|x)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "Pos Only", "GRPO + NTHR"]
-    assert any(np.allclose(line.get_ydata(), 0.0) for line in ax.lines)  # the zero line
+    assert any(np.array_equal(line.get_ydata(), [0.0, 0.0]) for line in ax.lines)  # the zero line
 
 
 def test_plot_displacement_sort_by_other_method_and_missing_bar():
@@ -76,8 +81,8 @@ def test_plot_displacement_sort_by_other_method_and_missing_bar():
     ax = viz.plot_displacement(df, sort_by="pos_only")
     order = ["q3", "q1", "q0", "q2"]  # ascending Pos Only Δ
     assert [t.get_text() for t in ax.get_xticklabels()] == order
-    np.testing.assert_allclose(_heights(ax.containers[0]), [0.0, -0.2, 0.3, np.nan])
-    np.testing.assert_allclose(_heights(ax.containers[1]), [0.02, 0.10, 0.35, 0.50])
+    np.testing.assert_array_equal(_heights(ax.containers[0]), [0.0, -0.2, 0.3, np.nan])
+    np.testing.assert_array_equal(_heights(ax.containers[1]), [0.02, 0.10, 0.35, 0.50])
 
 
 def test_plot_displacement_errors_name_the_problem():
@@ -114,7 +119,8 @@ def test_render_token_scores_html_counts_scores_and_escaping():
     assert sum(cls.endswith("nthr-selected") for cls, _, _ in spans) == int(selected.sum())
     assert out.count("nthr-selected") == int(selected.sum())
     assert [cls.endswith("nthr-selected") for cls, _, _ in spans] == selected.tolist()
-    np.testing.assert_allclose([float(s) for _, s, _ in spans], scores.numpy(), rtol=1e-6)
+    drawn = [float(s) for _, s, _ in spans]
+    np.testing.assert_allclose(drawn, scores.numpy(), rtol=SCORE_RTOL, atol=0.0)
     assert "<script>" not in out and "</script>" not in out and "<b>resp</b>" not in out
     assert "&lt;script&gt;" in out and "&lt;b&gt;resp&lt;/b&gt;" in out
     assert "↵" in out and "&amp;" in out
@@ -165,7 +171,8 @@ def test_render_group_html_header_and_counts():
     assert "3 of 6 incorrect tokens selected (50.0%)" in out
     assert "&lt;x&gt;" in out and "<x>" not in out
     # incorrect column first, then correct; one colour scale over the group
-    np.testing.assert_allclose([float(s) for _, s, _ in spans], [0.1, 0.9, 0.8, -0.3, 0.4, -1.0, 0.5, 0.6, 0.7, 0.2])
+    expected = [0.1, 0.9, 0.8, -0.3, 0.4, -1.0, 0.5, 0.6, 0.7, 0.2]
+    np.testing.assert_allclose([float(s) for _, s, _ in spans], expected, rtol=SCORE_RTOL, atol=0.0)
     assert out.index("Incorrect") < out.index("Correct")
     with pytest.raises(ValueError, match="selected_incorrect"):
         viz.render_group_html(tok_neg, sc_neg, tok_pos, sc_pos, sel_neg[:1], tau=0.3)
@@ -220,7 +227,14 @@ def test_token_influence_matrix_matches_loop():
             expected[t, k] = float(g_a[t].double() @ g_b[k].double()) * float(h_a[t].double() @ h_b[k].double())
     out = viz.token_influence_matrix(g_a, h_a, g_b, h_b)
     assert out.shape == (3, 4) and out.dtype == torch.float32
-    assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    # float32 rounding bound: a 7-term and a 5-term dot product and their product, (7 + 5 + 1)·eps
+    # at the
+    # scale of the absolute terms
+    g_a64, h_a64, g_b64, h_b64 = (x.double() for x in (g_a, h_a, g_b, h_b))
+    scale = (g_a64.abs() @ g_b64.abs().T) * (h_a64.abs() @ h_b64.abs().T)
+    assert ((out.double() - expected).abs() <= (7 + 5 + 1) * EPS32 * scale).all()
+    out64 = viz.token_influence_matrix(g_a64, h_a64, g_b64, h_b64)
+    assert_close(out64, expected, rtol=0.0, atol=(7 + 5 + 1) * EPS64 * scale.max().item())
     assert viz.token_influence_matrix(g_a.double(), h_a, g_b, h_b).dtype == torch.float64
     with pytest.raises(ValueError, match="one row per token"):
         viz.token_influence_matrix(g_a, h_a[:2], g_b, h_b)
@@ -236,7 +250,8 @@ def test_plot_token_influence_heatmap_data_and_labels():
     tok_p = ["w", "x", "y", "z"]
     ax = viz.plot_token_influence(g_n, h_n, g_p, h_p, tok_n, tok_p, max_tokens=3)
     drawn = np.asarray(ax.collections[0].get_array()).reshape(3, 3)
-    np.testing.assert_allclose(drawn, viz.token_influence_matrix(g_n, h_n, g_p, h_p)[:3, :3].numpy(), rtol=1e-6)
+    matrix = viz.token_influence_matrix(g_n, h_n, g_p, h_p)
+    np.testing.assert_array_equal(drawn, matrix[:3, :3].numpy())
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "·b", "↵"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["w", "x", "y"]
 
@@ -247,7 +262,7 @@ def test_plot_token_influence_precomputed_matrix_and_given_axes():
     before = plt.get_fignums()
     out = viz.plot_token_influence(matrix=m, tokens_incorrect=["a", "b", "c"], tokens_correct=list("wxyz"), ax=ax)
     assert out is ax and plt.get_fignums() == before
-    np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(3, 4), m)
+    np.testing.assert_array_equal(np.asarray(ax.collections[0].get_array()).reshape(3, 4), m)
     with pytest.raises(ValueError, match="tokens_correct"):
         viz.plot_token_influence(matrix=m, tokens_correct=["w"], ax=ax)
     with pytest.raises(ValueError, match="matrix"):
@@ -269,7 +284,7 @@ def test_plot_score_histogram_counts_and_tau_line():
     np.testing.assert_array_equal(_heights(ax.containers[0]), np.histogram(neg, edges)[0])
     np.testing.assert_array_equal(_heights(ax.containers[1]), np.histogram(pos, edges)[0])
     assert _heights(ax.containers[0]).sum() == 5 and _heights(ax.containers[1]).sum() == 4
-    vlines = [line for line in ax.lines if np.allclose(line.get_xdata(), 0.4)]
+    vlines = [line for line in ax.lines if np.array_equal(line.get_xdata(), [0.4, 0.4])]
     assert len(vlines) == 1
     assert "3 of 5 incorrect above" in vlines[0].get_label()
 
@@ -307,13 +322,18 @@ def test_plot_training_curves_panels_and_mean_over_seeds():
         assert len(ax.lines) == 2
         for line, method in zip(ax.lines, ("grpo", "nthr")):
             expected = df[df.method == method].groupby("step")[metric].mean()
-            np.testing.assert_allclose(line.get_xdata(), expected.index.to_numpy())
-            np.testing.assert_allclose(line.get_ydata(), expected.to_numpy())
-        # band = mean ± sd over seeds
+            np.testing.assert_array_equal(line.get_xdata(), expected.index.to_numpy())
+            # a mean of 3 positive seeds, summed in whatever order: (3 + 1) roundings, relatively
+            np.testing.assert_allclose(line.get_ydata(), expected.to_numpy(), rtol=4 * EPS64,
+                                       atol=0.0)
+        # band = mean ± sd over seeds: a mean and a std of 3 numbers, at the scale of the largest
+        # value
         band = ax.collections[0].get_paths()[0].vertices[:, 1]
         sd = df[df.method == "grpo"].groupby("step")[metric].std().to_numpy()
         mean = df[df.method == "grpo"].groupby("step")[metric].mean().to_numpy()
-        assert np.isclose(band.max(), (mean + sd).max()) and np.isclose(band.min(), (mean - sd).min())
+        atol = 16 * EPS64 * df[metric].abs().max()
+        assert abs(band.max() - (mean + sd).max()) <= atol
+        assert abs(band.min() - (mean - sd).min()) <= atol
 
 
 def test_plot_training_curves_repeated_steps_count_once_and_nan_skipped():
@@ -322,7 +342,7 @@ def test_plot_training_curves_repeated_steps_count_once_and_nan_skipped():
     axes = viz.plot_training_curves(df, metrics=("kl",), band="minmax")
     line = axes[0].lines[0]
     # seed 0: step0 mean(1,3)=2, step1 5; seed 1: step0 10, step1 20 -> means 6, 12.5
-    np.testing.assert_allclose(line.get_ydata(), [6.0, 12.5])
+    np.testing.assert_array_equal(line.get_ydata(), [6.0, 12.5])  # exact in binary
 
 
 def test_plot_training_curves_trainer_column_names_and_all_nan_columns():
@@ -332,7 +352,8 @@ def test_plot_training_curves_trainer_column_names_and_all_nan_columns():
     axes = viz.plot_training_curves(df, metrics=("lld_rate", "nthr/selected_frac", "kl"))
     assert [ax.get_title() for ax in axes] == ["lld/rate", "kl"]
     expected = df[df.method == "nthr"].groupby("step")["lld/rate"].mean().to_numpy()
-    np.testing.assert_allclose(axes[0].lines[1].get_ydata(), expected)
+    # a mean of 3 positive seeds: (3 + 1) roundings, relatively
+    np.testing.assert_allclose(axes[0].lines[1].get_ydata(), expected, rtol=4 * EPS64, atol=0.0)
     assert "skipped: nthr/selected_frac" in axes[0].figure._suptitle.get_text()
 
 
@@ -394,10 +415,12 @@ def test_plot_benchmark_table_bars_and_error_bars():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["MATH500", "AMC23"]
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert len(bars) == 2
-    np.testing.assert_allclose(_heights(bars[0]), [33.8, 7.5])
-    np.testing.assert_allclose(_heights(bars[1]), [36.6, 10.0])
+    np.testing.assert_array_equal(_heights(bars[0]), [33.8, 7.5])
+    np.testing.assert_array_equal(_heights(bars[1]), [36.6, 10.0])
     segments = bars[1].errorbar.lines[2][0].get_segments()
-    np.testing.assert_allclose([[s[0][1], s[1][1]] for s in segments], [[32.4, 41.0], [4.0, 23.0]])
+    # error bars are drawn as accuracy ∓ (accuracy - ci): two roundings at the scale of the accuracy
+    np.testing.assert_allclose([[s[0][1], s[1][1]] for s in segments], [[32.4, 41.0], [4.0, 23.0]],
+                               rtol=0.0, atol=2 * EPS64 * 41.0)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "GRPO + NTHR"]
     bad = df.assign(ci_low=[40.0, 2.0, 32.4, 4.0])
     with pytest.raises(ValueError, match=r"rows \[0\]"):
@@ -412,7 +435,7 @@ def test_plot_benchmark_table_several_models_pair_model_and_method():
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0.5B / GRPO", "0.5B / GRPO + NTHR",
                                                                     "1.5B / GRPO"]
-    np.testing.assert_allclose([_heights(b)[0] for b in bars], [0.3, 0.35, 0.5])
+    np.testing.assert_array_equal([_heights(b)[0] for b in bars], [0.3, 0.35, 0.5])
 
 
 def test_plot_benchmark_table_reads_evaluate_rows():
@@ -420,7 +443,7 @@ def test_plot_benchmark_table_reads_evaluate_rows():
                        "ci_low_pct": [2.6, 4.0], "ci_high_pct": [19.9, 23.1]})
     ax = viz.plot_benchmark_table(df)
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-    np.testing.assert_allclose([_heights(b)[0] for b in bars], [7.5, 10.0])
+    np.testing.assert_array_equal([_heights(b)[0] for b in bars], [7.5, 10.0])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "GRPO + NTHR"]
 
 
@@ -429,7 +452,8 @@ def test_plot_success_histogram_counts_at_k_over_g():
     ax = viz.plot_success_histogram(rates, group_size=4)
     np.testing.assert_array_equal(_heights(ax.containers[0]), [2, 1, 3, 0, 1])
     centres = [p.get_x() + p.get_width() / 2 for p in ax.containers[0].patches]
-    np.testing.assert_allclose(centres, [0, 0.25, 0.5, 0.75, 1.0])
+    # x = centre - width/2, then + width/2 again: two roundings at the scale of 1
+    np.testing.assert_allclose(centres, [0, 0.25, 0.5, 0.75, 1.0], rtol=0.0, atol=2 * EPS64)
     assert "4 mixed" in ax.get_title()
     rewards = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.float32)
     ax2 = viz.plot_success_histogram(rewards, group_size=4)
