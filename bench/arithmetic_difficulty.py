@@ -1,4 +1,4 @@
-"""How hard is the synthetic arithmetic task for the embedded SmolLM2-135M? (arXiv 2505.18830, METHOD.md §5)
+"""How hard is the synthetic arithmetic task for the embedded SmolLM2-135M? (arXiv 2505.18830, docs/method.md §5)
 
 Samples ``--group-size`` completions for each of ``--n`` questions from ``nthr_book.data.arithmetic_problems``
 with the tuned prompt (``template="arithmetic"``: instruction plus two solved example turns), scores them

@@ -1,6 +1,6 @@
 """Train GRPO and NTHR over several seeds and compare held-out accuracy (notebook 05 from the shell).
 
-A thin command line over ``nthr_book.experiments.run_experiment`` (arXiv 2505.18830, METHOD.md §4): each
+A thin command line over ``nthr_book.experiments.run_experiment`` (arXiv 2505.18830, docs/method.md §4): each
 method and seed trains from the same base model on the same training pool, is checkpointed atomically
 (a killed run resumes) and is evaluated greedily on held-out questions disjoint from the pool.
 

@@ -1,6 +1,6 @@
 """Δ(x) over many questions and seeds: how often one update lowers the correct answers' likelihood.
 
-The command-line form of notebook 02 (arXiv 2505.18830, METHOD.md §2, §5): for each seed it samples
+The command-line form of notebook 02 (arXiv 2505.18830, docs/method.md §2, §5): for each seed it samples
 ``--n-questions`` arithmetic questions x G responses with the embedded model, keeps the mixed groups,
 applies one plain-SGD step per question and method (GRPO, Pos Only, NTHR, ...) from the same weights and
 records Δ(x), the change of the mean log-likelihood of that question's correct responses.
@@ -9,7 +9,7 @@ records Δ(x), the change of the mean log-likelihood of that question's correct 
     python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random   # smoke run
     python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 --max-new-tokens 64 \
         --template "{problem} Explain your reasoning in one or two sentences, then give the final answer." \
-        --no-require-boxed --out runs/lld_sweep_balanced       # METHOD.md §5's reasoning-prompt 4+/4- probe
+        --no-require-boxed --out runs/lld_sweep_balanced       # the balanced 4+/4- probe (docs/results.md)
 
 Writes, under ``--out`` (default ``runs/lld_sweep``): ``groups-seed<k>.pt`` (the sampled groups, reused
 on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a finished seed is skipped on a
@@ -44,11 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a name in data.PROMPT_TEMPLATES or a custom string with {problem}")
     p.add_argument("--no-require-boxed", dest="require_boxed", action="store_false",
                    help="grade the last answer in the text when nothing is boxed")
-    p.add_argument("--lr", type=float, default=5e-5, help="plain SGD step size (METHOD.md §5)")
+    p.add_argument("--lr", type=float, default=5e-5, help="plain SGD step size (docs/method.md §5)")
     p.add_argument("--beta", type=float, default=1.0, help="NTHR threshold factor")
     p.add_argument("--eta", type=float, default=0.0, help="NTHR down-weighting factor (0: the diagnostic setting)")
     p.add_argument("--balance", type=int, default=None, metavar="K",
-                   help="measure each mixed group on its first K right and K wrong answers (METHOD.md §5's 4+/4- "
+                   help="measure each mixed group on its first K right and K wrong answers (the balanced 4+/4- "
                         "probe; use a --group-size of about 4K so that enough groups qualify)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/lld_sweep)")
     args = p.parse_args(argv)
