@@ -1,7 +1,7 @@
 """GRPO building blocks: group advantages, per-token log-probabilities, the clipped policy loss.
 
 The objective follows arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in Group
-Relative Deep Reinforcement Optimization"), section 2, as specified in docs/METHOD.md §1:
+Relative Deep Reinforcement Optimization"), section 2, as specified in docs/method.md §1:
 
     L = -(1 / Σ_i |y_i|) Σ_i Σ_t [ min(ratio·A, clip(ratio, 1-ε_low, 1+ε_high)·A) - kl_coef · KL_{i,t} ]
 
