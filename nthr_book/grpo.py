@@ -295,27 +295,8 @@ def policy_loss(
     ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). Metrics: clip_frac_low,
     clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none), and kl if ref_logps given.
     """
-    if agg not in AGG_MODES:
-        raise ValueError(f"Unknown `agg` {agg!r}; expected one of {AGG_MODES}")
-    if logps.dim() != 2:
-        raise ValueError(f"`logps` must have shape (N, T), got {tuple(logps.shape)}")
-    for name, tensor in (
-        ("old_logps", old_logps),
-        ("completion_mask", completion_mask),
-        ("ref_logps", ref_logps),
-    ):
-        if tensor is not None and tensor.shape != logps.shape:
-            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` {tuple(logps.shape)}")
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
-    if (
-        advantages.dim() != 2
-        or advantages.shape[0] != logps.shape[0]
-        or advantages.shape[1] not in (1, logps.shape[1])
-    ):
-        raise ValueError(f"`advantages` must have shape (N, T) or (N,), got {tuple(advantages.shape)}")
-    if kl_coef != 0.0 and ref_logps is None:
-        raise ValueError("`ref_logps` is required when `kl_coef` != 0")
+    advantages = _check_policy_inputs(logps, old_logps, advantages, completion_mask, ref_logps,
+                                      kl_coef=kl_coef, agg=agg)
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
 
@@ -366,3 +347,30 @@ def policy_loss(
         if kl is not None:
             metrics["kl"] = float(kl.detach().sum() / denom) if has_tokens else math.nan
     return loss, metrics
+
+
+def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor,
+                         ref_logps: Tensor | None, *, kl_coef: float, agg: str) -> Tensor:
+    """Validate ``policy_loss``'s inputs; return the advantages as (N, T) or (N, 1)."""
+    if agg not in AGG_MODES:
+        raise ValueError(f"Unknown `agg` {agg!r}; expected one of {AGG_MODES}")
+    if logps.dim() != 2:
+        raise ValueError(f"`logps` must have shape (N, T), got {tuple(logps.shape)}")
+    for name, tensor in (
+        ("old_logps", old_logps),
+        ("completion_mask", completion_mask),
+        ("ref_logps", ref_logps),
+    ):
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` {tuple(logps.shape)}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
+    if (
+        advantages.dim() != 2
+        or advantages.shape[0] != logps.shape[0]
+        or advantages.shape[1] not in (1, logps.shape[1])
+    ):
+        raise ValueError(f"`advantages` must have shape (N, T) or (N,), got {tuple(advantages.shape)}")
+    if kl_coef != 0.0 and ref_logps is None:
+        raise ValueError("`ref_logps` is required when `kl_coef` != 0")
+    return advantages
