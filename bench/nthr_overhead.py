@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nthr_book import grpo, models, nthr  # noqa: E402
+from nthr_book.rewards import is_correct  # noqa: E402
 
 DEFAULT_LENGTHS = {"cpu": "128,512", "cuda": "512,1024,2048,4096"}
 VARIANTS = ("gen_logps", "gen", "full")
@@ -219,7 +220,7 @@ def run_length(args, model, V: int, T: int) -> dict:
                             if name != "fwd_bwd"}
     row.update(results)
     # accuracy of the log-probs shortcut: scores with and without old_logps (differ by logit rounding)
-    correct = rewards[0] > 0.5
+    correct = is_correct(rewards[0])
     kw = dict(lm_head_bias=ctx.lm_head_bias, temperature=1.0)
     with_logps = nthr.token_scores_from_hidden(ctx.hidden, ctx.lm_head_weight, completion_ids, completion_mask,
                                                correct, logps=ctx.old_logps, **kw)

@@ -44,7 +44,7 @@ from nthr_book import config
 from nthr_book.data import DataNotAvailableError, build_prompt, load_benchmark
 from nthr_book.env import versions
 from nthr_book.io import append_jsonl, read_jsonl, write_json, write_jsonl
-from nthr_book.rewards import extract_boxed, math_rewards
+from nthr_book.rewards import extract_boxed, is_correct, math_rewards
 from nthr_book.rollout import generate_groups
 
 __all__ = [
@@ -380,7 +380,7 @@ def evaluate(
                     row = g * n_samples + s
                     rec = {"id": p["id"], "sample": s, "prompt": batch_prompts[g], "completion": rollouts.texts[row],
                            "extracted": extract_boxed(rollouts.texts[row]), "gold": p["answer"],
-                           "correct": bool(rewards[row] > 0.5),  # as everywhere: reward 1 = right
+                           "correct": bool(is_correct(rewards[row])),
                            "truncated": bool(truncated[row])}
                     append_jsonl(records_path, rec)
                     done[(p["id"], s)] = rec

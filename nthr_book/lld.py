@@ -148,8 +148,8 @@ class Group:
 
     @property
     def correct(self) -> Tensor:
-        """(G,) bool: reward > 0.5."""
-        return self.rewards > 0.5
+        """(G,) bool: ``rewards.is_correct`` (reward > 0.5)."""
+        return _rewards.is_correct(self.rewards)
 
     @property
     def n_correct(self) -> int:

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nthr_book.rewards import is_correct
+
 __all__ = [
     "ANCHORS",
     "ETA_SCHEDULES",
@@ -720,7 +722,7 @@ class NTHRAdvantageHook:
     ``final_logit_softcapping``) and ``old_logps`` (N, T), the float32 token log-probs of the pass
     that produced ``hidden``: when present (and ``use_logps``) the generated-vocabulary scores take
     their log-sum-exp from them and never multiply by the whole head (see
-    ``token_scores_from_hidden``). A response is correct when its reward > 0.5. Each mixed group
+    ``token_scores_from_hidden``). A response is correct when ``rewards.is_correct`` (reward > 0.5). Each mixed group
     goes through ``group_selection``.
     Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
     ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
@@ -757,7 +759,7 @@ class NTHRAdvantageHook:
         softcap = getattr(ctx, "softcap", None)
         if old_logps is not None and tuple(old_logps.shape) != (N, T):
             raise ValueError(f"ctx.old_logps must be (N, T) = {(N, T)}, got {tuple(old_logps.shape)}")
-        correct_all = (rewards > 0.5).to(advantages.device)  # (num_groups, G)
+        correct_all = is_correct(rewards).to(advantages.device)  # (num_groups, G)
         mask_all = ctx.completion_mask.bool()
         new_adv = advantages.clone()
         n_sel = n_neg = 0

@@ -43,18 +43,34 @@ import threading
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
+from typing import Any
 
 __all__ = [
+    "CORRECT_THRESHOLD",
     "MAX_ANSWER_CHARS",
     "MAX_BRACE_DEPTH",
     "MAX_TAIL_CHARS",
     "WORKER_MEMORY_BYTES",
     "extract_boxed",
+    "is_correct",
     "math_reward",
     "math_rewards",
     "shutdown_workers",
     "warm_up",
 ]
+
+CORRECT_THRESHOLD = 0.5  # binary rewards: 1 right, 0 wrong
+
+
+def is_correct(rewards: Any, threshold: float = CORRECT_THRESHOLD) -> Any:
+    """Correct means reward > ``threshold`` (docs/method.md §1): a bool tensor for a tensor, a list
+    of bools for a list or tuple, a bool for a number. The one definition of "correct" (nb 01)."""
+    if math.isnan(float(threshold)):
+        raise ValueError("threshold must be a number, got nan")
+    if isinstance(rewards, (list, tuple)):
+        return [float(r) > threshold for r in rewards]
+    return rewards > threshold
+
 
 MAX_ANSWER_CHARS = 1000  # longer extracted answers score 0 without parsing
 MAX_TAIL_CHARS = 2000  # the unboxed fallback parses only this many trailing characters

@@ -52,6 +52,7 @@ from nthr_book.grpo import (
 from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
 from nthr_book.lld import lld_rate
 from nthr_book.nthr import ANCHORS
+from nthr_book.rewards import is_correct
 from nthr_book.rollout import Rollouts, generate_groups
 
 METHODS = ("grpo", "nthr", "pos_only")
@@ -526,7 +527,7 @@ class GRPOTrainer:
         row: dict[str, float] = {
             "step": step,
             "reward_mean": float(rewards.mean()),
-            "accuracy": float((rewards > 0.5).float().mean()),
+            "accuracy": float(is_correct(rewards).float().mean()),
             "completion_length": float(ro.completion_lengths.float().mean()),
             "truncation_rate": float(ro.truncated.float().mean()),
         }
@@ -641,7 +642,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def _track_lld(self, ro: Rollouts, rewards: torch.Tensor, old_logps: torch.Tensor, row: dict) -> None:
         """Change of ln pi(y+|x) of this batch's correct responses over the update, and the LLD rate."""
-        correct_rows = (rewards.reshape(-1) > 0.5).nonzero().squeeze(-1)
+        correct_rows = is_correct(rewards.reshape(-1)).nonzero().squeeze(-1)
         row["lld/n_correct"] = float(correct_rows.numel())
         if correct_rows.numel() == 0:
             row["lld/delta_mean"] = row["lld/rate"] = math.nan

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from nthr_book import grpo, nthr, viz
+from nthr_book.rewards import is_correct
 
 __all__ = [
     "BETA_RANGE",
@@ -138,8 +139,8 @@ class GroupScores:
 
     @property
     def correct(self) -> Tensor:
-        """(G,) bool: reward > 0.5."""
-        return self.rewards > 0.5
+        """(G,) bool: ``rewards.is_correct`` (reward > 0.5)."""
+        return is_correct(self.rewards)
 
     @property
     def incorrect_rows(self) -> list[int]:

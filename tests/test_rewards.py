@@ -290,3 +290,17 @@ def test_adversarial_output_is_bounded(completion, gold, require_boxed, expected
 def test_bad_arguments_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_is_correct_is_reward_above_threshold():
+    import torch
+
+    from nthr_book.rewards import CORRECT_THRESHOLD, is_correct
+
+    assert CORRECT_THRESHOLD == 0.5
+    rewards = torch.tensor([0.0, 0.5, 0.51, 1.0], dtype=torch.float64)
+    assert is_correct(rewards).tolist() == [False, False, True, True]  # strictly above 0.5
+    assert is_correct(rewards, threshold=0.0).tolist() == [False, True, True, True]
+    assert is_correct([0.0, 1.0]) == [False, True] and is_correct(1.0) is True
+    with pytest.raises(ValueError, match="nan"):
+        is_correct(rewards, threshold=float("nan"))

@@ -92,7 +92,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nthr_book.lld import lld_rate
 from nthr_book.nthr import NTHRConfig, eta_for, group_selection, reweight_advantages
+from nthr_book.rewards import is_correct
 from nthr_book.rollout import generation_config
 
 try:
@@ -226,8 +228,9 @@ class LLDCallback(TrainerCallback):
         mask = batch.completion_mask[idx].to(logps.dtype)
         new_seq = (logps * mask).sum(-1)[: rows.numel()]  # (n,)
         delta = new_seq.float() - batch.old_seq[rows]
-        stats = torch.stack([delta.sum(), torch.tensor(float(rows.numel()), device=delta.device),
-                             (delta <= self.eps).float().sum()])
+        n = rows.numel()
+        lazy = lld_rate(delta, self.eps) * n if n else 0.0  # lld.lld_rate: the share with Δ <= eps
+        stats = torch.tensor([float(delta.sum()), float(n), lazy], device=delta.device)
         total, count, lazy = acc.reduce(stats, reduction="sum").tolist()
         trainer._metrics["train"]["lld/delta_mean"].append(total / count)
         trainer._metrics["train"]["lld/rate"].append(lazy / count)
@@ -255,8 +258,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
                  record_nthr: bool = False, **kwargs: Any):
         if nthr is not None and not isinstance(nthr, NTHRConfig):
             raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
-        if math.isnan(float(correct_threshold)):
-            raise ValueError("correct_threshold must be a number, got nan")
+        is_correct(0.0, correct_threshold)  # validates the threshold (NaN refused)
         super().__init__(*args, **kwargs)
         self.nthr = nthr
         self.correct_threshold = float(correct_threshold)
@@ -460,7 +462,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         if old_logps is not None:
             old_seq = (old_logps.float() * mask).sum(-1)
         # A response TRL masks out whole has ln π = 0 before and after: no displacement to measure.
-        correct = (out[_REWARD] > self.correct_threshold) & mask.bool().any(-1)  # (b,)
+        correct = is_correct(out[_REWARD], self.correct_threshold) & mask.bool().any(-1)  # (b,)
         generate_every = self.args.steps_per_generation * self.num_iterations
         self._lld_pending.append(_LLDBatch(
             batch_id=self._batch_counter, end_step=self._step + generate_every,
@@ -583,7 +585,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
                 bias = None if bias is None else bias.full_tensor()
             for g in sorted({r // G for r in local}):
                 sl = slice(g * G - base, (g + 1) * G - base)
-                correct = group["rewards"][sl] > self.correct_threshold  # (G,)
+                correct = is_correct(group["rewards"][sl], self.correct_threshold)  # (G,)
                 n_pos = int(correct.sum())
                 if n_pos in (0, G):
                     continue  # homogeneous group: untouched
