@@ -559,18 +559,18 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {tuple(allowed)}")
 
 
-def _nthr_selection(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor, correct: Tensor,
-                    *, beta: float, temperature: float, vocab: str,
-                    anchor: str = "all") -> tuple[Tensor, float]:
-    """(G, T) NTHR selection of the initial model and its threshold tau (docs/method.md §3)."""
+def _nthr_apply(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor, correct: Tensor,
+                advantages: Tensor, *, beta: float, eta: float, temperature: float, vocab: str,
+                anchor: str = "all") -> _nthr.GroupNTHR:
+    """``nthr.apply_to_group`` with the model's LM head: selection, tau, new advantages (§3)."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
-    config = _nthr.NTHRConfig(beta=beta, eta=0.0, vocab=vocab, anchor=anchor)
-    _, tau, selected = _nthr.group_selection(
-        hidden, head.weight.detach(), completion_ids, mask, correct, config, temperature=temperature,
-        lm_head_bias=None if bias is None else bias.detach(), softcap=softcap)
-    return selected, tau
+    config = _nthr.NTHRConfig(beta=beta, eta=eta, vocab=vocab, anchor=anchor)
+    return _nthr.apply_to_group(
+        hidden, head.weight.detach(), completion_ids, mask, correct, advantages, config,
+        temperature=temperature, lm_head_bias=None if bias is None else bias.detach(),
+        softcap=softcap)
 
 
 def question_seed(seed: int, question_id: str) -> int:
@@ -659,10 +659,10 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
                 advantages = grpo.pos_only(advantages)
             elif update in ("nthr", "random"):
                 if selected is None:
-                    selected, tau = _nthr_selection(model, hidden, completion_ids, mask, correct, beta=beta,
-                                                    temperature=temperature, vocab=vocab)
-                    extras["tau"] = tau
-                    del hidden
+                    res = _nthr_apply(model, hidden, completion_ids, mask, correct, advantages,
+                                      beta=beta, eta=eta, temperature=temperature, vocab=vocab)
+                    selected, extras["tau"] = res.selected, res.tau
+                    del hidden, res
                 extras["nthr_selected"] = selected.cpu()
                 if update == "random":
                     extras["random_seed"] = question_seed(seed, qid)
@@ -739,9 +739,13 @@ def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, tempera
         _, hidden = initial_token_logps(model, group, temperature=temperature, batch_size=batch_size,
                                         return_hidden=True)
     r = group.rollouts.to(hidden.device)
+    mask = r.completion_mask.bool()  # (G, T)
+    advantages = grpo.expand_advantages(grpo.group_advantages(group.rewards[None].to(hidden.device)),
+                                        mask)  # (G, T)
     with torch.no_grad():
-        return _nthr_selection(model, hidden, r.completion_ids, r.completion_mask.bool(),
-                               group.correct.to(hidden.device), beta=beta, temperature=temperature, vocab=vocab)
+        res = _nthr_apply(model, hidden, r.completion_ids, mask, group.correct.to(hidden.device),
+                          advantages, beta=beta, eta=0.0, temperature=temperature, vocab=vocab)
+    return res.selected, res.tau
 
 
 def _backward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,

@@ -46,8 +46,11 @@ __all__ = [
     "ANCHORS",
     "ETA_SCHEDULES",
     "VOCAB_MODES",
+    "GroupNTHR",
     "NTHRAdvantageHook",
     "NTHRConfig",
+    "apply_to_group",
+    "apply_to_scores",
     "eta_for",
     "group_selection",
     "gwhes",
@@ -692,6 +695,74 @@ class NTHRConfig:
         return cls(eta=0.0)
 
 
+@dataclass(frozen=True)
+class GroupNTHR:
+    """NTHR's result on one group (``apply_to_group`` / ``apply_to_scores``; notebook 03)."""
+
+    new_advantages: Tensor  # (G, T) eta·A on selected tokens, A elsewhere
+    selected: Tensor  # (G, T) bool: incorrect tokens with s_t > tau and A < 0
+    tau: float  # beta · min_i s̄+_i
+    scores: Tensor  # (G, T) token_scores, 0 off mask
+    eta: float  # eta_for(p, config.eta), p = N+/G
+    stats: dict[str, float]  # n_selected, n_incorrect_tokens, score_sum (over incorrect tokens)
+
+
+def apply_to_scores(scores: Tensor, mask: Tensor, correct: Tensor, advantages: Tensor,
+                    config: NTHRConfig, anchor_pairs: Tensor | None = None) -> GroupNTHR:
+    """NTHR on one group's (G, T) scores: tau, selection, eta and the new advantages (nb 03).
+
+    The one place the step after the scores happens: ``threshold`` (``anchor_pairs`` are the pairs
+    that ``config.anchor`` leaves out of s̄+, needed unless the anchor is "all" or beta = -inf), the
+    selection s_t > tau of incorrect tokens inside ``mask`` whose advantage is negative (eta·A
+    dampens a push-down, never a push-up: a no-op for binary rewards, where every incorrect response
+    of a mixed group has A < 0), eta = ``eta_for(N+/G, config.eta)`` and ``reweight_advantages``.
+    ``advantages`` are (G, T) per token or (G,) per response (then broadcast over T, padding
+    included). A homogeneous group selects nothing.
+    """
+    mask, correct = _check_scores(scores, mask, correct)
+    G, T = mask.shape
+    if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((G, T), (G,)):
+        raise ValueError(f"`advantages` must have shape (G, T) = {(G, T)} or (G,), "
+                         f"got {_shape(advantages)}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(G, T)  # one advantage per response
+    if anchor_pairs is None and config.anchor != "all" and float(config.beta) != -math.inf:
+        raise ValueError(f"anchor={config.anchor!r} needs `anchor_pairs` (see token_scores)")
+    tau = threshold(scores, mask, correct, config.beta, anchor_pairs=anchor_pairs)
+    selected = _select(scores, mask, correct, tau) & (advantages < 0).to(mask.device)  # (G, T)
+    eta = float(eta_for(int(correct.sum()) / G, config.eta))
+    incorrect = (~correct)[:, None] & mask  # (G, T) tokens of the incorrect responses
+    stats = {"n_selected": float(selected.sum()), "n_incorrect_tokens": float(incorrect.sum()),
+             "score_sum": float(scores[incorrect].sum())}
+    return GroupNTHR(new_advantages=reweight_advantages(advantages, selected, eta),
+                     selected=selected, tau=tau, scores=scores, eta=eta, stats=stats)
+
+
+def _scores_and_pairs(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
+                      correct: Tensor, config: NTHRConfig,
+                      **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """(G, T) scores and the anchor pairs ``config`` needs for tau (None when it needs none)."""
+    skip_pairs = config.anchor == "all" or float(config.beta) == -math.inf  # tau needs no pairs
+    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct, vocab=config.vocab,
+                                   anchor=None if skip_pairs else config.anchor, **kwargs)
+    return (out, None) if skip_pairs else out
+
+
+def apply_to_group(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
+                   correct: Tensor, advantages: Tensor, config: NTHRConfig, *,
+                   temperature: float = 1.0, lm_head_bias: Tensor | None = None,
+                   softcap: float | None = None, logps: Tensor | None = None,
+                   dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> GroupNTHR:
+    """NTHR on one group from its hidden states: ``token_scores_from_hidden``, then
+    ``apply_to_scores`` (notebook 03). The trainer hook, TRL, LLD and the explorer all go through it.
+    """
+    scores, pairs = _scores_and_pairs(hidden, lm_head_weight, tokens, mask, correct, config,
+                                      temperature=temperature, lm_head_bias=lm_head_bias,
+                                      dtype=dtype, chunk_size=chunk_size, logps=logps,
+                                      softcap=softcap)
+    return apply_to_scores(scores, mask, correct, advantages, config, anchor_pairs=pairs)
+
+
 def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
                     correct: Tensor, config: NTHRConfig, *, temperature: float = 1.0,
                     lm_head_bias: Tensor | None = None, softcap: float | None = None,
@@ -699,18 +770,15 @@ def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask
                     chunk_size: int | None = None) -> tuple[Tensor, float, Tensor]:
     """(G, T) token_scores, tau and (G, T) selection of one group under an NTHRConfig (notebook 03).
 
-    The trainer hook's step per mixed group: scores and the config's anchor pairs from
-    ``token_scores_from_hidden``, then ``threshold`` and the selection s_t > tau.
+    ``apply_to_group`` with the advantages' signs of binary rewards (every incorrect response
+    negative), so the selection is every incorrect token with s_t > tau.
     """
-    skip_pairs = config.anchor == "all" or float(config.beta) == -math.inf  # tau needs no pairs
-    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct,
-                                   temperature=temperature, lm_head_bias=lm_head_bias,
-                                   vocab=config.vocab, dtype=dtype, chunk_size=chunk_size,
-                                   logps=logps, softcap=softcap,
-                                   anchor=None if skip_pairs else config.anchor)
-    scores, pairs = (out, None) if skip_pairs else out
-    tau = threshold(scores, mask, correct, config.beta, anchor_pairs=pairs)
-    return scores, tau, _select(scores, mask, correct, tau)
+    mask_b, correct_b = _check_group(hidden, tokens, mask, correct)
+    signs = torch.where(correct_b, 1.0, -1.0)  # (G,) the sign of a binary reward's advantage
+    res = apply_to_group(hidden, lm_head_weight, tokens, mask_b, correct_b, signs, config,
+                         temperature=temperature, lm_head_bias=lm_head_bias, softcap=softcap,
+                         logps=logps, dtype=dtype, chunk_size=chunk_size)
+    return res.scores, res.tau, res.selected
 
 
 class NTHRAdvantageHook:
@@ -722,8 +790,8 @@ class NTHRAdvantageHook:
     ``final_logit_softcapping``) and ``old_logps`` (N, T), the float32 token log-probs of the pass
     that produced ``hidden``: when present (and ``use_logps``) the generated-vocabulary scores take
     their log-sum-exp from them and never multiply by the whole head (see
-    ``token_scores_from_hidden``). A response is correct when ``rewards.is_correct`` (reward > 0.5). Each mixed group
-    goes through ``group_selection``.
+    ``token_scores_from_hidden``). A response is correct when ``rewards.is_correct`` (reward >
+    0.5). Each mixed group goes through ``apply_to_group``.
     Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
     ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
     when there is none; tau_mean is -inf for beta = -inf) and ``nthr/mixed_groups``.
@@ -762,28 +830,25 @@ class NTHRAdvantageHook:
         correct_all = is_correct(rewards).to(advantages.device)  # (num_groups, G)
         mask_all = ctx.completion_mask.bool()
         new_adv = advantages.clone()
-        n_sel = n_neg = 0
-        taus, etas, score_sum = [], [], 0.0
+        n_sel = n_neg = score_sum = 0.0
+        taus, etas = [], []
         for g in range(rewards.shape[0]):
             correct = correct_all[g]
-            n_pos = int(correct.sum())
-            if n_pos in (0, G):
+            if int(correct.sum()) in (0, G):
                 continue  # homogeneous group: untouched
             rows = slice(g * G, (g + 1) * G)
-            mask = mask_all[rows]
-            scores, tau, selected = group_selection(
-                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask, correct, cfg,
-                temperature=ctx.temperature, lm_head_bias=ctx.lm_head_bias, softcap=softcap,
+            res = apply_to_group(
+                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask_all[rows],
+                correct, advantages[rows], cfg, temperature=ctx.temperature,
+                lm_head_bias=ctx.lm_head_bias, softcap=softcap,
                 logps=None if old_logps is None else old_logps[rows], dtype=self.dtype,
                 chunk_size=self.chunk_size)
-            eta = eta_for(n_pos / G, cfg.eta)
-            new_adv[rows] = reweight_advantages(advantages[rows], selected, eta)
-            neg = (~correct)[:, None] & mask
-            n_sel += int(selected.sum())
-            n_neg += int(neg.sum())
-            score_sum += float(scores[neg].sum())
-            taus.append(tau)
-            etas.append(eta)
+            new_adv[rows] = res.new_advantages
+            n_sel += res.stats["n_selected"]
+            n_neg += res.stats["n_incorrect_tokens"]
+            score_sum += res.stats["score_sum"]
+            taus.append(res.tau)
+            etas.append(res.eta)
         nan = math.nan
         metrics = {
             "nthr/selected_frac": n_sel / n_neg if n_neg else nan,

@@ -7,8 +7,8 @@ thin wiring over pure functions:
 - ``compute_group_scores`` : one forward pass per group -> ``GroupScores`` (token_scores and the
   anchor pairs of ``nthr.ANCHORS`` per vocab mode)
 - ``explorer_state``       : ``GroupScores`` + (beta, eta, vocab, anchor) -> ``ExplorerState`` (tau,
-  selection, counts, advantages), only through ``nthr.threshold`` / ``select_tokens`` /
-  ``eta_for`` / ``reweight_advantages``
+  selection, counts, advantages), only through ``nthr.apply_to_scores`` (and
+  ``nthr.self_influence`` for s̄+)
 - ``render_explorer_html`` : ``ExplorerState`` -> HTML (``viz.render_token_scores_html``,
   ``viz.plot_score_histogram`` as an inline PNG, a per-token advantage strip)
 - ``threshold_explorer``   : the widget (``ThresholdExplorer``, an ipywidgets ``VBox``), returned
@@ -364,8 +364,9 @@ def explorer_state(scores: GroupScores, *, beta: float = 1.0, eta: str | float =
                    vocab: str = "generated", anchor: str = "all") -> ExplorerState:
     """The ExplorerState of a group at (beta, eta, vocab, anchor) from nthr's functions (nb 04).
 
-    Only nthr.threshold / select_tokens / self_influence / eta_for / reweight_advantages. ``anchor``
-    (``nthr.ANCHORS``) changes s̄+ and so τ, never the incorrect tokens' scores.
+    τ, selection, η and the new advantages come from ``nthr.apply_to_scores`` on the precomputed
+    scores, s̄+ from ``nthr.self_influence``. ``anchor`` (``nthr.ANCHORS``) changes s̄+ and so τ,
+    never the incorrect tokens' scores.
     """
     beta = _check_beta(beta)
     s = scores.scores(vocab)  # (G, T)
@@ -374,19 +375,16 @@ def explorer_state(scores: GroupScores, *, beta: float = 1.0, eta: str | float =
     n_pos, G = int(correct.sum()), scores.group_size
     if n_pos in (0, G):
         raise ValueError(f"question {scores.question_id!r} is not mixed (N+={n_pos} of G={G}): nothing to select")
-    tau = nthr.threshold(s, mask, correct, beta, anchor_pairs=pairs)
-    selected = nthr.select_tokens(s, mask, correct, beta, anchor_pairs=pairs)  # (G, T)
-    p = n_pos / G
-    eta_value = float(nthr.eta_for(p, eta))
     advantages = grpo.expand_advantages(grpo.group_advantages(scores.rewards[None]), mask)  # (G, T)
-    new_advantages = nthr.reweight_advantages(advantages, selected, eta_value)  # (G, T)
+    config = nthr.NTHRConfig(beta=beta, eta=eta, vocab=vocab, anchor=anchor)
+    res = nthr.apply_to_scores(s, mask, correct, advantages, config, anchor_pairs=pairs)
     return ExplorerState(
         question_id=scores.question_id, vocab=vocab, anchor=anchor, beta=beta, eta_schedule=eta,
-        eta=eta_value, p=p, tau=float(tau),
+        eta=res.eta, p=n_pos / G, tau=float(res.tau),
         self_influence=nthr.self_influence(s, mask, correct, anchor_pairs=pairs).tolist(),
-        selected=selected,
-        n_tokens=mask.sum(1).tolist(), n_selected=selected.sum(1).tolist(), advantages=advantages,
-        new_advantages=new_advantages, completion_mask=mask.clone(), correct=correct.tolist())
+        selected=res.selected, n_tokens=mask.sum(1).tolist(),
+        n_selected=res.selected.sum(1).tolist(), advantages=advantages,
+        new_advantages=res.new_advantages, completion_mask=mask.clone(), correct=correct.tolist())
 
 
 # --------------------------------------------------------------------------------------------

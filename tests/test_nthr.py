@@ -684,7 +684,8 @@ def _hook_batch():
     lengths = torch.tensor([6, 4, 5, 6, 3, 6, 2, 5])
     mask = torch.arange(T)[None, :] < lengths[:, None]
     rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    advantages = (torch.randn(2 * G, 1, generator=gen) * mask).float()
+    sign = torch.where(rewards.reshape(-1, 1) > 0.5, 1.0, -1.0)  # (2G, 1): A < 0 on wrong answers
+    advantages = (torch.randn(2 * G, 1, generator=gen).abs() * sign * mask).float()
     return SimpleNamespace(advantages=advantages, rewards=rewards, group_size=G, completion_ids=ids,
                            completion_mask=mask.long(), hidden=hidden, lm_head_weight=weight,
                            lm_head_bias=bias, temperature=0.8)
@@ -1063,3 +1064,92 @@ def test_hook_uses_old_logps_when_present():
     ctx.old_logps = torch.zeros(8, 5)
     with pytest.raises(ValueError, match="ctx.old_logps must be"):
         hook(ctx)
+
+
+# ---- apply_to_scores / apply_to_group: the one per-group step after the scores -----------------
+
+
+def _hand_group():
+    """G = 3 (row 0 correct, rows 1-2 incorrect), T = 3, scores chosen by hand, float64."""
+    scores = torch.tensor([[2.0, 4.0, 0.0],  # correct: s̄+ = 3 (two valid tokens)
+                           [5.0, 1.0, 3.5],
+                           [-1.0, 3.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    correct = torch.tensor([True, False, False])
+    return scores, mask, correct
+
+
+def test_apply_to_scores_against_a_hand_computation():
+    from nthr_book.nthr import apply_to_scores
+
+    scores, mask, correct = _hand_group()
+    adv = torch.tensor([1.4, -0.7, -0.7], dtype=torch.float64)  # (G,) per response
+    res = apply_to_scores(scores, mask, correct, adv, NTHRConfig(beta=1.0, eta="two_abs"))
+    # tau = 1 · min s̄+ = (2 + 4) / 2 = 3; incorrect valid tokens above 3: (1,0) 5, (1,2) 3.5
+    assert res.tau == 3.0
+    want_sel = torch.tensor([[0, 0, 0], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(res.selected, want_sel)  # (2,2) 9.0 is padding, (2,1) 3.0 is not > 3
+    assert res.eta == pytest.approx(2 * abs(0.5 - 1 / 3))  # p = 1/3
+    want_adv = adv[:, None].expand(3, 3).clone()
+    want_adv[1, 0] = want_adv[1, 2] = res.eta * -0.7
+    torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=1e-15)
+    assert res.stats == {"n_selected": 2.0, "n_incorrect_tokens": 5.0,
+                         "score_sum": 5.0 + 1.0 + 3.5 - 1.0 + 3.0}
+
+
+def test_apply_to_scores_scales_only_negative_advantages():
+    from nthr_book.nthr import apply_to_scores
+
+    scores, mask, correct = _hand_group()
+    # a non-binary reward: incorrect row 1 has A > 0, so its selected tokens keep A
+    adv = torch.tensor([[1.0, 1.0, 0.0], [0.2, 0.2, 0.2], [-1.2, -1.2, 0.0]], dtype=torch.float64)
+    res = apply_to_scores(scores, mask, correct, adv, NTHRConfig(beta=-math.inf, eta=0.0))
+    assert res.tau == -math.inf  # every incorrect token is a candidate
+    assert not bool(res.selected[1].any())  # A >= 0: never rescaled
+    assert torch.equal(res.selected[2], torch.tensor([True, True, False]))
+    want = adv.clone()
+    want[2, :2] = 0.0  # eta = 0 on the selected tokens of the negative row
+    torch.testing.assert_close(res.new_advantages, want, rtol=0.0, atol=0.0)
+    # binary rewards: every incorrect row has A < 0, so the rule changes nothing
+    binary = torch.tensor([1.4, -0.7, -0.7], dtype=torch.float64)
+    res_b = apply_to_scores(scores, mask, correct, binary, NTHRConfig(beta=-math.inf))
+    assert torch.equal(res_b.selected, (~correct)[:, None] & mask)
+
+
+def test_apply_to_scores_needs_the_anchor_pairs():
+    from nthr_book.nthr import apply_to_scores
+
+    scores, mask, correct = _hand_group()
+    adv = torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match="anchor_pairs"):
+        apply_to_scores(scores, mask, correct, adv, NTHRConfig(anchor="no_self_token"))
+    with pytest.raises(ValueError, match="advantages"):
+        apply_to_scores(scores, mask, correct, adv[:2], NTHRConfig())
+    pairs = torch.zeros_like(scores)
+    pairs[0, :2] = torch.tensor([2.0, 2.0])  # s̄+ = (0 + 2) / 2 = 1 -> tau = 1
+    res = apply_to_scores(scores, mask, correct, adv, NTHRConfig(anchor="no_self_token"),
+                          anchor_pairs=pairs)
+    assert res.tau == 1.0 and int(res.selected.sum()) == 3  # 5, 3.5 and 3 of the valid incorrect
+
+
+def test_apply_to_group_is_group_selection_plus_reweighting():
+    from nthr_book.nthr import apply_to_group, eta_for, group_selection
+
+    gen = torch.Generator().manual_seed(3)
+    G, T, d, V = 4, 5, 6, 11
+    hidden = torch.randn(G, T, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, d, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, V, (G, T), generator=gen)
+    mask = torch.ones(G, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    correct = torch.tensor([True, False, True, False])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    cfg = NTHRConfig(beta=0.0, eta="p", anchor="other_responses")
+    res = apply_to_group(hidden, weight, tokens, mask, correct, adv, cfg, dtype=torch.float64)
+    scores, tau, selected = group_selection(hidden, weight, tokens, mask, correct, cfg,
+                                            dtype=torch.float64)
+    assert res.tau == tau and torch.equal(res.selected, selected)
+    torch.testing.assert_close(res.scores, scores, rtol=0.0, atol=0.0)
+    assert res.eta == eta_for(0.5, "p") == 0.5
+    want = torch.where(selected, 0.5 * adv[:, None], adv[:, None].expand(G, T))
+    torch.testing.assert_close(res.new_advantages, want, rtol=0.0, atol=0.0)

@@ -430,7 +430,7 @@ def test_nthr_scoring_errors_raise_before_the_metrics_all_reduce(tmp_path, token
     def broken(*args, **kwargs):
         raise FloatingPointError("a scoring failure on this process only")
 
-    monkeypatch.setattr(trl_integration, "group_selection", broken)
+    monkeypatch.setattr(trl_integration, "apply_to_group", broken)
     with pytest.raises(FloatingPointError):
         ours._nthr_advantages(out, hidden, logps)  # 8 rows = 2 whole groups: nothing gathered
     assert acc.calls == ["reduce1", "reduce1"]  # the checks, the agreement on the error; no reduce6

@@ -9,14 +9,15 @@ Relative Deep Reinforcement Optimization") on top of TRL, for multi-GPU, DeepSpe
 
 ``nthr=None`` is plain GRPO (bit for bit the same loss and gradients as ``trl.GRPOTrainer``), and so
 is a ``beta`` that selects no token. The ``NTHRConfig`` is used whole: each mixed group goes through
-``nthr_book.nthr.group_selection``, so every option of the config (beta, vocabulary, anchor, ...)
+``nthr_book.nthr.apply_to_group``, so every option of the config (beta, vocabulary, anchor, ...)
 means here what it means in ``nthr_book.trainer``. TRL's advantages are one number per sequence,
 (B,); with NTHR the batch carries (B, T) advantages, which TRL 1.16's ``_compute_loss`` uses as they
 are ("if advantages.dim() == 1: unsqueeze(1)"), so every loss type (grpo, bnpo, dr_grpo, dapo,
 cispo, sapo, luspo, vespo) is TRL's own. Padded positions keep the sequence's advantage, exactly as
 TRL's broadcast has it (they are masked).
 
-Selected tokens get eta·A only where their response's advantage A is negative. With one binary
+Selected tokens get eta·A only where their response's advantage A is negative (the rule of
+``apply_to_group``, the same in the native trainer, LLD and the explorer). With one binary
 reward that is every incorrect response of a mixed group; with several reward functions,
 ``multi_objective_aggregation="normalize_then_sum"`` or a ``correct_reward`` that is not the whole
 reward, an "incorrect" response can have A >= 0, and its tokens keep A (NTHR dampens the push-down
@@ -93,7 +94,7 @@ import torch
 from torch import Tensor
 
 from nthr_book.lld import lld_rate
-from nthr_book.nthr import NTHRConfig, eta_for, group_selection, reweight_advantages
+from nthr_book.nthr import NTHRConfig, apply_to_group
 from nthr_book.rewards import is_correct
 from nthr_book.rollout import generation_config
 
@@ -243,7 +244,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
     Extra keyword arguments: ``nthr`` (None: plain GRPO), ``track_lld`` (add an ``LLDCallback``),
     ``lld_eps``, ``correct_threshold`` (a response is correct when its reward exceeds it),
     ``correct_reward`` (name or index of the reward function that decides correctness; None: TRL's
-    weighted sum), ``score_dtype`` and ``chunk_size`` (passed to ``group_selection``),
+    weighted sum), ``score_dtype`` and ``chunk_size`` (passed to ``apply_to_group``),
     ``scores_from_logps`` (True: hand the pass's token log-probs to the scorer, whose "generated"
     vocabulary then multiplies only the |V*| rows of the LM head, lse_t = z_t[y_t] - logp_t; False:
     full-vocabulary log-sum-exp; None: True unless ``low_precision_logits``, since bf16/fp16
@@ -544,13 +545,11 @@ class NTHRGRPOTrainer(GRPOTrainer):
                                                                           device=rows.device)):
                 raise RuntimeError("NTHR: the gathered rows are not the whole generation batch "
                                    "0..N-1")
-            selected, eta, sums, scored = self._select(rows, base, group, T)
+            selected, token_adv, sums, scored = self._select(rows, base, group, T)
             error = None
         except Exception as err:  # raised on every process below, before the metrics' all-reduce
             error = err
         _raise_on_any_process(acc, error)
-        token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
-        token_adv = reweight_advantages(token_adv, selected, eta)  # eta·A on selected tokens
         self._log_nthr(sums)
         if self.record_nthr:
             self.nthr_record = {
@@ -567,15 +566,15 @@ class NTHRGRPOTrainer(GRPOTrainer):
                 T: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         """NTHR on the groups that touch the local rows (``group`` holds rows base, base+1, ...).
 
-        Returns the (b, T) selected local tokens, the (b,) eta of each local row, the metric sums
-        and the groups scored.
+        Returns the (b, T) selected local tokens, the (b, T) advantages of the local rows (TRL's
+        broadcast, eta·A on selected tokens), the metric sums and the groups scored.
         """
         G, cfg, b = self.num_generations, self.nthr, rows.numel()
         head = self._unwrapped().get_output_embeddings()
         local = rows.tolist()
         # scores in score_dtype, whatever autocast the trainer runs under
         no_autocast = torch.autocast(device_type=rows.device.type, enabled=False)
-        selections: dict[int, tuple[Tensor, float]] = {}
+        results = {}  # group index -> nthr.GroupNTHR
         # n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed
         sums = torch.zeros(6, dtype=torch.float64)
         with no_autocast, maybe_gather_lm_head_ctx(head.weight, head.bias):
@@ -586,34 +585,33 @@ class NTHRGRPOTrainer(GRPOTrainer):
             for g in sorted({r // G for r in local}):
                 sl = slice(g * G - base, (g + 1) * G - base)
                 correct = is_correct(group["rewards"][sl], self.correct_threshold)  # (G,)
-                n_pos = int(correct.sum())
-                if n_pos in (0, G):
+                if int(correct.sum()) in (0, G):
                     continue  # homogeneous group: untouched
-                m = group["mask"][sl].bool()  # (G, T')
-                scores, tau, chosen = group_selection(
-                    group["hidden"][sl], weight.detach(), group["ids"][sl], m, correct, cfg,
+                # (G,) sequence advantages: eta·A only where A < 0 (the rule of apply_to_group)
+                res = apply_to_group(
+                    group["hidden"][sl], weight.detach(), group["ids"][sl],
+                    group["mask"][sl].bool(), correct, group["adv"][sl], cfg,
                     temperature=self.temperature,
                     lm_head_bias=None if bias is None else bias.detach(),
                     logps=group["logps"][sl] if self.scores_from_logps else None,
                     softcap=self._softcap(), dtype=self.score_dtype, chunk_size=self.chunk_size)
-                # eta·A dampens the push-down of incorrect responses: never rescale an A >= 0
-                chosen = chosen & (group["adv"][sl] < 0)[:, None]  # (G, T')
-                eta = float(eta_for(n_pos / G, cfg.eta))
-                selections[g] = (chosen, eta)
+                results[g] = res
                 if g * G in local:  # count each group once, on the process holding its first row
-                    neg = (~correct)[:, None] & m  # (G, T') incorrect tokens inside TRL's loss mask
-                    sums += torch.tensor([float(chosen.sum()), float(neg.sum()), tau, eta,
-                                          float(scores[neg].sum()), 1.0], dtype=torch.float64)
+                    st = res.stats  # incorrect tokens inside TRL's loss mask
+                    sums += torch.tensor([st["n_selected"], st["n_incorrect_tokens"], res.tau,
+                                          res.eta, st["score_sum"], 1.0], dtype=torch.float64)
         selected = torch.zeros(b, T, dtype=torch.bool, device=rows.device)
-        eta_rows = torch.ones(b, device=rows.device)  # (b,) eta of each local row's group
+        seq_adv = group["adv"][[r - base for r in local]]  # (b,) local rows, in local order
+        token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
         for i, r in enumerate(local):
-            if r // G in selections:
-                chosen, eta_rows[i] = selections[r // G]
-                if bool(chosen[r % G, T:].any()):
+            if r // G in results:
+                res = results[r // G]
+                if bool(res.selected[r % G, T:].any()):
                     raise RuntimeError("NTHR: a token beyond the local completion width was "
                                        "selected")
-                selected[i] = chosen[r % G, :T]
-        return selected, eta_rows, sums, sorted(selections)
+                selected[i] = res.selected[r % G, :T]
+                token_adv[i] = res.new_advantages[r % G, :T]
+        return selected, token_adv, sums, sorted(results)
 
     def _log_nthr(self, sums: Tensor) -> None:
         acc = self.accelerator
