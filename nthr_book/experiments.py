@@ -17,26 +17,30 @@ from typing import Any
 import pandas as pd
 
 from nthr_book import config as book_config
+from nthr_book import rules
 from nthr_book.trainer import TrainConfig, read_metrics, task_defaults, train, training_problems
 
 HELDOUT_SEED = 987_654  # arithmetic_problems seed of the held-out set (training pools use other seeds)
 
-# Method labels -> TrainConfig overrides. Ablations from the paper: beta in {-inf, 0, 0.1, 1}, eta schedules.
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "grpo": {"method": "grpo"},
-    "nthr": {"method": "nthr"},
-    "pos_only": {"method": "pos_only"},
-}
+
+
+def __getattr__(name: str) -> Any:
+    """``METHOD_PRESETS``: method label -> TrainConfig overrides, one per trainable rule of
+    ``nthr_book.rules`` (read live). Ablations from the paper: beta in {-inf, 0, 0.1, 1}, eta."""
+    if name == "METHOD_PRESETS":
+        return {n: {"method": n} for n in rules.names(trainable=True)}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_overrides(label: str) -> dict[str, Any]:
     """TrainConfig overrides for a method label: "grpo", "nthr", "pos_only", or ablations like
     "nthr_beta=-inf", "nthr_beta=0.1", "nthr_eta=p", "nthr_beta=0_eta=one_minus_p"."""
-    if label in METHOD_PRESETS:
-        return dict(METHOD_PRESETS[label])
+    presets = __getattr__("METHOD_PRESETS")
+    if label in presets:
+        return dict(presets[label])
     match = re.fullmatch(r"nthr(?:_beta=(?P<beta>[^_]+))?(?:_eta=(?P<eta>.+))?", label)
     if match is None or label == "nthr_":
-        raise ValueError(f"unknown method {label!r}: use {sorted(METHOD_PRESETS)} or an ablation like "
+        raise ValueError(f"unknown method {label!r}: use {sorted(presets)} or an ablation like "
                          "'nthr_beta=0.1' / 'nthr_eta=p' / 'nthr_beta=0_eta=one_minus_p'")
     out: dict[str, Any] = {"method": "nthr"}
     if match["beta"] is not None:

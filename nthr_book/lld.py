@@ -39,12 +39,13 @@ from nthr_book import grpo
 from nthr_book import nthr as _nthr
 from nthr_book import rewards as _rewards
 from nthr_book import rollout as _rollout
+from nthr_book import rules as _rules
 from nthr_book.io import atomic_torch_save
 from nthr_book.rollout import Rollouts
 
 __all__ = [
     "GROUPS_FORMAT",
-    "METHODS",
+    "METHODS",  # noqa: F822 (module __getattr__: read live from nthr_book.rules)
     "OPTIMIZERS",
     "ROW_COLUMNS",
     "Group",
@@ -69,7 +70,6 @@ __all__ = [
     "sequence_logprobs",
 ]
 
-METHODS = ("grpo", "pos_only", "nthr", "random")
 OPTIMIZERS = ("sgd", "adam")
 GROUPS_FORMAT = "nthr_book.lld.groups/1"
 # Settings that must match between a saved groups file and the call that wants to reuse it.
@@ -77,6 +77,13 @@ _SAMPLING_KEYS = ("problem_ids", "group_size", "max_new_tokens", "temperature", 
                   "require_boxed")
 ROW_COLUMNS = ("id", "method", "n_correct", "group_size", "p", "delta", "per_response_delta", "n_selected",
                "n_incorrect_tokens", "tau", "seed", "lr")
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the update rules of ``nthr_book.rules``, read live (registered ones included)."""
+    if name == "METHODS":
+        return _rules.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,14 +603,16 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
     log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW with fresh state and weight_decay 0,
     a choice: the displacement then comes from the gradient alone). ``selected`` (G, T) bool overrides
-    NTHR's selection for "nthr" and "random" (e.g. to reuse it); "random" draws its positions with
-    ``question_seed(seed, question_id)`` (kept in ``extras["random_seed"]``), so each question gets
+    NTHR's selection for the rules that need one (``rules.Rule.needs_hidden``: "nthr",
+    "random"; e.g. to reuse it); the rule's selection gets ``question_seed(seed, question_id)``
+    (kept in ``extras["random_seed"]``: "random" draws its positions with it), so each question gets
     its own draw and a rerun the same one. ``old_logps`` (G, T) are the initial
     per-token log-probs when already computed with these weights (``initial_token_logps``), saving a
     forward pass. Model modes, gradients already stored on the parameters and the global RNG state are
     left as they were. Introduced in notebook 02.
     """
-    _check_choice("update", update, METHODS)
+    _check_choice("update", update, _rules.names())
+    rule = _rules.get(update)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if not isinstance(group, Group):
@@ -616,8 +625,9 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     if group.status != "mixed":
         raise ValueError(f"question {qid!r}: the group is {group.status.replace('_', ' ')} "
                          f"(N+={group.n_correct} of G={group.group_size}); Δ(x) needs a mixed group")
-    if selected is not None and update not in ("nthr", "random"):
-        raise ValueError(f"`selected` is only used by update='nthr' or 'random', got update={update!r}")
+    if selected is not None and not rule.needs_hidden:
+        raise ValueError("`selected` is only used by rules with a selection ('nthr', 'random'), "
+                         f"got update={update!r}")
 
     device = _model_device(model)
     r = group.rollouts.to(device)
@@ -643,7 +653,7 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), _ModeGuard(model):
         # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR
-        need_hidden = update in ("nthr", "random") and selected is None
+        need_hidden = rule.needs_hidden and selected is None
         with torch.no_grad():
             hidden = None
             if old_logps is None or need_hidden:
@@ -655,18 +665,16 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
             # 2. per-token advantages of the chosen rule
             group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
             advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
-            if update == "pos_only":
-                advantages = grpo.pos_only(advantages)
-            elif update in ("nthr", "random"):
-                if selected is None:
-                    res = _nthr_apply(model, hidden, completion_ids, mask, correct, advantages,
-                                      beta=beta, eta=eta, temperature=temperature, vocab=vocab)
-                    selected, extras["tau"] = res.selected, res.tau
-                    del hidden, res
+            if rule.needs_hidden and selected is None:  # NTHR's selection, from the GRPO advantages
+                res = _nthr_apply(model, hidden, completion_ids, mask, correct, advantages,
+                                  beta=beta, eta=eta, temperature=temperature, vocab=vocab)
+                selected, extras["tau"] = res.selected, res.tau
+                del hidden, res
+            advantages = rule.transform(advantages)
+            if rule.needs_hidden:
                 extras["nthr_selected"] = selected.cpu()
-                if update == "random":
-                    extras["random_seed"] = question_seed(seed, qid)
-                    selected = _nthr.random_selection(selected, mask, extras["random_seed"])
+                extras["random_seed"] = question_seed(seed, qid)  # the seed of the rule's draw
+                selected = rule.selection(selected, mask, extras["random_seed"])
                 advantages = _nthr.reweight_advantages(advantages, selected, eta)
                 extras.update(selected=selected.cpu(), eta=eta, beta=beta, vocab=vocab)
 
@@ -713,7 +721,7 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     return QuestionDisplacement(
         question_id=qid, method=update, n_correct=group.n_correct, group_size=G, p=group.p,
         delta=float(per_response.mean()), per_response_delta=per_response.tolist(),
-        n_selected_tokens=int(selected.sum()) if update in ("nthr", "random") else None,
+        n_selected_tokens=int(selected.sum()) if rule.needs_hidden else None,
         n_incorrect_tokens=int(incorrect_tokens.sum()), logp_init=logp_init.cpu()[correct_cpu].tolist(),
         extras=extras,
     )
@@ -810,9 +818,9 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
 
     methods = tuple(methods)
     if isinstance(methods, str) or not methods:
-        raise ValueError(f"`methods` must be a non-empty sequence of {METHODS}, got {methods!r}")
+        raise ValueError(f"`methods` must be a non-empty sequence of {_rules.names()}, got {methods!r}")
     for m in methods:
-        _check_choice("methods item", m, METHODS)
+        _check_choice("methods item", m, _rules.names())
     if len(set(methods)) != len(methods):
         raise ValueError(f"`methods` has duplicates: {methods}")
     _check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -860,7 +868,7 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
 
     # One initial pass per question, shared by every method; NTHR's selection, when needed, is computed
     # once from it, so Random spares exactly as many tokens per wrong response as NTHR does.
-    need_selection = any(m in ("nthr", "random") for m in methods)
+    need_selection = any(_rules.get(m).needs_hidden for m in methods)
     rows = []
     from tqdm.auto import tqdm
 
@@ -876,9 +884,10 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
         for m in methods:
             res = one_step_displacement(
                 model, g, update=m, lr=lr, optimizer=optimizer, steps=steps, beta=beta, eta=eta, seed=seed,
-                temperature=temperature, vocab=vocab, selected=selected if m in ("nthr", "random") else None,
+                temperature=temperature, vocab=vocab,
+                selected=selected if _rules.get(m).needs_hidden else None,
                 old_logps=old_logps, batch_size=batch_size)
-            rows.append(res.to_row() | {"tau": tau if m in ("nthr", "random") else None, "seed": seed,
+            rows.append(res.to_row() | {"tau": tau if _rules.get(m).needs_hidden else None, "seed": seed,
                                         "lr": lr})
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     df.attrs["dropped"] = dropped

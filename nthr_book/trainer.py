@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from nthr_book import config as book_config
+from nthr_book import rules
 from nthr_book.env import set_seed, versions
 from nthr_book.grpo import (
     AGG_MODES,
@@ -46,16 +47,22 @@ from nthr_book.grpo import (
     mixed_group_mask,
     per_token_logps,
     policy_loss,
-    pos_only,
     sequence_logprob,
 )
 from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
 from nthr_book.lld import lld_rate
-from nthr_book.nthr import ANCHORS
+from nthr_book.nthr import ANCHORS, VOCAB_MODES
 from nthr_book.rewards import is_correct
 from nthr_book.rollout import Rollouts, generate_groups
 
-METHODS = ("grpo", "nthr", "pos_only")
+
+def __getattr__(name: str) -> Any:
+    """``METHODS``: the trainable update rules of ``nthr_book.rules``, read live."""
+    if name == "METHODS":
+        return rules.names(trainable=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TRAIN_POOL_SEED = 10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
 
 # Columns of metrics.csv, in order (NTHR columns are present, NaN, for other methods).
@@ -163,8 +170,8 @@ class TrainConfig:
 
         if self.task not in ("arithmetic", "math"):
             bad("task", "expected 'arithmetic' or 'math'")
-        if self.method not in METHODS:
-            bad("method", f"expected one of {METHODS}")
+        if self.method not in rules.names(trainable=True):
+            bad("method", f"expected one of {rules.names(trainable=True)} (nthr_book.rules)")
         if self.group_size < 2:
             bad("group_size", "GRPO needs at least 2 completions per prompt to compare")
         for name in ("steps", "prompts_per_step", "num_iterations", "max_new_tokens"):
@@ -195,8 +202,8 @@ class TrainConfig:
             bad("agg", f"expected one of {AGG_MODES}")
         if self.adv_std not in STD_MODES:
             bad("adv_std", f"expected one of {STD_MODES}")
-        if self.nthr_vocab not in ("generated", "full"):
-            bad("nthr_vocab", "expected 'generated' or 'full'")
+        if self.nthr_vocab not in VOCAB_MODES:
+            bad("nthr_vocab", f"expected one of {VOCAB_MODES}")
         if self.nthr_anchor not in ANCHORS:
             bad("nthr_anchor", f"expected one of {ANCHORS}")
         if isinstance(self.nthr_eta, str) and self.nthr_eta not in ("two_abs", "p", "one_minus_p"):
@@ -363,8 +370,8 @@ def default_reward_fn(require_boxed: bool) -> Callable[[list[str], list[str]], l
 
 
 def make_advantage_fn(cfg: TrainConfig):
-    """The hook a config's ``method`` implies (NTHR for "nthr", else None)."""
-    if cfg.method != "nthr":
+    """The hook a config's ``method`` implies: NTHR's for a rule with a selection, else None."""
+    if not rules.get(cfg.method).needs_hidden:
         return None
     from nthr_book.nthr import nthr_advantage_fn
 
@@ -548,8 +555,7 @@ class GRPOTrainer:
     def _update(self, ro: Rollouts, rewards: torch.Tensor, row: dict, times: dict) -> None:
         cfg = self.cfg
         group_adv = group_advantages(rewards, std=cfg.adv_std)  # (num_groups, G)
-        if cfg.method == "pos_only":
-            group_adv = pos_only(group_adv)
+        group_adv = rules.get(cfg.method).transform(group_adv)  # e.g. Pos Only: negatives to 0
         advantages = expand_advantages(group_adv, ro.completion_mask)  # (N, T)
         num_groups, G = rewards.shape
         n_mini = cfg.prompts_per_step // (cfg.mini_batch_prompts or cfg.prompts_per_step)

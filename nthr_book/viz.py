@@ -34,9 +34,11 @@ import torch
 from matplotlib.axes import Axes
 from torch import Tensor
 
+from nthr_book import rules
+
 __all__ = [
     "DELTA_LABEL",
-    "METHOD_LABELS",
+    "METHOD_LABELS",  # noqa: F822 (module __getattr__: read live from nthr_book.rules)
     "load_metrics",
     "method_color",
     "method_label",
@@ -53,18 +55,17 @@ __all__ = [
 ]
 
 DELTA_LABEL = "Δ ln π(y+|x)"
-# Display names of the update rules compared in the paper (unknown names are shown as they are).
-METHOD_LABELS = {
-    "base": "Base",
-    "grpo": "GRPO",
-    "pos_only": "Pos Only",
-    "random": "GRPO + Random",
-    "nthr": "GRPO + NTHR",
-}
-# One colour per method across every figure (seaborn "colorblind" palette).
+# One colour per method across every figure (seaborn "colorblind" palette); the update rules' labels
+# and colour indices live in nthr_book.rules, "base" (the untrained model) is not a rule.
 _PALETTE = sns.color_palette("colorblind", 10)
-_METHOD_COLORS = {"grpo": _PALETTE[0], "pos_only": _PALETTE[1], "nthr": _PALETTE[2], "random": _PALETTE[7],
-                  "base": _PALETTE[5]}
+_BASE_LABEL, _BASE_COLOR = "Base", 5
+
+
+def __getattr__(name: str) -> Any:
+    """``METHOD_LABELS``: display name per method, from ``nthr_book.rules`` (read live) and "base"."""
+    if name == "METHOD_LABELS":
+        return {"base": _BASE_LABEL} | {n: rules.label(n) for n in rules.names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 _OTHER_COLORS = [_PALETTE[i] for i in (3, 4, 6, 8, 9)]
 _LINESTYLES = ("-", "--", "-.", ":")  # training curves: the j-th method's dash pattern
 _HTML_CMAP = "RdBu_r"  # red = high score (harmful to the correct answers), blue = low
@@ -72,12 +73,15 @@ _HTML_CMAP = "RdBu_r"  # red = high score (harmful to the correct answers), blue
 
 def method_label(method: str) -> str:
     """Display name of a method ("pos_only" -> "Pos Only"); unknown names unchanged."""
-    return METHOD_LABELS.get(str(method), str(method))
+    return _BASE_LABEL if str(method) == "base" else rules.label(str(method))
 
 
 def method_color(method: str, index: int = 0) -> tuple[float, float, float]:
     """The fixed colour of a known method, else the ``index``-th of the spare colours."""
-    return _METHOD_COLORS.get(str(method), _OTHER_COLORS[index % len(_OTHER_COLORS)])
+    name = str(method)
+    rule = rules.get(name) if name in rules.names() else None
+    color = _BASE_COLOR if name == "base" else None if rule is None else rule.color
+    return _OTHER_COLORS[index % len(_OTHER_COLORS)] if color is None else _PALETTE[color]
 
 
 # --------------------------------------------------------------------------------------------
