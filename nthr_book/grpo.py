@@ -30,8 +30,11 @@ __all__ = [
     "dynamic_sampling_filter",
     "expand_advantages",
     "group_advantages",
+    "group_token_logps",
+    "head_logits",
     "k3_kl",
     "last_hidden_states",
+    "micro_batches",
     "mixed_group_mask",
     "per_token_logps",
     "policy_loss",
@@ -165,14 +168,27 @@ def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     return out.hidden_states[-1]
 
 
+def _scaled_logits(hidden: Tensor, lm_head: nn.Module, temperature: float,
+                   softcap: float | None) -> Tensor:
+    """(..., V) float32 logits softcap·tanh(lm_head(hidden) / softcap) / temperature."""
+    logits = lm_head(hidden).float()  # (..., V)
+    if softcap:  # Gemma-style final logit soft-capping, applied before temperature as in HF
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits / temperature
+
+
+def head_logits(model: nn.Module, hidden: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """(N, T, V) float32 temperature-scaled logits of the model's LM head on ``hidden`` (N, T, d),
+    soft-capped as the model's config says: the distribution ``per_token_logps`` reads (nb 03)."""
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return _scaled_logits(hidden, model.get_output_embeddings(), temperature, softcap)
+
+
 def _chunk_logps(
     hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
 ):
     """log softmax(lm_head(hidden)/temperature)[targets] for one chunk: (n, d), (n,) -> (n,) float32."""
-    logits = lm_head(hidden).float()  # (n, V)
-    if softcap:  # Gemma-style final logit soft-capping, applied before temperature as in HF
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits / temperature
+    logits = _scaled_logits(hidden, lm_head, temperature, softcap)  # (n, V)
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     return target_logits - torch.logsumexp(logits, dim=-1)
 
@@ -264,6 +280,56 @@ def per_token_logps(
     if return_hidden:
         return logps, hidden
     return logps
+
+
+def micro_batches(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                  completion_mask: Tensor, batch_size: int | None):
+    """Yield (rows, t_b, input_ids, attention_mask, mask) per micro-batch of ``batch_size`` rows.
+
+    ``rows`` is a slice of the N rows, ``t_b`` the width up to the batch's last valid completion
+    token (1 when it has none: right padding is dropped), ``input_ids`` = cat(prompt, completion
+    columns < t_b) (n, P + t_b), ``attention_mask`` likewise and ``mask`` the (n, t_b) bool
+    completion mask.
+    """
+    N = completion_ids.shape[0]
+    bs = N if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
+    for start in range(0, N, bs):
+        rows = slice(start, start + bs)
+        cm = completion_mask[rows].bool()  # (n, T)
+        valid = cm.any(0).nonzero()
+        t_b = int(valid[-1]) + 1 if valid.numel() else 1  # right padding after the last valid token
+        ids = torch.cat([prompt_ids[rows], completion_ids[rows, :t_b]], dim=1)  # (n, P + t_b)
+        att = torch.cat([prompt_mask[rows].long(), cm[:, :t_b].long()], dim=1)  # (n, P + t_b)
+        yield rows, t_b, ids, att, cm[:, :t_b]
+
+
+def group_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                      completion_ids: Tensor, completion_mask: Tensor, *, temperature: float = 1.0,
+                      batch_size: int | None = None,
+                      return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """(N, T) float32 ``per_token_logps`` of a batch (a group), ``batch_size`` rows at a time, each
+    micro-batch trimmed of its right padding; with ``return_hidden`` also the (N, T, d) hidden
+    states (zeros after a micro-batch's last valid token). Gradients flow as in per_token_logps.
+
+    The one forward pass of a group: Δ(x) (``lld``), the explorer's scores (``widgets``) and
+    notebook 03 call it (prompt_ids (N, P) left-padded, completion_ids (N, T) right-padded).
+    """
+    N, T = completion_ids.shape
+    logps = torch.zeros(N, T, dtype=torch.float32, device=prompt_ids.device)
+    hidden = None
+    for rows, t_b, ids, att, cm in micro_batches(prompt_ids, prompt_mask, completion_ids,
+                                                 completion_mask, batch_size):
+        out = per_token_logps(model, ids, att, cm, temperature=temperature,
+                              return_hidden=return_hidden)
+        lp, h = out if return_hidden else (out, None)
+        if h is not None:
+            if hidden is None:
+                hidden = h.new_zeros(N, T, h.shape[-1])  # (N, T, d)
+            hidden[rows, :t_b] = h
+        logps[rows, :t_b] = lp
+    return (logps, hidden) if return_hidden else logps
 
 
 # --------------------------------------------------------------------------------------------

@@ -442,37 +442,6 @@ class _ModeGuard:
             m.training = mode
 
 
-def _token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                 completion_mask: Tensor, *, temperature: float, batch_size: int | None,
-                 return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """(N, T) float32 per-token log-probs (and (N, T, d) hidden), micro-batched, columns trimmed per batch."""
-    N, T = completion_ids.shape
-    bs = N if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
-    device = prompt_ids.device
-    logps = torch.zeros(N, T, dtype=torch.float32, device=device)
-    hidden = None
-    for start in range(0, N, bs):
-        rows = slice(start, start + bs)
-        cm = completion_mask[rows].bool()  # (n, T)
-        valid = cm.any(0).nonzero()
-        t_b = int(valid[-1]) + 1 if valid.numel() else 1  # right padding after the last valid token
-        ids = torch.cat([prompt_ids[rows], completion_ids[rows, :t_b]], dim=1)  # (n, P + t_b)
-        att = torch.cat([prompt_mask[rows].long(), cm[:, :t_b].long()], dim=1)
-        out = grpo.per_token_logps(model, ids, att, cm[:, :t_b], temperature=temperature,
-                                   return_hidden=return_hidden)
-        if return_hidden:
-            lp, h = out
-            if hidden is None:
-                hidden = h.new_zeros(N, T, h.shape[-1])  # (N, T, d)
-            hidden[rows, :t_b] = h
-        else:
-            lp = out
-        logps[rows, :t_b] = lp
-    return (logps, hidden) if return_hidden else logps
-
-
 def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                       *, prompt_mask: Tensor | None = None, temperature: float = 1.0,
                       batch_size: int | None = None) -> Tensor:
@@ -490,8 +459,9 @@ def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tens
                          f"{tuple(prompt_ids.shape)}")
     device = _model_device(model)
     with torch.no_grad(), _ModeGuard(model):
-        logps = _token_logps(model, prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                             completion_mask.to(device), temperature=temperature, batch_size=batch_size)
+        logps = grpo.group_token_logps(model, prompt_ids.to(device), prompt_mask.to(device),
+                                       completion_ids.to(device), completion_mask.to(device),
+                                       temperature=temperature, batch_size=batch_size)
     return grpo.sequence_logprob(logps.double(), completion_mask.to(device))
 
 
@@ -657,8 +627,8 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
         with torch.no_grad():
             hidden = None
             if old_logps is None or need_hidden:
-                out = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
-                                   return_hidden=need_hidden, **fwd)
+                out = grpo.group_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
+                                             return_hidden=need_hidden, **fwd)
                 old_logps, hidden = out if need_hidden else (out, None)  # (G, T), (G, T, d)
             logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
 
@@ -703,7 +673,8 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
             del opt
             # 4. ln π after the update(s)
             with torch.no_grad():
-                new_logps = _token_logps(model, prompt_ids, prompt_mask, completion_ids, mask, **fwd)
+                new_logps = grpo.group_token_logps(model, prompt_ids, prompt_mask, completion_ids,
+                                                   mask, **fwd)
                 logp_new = grpo.sequence_logprob(new_logps.double(), mask)  # (G,)
         finally:
             with torch.no_grad():
@@ -734,8 +705,9 @@ def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 
     device = _model_device(model)
     r = group.rollouts.to(device)
     with torch.no_grad(), _ModeGuard(model):
-        return _token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask.bool(),
-                            temperature=temperature, batch_size=batch_size, return_hidden=return_hidden)
+        return grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                      r.completion_mask.bool(), temperature=temperature,
+                                      batch_size=batch_size, return_hidden=return_hidden)
 
 
 def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, temperature: float = 1.0,
@@ -760,21 +732,15 @@ def _backward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, complet
               old_logps: Tensor, advantages: Tensor, *, temperature: float,
               batch_size: int | None) -> tuple[float, float]:
     """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss, clip_frac)."""
-    N = completion_ids.shape[0]
-    bs = N if batch_size is None else int(batch_size)
     n_total = float(mask.sum())
     loss_total, clipped = 0.0, 0.0
-    for start in range(0, N, bs):
-        rows = slice(start, start + bs)
-        cm = mask[rows]
+    for rows, t_b, ids, att, cm in grpo.micro_batches(prompt_ids, prompt_mask, completion_ids, mask,
+                                                      batch_size):
         n_rows_tokens = float(cm.sum())
         if n_rows_tokens == 0:
             continue
-        t_b = int(cm.any(0).nonzero()[-1]) + 1
-        ids = torch.cat([prompt_ids[rows], completion_ids[rows, :t_b]], dim=1)  # (n, P + t_b)
-        att = torch.cat([prompt_mask[rows].long(), cm[:, :t_b].long()], dim=1)
-        logps = grpo.per_token_logps(model, ids, att, cm[:, :t_b], temperature=temperature)  # (n, t_b)
-        loss, metrics = grpo.policy_loss(logps, old_logps[rows, :t_b], advantages[rows, :t_b], cm[:, :t_b],
+        logps = grpo.per_token_logps(model, ids, att, cm, temperature=temperature)  # (n, t_b)
+        loss, metrics = grpo.policy_loss(logps, old_logps[rows, :t_b], advantages[rows, :t_b], cm,
                                          clip_eps=0.2, kl_coef=0.0, agg="token")
         # token aggregation over the whole group: each micro-batch's mean weighted by its share of tokens
         (loss * (n_rows_tokens / n_total)).backward()

@@ -220,7 +220,7 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
                          anchors: Sequence[str] = nthr.ANCHORS) -> GroupScores:
     """GroupScores of one ``lld.Group``: one forward pass, then token_scores for each vocab mode (notebook 04).
 
-    Hidden states come from ``grpo.per_token_logps(return_hidden=True)`` (eval mode, no gradient),
+    Hidden states come from ``grpo.group_token_logps(return_hidden=True)`` (eval mode, no gradient),
     scores from ``nthr.token_scores_from_hidden`` with the model's LM head, ``temperature`` and
     ``final_logit_softcapping``. ``vocab`` is one mode or several ("generated", "full"): every mode
     reuses the same hidden states. ``anchors``: whose anchor pairs to keep, so the explorer can
@@ -244,20 +244,10 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
         raise ValueError("`model` has no parameters") from None
     r = group.rollouts.to(device)
     mask = r.completion_mask.bool()  # (G, T)
-    G, T = mask.shape
-    bs = G if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"`batch_size` must be >= 1 or None, got {batch_size}")
-    hidden = None
     with _EvalMode(model):
-        for start in range(0, G, bs):
-            rows = slice(start, start + bs)
-            ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows]], dim=1)  # (n, P+T)
-            att = torch.cat([r.prompt_mask[rows].long(), mask[rows].long()], dim=1)  # (n, P+T)
-            _, h = grpo.per_token_logps(model, ids, att, mask[rows], temperature=temperature, return_hidden=True)
-            if hidden is None:
-                hidden = h.new_zeros(G, T, h.shape[-1])  # (G, T, d)
-            hidden[rows] = h
+        _, hidden = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                           mask, temperature=temperature, batch_size=batch_size,
+                                           return_hidden=True)  # (G, T, d)
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     correct = group.correct.to(device)  # (G,)

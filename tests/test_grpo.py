@@ -505,3 +505,57 @@ def test_per_token_logps_errors(tiny_llama):
         per_token_logps(tiny_llama, input_ids[:, :5], attention_mask[:, :5], completion_mask)
     with pytest.raises(ValueError, match="temperature"):
         per_token_logps(tiny_llama, input_ids, attention_mask, completion_mask, temperature=0.0)
+
+
+def test_micro_batches_trim_each_batch_to_its_last_valid_token():
+    from nthr_book.grpo import micro_batches
+
+    _, _, input_ids, attention_mask, completion_mask = _batch()
+    P = 4
+    batches = list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
+                                 completion_mask, 1))
+    assert [b[1] for b in batches] == [5, 2, 4]  # completion lengths 5, 2, 4
+    rows, t_b, ids, att, cm = batches[1]
+    assert rows == slice(1, 2) and cm.dtype == torch.bool and cm.tolist() == [[True, True]]
+    assert torch.equal(ids, input_ids[1:2, : P + 2]) and torch.equal(att, attention_mask[1:2, : P + 2])
+    with pytest.raises(ValueError, match="batch_size"):
+        list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:], completion_mask, 0))
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2])
+def test_group_token_logps_equals_one_unbatched_pass(tiny_lm, batch_size):
+    from nthr_book.grpo import group_token_logps
+
+    _, _, input_ids, attention_mask, completion_mask = _batch()
+    P, mask = 4, completion_mask.bool()
+    with torch.no_grad():
+        full, hidden = per_token_logps(tiny_lm, input_ids, attention_mask, completion_mask,
+                                       return_hidden=True)
+        lp, h = group_token_logps(tiny_lm, input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
+                                  completion_mask, batch_size=batch_size, return_hidden=True)
+        logits = tiny_lm.get_output_embeddings()(hidden)  # (N, T, V) float64
+    # the float64 states of a valid token do not depend on the right padding after it, up to the
+    # rounding of a few dozen float64 operations on values of size max|h|
+    assert_close(h[mask], hidden[mask], rtol=0.0, atol=64 * EPS64 * hidden.abs().max().item())
+    if batch_size == 1:  # row 1 (2 tokens) is its own micro-batch: the columns after it stay zero
+        assert bool((h[1, 2:] == 0).all())
+    # both float32 roundings of (nearly) the same float64 logits: twice the bound of _logps_atol
+    assert_close(lp, full, rtol=0.0, atol=2 * _logps_atol(logits))
+    assert torch.equal(lp[~mask], torch.zeros_like(lp[~mask]))
+
+
+def test_head_logits_is_the_distribution_per_token_logps_reads(tiny_llama):
+    from nthr_book.grpo import head_logits
+
+    hidden = torch.randn(2, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z = tiny_llama.get_output_embeddings()(hidden)  # (2, 3, V) float64
+    got = head_logits(tiny_llama, hidden, temperature=0.5)
+    assert got.dtype == torch.float32
+    assert_close(got.double(), z / 0.5, rtol=0.0, atol=EPS32 * (z / 0.5).abs().max().item())
+    tiny_llama.config.final_logit_softcapping = 2.0
+    try:
+        capped = head_logits(tiny_llama, hidden, temperature=0.5)
+    finally:
+        tiny_llama.config.final_logit_softcapping = None
+    want = torch.tanh(z / 2.0) * 2.0 / 0.5  # |want| <= 4: float32 rounding of a few operations
+    assert_close(capped.double(), want, rtol=0.0, atol=8 * EPS32 * 4.0)
