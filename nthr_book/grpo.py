@@ -415,8 +415,9 @@ def policy_loss(
     return loss, metrics
 
 
-def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor, completion_mask: Tensor,
-                         ref_logps: Tensor | None, *, kl_coef: float, agg: str) -> Tensor:
+def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor,
+                         completion_mask: Tensor, ref_logps: Tensor | None, *, kl_coef: float,
+                         agg: str) -> Tensor:
     """Validate ``policy_loss``'s inputs; return the advantages as (N, T) or (N, 1)."""
     if agg not in AGG_MODES:
         raise ValueError(f"Unknown `agg` {agg!r}; expected one of {AGG_MODES}")
@@ -428,7 +429,8 @@ def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor, c
         ("ref_logps", ref_logps),
     ):
         if tensor is not None and tensor.shape != logps.shape:
-            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` {tuple(logps.shape)}")
+            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` "
+                             f"{tuple(logps.shape)}")
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
     if (
@@ -436,7 +438,8 @@ def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor, c
         or advantages.shape[0] != logps.shape[0]
         or advantages.shape[1] not in (1, logps.shape[1])
     ):
-        raise ValueError(f"`advantages` must have shape (N, T) or (N,), got {tuple(advantages.shape)}")
+        raise ValueError("`advantages` must have shape (N, T) or (N,), "
+                         f"got {tuple(advantages.shape)}")
     if kl_coef != 0.0 and ref_logps is None:
         raise ValueError("`ref_logps` is required when `kl_coef` != 0")
     return advantages

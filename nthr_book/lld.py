@@ -80,7 +80,7 @@ ROW_COLUMNS = ("id", "method", "n_correct", "group_size", "p", "delta", "per_res
 
 
 def __getattr__(name: str) -> Any:
-    """``METHODS``: the update rules of ``nthr_book.rules``, read live (registered ones included)."""
+    """``METHODS``: the update rules of ``nthr_book.rules``, read live (registered ones too)."""
     if name == "METHODS":
         return _rules.names()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -536,9 +536,9 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {tuple(allowed)}")
 
 
-def _nthr_apply(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor, correct: Tensor,
-                advantages: Tensor, *, beta: float, eta: float, temperature: float, vocab: str,
-                anchor: str = "all") -> _nthr.GroupNTHR:
+def _nthr_apply(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor,
+                correct: Tensor, advantages: Tensor, *, beta: float, eta: float,
+                temperature: float, vocab: str, anchor: str = "all") -> _nthr.GroupNTHR:
     """``nthr.apply_to_group`` with the model's LM head: selection, tau, new advantages (§3)."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
@@ -720,8 +720,8 @@ def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, tempera
                                         return_hidden=True)
     r = group.rollouts.to(hidden.device)
     mask = r.completion_mask.bool()  # (G, T)
-    advantages = grpo.expand_advantages(grpo.group_advantages(group.rewards[None].to(hidden.device)),
-                                        mask)  # (G, T)
+    group_adv = grpo.group_advantages(group.rewards[None].to(hidden.device))  # (1, G)
+    advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
     with torch.no_grad():
         res = _nthr_apply(model, hidden, r.completion_ids, mask, group.correct.to(hidden.device),
                           advantages, beta=beta, eta=0.0, temperature=temperature, vocab=vocab)
@@ -784,7 +784,8 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
 
     methods = tuple(methods)
     if isinstance(methods, str) or not methods:
-        raise ValueError(f"`methods` must be a non-empty sequence of {_rules.names()}, got {methods!r}")
+        raise ValueError(f"`methods` must be a non-empty sequence of {_rules.names()}, "
+                         f"got {methods!r}")
     for m in methods:
         _check_choice("methods item", m, _rules.names())
     if len(set(methods)) != len(methods):
@@ -853,8 +854,8 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
                 temperature=temperature, vocab=vocab,
                 selected=selected if _rules.get(m).needs_hidden else None,
                 old_logps=old_logps, batch_size=batch_size)
-            rows.append(res.to_row() | {"tau": tau if _rules.get(m).needs_hidden else None, "seed": seed,
-                                        "lr": lr})
+            tau_m = tau if _rules.get(m).needs_hidden else None
+            rows.append(res.to_row() | {"tau": tau_m, "seed": seed, "lr": lr})
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     df.attrs["dropped"] = dropped
     df.attrs["n_sampled"] = len(groups)

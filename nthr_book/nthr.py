@@ -743,7 +743,8 @@ def _scores_and_pairs(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, ma
                       **kwargs: Any) -> tuple[Tensor, Tensor | None]:
     """(G, T) scores and the anchor pairs ``config`` needs for tau (None when it needs none)."""
     skip_pairs = config.anchor == "all" or float(config.beta) == -math.inf  # tau needs no pairs
-    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct, vocab=config.vocab,
+    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct,
+                                   vocab=config.vocab,
                                    anchor=None if skip_pairs else config.anchor, **kwargs)
     return (out, None) if skip_pairs else out
 
@@ -754,7 +755,7 @@ def apply_to_group(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask:
                    softcap: float | None = None, logps: Tensor | None = None,
                    dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> GroupNTHR:
     """NTHR on one group from its hidden states: ``token_scores_from_hidden``, then
-    ``apply_to_scores`` (notebook 03). The trainer hook, TRL, LLD and the explorer all go through it.
+    ``apply_to_scores`` (notebook 03). The trainer hook, TRL and LLD go through it.
     """
     scores, pairs = _scores_and_pairs(hidden, lm_head_weight, tokens, mask, correct, config,
                                       temperature=temperature, lm_head_bias=lm_head_bias,

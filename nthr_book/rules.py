@@ -3,8 +3,9 @@
 A rule has a name, a display label and colour, how it changes the GRPO advantages, and whether it
 needs NTHR's token selection (and so the last hidden states). The trainer (``TrainConfig.method``),
 Δ(x) (``lld.one_step_displacement``, ``lld.lld_experiment``), the experiment runner
-(``experiments.method_overrides``) and the plots (``viz.method_label``, ``viz.method_color``) all read
-this registry, so a new rule is added in one place: here, or with ``register`` from a notebook.
+(``experiments.method_overrides``) and the plots (``viz.method_label``, ``viz.method_color``)
+all read this registry, so a new rule is added in one place: here, or with ``register`` from a
+notebook.
 
 How a rule changes the advantages, in two stages:
 

@@ -62,7 +62,7 @@ _BASE_LABEL, _BASE_COLOR = "Base", 5
 
 
 def __getattr__(name: str) -> Any:
-    """``METHOD_LABELS``: display name per method, from ``nthr_book.rules`` (read live) and "base"."""
+    """``METHOD_LABELS``: display name per method, from ``nthr_book.rules`` (live) and "base"."""
     if name == "METHOD_LABELS":
         return {"base": _BASE_LABEL} | {n: rules.label(n) for n in rules.names()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

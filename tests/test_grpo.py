@@ -517,9 +517,11 @@ def test_micro_batches_trim_each_batch_to_its_last_valid_token():
     assert [b[1] for b in batches] == [5, 2, 4]  # completion lengths 5, 2, 4
     rows, t_b, ids, att, cm = batches[1]
     assert rows == slice(1, 2) and cm.dtype == torch.bool and cm.tolist() == [[True, True]]
-    assert torch.equal(ids, input_ids[1:2, : P + 2]) and torch.equal(att, attention_mask[1:2, : P + 2])
+    assert torch.equal(ids, input_ids[1:2, : P + 2])
+    assert torch.equal(att, attention_mask[1:2, : P + 2])
     with pytest.raises(ValueError, match="batch_size"):
-        list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:], completion_mask, 0))
+        list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
+                           completion_mask, 0))
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 2])
@@ -531,8 +533,9 @@ def test_group_token_logps_equals_one_unbatched_pass(tiny_lm, batch_size):
     with torch.no_grad():
         full, hidden = per_token_logps(tiny_lm, input_ids, attention_mask, completion_mask,
                                        return_hidden=True)
-        lp, h = group_token_logps(tiny_lm, input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
-                                  completion_mask, batch_size=batch_size, return_hidden=True)
+        lp, h = group_token_logps(tiny_lm, input_ids[:, :P], attention_mask[:, :P],
+                                  input_ids[:, P:], completion_mask, batch_size=batch_size,
+                                  return_hidden=True)
         logits = tiny_lm.get_output_embeddings()(hidden)  # (N, T, V) float64
     # the float64 states of a valid token do not depend on the right padding after it, up to the
     # rounding of a few dozen float64 operations on values of size max|h|

@@ -1,5 +1,5 @@
-"""Tests for nthr_book.rules: one registry of update rules, read by Δ(x), the trainer, the runner and
-the plots."""
+"""Tests for nthr_book.rules: one registry of update rules, read by Δ(x), the trainer, the
+runner and the plots."""
 
 from __future__ import annotations
 
