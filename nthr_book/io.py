@@ -39,36 +39,31 @@ def _replace(tmp: Path, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file (fsynced) and an atomic rename."""
+def _atomic_write(path: str | Path, mode: str, write, **open_kwargs) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it atomically."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, mode, **open_kwargs) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         _replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file (fsynced) and an atomic rename."""
+    return _atomic_write(path, "w", lambda fh: fh.write(text), encoding="utf-8")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` through a temporary file (fsynced) and an atomic rename."""
     import torch
 
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
