@@ -120,7 +120,7 @@ class GroupScores:
     def from_group(cls, group: Any, token_scores: Mapping[str, Tensor], *, tokenizer: Any = None,
                    temperature: float = 1.0,
                    anchor_pairs: Mapping[str, Mapping[str, Tensor]] | None = None) -> GroupScores:
-        """GroupScores of an ``lld.Group`` from precomputed (G, T) token_scores and anchor pairs."""
+        """GroupScores of an ``groups.Group`` from precomputed (G, T) token_scores and anchor pairs."""
         r = group.rollouts
         ids = r.completion_ids.detach().cpu().long()  # (G, T)
         mask = r.completion_mask.detach().cpu().bool()  # (G, T)
@@ -218,7 +218,7 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
                          temperature: float = 1.0, tokenizer: Any = None, batch_size: int | None = None,
                          dtype: torch.dtype = torch.float32,
                          anchors: Sequence[str] = nthr.ANCHORS) -> GroupScores:
-    """GroupScores of one ``lld.Group``: one forward pass, then token_scores for each vocab mode (notebook 04).
+    """GroupScores of one ``groups.Group``: one forward pass, then token_scores for each vocab mode (notebook 04).
 
     Hidden states come from ``grpo.group_token_logps(return_hidden=True)`` (eval mode, no gradient),
     scores from ``nthr.token_scores_from_hidden`` with the model's LM head, ``temperature`` and
@@ -578,12 +578,12 @@ def _displacement_html(res_nthr: Any, res_grpo: Any, state: ExplorerState, lr: f
 
 
 def _mixed(groups: Sequence[Any]) -> list[Any]:
-    from nthr_book.lld import Group
+    from nthr_book.groups import Group
 
     groups = list(groups)
     for i, g in enumerate(groups):
         if not isinstance(g, Group):
-            raise TypeError(f"groups[{i}] must be an nthr_book.lld.Group, got {type(g).__name__}")
+            raise TypeError(f"groups[{i}] must be an nthr_book.groups.Group, got {type(g).__name__}")
     mixed = [g for g in groups if g.status == "mixed"]
     if not mixed:
         raise ValueError(f"none of the {len(groups)} groups is mixed (0 < N+ < G): the explorer needs correct "
@@ -737,7 +737,7 @@ class ThresholdExplorer(ipw.VBox):
 
     @property
     def group(self) -> Any:
-        """The lld.Group of the chosen question."""
+        """The groups.Group of the chosen question."""
         return self.groups[self.controls["question"].value]
 
     def current_scores(self) -> GroupScores:
@@ -833,7 +833,7 @@ def threshold_explorer(groups: Sequence[Any], *, beta: float = 1.0, eta: str | f
                        tokenizer: Any = None, vocab: str = "generated", optimizer: str = "sgd",
                        temperature: float = 1.0, batch_size: int | None = None,
                        anchor: str = "all") -> ThresholdExplorer:
-    """The NTHR threshold explorer for mixed ``lld.Group``s, returned without being displayed (notebook 04).
+    """The NTHR threshold explorer for mixed ``groups.Group``s, returned without being displayed (notebook 04).
 
     Scores come from ``scores`` (GroupScores, e.g. from ``compute_group_scores``) or are computed
     with ``model`` once per question and vocab mode. Controls: question, incorrect response, β

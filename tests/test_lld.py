@@ -13,18 +13,14 @@ from torch.testing import assert_close
 import nthr_book.rewards as rewards_mod
 import nthr_book.rollout as rollout_mod
 from nthr_book import lld
+from nthr_book.groups import Group, balanced_group, load_groups
 from nthr_book.lld import (
-    Group,
     QuestionDisplacement,
-    balanced_group,
     displacement_summary,
-    groups_from_rollouts,
     lld_experiment,
     lld_rate,
-    load_groups,
     one_step_displacement,
     paired_comparison,
-    save_groups,
     sequence_logprobs,
 )
 from nthr_book.models import tiny_random_model
@@ -38,13 +34,7 @@ PROMPT = torch.tensor([5, 6, 7])
 def _group(completions: list[list[int]], rewards: list[float], prompt: torch.Tensor = PROMPT,
            question_id: str = "q") -> Group:
     """A Group from token lists: right-padded with 0, mask True on the listed tokens."""
-    G, T = len(completions), max(len(c) for c in completions)
-    ids = torch.zeros(G, T, dtype=torch.long)
-    mask = torch.zeros(G, T, dtype=torch.bool)
-    for i, c in enumerate(completions):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = True
-    return Group.from_tensors(prompt, ids, mask, rewards, question_id=question_id)
+    return Group.from_token_lists(prompt, completions, rewards, question_id=question_id)
 
 
 def _small_model(seed: int = 0):
@@ -457,39 +447,6 @@ def test_precomputed_initial_pass_and_selection_give_identical_results():
 # ------------------------------------------------------------------ groups: split, save, load
 
 
-def test_groups_save_load_roundtrip_and_trim(tmp_path):
-    r = rollout_mod.Rollouts(
-        prompt_ids=torch.tensor([[0, 5, 6]] * 2 + [[7, 8, 9]] * 2),
-        prompt_mask=torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2),
-        completion_ids=torch.tensor([[10, 2, 2], [11, 12, 2], [13, 14, 15], [16, 2, 2]]),
-        completion_mask=torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool),
-        texts=["a", "b", "c", "d"], truncated=torch.tensor([False, False, True, False]), group_size=2,
-        prompts=["P0", "P1"], meta={"seed": 3},
-    )
-    groups = groups_from_rollouts(r, [[1.0, 0.0], [1.0, 1.0]], ["x", "y"], ["4", "5"], ["two+two", "2+3"])
-    assert [g.status for g in groups] == ["mixed", "all_correct"]
-    assert groups[0].rollouts.prompt_ids.tolist() == [[5, 6], [5, 6]]  # shared left padding dropped
-    assert groups[0].rollouts.completion_ids.tolist() == [[10, 2], [11, 12]]  # trailing padding dropped
-    assert groups[1].rollouts.completion_ids.shape == (2, 3)
-    path = save_groups(tmp_path / "g.pt", groups, settings={"seed": 3})
-    loaded, settings = load_groups(path, return_settings=True)
-    assert settings == {"seed": 3}
-    for a, b in zip(groups, loaded):
-        assert (a.question_id, a.answer, a.problem, a.rollouts.texts) == (b.question_id, b.answer, b.problem,
-                                                                          b.rollouts.texts)
-        assert torch.equal(a.rewards, b.rewards)
-        for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
-            assert torch.equal(getattr(a.rollouts, name), getattr(b.rollouts, name)), name
-    torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt"):
-        load_groups(tmp_path / "other.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_groups(tmp_path / "missing.pt")
-
-
-# ------------------------------------------------------------------ the experiment
-
-
 @pytest.fixture(scope="module")
 def tiny_policy():
     from nthr_book.models import load_policy
@@ -549,7 +506,7 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path
     again = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
     assert "loaded from" in capsys.readouterr().out
     pd.testing.assert_frame_equal(again, df)
-    with pytest.raises(ValueError, match="groups_path .*group_size"):
+    with pytest.raises(ValueError, match="groups file .*group_size"):
         lld_experiment(model, tokenizer, PROBLEMS, **(kwargs | {"group_size": 6}))
 
 
@@ -630,103 +587,6 @@ def test_question_displacement_row():
     q = QuestionDisplacement("q", "nthr", 1, 2, 0.5, 0.25, [0.25], 3, 4, [-5.0])
     assert q.to_row() == {"id": "q", "method": "nthr", "n_correct": 1, "group_size": 2, "p": 0.5, "delta": 0.25,
                           "per_response_delta": [0.25], "n_selected": 3, "n_incorrect_tokens": 4}
-
-
-def test_near_miss_group_changes_only_the_final_number():
-    from nthr_book.lld import Group, near_miss_group, near_miss_text
-    from nthr_book.models import load_tokenizer
-
-    assert near_miss_text("7 * 3 = 21. The answer is \\boxed{21}.", "21") == "7 * 3 = 21. The answer is \\boxed{22}."
-    assert near_miss_text("so 4", "5") == "so 6"  # 4 + 1 would be the right answer: skip to 4 + 2
-    tok = load_tokenizer()
-    texts = ["2 + 3 = 5. The answer is \\boxed{5}.", "The answer is \\boxed{6}.", "no idea", "\\boxed{5}"]
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    width = max(map(len, rows))
-    ids = torch.full((4, width), tok.pad_token_id)
-    mask = torch.zeros((4, width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-    prompt = torch.tensor(tok("What is 2 + 3?", add_special_tokens=False)["input_ids"])
-    g = Group.from_tensors(prompt, ids, mask, [1.0, 0.0, 0.0, 1.0], question_id="q", answer="5", texts=texts)
-    near = near_miss_group(g, tok)
-    assert near.rollouts.texts[0] == texts[0] and near.rollouts.texts[3] == texts[3]
-    assert near.rollouts.texts[1] == "2 + 3 = 5. The answer is \\boxed{6}."  # copied from a correct one
-    assert near.rollouts.texts[2] == "\\boxed{6}"
-    assert torch.equal(near.rewards, g.rewards)
-    assert torch.equal(near.rollouts.completion_ids[0][near.rollouts.completion_mask[0]], ids[0][mask[0]])
-
-
-def test_near_miss_group_on_token_ids_shares_every_other_token_and_keeps_truncation():
-    """Near-miss rows are their source's token ids with only the final number's tokens changed:
-    not a re-tokenisation of the decoded text, and no EOS added to a truncated source."""
-    from nthr_book.lld import near_miss_group
-    from nthr_book.models import load_tokenizer
-
-    tok = load_tokenizer()
-
-    def enc(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    eos = tok.eos_token_id
-    # Correct row 0 ended with EOS; its prefix is spelled one character per token, a split the
-    # tokenizer would not make itself (sampled ids need not be the canonical tokenisation).
-    prefix0 = [i for ch in "2 + 17 = 19. The answer is \\boxed{" for i in enc(ch)]
-    assert prefix0 != enc("2 + 17 = 19. The answer is \\boxed{")
-    # Correct row 3 was truncated (no EOS), with a multi-byte character before its final number.
-    prefix3 = enc("so 2 + 17 → ")
-    rows = [prefix0 + enc("19") + enc("}.") + [eos],  # correct
-            enc("no idea") + [eos],  # wrong, ended
-            enc("it is 7"),  # wrong, truncated
-            prefix3 + enc("19") + enc(" and")]  # correct, truncated
-    truncated = [False, True, False, True]  # the wrong rows' flags: the opposite of their sources'
-    width = max(map(len, rows))
-    ids = torch.full((4, width), tok.pad_token_id)
-    mask = torch.zeros((4, width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-    texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
-    g = Group.from_tensors(torch.tensor(enc("What is 2 + 17?")), ids, mask, [1.0, 0.0, 0.0, 1.0],
-                           question_id="q", answer="19", texts=texts, truncated=truncated)
-
-    near = near_miss_group(g, tok)
-
-    expected = [rows[0],
-                prefix0 + enc("20") + enc("}.") + [eos],  # copies row 0: only the answer differs
-                prefix3 + enc("20") + enc(" and"),  # copies row 3: still no EOS
-                rows[3]]
-    r = near.rollouts
-    assert [r.completion_ids[i][r.completion_mask[i]].tolist() for i in range(4)] == expected
-    assert r.truncated.tolist() == [False, False, True, True]
-    assert r.texts[1] == "2 + 17 = 19. The answer is \\boxed{20}."
-    assert r.texts[2] == "so 2 + 17 → 20 and"
-    grade = rewards_mod.math_rewards
-    assert grade([texts[0], r.texts[1]], ["19"] * 2, require_boxed=True) == [1.0, 0.0]
-    assert grade([texts[3], r.texts[2]], ["19"] * 2, require_boxed=False) == [1.0, 0.0]
-    assert torch.equal(near.rewards, g.rewards) and near.question_id == "q/near-miss"
-
-    words = enc("nineteen")  # a correct answer without digits: no final number to change
-    no_number = Group.from_tensors(torch.tensor([5]), torch.tensor([words, words]),
-                                   torch.ones(2, len(words), dtype=torch.bool), [1.0, 0.0],
-                                   question_id="z", answer="19")
-    with pytest.raises(ValueError, match="'z'.*no number"):
-        near_miss_group(no_number, tok)
-
-
-def test_balanced_group_keeps_the_first_k_of_each_in_order():
-    completions = [[10 + i] * (i + 1) for i in range(8)]  # response i: i + 1 copies of token 10 + i
-    group = _group(completions, [1, 0, 0, 1, 1, 0, 0, 0], question_id="q7")
-    two = balanced_group(group, 2)
-    # first two right: rows 0 and 3; first two wrong: rows 1 and 2 -> rows 0, 1, 2, 3 in sampling order
-    assert two.rewards.tolist() == [1.0, 0.0, 0.0, 1.0] and two.group_size == 4 and two.p == 0.5
-    for new_row, old_row in enumerate([0, 1, 2, 3]):
-        kept = two.rollouts.completion_ids[new_row][two.rollouts.completion_mask[new_row]]
-        assert kept.tolist() == completions[old_row]
-    assert two.rollouts.completion_ids.shape[1] == 4, "columns only the left-out responses used are trimmed"
-    three = balanced_group(group, 3)
-    assert three.rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0] and three.question_id == "q7"
-    assert balanced_group(group, 4) is None  # only three right answers
-    with pytest.raises(ValueError, match="k"):
-        balanced_group(group, 0)
 
 
 def test_lld_experiment_balance_uses_balanced_groups(tiny_policy, tmp_path, monkeypatch, capsys):

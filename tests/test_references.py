@@ -3,7 +3,7 @@
 The text is every docstring, comment, markdown cell and document of the project: ``nthr_book/``,
 ``scripts/``, ``bench/``, ``tests/``, ``recipes/``, ``data/``, ``notebooks/`` and the top-level
 documents. A pointer such as "notebook 02", "notebooks 05/06", "nb 01", ``notebooks/03_x.ipynb``,
-"**04 · The threshold explorer**", ``nthr_book.lld.Group``, ``viz.plot_displacement`` or
+"**04 · The threshold explorer**", ``nthr_book.groups.Group``, ``viz.plot_displacement`` or
 ``scripts/lld_displacement.py`` must name something that exists; a library function or module
 whose docstring names a notebook must be used (or named) in that notebook when any notebook uses it.
 The last tests hold the notebooks to ``tests/check_notebooks.py``, whose machine-independence rules

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nthr_book import experiments, lld, rules, trainer, viz
-from nthr_book.lld import Group, one_step_displacement
+from nthr_book.groups import Group
+from nthr_book.lld import one_step_displacement
 from nthr_book.models import tiny_random_model
 
 torch.set_num_threads(1)

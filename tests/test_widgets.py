@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nthr_book import grpo, lld, nthr, widgets
+from nthr_book.groups import Group
 from nthr_book.models import tiny_random_model
 
 V = 64  # tiny vocabulary: the full-vocabulary brute force stays cheap
@@ -26,15 +27,9 @@ def _few_threads():
     torch.set_num_threads(old)
 
 
-def _group(qid: str, responses: list[list[int]], rewards: list[float], prompt: list[int]) -> lld.Group:
+def _group(qid: str, responses: list[list[int]], rewards: list[float], prompt: list[int]) -> Group:
     """A Group from token-id lists (right-padded with id 2, masked)."""
-    G, T = len(responses), max(len(r) for r in responses)
-    ids = torch.full((G, T), 2, dtype=torch.long)
-    mask = torch.zeros(G, T, dtype=torch.bool)
-    for i, r in enumerate(responses):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return lld.Group.from_tensors(torch.tensor(prompt), ids, mask, rewards, question_id=qid,
+    return Group.from_token_lists(prompt, responses, rewards, pad_id=2, question_id=qid,
                                   problem=f"problem {qid}", answer="7")
 
 
@@ -411,7 +406,7 @@ def test_explorer_errors_are_clear(groups, scores, model):
         widgets.threshold_explorer([groups[1]], scores=scores)
     with pytest.raises(ValueError, match="pass model="):
         widgets.threshold_explorer(groups)
-    with pytest.raises(TypeError, match=r"groups\[0\] must be an nthr_book.lld.Group"):
+    with pytest.raises(TypeError, match=r"groups\[0\] must be an nthr_book.groups.Group"):
         widgets.threshold_explorer(["q0"], model=model)
     with pytest.raises(ValueError, match="not an incorrect response"):
         widgets.explorer_snapshot(groups, scores=scores, response=0)
