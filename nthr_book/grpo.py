@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from nthr_book.models import lm_head
+
 __all__ = [
     "AGG_MODES",
     "STD_MODES",
@@ -180,8 +182,8 @@ def _scaled_logits(hidden: Tensor, lm_head: nn.Module, temperature: float,
 def head_logits(model: nn.Module, hidden: Tensor, *, temperature: float = 1.0) -> Tensor:
     """(N, T, V) float32 temperature-scaled logits of the model's LM head on ``hidden`` (N, T, d),
     soft-capped as the model's config says: the distribution ``per_token_logps`` reads (nb 03)."""
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return _scaled_logits(hidden, model.get_output_embeddings(), temperature, softcap)
+    head = lm_head(model)
+    return _scaled_logits(hidden, head.module, temperature, head.softcap)
 
 
 def _chunk_logps(
@@ -270,11 +272,10 @@ def per_token_logps(
     flat_idx = mask.reshape(-1).nonzero().squeeze(-1)  # (n_valid,) indices into N*T
     flat_hidden = hidden.reshape(n_rows * completion_len, -1).index_select(0, flat_idx)  # (n_valid, d)
     flat_targets = completion_ids.reshape(-1).index_select(0, flat_idx)  # (n_valid,)
-    lm_head = model.get_output_embeddings()
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    head = lm_head(model)
     valid_logps = chunked_token_logps(
-        flat_hidden, lm_head, flat_targets, temperature=temperature, chunk_size=chunk_size, softcap=softcap
-    )  # (n_valid,) float32
+        flat_hidden, head.module, flat_targets, temperature=temperature, chunk_size=chunk_size,
+        softcap=head.softcap)  # (n_valid,) float32
     logps = torch.zeros(n_rows * completion_len, dtype=valid_logps.dtype, device=valid_logps.device)
     logps = logps.index_copy(0, flat_idx, valid_logps).view(n_rows, completion_len)  # (N, T)
     if return_hidden:

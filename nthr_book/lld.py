@@ -39,6 +39,7 @@ from nthr_book import grpo
 from nthr_book import nthr as _nthr
 from nthr_book import rules as _rules
 from nthr_book.groups import Group
+from nthr_book.models import eval_mode, lm_head
 
 __all__ = [
     "METHODS",  # noqa: F822 (module __getattr__: read live from nthr_book.rules)
@@ -74,21 +75,6 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-class _ModeGuard:
-    """Context: every submodule in eval mode, then each one's own train/eval flag restored."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in self.modes:
-            m.training = mode
-
-
 def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
                       *, prompt_mask: Tensor | None = None, temperature: float = 1.0,
                       batch_size: int | None = None) -> Tensor:
@@ -105,7 +91,7 @@ def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tens
         raise ValueError(f"`prompt_mask` {tuple(prompt_mask.shape)} must match `prompt_ids` "
                          f"{tuple(prompt_ids.shape)}")
     device = _model_device(model)
-    with torch.no_grad(), _ModeGuard(model):
+    with torch.no_grad(), eval_mode(model):
         logps = grpo.group_token_logps(model, prompt_ids.to(device), prompt_mask.to(device),
                                        completion_ids.to(device), completion_mask.to(device),
                                        temperature=temperature, batch_size=batch_size)
@@ -187,14 +173,10 @@ def _nthr_apply(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: 
                 correct: Tensor, advantages: Tensor, *, beta: float, eta: float,
                 temperature: float, vocab: str, anchor: str = "all") -> _nthr.GroupNTHR:
     """``nthr.apply_to_group`` with the model's LM head: selection, tau, new advantages (§3)."""
-    head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
+    head = lm_head(model)
     config = _nthr.NTHRConfig(beta=beta, eta=eta, vocab=vocab, anchor=anchor)
-    return _nthr.apply_to_group(
-        hidden, head.weight.detach(), completion_ids, mask, correct, advantages, config,
-        temperature=temperature, lm_head_bias=None if bias is None else bias.detach(),
-        softcap=softcap)
+    return _nthr.apply_to_group(hidden, head.weight, completion_ids, mask, correct, advantages, config,
+                                temperature=temperature, lm_head_bias=head.bias, softcap=head.softcap)
 
 
 def question_seed(seed: int, question_id: str) -> int:
@@ -268,7 +250,7 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
 
     snapshot = _snapshot(model)
     cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _ModeGuard(model):
+    with torch.random.fork_rng(devices=cuda), eval_mode(model):
         # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR
         need_hidden = rule.needs_hidden and selected is None
         with torch.no_grad():
@@ -351,7 +333,7 @@ def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 
     """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G, T, d) hidden)."""
     device = _model_device(model)
     r = group.rollouts.to(device)
-    with torch.no_grad(), _ModeGuard(model):
+    with torch.no_grad(), eval_mode(model):
         return grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
                                       r.completion_mask.bool(), temperature=temperature,
                                       batch_size=batch_size, return_hidden=return_hidden)

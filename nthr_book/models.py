@@ -15,6 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +45,45 @@ QWEN2_5_0_5B_CONFIG = dict(
     tie_word_embeddings=True,
     hidden_act="silu",
 )
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """A model's LM head as the log-probs and NTHR's scores read it: c·tanh((h Wᵀ + b) / c) / T."""
+
+    module: torch.nn.Module  # the head (V outputs)
+    softcap: float | None  # the config's final_logit_softcapping c (Gemma); None when unset
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(V, d), detached."""
+        return self.module.weight.detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """(V,) detached, or None."""
+        bias = getattr(self.module, "bias", None)
+        return None if bias is None else bias.detach()
+
+
+def lm_head(model: torch.nn.Module) -> LMHead:
+    """The model's output embeddings and logit soft-cap (read from its text config), in one place."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return LMHead(model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None) or None)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every submodule in eval mode inside the block; each one's own train/eval flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class ModelNotAvailableError(RuntimeError):

@@ -51,6 +51,7 @@ from nthr_book.grpo import (
 )
 from nthr_book.io import atomic_torch_save, atomic_write_text, write_json
 from nthr_book.lld import lld_rate
+from nthr_book.models import lm_head
 from nthr_book.nthr import ANCHORS, VOCAB_MODES
 from nthr_book.rewards import is_correct
 from nthr_book.rollout import Rollouts, generate_groups
@@ -289,6 +290,17 @@ class AdvantageContext:
     softcap: float | None = None  # the model's final_logit_softcapping c (logits c·tanh(z/c))
 
 
+class _Float32Head(torch.nn.Module):
+    """h Wᵀ + b with W, b in float32: the LM head's maths without copying the head module."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight.float(), None if bias is None else bias.float()  # no-op if float32
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
 @torch.no_grad()
 def float32_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids: torch.Tensor,
                   completion_mask: torch.Tensor, *, temperature: float,
@@ -297,21 +309,16 @@ def float32_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids
 
     Under bf16 autocast the LM head's logits are bf16, and NTHR reads its log-sum-exp off the
     log-probs (lse_t = z_t[y_t] - logp_t), so the hook gets these instead: the same states, the
-    head in float32 (a float32 copy when its weights are not), ``grpo.chunked_token_logps``.
+    head's weights in float32 (converted tensors, not a copy of the module; nothing when they are
+    float32 already), ``grpo.chunked_token_logps``.
     """
     mask = completion_mask.bool()  # (N, T)
-    if any(p.dtype != torch.float32 for p in lm_head.parameters()):
-        lm_head = copy.deepcopy(lm_head).float()
+    head32 = _Float32Head(lm_head.weight.detach(), getattr(lm_head, "bias", None))
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (N, T), 0 off mask
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logps[mask] = chunked_token_logps(hidden[mask].float(), lm_head, completion_ids[mask],
+        logps[mask] = chunked_token_logps(hidden[mask].float(), head32, completion_ids[mask],
                                           temperature=temperature, softcap=softcap)
     return logps
-
-
-def _softcap(model) -> float | None:
-    """The model's final logit soft-cap c, or None (read as ``grpo.per_token_logps`` reads it)."""
-    return getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
 
 
 @dataclass
@@ -470,16 +477,16 @@ class GRPOTrainer:
                                    temperature=self.cfg.temperature, return_hidden=hidden)
 
     def _apply_hook(self, ro: Rollouts, rewards, advantages, old_logps, hidden) -> tuple[torch.Tensor, dict]:
-        head, softcap = self.model.get_output_embeddings(), _softcap(self.model)
+        head = lm_head(self.model)
         if self._bf16() and hidden is not None and getattr(self.advantage_fn, "use_logps", True):
             # bf16 logits would round NTHR's log-sum-exp: the hook reads float32 log-probs instead
-            old_logps = float32_logps(hidden.detach(), head, ro.completion_ids, ro.completion_mask,
-                                      temperature=self.cfg.temperature, softcap=softcap)
+            old_logps = float32_logps(hidden.detach(), head.module, ro.completion_ids, ro.completion_mask,
+                                      temperature=self.cfg.temperature, softcap=head.softcap)
         ctx = AdvantageContext(
             advantages=advantages, rewards=rewards, group_size=ro.group_size, completion_ids=ro.completion_ids,
             completion_mask=ro.completion_mask.bool(), hidden=None if hidden is None else hidden.detach(),
-            lm_head_weight=head.weight.detach(), lm_head_bias=None if head.bias is None else head.bias.detach(),
-            temperature=self.cfg.temperature, old_logps=old_logps, softcap=softcap)
+            lm_head_weight=head.weight, lm_head_bias=head.bias,
+            temperature=self.cfg.temperature, old_logps=old_logps, softcap=head.softcap)
         with torch.no_grad():
             return self.advantage_fn(ctx)
 

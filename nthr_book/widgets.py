@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from nthr_book import grpo, nthr, viz
+from nthr_book.models import eval_mode, lm_head
 from nthr_book.rewards import is_correct
 
 __all__ = [
@@ -198,21 +199,6 @@ def display_tokens(completion_ids: Tensor, completion_mask: Tensor, tokenizer: A
     return out
 
 
-class _EvalMode:
-    """Context: every submodule in eval mode, each one's own flag restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in self.modes:
-            m.training = mode
-
-
 @torch.no_grad()
 def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[str] = "generated",
                          temperature: float = 1.0, tokenizer: Any = None, batch_size: int | None = None,
@@ -244,20 +230,17 @@ def compute_group_scores(model: nn.Module, group: Any, *, vocab: str | Sequence[
         raise ValueError("`model` has no parameters") from None
     r = group.rollouts.to(device)
     mask = r.completion_mask.bool()  # (G, T)
-    with _EvalMode(model):
+    with eval_mode(model):
         _, hidden = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
                                            mask, temperature=temperature, batch_size=batch_size,
                                            return_hidden=True)  # (G, T, d)
-    head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
+    head = lm_head(model)
     correct = group.correct.to(device)  # (G,)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None) or None
-    kw = dict(temperature=temperature, lm_head_bias=None if bias is None else bias.detach(),
-              dtype=dtype, softcap=softcap)
+    kw = dict(temperature=temperature, lm_head_bias=head.bias, dtype=dtype, softcap=head.softcap)
     scores, pairs = {}, {}
     keep = tuple(a for a in anchors if a != "all")  # "all" leaves nothing out
     for mode in modes:
-        s, by_anchor = nthr.token_scores_from_hidden(hidden, head.weight.detach(), r.completion_ids,
+        s, by_anchor = nthr.token_scores_from_hidden(hidden, head.weight, r.completion_ids,
                                                      mask, correct, vocab=mode, anchor=keep, **kw)
         scores[mode] = s.cpu()  # (G, T)
         pairs[mode] = {a: p.cpu() for a, p in by_anchor.items()}  # anchor -> (G, T)

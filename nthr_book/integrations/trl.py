@@ -94,6 +94,7 @@ import torch
 from torch import Tensor
 
 from nthr_book.lld import lld_rate
+from nthr_book.models import lm_head
 from nthr_book.nthr import NTHRConfig, apply_to_group
 from nthr_book.rewards import is_correct
 from nthr_book.rollout import generation_config
@@ -306,8 +307,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     def _softcap(self) -> float | None:
         """The model's final logit soft-cap c (Gemma), which NTHR's logits apply too; None if unset."""
-        cfg = self._unwrapped().config.get_text_config()
-        return getattr(cfg, "final_logit_softcapping", None) or None
+        return lm_head(self._unwrapped()).softcap
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
         """TRL's generation with the model's own generation_config set aside (docs/method.md §1).
@@ -570,7 +570,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         broadcast, eta·A on selected tokens), the metric sums and the groups scored.
         """
         G, cfg, b = self.num_generations, self.nthr, rows.numel()
-        head = self._unwrapped().get_output_embeddings()
+        head = lm_head(self._unwrapped()).module
         local = rows.tolist()
         # scores in score_dtype, whatever autocast the trainer runs under
         no_autocast = torch.autocast(device_type=rows.device.type, enabled=False)
