@@ -15,6 +15,9 @@ Where the files come from, first hit wins (see ``data/README.md``):
 The embedded SmolLM2-135M cannot solve any of these, so the fast runs use :func:`arithmetic_problems`,
 a synthetic family with difficulty knobs whose defaults put the embedded model's per-question success
 rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 00).
+
+Why one module of ~640 lines: one converter per benchmark source (each a few lines) and the
+search order they share; no formula of the method lives here.
 """
 
 from __future__ import annotations

@@ -19,6 +19,11 @@ After each measurement the weights are restored **bit for bit** by copying back 
 trainable parameters. The snapshot buffers are allocated once per model (one copy of the trainable
 parameters on the model's device, kept in a module-level ``WeakKeyDictionary``) and reused for
 every question, so memory stays flat over a whole experiment; ``release_snapshot(model)`` frees it.
+
+Reading order: ``one_step_displacement`` (Δ(x), one screen: initial pass, the rule's advantages, the
+update, the new pass), then ``lld_experiment`` (many questions, several rules, the same groups) and
+the summaries of its table (``lld_rate``, ``displacement_summary``, ``paired_comparison``). Groups
+themselves live in ``nthr_book.groups``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,20 +202,62 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
                           optimizer: str = "sgd", steps: int = 1, beta: float = 1.0, eta: float = 0.0,
                           seed: int = 0, temperature: float = 1.0, vocab: str = "generated",
                           question_id: str | None = None, selected: Tensor | None = None,
-                          old_logps: Tensor | None = None, batch_size: int | None = None) -> QuestionDisplacement:
+                          old_logps: Tensor | None = None,
+                          batch_size: int | None = None) -> QuestionDisplacement:
     """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit for bit.
 
     Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
-    log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW with fresh state and weight_decay 0,
-    a choice: the displacement then comes from the gradient alone). ``selected`` (G, T) bool overrides
-    NTHR's selection for the rules that need one (``rules.Rule.needs_hidden``: "nthr",
-    "random"; e.g. to reuse it); the rule's selection gets ``question_seed(seed, question_id)``
-    (kept in ``extras["random_seed"]``: "random" draws its positions with it), so each question gets
-    its own draw and a rerun the same one. ``old_logps`` (G, T) are the initial
-    per-token log-probs when already computed with these weights (``initial_token_logps``), saving a
-    forward pass. Model modes, gradients already stored on the parameters and the global RNG state are
-    left as they were. Introduced in notebook 02.
+    log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW, fresh state, weight_decay 0: the
+    displacement comes from the gradient alone). ``selected`` (G, T) overrides NTHR's selection for
+    the rules that need one (``rules.Rule.needs_hidden``); their draws use
+    ``question_seed(seed, question_id)``. ``old_logps`` (G, T): the initial per-token log-probs when
+    already computed (``initial_token_logps``), saving a forward pass. Model modes, stored gradients
+    and the global RNG state are left as they were. Introduced in notebook 02.
     """
+    rule, qid = _check_displacement_args(group, update, optimizer, vocab, steps, lr, question_id,
+                                         selected, old_logps)
+    device = _model_device(model)
+    r = group.rollouts.to(device)
+    mask, correct = r.completion_mask.bool(), group.correct.to(device)  # (G, T), (G,)
+    fwd = dict(temperature=temperature, batch_size=batch_size)
+    extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), eval_mode(model):
+        # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR's selection
+        with torch.no_grad():
+            old_logps, hidden = _initial_pass(model, r, old_logps, rule.needs_hidden and selected is None,
+                                              **fwd)
+            logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
+            # 2. per-token advantages (G, T) of the rule
+            advantages, selected = _rule_advantages(model, group, rule, mask, hidden, selected, extras,
+                                                    beta=beta, eta=eta, vocab=vocab, temperature=temperature,
+                                                    seed=seed, question_id=qid)
+            del hidden
+        # 3. the update(s) from a snapshot of the weights; 4. ln π after them; weights copied back
+        with _restored_weights(model) as params:
+            extras.update(_update(model, params, r, mask, old_logps, advantages, optimizer=optimizer,
+                                  lr=lr, steps=steps, **fwd))
+            with torch.no_grad():
+                new_logps = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                                   mask, **fwd)
+            logp_new = grpo.sequence_logprob(new_logps.double(), mask)  # (G,)
+
+    diff, on = (logp_new - logp_init).cpu(), correct.cpu()  # (G,) float64, (G,) bool
+    extras.update(logp_new=logp_new.cpu()[on].tolist(), logp_init_all=logp_init.cpu().tolist(),
+                  logp_new_all=logp_new.cpu().tolist(), incorrect_delta=diff[~on].tolist(),
+                  completion_lengths=mask.sum(1).cpu().tolist())
+    return QuestionDisplacement(
+        question_id=qid, method=update, n_correct=group.n_correct, group_size=group.group_size, p=group.p,
+        delta=float(diff[on].mean()), per_response_delta=diff[on].tolist(),
+        n_selected_tokens=int(selected.sum()) if rule.needs_hidden else None,
+        n_incorrect_tokens=int(((~correct)[:, None] & mask).sum()),
+        logp_init=logp_init.cpu()[on].tolist(), extras=extras)
+
+
+def _check_displacement_args(group: Group, update: str, optimizer: str, vocab: str, steps: int, lr: float,
+                             question_id: str | None, selected: Tensor | None,
+                             old_logps: Tensor | None) -> tuple[_rules.Rule, str]:
+    """The rule and question id of a ``one_step_displacement`` call; ValueError naming a bad argument."""
     _check_choice("update", update, _rules.names())
     rule = _rules.get(update)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -227,104 +275,92 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     if selected is not None and not rule.needs_hidden:
         raise ValueError("`selected` is only used by rules with a selection ('nthr', 'random'), "
                          f"got update={update!r}")
-
-    device = _model_device(model)
-    r = group.rollouts.to(device)
-    prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
-    completion_ids, mask = r.completion_ids, r.completion_mask.bool()  # (G, T)
-    correct = group.correct.to(device)  # (G,)
-    G, T = completion_ids.shape
-    incorrect_tokens = (~correct)[:, None] & mask  # (G, T)
+    shape = tuple(group.rollouts.completion_ids.shape)  # (G, T)
     if selected is not None:
-        selected = selected.to(device).bool()
-        if tuple(selected.shape) != (G, T):
-            raise ValueError(f"`selected` must have shape (G, T) = {(G, T)}, got {tuple(selected.shape)}")
-        if bool((selected & ~incorrect_tokens).any()):
+        if tuple(selected.shape) != shape:
+            raise ValueError(f"`selected` must have shape (G, T) = {shape}, got {tuple(selected.shape)}")
+        wrong_tokens = (~group.correct)[:, None] & group.rollouts.completion_mask.bool().cpu()
+        if bool((selected.bool().cpu() & ~wrong_tokens).any()):
             raise ValueError("`selected` marks tokens outside the incorrect responses' completion_mask")
-    if old_logps is not None:
-        if tuple(old_logps.shape) != (G, T):
-            raise ValueError(f"`old_logps` must have shape (G, T) = {(G, T)}, got {tuple(old_logps.shape)}")
-        old_logps = old_logps.detach().to(device=device, dtype=torch.float32)
-    fwd = dict(temperature=temperature, batch_size=batch_size)
-    extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
+    if old_logps is not None and tuple(old_logps.shape) != shape:
+        raise ValueError(f"`old_logps` must have shape (G, T) = {shape}, got {tuple(old_logps.shape)}")
+    return rule, qid
 
+
+def _initial_pass(model: nn.Module, r, old_logps: Tensor | None, need_hidden: bool, *,
+                  temperature: float, batch_size: int | None) -> tuple[Tensor, Tensor | None]:
+    """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states; given log-probs
+    are reused when no hidden states are needed (a pass for them recomputes both)."""
+    if old_logps is not None and not need_hidden:
+        return old_logps.detach().to(device=r.completion_ids.device, dtype=torch.float32), None
+    out = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
+                                 r.completion_mask.bool(), return_hidden=need_hidden,
+                                 temperature=temperature, batch_size=batch_size)
+    return out if need_hidden else (out, None)
+
+
+def _rule_advantages(model: nn.Module, group: Group, rule: _rules.Rule, mask: Tensor, hidden: Tensor | None,
+                     selected: Tensor | None, extras: dict, *, beta: float, eta: float, vocab: str,
+                     temperature: float, seed: int, question_id: str) -> tuple[Tensor, Tensor | None]:
+    """(G, T) advantages of ``rule`` on the group (and its (G, T) selection, for the rules with one)."""
+    device = mask.device
+    group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
+    advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
+    if rule.needs_hidden and selected is None:  # NTHR's selection, from the GRPO advantages
+        res = _nthr_apply(model, hidden, group.rollouts.completion_ids.to(device), mask,
+                          group.correct.to(device), advantages, beta=beta, eta=eta,
+                          temperature=temperature, vocab=vocab)
+        selected, extras["tau"] = res.selected, res.tau
+    advantages = rule.transform(advantages)
+    if not rule.needs_hidden:
+        return advantages, selected
+    selected = selected.to(device).bool()
+    extras["nthr_selected"] = selected.cpu()
+    extras["random_seed"] = question_seed(seed, question_id)  # the seed of the rule's draw
+    selected = rule.selection(selected, mask, extras["random_seed"])
+    extras.update(selected=selected.cpu(), eta=eta, beta=beta, vocab=vocab)
+    return _nthr.reweight_advantages(advantages, selected, eta), selected
+
+
+@contextmanager
+def _restored_weights(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """The trainable parameters, copied into the model's snapshot first and back (with their stored
+    gradients) afterwards, bit for bit, whatever happens inside."""
     snapshot = _snapshot(model)
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), eval_mode(model):
-        # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR
-        need_hidden = rule.needs_hidden and selected is None
+    params = [p for p, _ in snapshot]
+    saved_grads = [p.grad for p in params]
+    with torch.no_grad():
+        for p, buf in snapshot:
+            buf.copy_(p)
+    try:
+        for p in params:
+            p.grad = None
+        yield params
+    finally:
         with torch.no_grad():
-            hidden = None
-            if old_logps is None or need_hidden:
-                out = grpo.group_token_logps(model, prompt_ids, prompt_mask, completion_ids, mask,
-                                             return_hidden=need_hidden, **fwd)
-                old_logps, hidden = out if need_hidden else (out, None)  # (G, T), (G, T, d)
-            logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
+            for (p, buf), g in zip(snapshot, saved_grads):
+                p.copy_(buf)
+                p.grad = g
 
-            # 2. per-token advantages of the chosen rule
-            group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
-            advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
-            if rule.needs_hidden and selected is None:  # NTHR's selection, from the GRPO advantages
-                res = _nthr_apply(model, hidden, completion_ids, mask, correct, advantages,
-                                  beta=beta, eta=eta, temperature=temperature, vocab=vocab)
-                selected, extras["tau"] = res.selected, res.tau
-                del hidden, res
-            advantages = rule.transform(advantages)
-            if rule.needs_hidden:
-                extras["nthr_selected"] = selected.cpu()
-                extras["random_seed"] = question_seed(seed, qid)  # the seed of the rule's draw
-                selected = rule.selection(selected, mask, extras["random_seed"])
-                advantages = _nthr.reweight_advantages(advantages, selected, eta)
-                extras.update(selected=selected.cpu(), eta=eta, beta=beta, vocab=vocab)
 
-        # 3. the update(s), on a snapshot that is copied back afterwards
-        params = [p for p, _ in snapshot]
-        saved_grads = [p.grad for p in params]
-        with torch.no_grad():
-            for p, buf in snapshot:
-                buf.copy_(p)
-        try:
-            for p in params:
-                p.grad = None
-            if optimizer == "sgd":
-                opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
-            else:
-                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            losses, clip_fracs, grad_norms = [], [], []
-            for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                loss, clip_frac = _backward(model, prompt_ids, prompt_mask, completion_ids, mask, old_logps,
-                                            advantages, **fwd)
-                losses.append(loss)
-                clip_fracs.append(clip_frac)
-                grad_norms.append(_grad_norm(params))
-                opt.step()
-            del opt
-            # 4. ln π after the update(s)
-            with torch.no_grad():
-                new_logps = grpo.group_token_logps(model, prompt_ids, prompt_mask, completion_ids,
-                                                   mask, **fwd)
-                logp_new = grpo.sequence_logprob(new_logps.double(), mask)  # (G,)
-        finally:
-            with torch.no_grad():
-                for (p, buf), g in zip(snapshot, saved_grads):
-                    p.copy_(buf)
-                    p.grad = g
-
-    diff = (logp_new - logp_init).cpu()  # (G,) float64
-    correct_cpu = correct.cpu()
-    per_response = diff[correct_cpu]
-    extras.update(loss=losses, clip_frac=clip_fracs, grad_norm=grad_norms,
-                  logp_new=logp_new.cpu()[correct_cpu].tolist(), logp_init_all=logp_init.cpu().tolist(),
-                  logp_new_all=logp_new.cpu().tolist(), incorrect_delta=diff[~correct_cpu].tolist(),
-                  completion_lengths=mask.sum(1).cpu().tolist())
-    return QuestionDisplacement(
-        question_id=qid, method=update, n_correct=group.n_correct, group_size=G, p=group.p,
-        delta=float(per_response.mean()), per_response_delta=per_response.tolist(),
-        n_selected_tokens=int(selected.sum()) if rule.needs_hidden else None,
-        n_incorrect_tokens=int(incorrect_tokens.sum()), logp_init=logp_init.cpu()[correct_cpu].tolist(),
-        extras=extras,
-    )
+def _update(model: nn.Module, params: list[nn.Parameter], r, mask: Tensor, old_logps: Tensor,
+            advantages: Tensor, *, optimizer: str, lr: float, steps: int, temperature: float,
+            batch_size: int | None) -> dict[str, list[float]]:
+    """``steps`` optimizer steps on the group's clipped loss; the per-step loss, clip fraction, grad norm."""
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "grad_norm": []}
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss, clip_frac = _backward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, mask, old_logps,
+                                    advantages, temperature=temperature, batch_size=batch_size)
+        stats["loss"].append(loss)
+        stats["clip_frac"].append(clip_frac)
+        stats["grad_norm"].append(_grad_norm(params))
+        opt.step()
+    return stats
 
 
 def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 1.0,

@@ -14,6 +14,9 @@ columns in ``METRIC_COLUMNS``), ``checkpoint.pt`` (atomic, every ``checkpoint_ev
 optimizer, RNG, metrics so far; about 12 bytes per parameter with Adam, 1.6 GB for the 135M model) and
 ``model/`` (the final weights, loadable with ``load_policy``). A finished run keeps ``model/`` and drops
 ``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook series leaves one copy of weights per run.
+
+Why one module of ~800 lines: config, step, checkpoint/resume and the metrics file are one loop's
+parts and change together; each function is one stage of the step and short on its own.
 """
 
 from __future__ import annotations

@@ -79,8 +79,11 @@ over the update(s) that consumed it) and ``lld/rate`` (share with change <= eps)
 masks out whole (``mask_truncated_completions``) are left out. NTHR logs ``nthr/selected_frac``
 (reweighted tokens / incorrect-response tokens inside TRL's loss mask, mixed groups),
 ``nthr/tau_mean``, ``nthr/score_mean``, ``nthr/eta_mean`` and ``nthr/mixed_groups`` to TRL's
-metrics. Models with a logit scale or soft-capping in the LM head are refused (the scores read the
-plain head).
+metrics. Models whose config scales the LM head's logits (``logit_scale`` and the like) are
+refused; Gemma's soft-capping is applied, as in TRL's log-probs.
+
+Why one module of ~650 lines: TRL's trainer is subclassed in one place, and the hooks into its
+passes, the multi-process gathering and the metrics depend on each other's layout.
 """
 
 from __future__ import annotations
