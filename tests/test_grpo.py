@@ -21,6 +21,7 @@ from nthr_book.grpo import (
     position_ids_from_mask,
     sequence_logprob,
 )
+from nthr_book.models import tiny_random_model
 
 torch.set_num_threads(1)
 
@@ -317,21 +318,10 @@ VOCAB, PAD = 64, 0
 
 
 def _make_tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        attn_implementation="sdpa",  # eager attention in float64 turns fully masked rows into NaN
-    )
-    return LlamaForCausalLM(config).eval().double()  # float64: references without float32 rounding
+    # sdpa attention (the default): eager attention in float64 turns fully masked rows into NaN
+    model = tiny_random_model(VOCAB, hidden_size=32, num_kv_heads=4)
+    model.config.pad_token_id = PAD
+    return model.eval().double()  # float64: references without float32 rounding
 
 
 def _make_tiny_gpt2():
