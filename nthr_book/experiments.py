@@ -88,7 +88,7 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def _t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
+def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
     """(mean, std, low, high): 95% Student-t interval of the mean over seeds."""
     import numpy as np
 
@@ -107,7 +107,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for method, g in results.groupby("method", sort=False):
-        mean, std, low, high = _t_interval(g["accuracy"].tolist())
+        mean, std, low, high = t_interval(g["accuracy"].tolist())
         k, n = int(round((g["accuracy"] * g["n_eval"]).sum())), int(g["n_eval"].sum())
         wl, wh = wilson_interval(k, n)
         rows.append({"method": method, "seeds": len(g), "accuracy_mean": mean, "accuracy_std": std,

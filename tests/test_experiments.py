@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 from nthr_book import experiments
-from nthr_book.experiments import ablation_methods, method_overrides, run_experiment, summarize, t975
+from nthr_book.experiments import (
+    ablation_methods,
+    method_overrides,
+    run_experiment,
+    summarize,
+    t975,
+    t_interval,
+)
 from nthr_book.trainer import TrainConfig
 
 
@@ -89,3 +96,14 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     again = run_experiment("tiny", methods=("grpo", "nthr"), seeds=(0, 1), config=cfg, n_eval=4,
                            eval_max_new_tokens=4, progress=False)
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
+
+
+def test_t_interval_hand_values():
+    # values 1, 2, 3, 6: mean 3, sample sd sqrt(14/3), half-width t975(3)·sd/2 with t975(3) = 3.182
+    mean, sd, low, high = t_interval([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0
+    assert abs(sd - math.sqrt(14 / 3)) <= 4 * 2**-52 * sd  # a few roundings of float64
+    half = 3.182 * math.sqrt(14 / 3) / 2
+    assert abs((high - low) / 2 - half) <= 16 * 2**-52 * half and abs((high + low) / 2 - 3.0) <= 16 * 2**-52 * (3.0 + half)
+    one = t_interval([0.5])
+    assert one[0] == 0.5 and all(math.isnan(v) for v in one[1:])
