@@ -17,7 +17,8 @@ allocated above what was held before each call; everywhere the largest tensor an
 (its biggest temporary, from the warm-up round) and, on CPU, the process's peak RSS. The last lines
 give the relative difference of the scores with and without ``old_logps`` (logit rounding only).
 
-Imports only torch, transformers and nthr_book.{models,grpo,nthr} (no datasets, math-verify, widgets).
+Imports only torch, transformers and nthr_book.{models,grpo,nthr,score_kernel} (no datasets, math-verify,
+widgets).
 
     python bench/nthr_overhead.py --device cpu                          # embedded SmolLM2-135M, T = 128, 512
     python bench/nthr_overhead.py --device cpu --lengths 2048 --repeats 1
@@ -39,10 +40,10 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from nthr_book import grpo, models, nthr  # noqa: E402
 from nthr_book.rewards import is_correct  # noqa: E402
+from nthr_book.score_kernel import LargestOutput  # noqa: E402
 
 DEFAULT_LENGTHS = {"cpu": "128,512", "cuda": "512,1024,2048,4096"}
 VARIANTS = ("gen_logps", "gen", "full")
@@ -82,21 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
-
-
-class LargestOutput(TorchDispatchMode):
-    """Largest number of bytes of any tensor an op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 def load(args):
@@ -148,7 +134,7 @@ def measure_all(fns: dict, args, probe: set[str]) -> dict[str, dict]:
             if i == 0 and name in probe:
                 with LargestOutput() as p:
                     fn()
-                out[name]["largest_bytes"] = p.largest
+                out[name]["largest_bytes"] = p.largest_bytes
             else:
                 fn()
     for _ in range(args.repeats):
@@ -170,7 +156,7 @@ def measure_all(fns: dict, args, probe: set[str]) -> dict[str, dict]:
         if "largest_bytes" not in out[name]:  # no warm-up: probe one extra, untimed run
             with LargestOutput() as p:
                 fns[name]()
-            out[name]["largest_bytes"] = p.largest
+            out[name]["largest_bytes"] = p.largest_bytes
     for res in out.values():
         res["wall"] = statistics.median(res["wall_seconds"])
         res["process"] = statistics.median(res["process_seconds"])

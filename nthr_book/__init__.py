@@ -11,10 +11,13 @@ Modules by concept (the notebooks import them in sequence):
 - ``rollout``  : batched group sampling
 - ``grpo``     : group advantages, token log-probs, the clipped loss with KL
 - ``lld``      : Lazy Likelihood Displacement measurement
-- ``nthr``     : NTHR token scores, threshold, selection, GWHES
+- ``nthr``     : NTHR token scores, threshold, selection, reweighting, the trainer hook
+- ``score_kernel`` : the fast (sum-first, chunked) evaluation of NTHR's token scores
+- ``similarity``   : GWHES and the top-K overlap (the paper's Table 1)
 - ``trainer``  : a resumable GRPO / NTHR trainer
 - ``evaluate`` : benchmark evaluation with intervals
-- ``viz``, ``widgets`` : plots and the interactive threshold explorer
+- ``viz``      : plots and HTML token pictures
+- ``explorer``, ``explorer_html``, ``widgets`` : the threshold explorer's state, its HTML picture, its controls
 """
 
 __version__ = "0.1.0"

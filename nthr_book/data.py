@@ -23,17 +23,17 @@ search order they share; no formula of the method lives here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from nthr_book import config
+from nthr_book.io import iter_jsonl_numbered
 from nthr_book.rewards import extract_boxed
 
 __all__ = [
@@ -365,21 +365,6 @@ def _find_local(name: str, data_dir: str | Path | None) -> tuple[Path | None, li
     return None, dirs
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; ValueError naming file and line when malformed."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
-
-
 def _convert_all(name: str, rows: Sequence[tuple[str, dict]]) -> list[dict]:
     """Convert (location, record) pairs; errors name the location (file:line or hub id:row)."""
     convert = _CONVERTERS[name]
@@ -393,7 +378,7 @@ def _convert_all(name: str, rows: Sequence[tuple[str, dict]]) -> list[dict]:
 
 
 def _read_local(name: str, path: Path) -> list[dict]:
-    records = [(f"{path}:{lineno}", row) for lineno, row in _iter_lines(path)]
+    records = [(f"{path}:{lineno}", row) for lineno, row in iter_jsonl_numbered(path)]
     if not records:
         raise ValueError(f"{path}: no records")
     return _convert_all(name, records)

@@ -314,7 +314,7 @@ def group_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
     micro-batch trimmed of its right padding; with ``return_hidden`` also the (N, T, d) hidden
     states (zeros after a micro-batch's last valid token). Gradients flow as in per_token_logps.
 
-    The one forward pass of a group: Δ(x) (``lld``), the explorer's scores (``widgets``) and
+    The one forward pass of a group: Δ(x) (``lld``), the explorer's scores (``explorer``) and
     notebook 03 call it (prompt_ids (N, P) left-padded, completion_ids (N, T) right-padded).
     """
     N, T = completion_ids.shape

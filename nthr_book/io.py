@@ -86,24 +86,31 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def iter_jsonl(path: str | Path, *, skip_torn_tail: bool = False) -> Iterator[dict]:
-    """Yield the records of a JSONL file; a malformed line raises ``ValueError`` naming file and line.
+def iter_jsonl_numbered(path: str | Path, *, skip_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSONL file, read line by line.
 
-    With ``skip_torn_tail`` a malformed *last* line (a write cut by a kill) is dropped instead.
+    A malformed line raises ``ValueError`` naming file and line (``path:lineno: ...``). With
+    ``skip_torn_tail`` a malformed *last* line (a write cut by a kill) is dropped instead.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if skip_torn_tail and lineno == len(lines):
-                return
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if skip_torn_tail and fh.read() == "":  # nothing after it: the last line
+                    return
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def iter_jsonl(path: str | Path, *, skip_torn_tail: bool = False) -> Iterator[dict]:
+    """Yield the records of a JSONL file (see ``iter_jsonl_numbered``)."""
+    for _, record in iter_jsonl_numbered(path, skip_torn_tail=skip_torn_tail):
         yield record
 
 

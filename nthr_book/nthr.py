@@ -1,4 +1,4 @@
-"""NTHR: token scores, self-influence threshold, token selection, advantage reweighting and GWHES.
+"""NTHR: token scores, self-influence threshold, token selection and advantage reweighting.
 
 Implements docs/method.md §3, reconstructed from arXiv 2505.18830 (Deng et al., "On the
 Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization"). Per group, with
@@ -10,14 +10,14 @@ Effect of Negative Gradient in Group Relative Deep Reinforcement Optimization").
     selection           = tokens t of incorrect responses with s_t > tau
     reweighting         : the advantage of a selected token becomes eta · A
 
-Scores are computed sum-first, never pairwise: ``M = Σ_k g_k h_kᵀ`` (|V'| × d), then
-``s_t = g_tᵀ M h_t = (M h_t)[y_t] - q_tᵀ (M h_t)``, in chunks of tokens, so neither a (T, T) nor a
-(T, V) tensor of a whole group is ever built. ``vocab="generated"`` restricts ``g`` to V*, the token
-ids occurring in the group's responses, without renormalising ``q`` (the paper's speed-up, a
-choice); given the tokens' log-probs (``logps``, which the trainer's old-policy pass already has) it
-multiplies only by the |V*| rows of the LM head, since the full-vocabulary log-sum-exp is then
-lse_t = z_t[y_t] - logps_t. ``vocab="full"`` is exact. ``token_scores_reference`` is the same
-formula pair by pair in float64, the independent check of the fast kernel.
+The module reads top-down as the method: ``token_scores_reference`` (the formula pair by pair in
+float64, the definition), ``token_scores`` / ``token_scores_from_hidden`` (the same scores computed
+fast by ``score_kernel``: sum-first, chunked, never a (T, T) or a whole group's (T, V) tensor),
+``self_influence`` and ``threshold``, ``select_tokens``, ``eta_for``, ``reweight_advantages``, the
+per-group step ``apply_to_scores`` / ``apply_to_group`` under an ``NTHRConfig``, and the trainer
+hook ``nthr_advantage_fn``. ``vocab="generated"`` restricts ``g`` to V*, the token ids occurring in
+the group's responses, without renormalising ``q`` (the paper's speed-up, a choice);
+``vocab="full"`` is exact. GWHES and the top-K overlap are in ``similarity``.
 
 The paper defines the self-influence as the influence of a correct response's tokens on the
 likelihoods of *other* correct responses; whether the pairs inside one response count is left
@@ -26,14 +26,16 @@ default), "other_responses" (only the other correct responses' tokens) and "no_s
 but k == t). It changes s̄+ and so tau, never the incorrect tokens' scores.
 
 Every function works on one group of G responses unless it says otherwise; ``nthr_advantage_fn``
-builds the trainer hook that applies NTHR to a whole rollout batch.
+builds the trainer hook that applies NTHR to a whole rollout batch. The module is longer than the
+book's ~500-line guide because it is the whole method in that reading order, each step next to the
+one it feeds; what can be read apart (the fast kernel, GWHES) lives in its own module.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,6 +43,17 @@ import torch
 from torch import Tensor
 
 from nthr_book.rewards import is_correct
+from nthr_book.score_kernel import (
+    VOCAB_MODES,
+    HiddenSource,
+    LogitsSource,
+    check_group,
+    check_head,
+    check_logits,
+    check_vocab,
+    score_pairs,
+    shape_of,
+)
 
 __all__ = [
     "ANCHORS",
@@ -53,11 +66,8 @@ __all__ = [
     "apply_to_scores",
     "eta_for",
     "group_selection",
-    "gwhes",
-    "gwhes_question",
     "nthr_advantage_fn",
     "random_selection",
-    "random_topk_overlap_expectation",
     "reweight_advantages",
     "select_tokens",
     "self_influence",
@@ -65,53 +75,28 @@ __all__ = [
     "token_scores",
     "token_scores_from_hidden",
     "token_scores_reference",
-    "topk_overlap",
 ]
 
-VOCAB_MODES = ("generated", "full")
+# VOCAB_MODES ("generated", "full") comes from score_kernel, which implements both.
 # Which correct tokens k count in the self-influence s̄+ of a correct token t (default "all").
 ANCHORS = ("all", "other_responses", "no_self_token")
 ETA_SCHEDULES = ("two_abs", "p", "one_minus_p")
-# Default chunk: about 2**25 logits (128 MiB in float32) per (tokens × vocabulary) temporary.
-_CHUNK_ELEMENTS = 2**25
 
 
 # --------------------------------------------------------------------------------------------
-# Input checks
+# Input checks (those of hidden, tokens, logits and vocab are score_kernel's)
 # --------------------------------------------------------------------------------------------
-
-
-def _check_group(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate one group's (G, T, d) hidden, (G, T) tokens and mask, (G,) correct; return bool mask, correct."""
-    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
-        raise ValueError(f"`hidden` must be a (G, T, d) tensor, got {_shape(hidden)}")
-    G, T = hidden.shape[:2]
-    if not isinstance(tokens, Tensor) or tuple(tokens.shape) != (G, T):
-        raise ValueError(f"`tokens` must have shape (G, T) = {(G, T)} like `hidden`, got {_shape(tokens)}")
-    if tokens.is_floating_point() or tokens.is_complex():
-        raise TypeError(f"`tokens` must hold integer token ids, got dtype {tokens.dtype}")
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != (G, T):
-        raise ValueError(f"`mask` must have shape (G, T) = {(G, T)} like `hidden`, got {_shape(mask)}")
-    if not isinstance(correct, Tensor) or tuple(correct.shape) != (G,):
-        raise ValueError(f"`correct` must have shape (G,) = {(G,)}, got {_shape(correct)}")
-    return mask.bool(), correct.bool()
 
 
 def _check_scores(scores: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
     """Validate (G, T) scores, (G, T) mask and (G,) correct; return bool mask, correct."""
     if not isinstance(scores, Tensor) or scores.dim() != 2:
-        raise ValueError(f"`scores` must be a (G, T) tensor, got {_shape(scores)}")
+        raise ValueError(f"`scores` must be a (G, T) tensor, got {shape_of(scores)}")
     if not isinstance(mask, Tensor) or mask.shape != scores.shape:
-        raise ValueError(f"`mask` must have the shape of `scores` {tuple(scores.shape)}, got {_shape(mask)}")
+        raise ValueError(f"`mask` must have the shape of `scores` {tuple(scores.shape)}, got {shape_of(mask)}")
     if not isinstance(correct, Tensor) or tuple(correct.shape) != (scores.shape[0],):
-        raise ValueError(f"`correct` must have shape (G,) = ({scores.shape[0]},), got {_shape(correct)}")
+        raise ValueError(f"`correct` must have shape (G,) = ({scores.shape[0]},), got {shape_of(correct)}")
     return mask.bool(), correct.bool()
-
-
-def _check_vocab(vocab: str) -> None:
-    """Raise unless ``vocab`` is one of VOCAB_MODES."""
-    if vocab not in VOCAB_MODES:
-        raise ValueError(f"vocab={vocab!r}: expected one of {VOCAB_MODES}")
 
 
 def _check_anchor(anchor: str) -> None:
@@ -120,220 +105,26 @@ def _check_anchor(anchor: str) -> None:
         raise ValueError(f"anchor={anchor!r}: expected one of {ANCHORS}")
 
 
-def _shape(x: Any) -> str:
-    """Shape of a tensor, or the type name of anything else, for error messages."""
-    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
-
-
 # --------------------------------------------------------------------------------------------
-# The sum-first core, shared by token_scores, token_scores_from_hidden and gwhes
+# Token scores: the definition, then the same numbers fast
 # --------------------------------------------------------------------------------------------
 
 
-class _LogitsSource:
-    """Temperature-scaled logits read from a given (G, T, V) tensor, a chunk of valid tokens at a time."""
-
-    def __init__(self, logits: Tensor, rows: Tensor, cols: Tensor, vocab_ids: Tensor | None, dtype):
-        self.logits, self.rows, self.cols, self.vocab_ids, self.dtype = logits, rows, cols, vocab_ids, dtype
-
-    def full(self, idx: Tensor) -> Tensor:
-        """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
-        return self.logits[self.rows[idx], self.cols[idx]].to(self.dtype)  # advanced indexing copies
-
-    def restricted(self, idx: Tensor) -> Tensor:
-        """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
-        if self.vocab_ids is None:
-            return self.full(idx)
-        r, c = self.rows[idx, None], self.cols[idx, None]  # (c, 1) each
-        return self.logits[r, c, self.vocab_ids].to(self.dtype)  # (c, V')
-
-
-class _HiddenSource:
-    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states.
-
-    With ``softcap`` c (Gemma's ``final_logit_softcapping``) the logits are c·tanh((h Wᵀ + b) / c) /
-    temperature, as ``grpo.per_token_logps`` computes them. Only the rows of W (and b) that a call
-    needs are converted to ``dtype``: the restricted path never touches, copies or multiplies by the
-    other rows of a (V, d) head.
-    """
-
-    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                 vocab_ids: Tensor | None, dtype, softcap: float | None = None):
-        self.h, self.dtype = h, dtype  # h: (n, d) in dtype
-        self.softcap, self.inv_temperature = softcap, 1.0 / float(temperature)
-        # Without a cap the temperature scales the (c, d) hidden chunk and the bias, not the logits.
-        self.pre_scale = self.inv_temperature if softcap is None else 1.0
-        self._weight, self._bias = weight, bias  # (V, d), (V,) as given
-        self._full: tuple[Tensor, Tensor | None] | None = None
-        self.weight_sub, self.bias_sub = self._rows(vocab_ids) if vocab_ids is not None else self._all()
-
-    def _rows(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(V', d) rows of W in dtype, and the bias of those rows times ``pre_scale``."""
-        w = self._weight.index_select(0, ids.to(self._weight.device)).to(self.dtype)  # (V', d)
-        if self._bias is None:
-            return w, None
-        b = self._bias.index_select(0, ids.to(self._bias.device)).to(self.dtype)  # (V',)
-        return w, b * self.pre_scale
-
-    def _all(self) -> tuple[Tensor, Tensor | None]:
-        """The whole head in dtype; the bias times ``pre_scale``."""
-        if self._full is None:
-            bias = None if self._bias is None else self._bias.to(self.dtype) * self.pre_scale
-            self._full = (self._weight.to(self.dtype), bias)
-        return self._full
-
-    def _logits(self, idx: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        hs = self.h[idx] if self.pre_scale == 1.0 else self.h[idx] * self.pre_scale  # (c, d)
-        z = hs @ weight.T if bias is None else torch.addmm(bias, hs, weight.T)  # (c, V) or (c, V')
-        if self.softcap is None:
-            return z
-        cap = self.softcap
-        return z.div_(cap).tanh_().mul_(cap * self.inv_temperature)  # c·tanh(z / c) / T, in place
-
-    def full(self, idx: Tensor) -> Tensor:
-        """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
-        return self._logits(idx, *self._all())
-
-    def restricted(self, idx: Tensor) -> Tensor:
-        """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
-        return self._logits(idx, self.weight_sub, self.bias_sub)
-
-
-def _sum_first(source: _LogitsSource | _HiddenSource, h: Tensor, pos: Tensor, vocab_ids: Tensor | None,
-               num_cols: int, buckets: Tensor, num_buckets: int, targets: Tensor,
-               chunk_size: int, logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|² (targets).
-
-    With ``logp`` (n,) given and a restricted vocabulary, the full-vocabulary log-sum-exp is read off
-    the log-probs, lse_t = z_t[y_t] - logp_t, so no (c, V) logits are formed; it is raised to at least
-    the log-sum-exp over V' (q restricted to V' can never sum above 1, whatever rounding logp carries).
-    """
-    n, d = h.shape  # n valid tokens of the group, flattened
-    M = h.new_zeros(num_buckets, num_cols, d)  # (B, V', d)
-    lse = h.new_zeros(n)  # full-vocabulary log-sum-exp per token
-    from_logp = logp is not None and vocab_ids is not None
-    needed = (buckets >= 0) | targets  # tokens in no bucket and not scored need no logits at all
-    # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ H_b.
-    for idx in needed.nonzero().squeeze(1).split(chunk_size):
-        if from_logp:
-            z = source.restricted(idx)  # (c, V'), a fresh tensor: overwritten in place below
-            z_y = z.gather(1, pos[idx, None])  # (c, 1) target logits
-            m = z.amax(-1, keepdim=True)  # (c, 1)
-            e = z.sub_(m).exp_()  # (c, V') exp(z - m)
-            lse_c = torch.maximum(z_y - logp[idx, None], m + e.sum(-1, keepdim=True).log())  # (c, 1)
-            lse[idx] = lse_c.squeeze(1)
-            eb, total = e, torch.exp(lse_c - m)  # q = e / total
-        else:
-            z = source.full(idx)  # (c, V), a fresh tensor: overwritten in place below
-            m = z.amax(-1, keepdim=True)  # (c, 1)
-            e = z.sub_(m).exp_()  # (c, V) exp(z - m)
-            total = e.sum(-1, keepdim=True)  # (c, 1)
-            lse[idx] = (m + total.log()).squeeze(1)
-            eb = e if vocab_ids is None else e.index_select(1, vocab_ids)  # (c, V')
-        for b in range(num_buckets):
-            in_b = buckets[idx] == b
-            if not bool(in_b.any()):
-                continue
-            q = eb[in_b] / total[in_b]  # (c_b, V') probabilities of the kept columns
-            M[b].addmm_(q.T, h[idx[in_b]], alpha=-1.0)  # M_b -= Q_bᵀ H_b
-    for b in range(num_buckets):  # M_b += Σ_k onehot(y_k) h_kᵀ (index_put_ is faster than index_add_ on CPU)
-        k = (buckets == b).nonzero().squeeze(1)
-        M[b].index_put_((pos[k],), h[k], accumulate=True)
-    # Pass 2: s_t = (M h_t)[y_t] - q_tᵀ (M h_t) for the target tokens.
-    scores = h.new_zeros(n, num_buckets)
-    self_pairs = h.new_zeros(n)
-    for idx in targets.nonzero().squeeze(1).split(chunk_size):
-        q = torch.exp(source.restricted(idx) - lse[idx, None])  # (c, V')
-        hc, pc = h[idx], pos[idx, None]  # (c, d), (c, 1)
-        q_y = q.gather(1, pc).squeeze(1)  # (c,)
-        for b in range(num_buckets):
-            u = hc @ M[b].T  # (c, V') = M_b h_t
-            scores[idx, b] = u.gather(1, pc).squeeze(1) - (q * u).sum(-1)
-        g_sq = q.square().sum(-1) - 2.0 * q_y + 1.0  # |g_t|² over the kept columns
-        self_pairs[idx] = g_sq * hc.square().sum(-1)
-    return scores, self_pairs
-
-
-def _group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
-                 make_source: Callable[[Tensor, Tensor, Tensor, Tensor | None], _LogitsSource | _HiddenSource],
-                 row_bucket: Tensor, num_buckets: int, target_rows: Tensor, *, vocab: str, dtype,
-                 chunk_size: int | None, logps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Flatten a group's valid tokens, run the core, scatter back: (G, T, B) scores, (G, T) self pairs."""
-    _check_vocab(vocab)
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    G, T = mask.shape
-    scores = torch.zeros(G, T, num_buckets, dtype=dtype, device=hidden.device)
-    self_pairs = torch.zeros(G, T, dtype=dtype, device=hidden.device)
-    rows, cols = mask.nonzero(as_tuple=True)  # (n,) each
-    if rows.numel() == 0:
-        return scores, self_pairs
-    y = tokens[rows, cols].long()  # (n,)
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"`tokens` under `mask` must lie in [0, {vocab_size}) (vocabulary size), got [{lo}, {hi}]")
-    vocab_ids = None if vocab == "full" else torch.unique(y)  # sorted V*
-    pos = y if vocab_ids is None else torch.searchsorted(vocab_ids, y)  # column of y_t in V'
-    num_cols = vocab_size if vocab_ids is None else vocab_ids.numel()
-    logp = None
-    if logps is not None and vocab_ids is not None:  # "full" computes its log-sum-exp exactly
-        logp = logps[rows, cols].to(device=hidden.device, dtype=dtype)  # (n,)
-        bad = logp.isnan()
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"`logps` is NaN under `mask` at (row, column) ({int(rows[i])}, {int(cols[i])})")
-    if chunk_size is None:  # temporaries are (chunk, V), or (chunk, V') when the log-probs give the lse
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(num_cols if logp is not None else vocab_size, 1))
-    h = hidden[rows, cols].to(dtype)  # (n, d)
-    source = make_source(rows, cols, h, vocab_ids)
-    s, sp = _sum_first(source, h, pos, vocab_ids, num_cols, row_bucket[rows], num_buckets,
-                       target_rows[rows], int(chunk_size), logp)
-    scores[rows, cols] = s
-    self_pairs[rows, cols] = sp
-    return scores, self_pairs
-
-
-# --------------------------------------------------------------------------------------------
-# Token scores
-# --------------------------------------------------------------------------------------------
-
-
-def _score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, vocab_size: int,
-                 make_source: Callable[..., _LogitsSource | _HiddenSource], *, vocab: str, dtype: torch.dtype,
-                 chunk_size: int | None, anchor: str | tuple[str, ...] | None,
-                 logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | dict[str, Tensor]]:
-    """token_scores on a given logit source: bucket 0 = correct responses, every token a target.
-
-    With ``anchor`` also the (G, T) pairs that anchor leaves out of s̄+ (a dict of them for a tuple
-    of anchors): none ("all"), the self pair ("no_self_token", a by-product of the scoring pass) or,
-    for "other_responses", each correct token's score against its own response, one response (one
-    bucket) at a time: memory stays one (V', d) matrix and the extra cost one pass over the correct
-    tokens.
-    """
-    kw = dict(vocab=vocab, dtype=dtype, chunk_size=chunk_size, logps=logps)
-    bucket = torch.where(correct, 0, -1).to(hidden.device)  # (G,) correct rows build M
-    targets = torch.ones_like(correct, device=hidden.device)
-    s, self_pairs = _group_pairs(hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets,
-                                 **kw)
-    scores = s[..., 0]  # (G, T)
-    if anchor is None:
-        return scores
-    pairs = {}
-    for name in (anchor,) if isinstance(anchor, str) else anchor:
-        if name == "all":
-            pairs[name] = torch.zeros_like(scores)
-        elif name == "no_self_token":
-            pairs[name] = self_pairs
-        else:  # "other_responses"
-            own = torch.zeros_like(scores)  # (G, T) Σ_{k in t's own response} <g_t,g_k><h_t,h_k>
-            rows = torch.arange(correct.numel(), device=hidden.device)
-            for i in correct.nonzero().flatten().tolist():
-                only_i = rows == i  # (G,) response i is the only bucket and the only target
-                s_i, _ = _group_pairs(hidden, tokens, mask, vocab_size, make_source,
-                                      torch.where(only_i, 0, -1), 1, only_i, **kw)
-                own[i] = s_i[i, :, 0]
-            pairs[name] = own
-    return scores, pairs[anchor] if isinstance(anchor, str) else pairs
+def token_scores_reference(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor,
+                           correct: Tensor, *, vocab: str = "full") -> Tensor:
+    """(G, T) float64 s_t = Σ_{correct k} <g_t,g_k><h_t,h_k>, pair by pair (nb 03's check)."""
+    mask, correct = check_group(hidden, tokens, mask, correct)
+    check_vocab(vocab)
+    q = torch.softmax(logits.double(), dim=-1)  # (G, T, V) predicted next-token distributions
+    y = tokens.masked_fill(~mask, 0).long()  # (G, T) token ids, padding read as id 0
+    g = torch.nn.functional.one_hot(y, q.shape[-1]) - q  # (G, T, V) g_t = onehot(y_t) - q_t
+    if vocab == "generated":
+        g = g[..., torch.unique(tokens[mask])]  # (G, T, |V*|): restricted to V*, q not renormalised
+    h = hidden.double()  # (G, T, d)
+    gg = torch.einsum("itv,jkv->itjk", g, g)  # (G, T, G, T) <g_t, g_k> for every pair of tokens
+    hh = torch.einsum("itd,jkd->itjk", h, h)  # (G, T, G, T) <h_t, h_k>
+    k_counts = (mask & correct[:, None]).double()  # (G, T): the tokens k of correct responses
+    return (gg * hh * k_counts).sum((-2, -1)) * mask  # (G, T), 0 off mask
 
 
 def _anchor_arg(anchor: str | Sequence[str] | None,
@@ -365,12 +156,11 @@ def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, c
     several anchors return ``(scores, {anchor: anchor_pairs})`` from one scoring pass.
     ``return_self_pairs=True`` is anchor="no_self_token".
     """
-    mask, correct = _check_group(hidden, tokens, mask, correct)
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
-        raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {_shape(logits)}")
-    make = lambda rows, cols, h, ids: _LogitsSource(logits, rows, cols, ids, dtype)
-    return _score_pairs(hidden, tokens, mask, correct, logits.shape[-1], make, vocab=vocab, dtype=dtype,
-                        chunk_size=chunk_size, anchor=_anchor_arg(anchor, return_self_pairs))
+    mask, correct = check_group(hidden, tokens, mask, correct)
+    check_logits(logits, mask)
+    make = lambda rows, cols, h, ids: LogitsSource(logits, rows, cols, ids, dtype)
+    return score_pairs(hidden, tokens, mask, correct, logits.shape[-1], make, vocab=vocab, dtype=dtype,
+                       chunk_size=chunk_size, anchor=_anchor_arg(anchor, return_self_pairs))
 
 
 def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
@@ -393,44 +183,15 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
     logits shift lse_t by up to about 2⁻⁹·|z|. ``vocab="full"`` ignores them (exact).
     ``anchor`` and ``return_self_pairs`` as in ``token_scores``.
     """
-    mask, correct = _check_group(hidden, tokens, mask, correct)
-    if not isinstance(lm_head_weight, Tensor) or lm_head_weight.dim() != 2 \
-            or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"`lm_head_weight` must have shape (V, d) with d = {hidden.shape[-1]}, "
-                         f"got {_shape(lm_head_weight)}")
-    V = lm_head_weight.shape[0]
-    if lm_head_bias is not None and (not isinstance(lm_head_bias, Tensor) or tuple(lm_head_bias.shape) != (V,)):
-        raise ValueError(f"`lm_head_bias` must be None or have shape (V,) = ({V},), got {_shape(lm_head_bias)}")
+    mask, correct = check_group(hidden, tokens, mask, correct)
+    cap = check_head(lm_head_weight, lm_head_bias, hidden.shape[-1], temperature, softcap)
     if logps is not None and (not isinstance(logps, Tensor) or tuple(logps.shape) != tuple(mask.shape)):
-        raise ValueError(f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got {_shape(logps)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError("softcap must be None or a positive number (final_logit_softcapping), "
-                         f"got {softcap!r}")
-    cap = None if softcap is None else float(softcap)
-    make = lambda rows, cols, h, ids: _HiddenSource(h, lm_head_weight, lm_head_bias, temperature,
-                                                    ids, dtype, cap)
+        raise ValueError(f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got {shape_of(logps)}")
+    make = lambda rows, cols, h, ids: HiddenSource(h, lm_head_weight, lm_head_bias, temperature,
+                                                   ids, dtype, cap)
     anchor = _anchor_arg(anchor, return_self_pairs)
-    return _score_pairs(hidden, tokens, mask, correct, V, make, vocab=vocab, dtype=dtype,
-                        chunk_size=chunk_size, anchor=anchor, logps=logps)
-
-
-def token_scores_reference(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor,
-                           correct: Tensor, *, vocab: str = "full") -> Tensor:
-    """(G, T) float64 s_t = Σ_{correct k} <g_t,g_k><h_t,h_k>, pair by pair (nb 03's check)."""
-    mask, correct = _check_group(hidden, tokens, mask, correct)
-    _check_vocab(vocab)
-    q = torch.softmax(logits.double(), dim=-1)  # (G, T, V) predicted next-token distributions
-    y = tokens.masked_fill(~mask, 0).long()  # (G, T) token ids, padding read as id 0
-    g = torch.nn.functional.one_hot(y, q.shape[-1]) - q  # (G, T, V) g_t = onehot(y_t) - q_t
-    if vocab == "generated":
-        g = g[..., torch.unique(tokens[mask])]  # (G, T, |V*|): restricted to V*, q not renormalised
-    h = hidden.double()  # (G, T, d)
-    gg = torch.einsum("itv,jkv->itjk", g, g)  # (G, T, G, T) <g_t, g_k> for every pair of tokens
-    hh = torch.einsum("itd,jkd->itjk", h, h)  # (G, T, G, T) <h_t, h_k>
-    k_counts = (mask & correct[:, None]).double()  # (G, T): the tokens k of correct responses
-    return (gg * hh * k_counts).sum((-2, -1)) * mask  # (G, T), 0 off mask
+    return score_pairs(hidden, tokens, mask, correct, lm_head_weight.shape[0], make, vocab=vocab,
+                       dtype=dtype, chunk_size=chunk_size, anchor=anchor, logps=logps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,77 +341,7 @@ def random_selection(selected: Tensor, mask: Tensor, seed: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# GWHES and the top-K overlap
-# --------------------------------------------------------------------------------------------
-
-
-def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
-          vocab: str = "full", dtype: torch.dtype = torch.float32,
-          chunk_size: int | None = None) -> Tensor:
-    """(N+,) GWHES_i = p- Σ_{t∈y+_i} Σ_{k incorrect} <.,.><.,.> - p+ Σ_{t∈y+_i} Σ_{k correct} <.,.><.,.>.
-
-    p = N+/G, p+ = (1-p)/sqrt(p(1-p)), p- = p/sqrt(p(1-p)); larger means lazier. Computed
-    sum-first with M_correct and M_incorrect, over the full vocabulary as the paper's theorem has it
-    (``vocab="generated"``: g restricted to V* like the NTHR speed-up). All-correct groups give NaN
-    (p+ undefined); all-wrong groups give an empty tensor. Notebook 03.
-    """
-    mask, correct = _check_group(hidden, tokens, mask, correct)
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
-        raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {_shape(logits)}")
-    G = correct.numel()
-    n_pos = int(correct.sum())
-    if n_pos == 0:
-        return torch.zeros(0, dtype=dtype, device=hidden.device)
-    if n_pos == G:
-        return torch.full((G,), math.nan, dtype=dtype, device=hidden.device)
-    bucket = torch.where(correct, 0, 1).to(hidden.device)  # 0: correct rows, 1: incorrect rows
-    make = lambda rows, cols, h, ids: _LogitsSource(logits, rows, cols, ids, dtype)
-    s, _ = _group_pairs(hidden, tokens, mask, logits.shape[-1], make, bucket, 2, correct.to(hidden.device),
-                        vocab=vocab, dtype=dtype, chunk_size=chunk_size)
-    per_row = s.sum(1)[correct]  # (N+, 2): Σ_t s_t against correct (0) and incorrect (1) tokens
-    p = n_pos / G
-    sd = math.sqrt(p * (1 - p))
-    return (p / sd) * per_row[:, 1] - ((1 - p) / sd) * per_row[:, 0]
-
-
-def gwhes_question(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor,
-                   **kwargs: Any) -> float:
-    """Per-question GWHES: mean of ``gwhes`` over the correct responses (default: full vocabulary).
-
-    NaN for homogeneous groups. Notebook 03.
-    """
-    values = gwhes(hidden, logits, tokens, mask, correct, **kwargs)
-    return float(values.mean()) if values.numel() else math.nan
-
-
-def topk_overlap(rank_a: Sequence[float] | Tensor, rank_b: Sequence[float] | Tensor, k: int) -> float:
-    """Fraction of shared items in the top-k of two score sequences over the same items (larger = lazier).
-
-    ``rank_a[j]`` and ``rank_b[j]`` are two scores of item j (e.g. GWHES and -Δ(x) of question j:
-    negate Δ so that larger means lazier); the top-k are the k largest, ties broken by lower index.
-    """
-    a = torch.as_tensor(rank_a, dtype=torch.float64).flatten()
-    b = torch.as_tensor(rank_b, dtype=torch.float64).flatten()
-    if a.numel() != b.numel():
-        raise ValueError(f"rank_a and rank_b must score the same items, got lengths {a.numel()} and {b.numel()}")
-    if not 1 <= int(k) <= a.numel():
-        raise ValueError(f"k must lie in [1, {a.numel()}] (number of items), got {k}")
-    if bool(a.isnan().any() | b.isnan().any()):
-        raise ValueError("rank_a and rank_b must not contain NaN (drop homogeneous questions first)")
-    top_a = set(torch.sort(a, descending=True, stable=True).indices[: int(k)].tolist())
-    top_b = set(torch.sort(b, descending=True, stable=True).indices[: int(k)].tolist())
-    return len(top_a & top_b) / int(k)
-
-
-def random_topk_overlap_expectation(n: int, k: int) -> float:
-    """Expected top-k overlap of a uniformly random ranking of n items with a fixed one: k / n."""
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
-    return k / n
-
-
-# --------------------------------------------------------------------------------------------
-# The trainer hook
+# The per-group step: NTHRConfig, apply_to_scores, apply_to_group
 # --------------------------------------------------------------------------------------------
 
 
@@ -670,7 +361,7 @@ class NTHRConfig:
     """Tokens k in the self-influence s̄+: "all", "other_responses", "no_self_token" (ANCHORS)."""
 
     def __post_init__(self) -> None:
-        _check_vocab(self.vocab)
+        check_vocab(self.vocab)
         _check_anchor(self.anchor)
         if math.isnan(float(self.beta)):
             raise ValueError("NTHRConfig.beta must be a number or -inf, got nan")
@@ -723,7 +414,7 @@ def apply_to_scores(scores: Tensor, mask: Tensor, correct: Tensor, advantages: T
     G, T = mask.shape
     if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((G, T), (G,)):
         raise ValueError(f"`advantages` must have shape (G, T) = {(G, T)} or (G,), "
-                         f"got {_shape(advantages)}")
+                         f"got {shape_of(advantages)}")
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(G, T)  # one advantage per response
     if anchor_pairs is None and config.anchor != "all" and float(config.beta) != -math.inf:
@@ -774,12 +465,17 @@ def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask
     ``apply_to_group`` with the advantages' signs of binary rewards (every incorrect response
     negative), so the selection is every incorrect token with s_t > tau.
     """
-    mask_b, correct_b = _check_group(hidden, tokens, mask, correct)
+    mask_b, correct_b = check_group(hidden, tokens, mask, correct)
     signs = torch.where(correct_b, 1.0, -1.0)  # (G,) the sign of a binary reward's advantage
     res = apply_to_group(hidden, lm_head_weight, tokens, mask_b, correct_b, signs, config,
                          temperature=temperature, lm_head_bias=lm_head_bias, softcap=softcap,
                          logps=logps, dtype=dtype, chunk_size=chunk_size)
     return res.scores, res.tau, res.selected
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer hook
+# --------------------------------------------------------------------------------------------
 
 
 class NTHRAdvantageHook:

@@ -3,7 +3,9 @@
 Every plot function draws into ``ax`` (or ``axes``) when given and creates a figure only when it is
 None; it returns the axes, never calls ``plt.show()`` and saves only when ``save=path`` is passed.
 The HTML renderers are pure functions returning a string with inline styles (no CSS files), so a
-notebook shows them with ``IPython.display.HTML`` and the widgets module wires them to controls.
+notebook shows them with ``IPython.display.HTML`` (``explorer_html`` builds the threshold explorer's
+picture from them). The module is long because it is a catalogue of independent, pure draw and
+render functions, one per figure, that share only the colours and the token-display helpers.
 
 - ``plot_displacement``       : the paper's Figure 1, per-question Δ ln π(y+|x) by update rule
 - ``render_token_scores_html``: one response's tokens coloured by score, selected tokens outlined

@@ -1,4 +1,4 @@
-"""Atomic writes: the temporary file reaches the disk before the rename, the folder after it."""
+"""Atomic writes: the temporary file reaches the disk before the rename, the folder after it; the JSONL reader."""
 
 from __future__ import annotations
 
@@ -66,3 +66,25 @@ def test_folder_fsync_is_best_effort(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", no_folders)
     assert io.write_json(tmp_path / "b.json", {"a": 1}).read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_jsonl_reader_numbers_lines_and_names_file_and_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    # a blank line is skipped but counted; U+2028 inside a string does not end a line
+    path.write_text('{"a": 1}\n\n{"a": "x\u2028y"}\n', encoding="utf-8")
+    assert list(io.iter_jsonl_numbered(path)) == [(1, {"a": 1}), (3, {"a": "x\u2028y"})]
+    assert io.read_jsonl(path) == [{"a": 1}, {"a": "x\u2028y"}]
+    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: expected a JSON object, got list"):
+        io.read_jsonl(path)
+
+
+def test_jsonl_reader_drops_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ', encoding="utf-8")  # a write cut by a kill
+    with pytest.raises(ValueError, match=r"r\.jsonl:3: not valid JSON"):
+        io.read_jsonl(path)
+    assert io.read_jsonl(path, skip_torn_tail=True) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n', encoding="utf-8")  # not the last line: an error
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: not valid JSON"):
+        io.read_jsonl(path, skip_torn_tail=True)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from naive_scores import F32, F64, g_and_h, generated_ids, logit_err, make_group, naive_pair_sums, score_atol
 
 from nthr_book.nthr import (
     ANCHORS,
@@ -20,11 +20,8 @@ from nthr_book.nthr import (
     NTHRConfig,
     eta_for,
     group_selection,
-    gwhes,
-    gwhes_question,
     nthr_advantage_fn,
     random_selection,
-    random_topk_overlap_expectation,
     reweight_advantages,
     select_tokens,
     self_influence,
@@ -32,108 +29,10 @@ from nthr_book.nthr import (
     token_scores,
     token_scores_from_hidden,
     token_scores_reference,
-    topk_overlap,
 )
+from nthr_book.score_kernel import LargestOutput
 
 torch.set_num_threads(1)
-
-F32, F64 = 2.0**-24, 2.0**-53  # unit roundoffs of float32 and float64
-
-
-# --------------------------------------------------------------------------------------------
-# Naive references (float64, explicit loops over token pairs) and rounding bounds
-# --------------------------------------------------------------------------------------------
-
-
-def _g_h(hidden, logits, tokens, vocab_ids=None):
-    """Float64 g = onehot(y) - softmax(logits) (optionally restricted to vocab_ids) and h."""
-    V = logits.shape[-1]
-    q = torch.softmax(logits.double(), dim=-1)
-    g = torch.nn.functional.one_hot(tokens.clamp(0, V - 1), V).double() - q
-    if vocab_ids is not None:
-        g = g[..., vocab_ids]
-    return g, hidden.double()
-
-
-def naive_pair_sums(hidden, logits, tokens, mask, source_rows, vocab_ids=None, skip_self=False):
-    """(G, T) Σ_{k in valid tokens of source_rows} <g_t,g_k><h_t,h_k>, by a double loop over tokens."""
-    g, h = _g_h(hidden, logits, tokens, vocab_ids)
-    G, T = mask.shape
-    out = torch.zeros(G, T, dtype=torch.float64)
-    for i in range(G):
-        for t in range(T):
-            if not mask[i, t]:
-                continue
-            total = 0.0
-            for j in range(G):
-                if not source_rows[j]:
-                    continue
-                for k in range(T):
-                    if not mask[j, k] or (skip_self and (i, t) == (j, k)):
-                        continue
-                    total += float(g[i, t] @ g[j, k]) * float(h[i, t] @ h[j, k])
-            out[i, t] = total
-    return out
-
-
-def pair_scale(hidden, logits, tokens, mask, source_rows, vocab_ids=None):
-    """(G, T) Σ_{valid k of source_rows} <|g_t|,|g_k|><|h_t|,|h_k|> (float64): the terms' size."""
-    g, h = _g_h(hidden, logits, tokens, vocab_ids)
-    gg = torch.einsum("itv,jkv->itjk", g.abs(), g.abs())  # (G, T, G, T)
-    hh = torch.einsum("itd,jkd->itjk", h.abs(), h.abs())  # (G, T, G, T)
-    k = (mask.bool() & torch.as_tensor(source_rows).bool()[:, None]).double()  # (G, T)
-    return (gg * hh * k).sum((-2, -1)) * mask
-
-
-def score_atol(hidden, logits, tokens, mask, source_rows, eps, *, vocab_ids=None, logit_err=0.0,
-               lse_err=0.0):
-    """Absolute rounding bound of scores made in precision eps from these inputs (a tolerance).
-
-    A score sums n pair terms, each a product of inner products over |V'| and d coordinates: its
-    error is at most m·eps·Σ|terms| with m = n + |V'| + d (Higham, Accuracy and Stability of
-    Numerical Algorithms, §3.1), plus 16 ulps for the softmax's exp, log and division. Logits off
-    by at most ``logit_err`` move each g_v by a relative 2·logit_err at most (q_v and its
-    normaliser), two g's per term: 4·logit_err/eps ulps more. A log-sum-exp off by ``lse_err``
-    (read from rounded log-probs) moves q_y by a relative lse_err, i.e. g_y = 1 - q_y by up to
-    q_y/(1 - q_y) times that.
-    """
-    n = int(mask.sum())
-    cols = logits.shape[-1] if vocab_ids is None else len(vocab_ids)
-    q_y = torch.softmax(logits.double(), -1).gather(-1, tokens[..., None]).squeeze(-1)[mask.bool()]
-    lse_factor = max(1.0, float((q_y / (1 - q_y)).max())) if lse_err else 0.0
-    m = n + cols + hidden.shape[-1] + 16 + (4 * logit_err + 2 * lse_factor * lse_err) / eps
-    return m * eps * float(pair_scale(hidden, logits, tokens, mask, source_rows, vocab_ids).max())
-
-
-def logit_err(hidden, weight, bias, temperature, eps):
-    """Bound of logits (h·W_v + b_v) / T rounded in precision eps: (d+4)·eps·max(|h||W_v|+|b_v|)/T.
-
-    d + 2 for the inner product, the bias and the scaling; 2 more for a soft-cap (tanh, whose slope
-    is at most 1, and its two scalings).
-    """
-    h = hidden.double().abs().reshape(-1, hidden.shape[-1])  # (n, d)
-    scale = h @ weight.double().abs().T  # (n, V)
-    if bias is not None:
-        scale = scale + bias.double().abs()
-    return (hidden.shape[-1] + 4) * eps * float(scale.max()) / temperature
-
-
-def generated_ids(tokens, mask):
-    """Sorted token ids occurring under the mask (V*)."""
-    return torch.unique(tokens[mask.bool()])
-
-
-def make_group(G, T, d, V, seed, correct, lengths=None, id_range=None):
-    """Random group: hidden (G,T,d), logits (G,T,V), tokens, right-padded mask, correct."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(G, T, d, generator=gen)
-    logits = 2.0 * torch.randn(G, T, V, generator=gen)
-    tokens = torch.randint(0, id_range or V, (G, T), generator=gen)
-    if lengths is None:
-        lengths = torch.randint(1, T + 1, (G,), generator=gen).tolist()
-    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
-    tokens = tokens.masked_fill(~mask, 0)  # padding id
-    return hidden, logits, tokens, mask, torch.tensor(correct, dtype=torch.bool)
 
 
 GROUP_CASES = [
@@ -301,7 +200,7 @@ def test_token_scores_errors():
 
 def anchor_brute_force(hidden, logits, tokens, mask, correct, anchor, vocab_ids=None):
     """(N+,) s̄+_i summing, pair by pair, the terms <g_t,g_k><h_t,h_k> the anchor keeps (float64)"""
-    g, h = _g_h(hidden, logits, tokens, vocab_ids)
+    g, h = g_and_h(hidden, logits, tokens, vocab_ids)
     G, T = mask.shape
     out = []
     for i in correct.nonzero().flatten().tolist():
@@ -348,7 +247,7 @@ def test_self_pairs_and_self_influence_exclusion(vocab):
     ids = None if vocab == "full" else generated_ids(tokens, mask)
     scores, self_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64,
                                       return_self_pairs=True)
-    g, h = _g_h(hidden, logits, tokens, ids)
+    g, h = g_and_h(hidden, logits, tokens, ids)
     torch.testing.assert_close(self_pairs, (g.square().sum(-1) * h.square().sum(-1)) * mask, rtol=0,
                                atol=self_pair_atol(hidden, logits, tokens, mask, F64, ids))
     with_self = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
@@ -581,91 +480,6 @@ def test_random_selection_is_uniform_over_valid_tokens():
     assert counts[0, 4] == 0
     # 200 each expected; ±50 is 4.1 standard deviations of Binomial(800, 1/4) (sd 12.2)
     assert (counts[0, :4] > 150).all() and (counts[0, :4] < 250).all()
-
-
-# --------------------------------------------------------------------------------------------
-# GWHES and top-K overlap
-# --------------------------------------------------------------------------------------------
-
-
-def gwhes_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=None):
-    """Bound of GWHES_i = p-/sd·Σ_t s_t(incorrect k) - p+/sd·Σ_t s_t(correct k), from scores'."""
-    p = correct.double().mean().item()
-    sd = math.sqrt(p * (1 - p))
-    to_pos = score_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=vocab_ids)
-    to_neg = score_atol(hidden, logits, tokens, mask, ~correct, eps, vocab_ids=vocab_ids)
-    return mask.shape[1] * ((p / sd) * to_neg + ((1 - p) / sd) * to_pos)  # <= T tokens a response
-
-
-@pytest.mark.parametrize("vocab", ["full", "generated"])
-@pytest.mark.parametrize("correct", [[True, False, False, True, False], [False, True, False, False, False]])
-def test_gwhes_matches_naive(vocab, correct):
-    hidden, logits, tokens, mask, correct = make_group(5, 4, 3, 8, seed=21, correct=correct,
-                                                       lengths=[4, 3, 4, 1, 2], id_range=6)
-    ids = None if vocab == "full" else generated_ids(tokens, mask)
-    to_pos = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids).sum(-1)[correct]
-    to_neg = naive_pair_sums(hidden, logits, tokens, mask, ~correct, vocab_ids=ids).sum(-1)[correct]
-    p = correct.double().mean().item()
-    sd = math.sqrt(p * (1 - p))
-    expected = (p / sd) * to_neg - ((1 - p) / sd) * to_pos
-    got = gwhes(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64, chunk_size=3)
-    tol64 = 2 * gwhes_atol(hidden, logits, tokens, mask, correct, F64, ids)  # both sides round
-    torch.testing.assert_close(got, expected, rtol=0, atol=tol64)
-    tol32 = gwhes_atol(hidden, logits, tokens, mask, correct, F32, ids)  # a mean of values in it
-    assert gwhes_question(hidden, logits, tokens, mask, correct, vocab=vocab) == pytest.approx(
-        expected.mean().item(), rel=0, abs=tol32)
-
-
-def test_gwhes_defaults_to_the_full_vocabulary():
-    hidden, logits, tokens, mask, correct = make_group(5, 4, 3, 8, seed=21,
-                                                       correct=[True, False, False, True, False],
-                                                       lengths=[4, 3, 4, 1, 2], id_range=3)
-    assert generated_ids(tokens, mask).numel() <= 3  # V* is a strict subset: the two modes differ
-    to_pos = naive_pair_sums(hidden, logits, tokens, mask, correct).sum(-1)[correct]
-    to_neg = naive_pair_sums(hidden, logits, tokens, mask, ~correct).sum(-1)[correct]
-    sd = math.sqrt(0.4 * 0.6)
-    expected = (0.4 / sd) * to_neg - (0.6 / sd) * to_pos  # full vocabulary, the paper's GWHES
-    tol32 = gwhes_atol(hidden, logits, tokens, mask, correct, F32)
-    group = (hidden, logits, tokens, mask, correct)
-    torch.testing.assert_close(gwhes(*group).double(), expected, rtol=0, atol=tol32)
-    assert gwhes_question(*group) == pytest.approx(expected.mean().item(), rel=0, abs=tol32)
-    generated = gwhes(hidden, logits, tokens, mask, correct, vocab="generated").double()
-    assert (generated - expected).abs().max() > 10 * tol32
-
-
-def test_gwhes_homogeneous_groups():
-    hidden, logits, tokens, mask, _ = make_group(3, 4, 3, 8, seed=2, correct=[True, True, True])
-    assert gwhes(hidden, logits, tokens, mask, torch.ones(3, dtype=torch.bool)).isnan().all()
-    assert math.isnan(gwhes_question(hidden, logits, tokens, mask, torch.ones(3, dtype=torch.bool)))
-    assert gwhes(hidden, logits, tokens, mask, torch.zeros(3, dtype=torch.bool)).numel() == 0
-    assert math.isnan(gwhes_question(hidden, logits, tokens, mask, torch.zeros(3, dtype=torch.bool)))
-
-
-def test_topk_overlap_by_hand():
-    a = [5.0, 4.0, 3.0, 2.0, 1.0]
-    assert topk_overlap(a, a, 2) == 1.0
-    assert topk_overlap(a, [1.0, 2.0, 3.0, 4.0, 5.0], 2) == 0.0
-    assert topk_overlap(a, [1.0, 2.0, 3.0, 4.0, 5.0], 3) == 1 / 3
-    assert topk_overlap(a, torch.tensor([0.9, -1.0, 0.8, 0.0, 3.0]), 3) == 2 / 3
-    assert topk_overlap(a, [0.0, 0.0, 0.0, 0.0, 0.0], 1) == 1.0  # ties: lower index first
-    assert topk_overlap(a, [9.0, 0.0, 0.0, 0.0, 0.0], 5) == 1.0
-    with pytest.raises(ValueError, match="same items"):
-        topk_overlap(a, a[:4], 2)
-    with pytest.raises(ValueError, match="k must lie"):
-        topk_overlap(a, a, 6)
-
-
-def test_random_topk_overlap_expectation_matches_paper_baselines():
-    # the paper prints three decimals: a rounding of at most 5e-4, plus a float's 1e-4 slack
-    assert random_topk_overlap_expectation(57, 10) == pytest.approx(0.175, abs=6e-4)
-    assert random_topk_overlap_expectation(47, 10) == pytest.approx(0.213, abs=6e-4)
-    assert random_topk_overlap_expectation(57, 15) == pytest.approx(0.263, abs=6e-4)
-    assert random_topk_overlap_expectation(47, 15) == pytest.approx(0.319, abs=6e-4)
-    gen = torch.Generator().manual_seed(0)
-    fixed = torch.arange(20.0)
-    mean = sum(topk_overlap(fixed, torch.randperm(20, generator=gen).double(), 5) for _ in range(2000)) / 2000
-    # overlap/5 is hypergeometric (sd 0.172 a draw): the mean of 2000 has sd 0.0038; 0.02 ≈ 5 sd
-    assert mean == pytest.approx(5 / 20, abs=0.02)
 
 
 # --------------------------------------------------------------------------------------------
@@ -978,31 +792,16 @@ def test_logps_from_per_token_logps_on_a_tiny_model():
     torch.testing.assert_close(with_logps.double(), expected, rtol=0, atol=tol_logps)
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_generated_path_with_logps_never_touches_the_whole_vocabulary():
     # V = 50 000 is far above every other size here (n = 22 tokens, V* <= 12, d = 7): an op output with
     # V elements (a (n, V) logit block, a (V,) bias, a converted (V, d) head) shows up as largest >= V.
     hidden, weight, b, tokens, mask, correct, temp = _head_group(V=50_000)
     logps = _hand_logps(hidden, weight, b, tokens, mask, temp).float()
     kw = dict(temperature=temp, lm_head_bias=b)
-    with _LargestOutput() as probe:
+    with LargestOutput() as probe:
         with_logps = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, **kw)
     assert probe.largest < 1000
-    with _LargestOutput() as probe:  # the check can fail: the path without logps forms (c, V) logits
+    with LargestOutput() as probe:  # the check can fail: the path without logps forms (c, V) logits
         without = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
     assert probe.largest >= mask.sum() * 50_000
     logits = (hidden.double() @ weight.double().T + b.double()) / temp  # (G, T, 50 000) float64
