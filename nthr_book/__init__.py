@@ -1,4 +1,5 @@
-"""nthr_book: GRPO, Lazy Likelihood Displacement and NTHR (arXiv 2505.18830) for teaching and research.
+"""nthr_book: GRPO, Lazy Likelihood Displacement and NTHR (arXiv 2505.18830) for teaching and
+research.
 
 Modules by concept (the notebooks import them in sequence):
 
@@ -17,7 +18,8 @@ Modules by concept (the notebooks import them in sequence):
 - ``trainer``  : a resumable GRPO / NTHR trainer
 - ``evaluate`` : benchmark evaluation with intervals
 - ``viz``      : plots and HTML token pictures
-- ``explorer``, ``explorer_html``, ``widgets`` : the threshold explorer's state, its HTML picture, its controls
+- ``explorer``, ``explorer_html``, ``widgets`` : the threshold explorer's state, its HTML picture,
+  its controls
 """
 
 __version__ = "0.1.0"

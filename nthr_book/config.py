@@ -2,8 +2,8 @@
 
 The switch is the environment variable ``NTHR_BOOK_FAST``: ``1`` runs every notebook on the embedded
 SmolLM2-135M with small step counts (what CI and ``make demo`` do), ``0`` runs the paper's setting
-(Qwen2.5-0.5B-Instruct on a GPU). Unset, the mode follows the hardware: full with CUDA, fast without.
-``GroupsPreset.current()`` turns the switch into the parameters notebooks 02-04 share.
+(Qwen2.5-0.5B-Instruct on a GPU). Unset, the mode follows the hardware: full with CUDA, fast
+without. ``GroupsPreset.current()`` turns the switch into the parameters notebooks 02-04 share.
 """
 
 from __future__ import annotations
@@ -35,13 +35,17 @@ def fast_mode() -> bool:
 
 def mode_name() -> str:
     """'fast' or 'full', with where the choice came from, for the notebooks' parameters cell."""
-    source = f"{FAST_ENV}={os.environ[FAST_ENV]}" if os.environ.get(FAST_ENV) else "auto: CUDA present?"
+    source = (
+        f"{FAST_ENV}={os.environ[FAST_ENV]}" if os.environ.get(FAST_ENV) else "auto: CUDA present?"
+    )
     return f"{'fast' if fast_mode() else 'full'} ({source})"
 
 
 def cache_dir() -> Path:
     """Where converted models live: ``$NTHR_BOOK_CACHE`` or ``~/.cache/nthr_book``."""
-    return Path(os.environ.get("NTHR_BOOK_CACHE", Path.home() / ".cache" / "nthr_book")).expanduser()
+    return Path(
+        os.environ.get("NTHR_BOOK_CACHE", Path.home() / ".cache" / "nthr_book")
+    ).expanduser()
 
 
 def data_dir() -> Path:
@@ -50,7 +54,8 @@ def data_dir() -> Path:
 
 
 def shared_eval_dir() -> Path | None:
-    """``../shared/data/eval`` beside the project, where the benchmark files sit on offline machines."""
+    """``../shared/data/eval`` beside the project, where the benchmark files sit on offline
+    machines."""
     candidate = PROJECT_ROOT.parent / "shared" / "data" / "eval"
     return candidate if candidate.is_dir() else None
 
@@ -61,7 +66,8 @@ def runs_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """Where executed notebooks, figures and summaries go: ``$NTHR_BOOK_BUILD`` or ``<project>/build``."""
+    """Where executed notebooks, figures and summaries go: ``$NTHR_BOOK_BUILD`` or
+    ``<project>/build``."""
     return Path(os.environ.get("NTHR_BOOK_BUILD", PROJECT_ROOT / "build")).expanduser()
 
 
@@ -94,14 +100,24 @@ class GroupsPreset:
 
     @classmethod
     def fast(cls) -> GroupsPreset:
-        """SmolLM2-135M, 24 arithmetic questions (few-shot, boxed), 48 new tokens: minutes on a CPU."""
-        return cls("fast", "smollm2-135m", "arithmetic", True, n_questions=24, max_new_tokens=48, lr=5e-5)
+        """SmolLM2-135M, 24 arithmetic questions (few-shot, boxed), 48 new tokens: minutes on a
+        CPU."""
+        return cls(
+            "fast", "smollm2-135m", "arithmetic", True, n_questions=24, max_new_tokens=48, lr=5e-5
+        )
 
     @classmethod
     def paper(cls) -> GroupsPreset:
         """Qwen2.5-0.5B-Instruct, 160 MATH500 questions of levels 3-5, 2500 new tokens (a GPU)."""
-        return cls("full", "Qwen/Qwen2.5-0.5B-Instruct", "boxed", True, n_questions=160,
-                   max_new_tokens=2500, lr=1e-5)
+        return cls(
+            "full",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "boxed",
+            True,
+            n_questions=160,
+            max_new_tokens=2500,
+            lr=1e-5,
+        )
 
     @classmethod
     def current(cls) -> GroupsPreset:

@@ -2,9 +2,9 @@
 
 The paper trains on MATH levels 3-5 and evaluates on AIME24, AMC23, MATH500, Minerva Math and
 OlympiadBench; GSM8K is added as an easier yardstick. Every benchmark loads as a
-``datasets.Dataset`` with string columns ``id``, ``problem`` and ``answer`` (plus ``level``, ``subject``,
-``unique_id`` and the like where the source has them), whatever the source's field names and answer
-formats are.
+``datasets.Dataset`` with string columns ``id``, ``problem`` and ``answer`` (plus ``level``,
+``subject``, ``unique_id`` and the like where the source has them), whatever the source's field
+names and answer formats are.
 
 Where the files come from, first hit wins (see ``data/README.md``):
 
@@ -12,9 +12,10 @@ Where the files come from, first hit wins (see ``data/README.md``):
 4. ``../shared/data/eval`` beside the project (``config.shared_eval_dir()``), each as
 ``<folder>/<name>.jsonl``; 5. the Hugging Face hub (``HUB_SOURCES``), only when it can be reached.
 
-The embedded SmolLM2-135M cannot solve any of these, so the fast runs use :func:`arithmetic_problems`,
-a synthetic family with difficulty knobs whose defaults put the embedded model's per-question success
-rate inside (0, 1) (measured by ``bench/arithmetic_difficulty.py``; notebook 00).
+The embedded SmolLM2-135M cannot solve any of these, so the fast runs use
+:func:`arithmetic_problems`, a synthetic family with difficulty knobs whose defaults put the
+embedded model's per-question success rate inside (0, 1) (measured by
+``bench/arithmetic_difficulty.py``; notebook 00).
 
 Why one module of ~640 lines: one converter per benchmark source (each a few lines) and the
 search order they share; no formula of the method lives here.
@@ -73,8 +74,15 @@ HUB_SOURCES: dict[str, tuple[str, str | None, str]] = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
 }
 MATH_TRAIN_HUB = "EleutherAI/hendrycks_math"
-MATH_TRAIN_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-                       "number_theory", "prealgebra", "precalculus")
+MATH_TRAIN_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
 HUB_PROBE_TIMEOUT_S = 3.0  # how long to wait for a TCP connection to the hub before giving up
 
 
@@ -87,11 +95,13 @@ class DataNotAvailableError(FileNotFoundError):
 # ---------------------------------------------------------------------------------------------
 
 # The instruction used by the paper (Qwen2.5-Math's evaluation prompt).
-BOXED_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+BOXED_TEMPLATE = (
+    "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+)
 # Tuned for the embedded SmolLM2-135M on arithmetic_problems (bench/arithmetic_difficulty.py). Asked
-# for \boxed{} in words only, the 135M model boxes almost nothing; shown two solved
-# questions as earlier chat turns (ARITHMETIC_EXAMPLES), it boxes every answer, stops after one line,
-# and its wrong answers differ from the right ones in the number only ("7 * 3 = 18. The answer is
+# for \boxed{} in words only, the 135M model boxes almost nothing; shown two solved questions as
+# earlier chat turns (ARITHMETIC_EXAMPLES), it boxes every answer, stops after one line, and its
+# wrong answers differ from the right ones in the number only ("7 * 3 = 18. The answer is
 # \boxed{18}."): the near-miss negatives under which LLD shows.
 ARITHMETIC_TEMPLATE = "{problem}\nAnswer in one sentence, with the final answer in \\boxed{}."
 ARITHMETIC_EXAMPLES: tuple[tuple[str, str], ...] = (
@@ -111,7 +121,8 @@ ARITHMETIC_TEMPERATURE = 1.0  # the sampling temperature the difficulty defaults
 
 
 def _resolve_template(template: str) -> str:
-    """The template string for a name in PROMPT_TEMPLATES or a custom string containing '{problem}'."""
+    """The template string for a name in PROMPT_TEMPLATES or a custom string containing
+    '{problem}'."""
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")
     if template in PROMPT_TEMPLATES:
@@ -125,7 +136,8 @@ def _resolve_template(template: str) -> str:
 
 
 def format_problem(problem: str, template: str = "boxed") -> str:
-    """The user message: ``template`` (a name or a string with '{problem}') filled with ``problem``."""
+    """The user message: ``template`` (a name or a string with '{problem}') filled with
+    ``problem``."""
     if not isinstance(problem, str):
         raise TypeError(f"problem must be a str, got {type(problem).__name__}")
     # replace, not str.format: every other brace in a template is literal, as in \boxed{}
@@ -135,36 +147,52 @@ def format_problem(problem: str, template: str = "boxed") -> str:
 def _check_examples(examples: object) -> tuple[tuple[str, str], ...]:
     """Examples as a tuple of (problem, response) string pairs; TypeError naming the bad item."""
     if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
-        raise TypeError(f"examples must be a sequence of (problem, response) pairs, got {examples!r}")
+        raise TypeError(
+            f"examples must be a sequence of (problem, response) pairs, got {examples!r}"
+        )
     out = []
     for i, pair in enumerate(examples):
-        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
-                or not all(isinstance(x, str) for x in pair)):
-            raise TypeError(f"examples[{i}] must be a (problem, response) pair of strings, got {pair!r}")
+        if (
+            isinstance(pair, (str, bytes))
+            or not isinstance(pair, Sequence)
+            or len(pair) != 2
+            or not all(isinstance(x, str) for x in pair)
+        ):
+            raise TypeError(
+                f"examples[{i}] must be a (problem, response) pair of strings, got {pair!r}"
+            )
         out.append((pair[0], pair[1]))
     return tuple(out)
 
 
-def build_prompt(tokenizer, problem: str, template: str = "boxed", *,
-                 examples: Sequence[tuple[str, str]] | None = None) -> str:
+def build_prompt(
+    tokenizer,
+    problem: str,
+    template: str = "boxed",
+    *,
+    examples: Sequence[tuple[str, str]] | None = None,
+) -> str:
     """The chat-formatted prompt asking ``problem`` with ``template``'s instruction (notebook 00).
 
     ``template`` is a key of ``PROMPT_TEMPLATES`` ("boxed": the paper's Qwen-math instruction,
-    "arithmetic": the one tuned for the embedded model, "plain": the bare problem) or a custom string
-    containing ``{problem}``, the only placeholder (every other brace is literal, as in ``\\boxed{}``).
-    ``examples`` are solved (problem, response) pairs put first as earlier user/assistant turns, each
-    problem filled into the same template; ``None`` takes the named template's ``PROMPT_EXAMPLES``
-    (the two arithmetic examples for "arithmetic", none otherwise), ``()`` none. The result ends with
-    the assistant header (``add_generation_prompt=True``). A tokenizer without a chat template gets
-    plain text: the examples' turns and the question separated by blank lines.
+    "arithmetic": the one tuned for the embedded model, "plain": the bare problem) or a custom
+    string containing ``{problem}``, the only placeholder (every other brace is literal, as in
+    ``\\boxed{}``). ``examples`` are solved (problem, response) pairs put first as earlier
+    user/assistant turns, each problem filled into the same template; ``None`` takes the named
+    template's ``PROMPT_EXAMPLES`` (the two arithmetic examples for "arithmetic", none otherwise),
+    ``()`` none. The result ends with the assistant header (``add_generation_prompt=True``). A
+    tokenizer without a chat template gets plain text: the examples' turns and the question
+    separated by blank lines.
     """
     content = format_problem(problem, template)
     if examples is None:
         examples = PROMPT_EXAMPLES.get(template, ())
     messages = []
     for shown, response in _check_examples(examples):
-        messages += [{"role": "user", "content": format_problem(shown, template)},
-                     {"role": "assistant", "content": response}]
+        messages += [
+            {"role": "user", "content": format_problem(shown, template)},
+            {"role": "assistant", "content": response},
+        ]
     messages.append({"role": "user", "content": content})
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -192,7 +220,9 @@ def _text(row: dict, *names: str) -> str:
     """A non-empty string field (see _field)."""
     value = _field(row, *names)
     if not isinstance(value, str):
-        raise _RowError(f"field {names[0]!r} must be a string, got {type(value).__name__}: {value!r}")
+        raise _RowError(
+            f"field {names[0]!r} must be a string, got {type(value).__name__}: {value!r}"
+        )
     if not value.strip():
         raise _RowError(f"field {names[0]!r} is empty")
     return value
@@ -215,7 +245,8 @@ _INLINE_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 
 
 def _strip_dollars(s: str) -> str:
-    """``$2n$`` -> ``2n``; ``$69$,$84$`` -> ``69,84`` (math delimiters; an escaped ``\\$`` stays)."""
+    """``$2n$`` -> ``2n``; ``$69$,$84$`` -> ``69,84`` (math delimiters; an escaped ``\\$``
+    stays)."""
     s = s.strip()
     if s.startswith("$") and s.endswith("$."):  # '$(-\\infty, 0)$.': a sentence's full stop
         s = s[:-1]
@@ -233,20 +264,33 @@ def _id(name: str, row: dict, index: int, *keys: str) -> str:
 
 
 def _convert_aime24(row: dict, index: int) -> dict:
-    return {"id": _id("aime24", row, index, "id"), "problem": _text(row, "problem", "question"),
-            "answer": _number_answer(_field(row, "answer")), "url": str(row.get("url") or "")}
+    return {
+        "id": _id("aime24", row, index, "id"),
+        "problem": _text(row, "problem", "question"),
+        "answer": _number_answer(_field(row, "answer")),
+        "url": str(row.get("url") or ""),
+    }
 
 
 def _convert_amc23(row: dict, index: int) -> dict:
-    return {"id": _id("amc23", row, index, "id"), "problem": _text(row, "problem", "question"),
-            "answer": _number_answer(_field(row, "answer")), "url": str(row.get("url") or "")}
+    return {
+        "id": _id("amc23", row, index, "id"),
+        "problem": _text(row, "problem", "question"),
+        "answer": _number_answer(_field(row, "answer")),
+        "url": str(row.get("url") or ""),
+    }
 
 
 def _convert_math500(row: dict, index: int) -> dict:
     level = row.get("level")
-    return {"id": _id("math500", row, index, "unique_id"), "problem": _text(row, "problem"),
-            "answer": _text(row, "answer").strip(), "level": _level(level) if level is not None else 0,
-            "subject": str(row.get("subject") or ""), "unique_id": str(row.get("unique_id") or "")}
+    return {
+        "id": _id("math500", row, index, "unique_id"),
+        "problem": _text(row, "problem"),
+        "answer": _text(row, "answer").strip(),
+        "level": _level(level) if level is not None else 0,
+        "subject": str(row.get("subject") or ""),
+        "unique_id": str(row.get("unique_id") or ""),
+    }
 
 
 def _convert_minerva(row: dict, index: int) -> dict:
@@ -258,8 +302,12 @@ def _convert_minerva(row: dict, index: int) -> dict:
         if answer is None or not answer.strip():
             raise _RowError("field 'solution' has no non-empty \\boxed{...} answer")
         answer = answer.strip()
-    return {"id": _id("minerva_math", row, index, "idx", "id"), "problem": _text(row, "problem", "question"),
-            "answer": answer, "subject": str(row.get("type") or row.get("subject") or "")}
+    return {
+        "id": _id("minerva_math", row, index, "idx", "id"),
+        "problem": _text(row, "problem", "question"),
+        "answer": answer,
+        "subject": str(row.get("type") or row.get("subject") or ""),
+    }
 
 
 def _convert_olympiadbench(row: dict, index: int) -> dict:
@@ -270,10 +318,15 @@ def _convert_olympiadbench(row: dict, index: int) -> dict:
     answer = ", ".join(_strip_dollars(p) for p in parts)
     if not answer.strip(", "):
         raise _RowError("field 'final_answer' is empty")
-    return {"id": _id("olympiadbench", row, index, "id"), "problem": _text(row, "question", "problem"),
-            "answer": answer, "subject": str(row.get("subfield") or ""),
-            "answer_type": str(row.get("answer_type") or ""), "unit": str(row.get("unit") or ""),
-            "is_multiple_answer": bool(row.get("is_multiple_answer", len(parts) > 1))}
+    return {
+        "id": _id("olympiadbench", row, index, "id"),
+        "problem": _text(row, "question", "problem"),
+        "answer": answer,
+        "subject": str(row.get("subfield") or ""),
+        "answer_type": str(row.get("answer_type") or ""),
+        "unit": str(row.get("unit") or ""),
+        "is_multiple_answer": bool(row.get("is_multiple_answer", len(parts) > 1)),
+    }
 
 
 def _convert_gsm8k(row: dict, index: int) -> dict:
@@ -283,8 +336,12 @@ def _convert_gsm8k(row: dict, index: int) -> dict:
     answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
     if not answer:
         raise _RowError("field 'answer' has nothing after '####'")
-    return {"id": _id("gsm8k", row, index, "idx", "id"), "problem": _text(row, "question", "problem"),
-            "answer": answer, "solution": solution}
+    return {
+        "id": _id("gsm8k", row, index, "idx", "id"),
+        "problem": _text(row, "question", "problem"),
+        "answer": answer,
+        "solution": solution,
+    }
 
 
 def _level(value: Any) -> int:
@@ -307,9 +364,14 @@ def _convert_math_train(row: dict, index: int) -> dict:
         answer = extract_boxed(solution)
         if answer is None or not answer.strip():
             raise _RowError("field 'solution' has no non-empty \\boxed{...} answer")
-    return {"id": _id("math_train", row, index, "unique_id", "id"), "problem": _text(row, "problem"),
-            "answer": _number_answer(answer), "level": _level(_field(row, "level")),
-            "subject": str(row.get("type") or row.get("subject") or ""), "solution": solution}
+    return {
+        "id": _id("math_train", row, index, "unique_id", "id"),
+        "problem": _text(row, "problem"),
+        "answer": _number_answer(answer),
+        "level": _level(_field(row, "level")),
+        "subject": str(row.get("type") or row.get("subject") or ""),
+        "solution": solution,
+    }
 
 
 _CONVERTERS: dict[str, Callable[[dict, int], dict]] = {
@@ -355,8 +417,11 @@ def benchmark_search_dirs(data_dir: str | Path | None = None) -> list[tuple[str,
     return dirs
 
 
-def _find_local(name: str, data_dir: str | Path | None) -> tuple[Path | None, list[tuple[str, Path]]]:
-    """The first ``<folder>/<name>.jsonl`` in the search order (or None) and the folders searched."""
+def _find_local(
+    name: str, data_dir: str | Path | None
+) -> tuple[Path | None, list[tuple[str, Path]]]:
+    """The first ``<folder>/<name>.jsonl`` in the search order (or None) and the folders
+    searched."""
     dirs = benchmark_search_dirs(data_dir)
     for _, folder in dirs:
         candidate = folder / f"{name}.jsonl"
@@ -396,12 +461,15 @@ def _to_dataset(records: list[dict]):
 
 
 def _offline_flag() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (True behind a proxy)."""
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (True behind a
+    proxy)."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # the proxy decides; the download timeouts below still bound the wait
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -413,10 +481,15 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def _hub_rows(hub_id: str, config_name: str | None, split: str, what: str, searched: str) -> list[dict]:
-    """Rows of a hub split; DataNotAvailableError (naming ``what`` and ``searched``) on any failure."""
-    hint = (f"Put {what} as JSONL into one of the searched folders (or point ${DATA_ENV} at one), "
-            "or run once with network access (and HF_HUB_OFFLINE unset) to fill the Hugging Face cache.")
+def _hub_rows(
+    hub_id: str, config_name: str | None, split: str, what: str, searched: str
+) -> list[dict]:
+    """Rows of a hub split; DataNotAvailableError (naming ``what`` and ``searched``) on any
+    failure."""
+    hint = (
+        f"Put {what} as JSONL into one of the searched folders (or point ${DATA_ENV} at one), "
+        "or run once with network access (and HF_HUB_OFFLINE unset) to fill the Hugging Face cache."
+    )
     if not _offline_flag() and not _hub_reachable():
         raise DataNotAvailableError(
             f"{what} was not found locally ({searched}) and the hub ({hub_id}) cannot be reached. "
@@ -432,7 +505,8 @@ def _hub_rows(hub_id: str, config_name: str | None, split: str, what: str, searc
     except Exception as exc:  # network, missing cache, renamed dataset: all end in one clear error
         why = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise DataNotAvailableError(
-            f"{what} was not found locally ({searched}) and loading {hub_id} from the hub failed ({why}). {hint}"
+            f"{what} was not found locally ({searched}) and loading {hub_id} from the hub failed "
+            f"({why}). {hint}"
         ) from exc
 
 
@@ -450,26 +524,29 @@ def load_benchmark(name: str, data_dir: str | Path | None = None):
 
     ``name`` is one of ``BENCHMARKS``. Answers are normalised to strings the graders accept: AIME's
     zero padding kept ("023"), AMC floats as integers ("27"), Minerva's last ``\\boxed{}`` of the
-    solution, OlympiadBench's answer list joined with ", " without ``$``, GSM8K's number after "####"
-    without thousands commas. Search order: ``data_dir``, ``$NTHR_BOOK_DATA``, ``data/``, the shared eval
-    folder, then the hub (``HUB_SOURCES``); a malformed row raises ``ValueError`` naming file and line.
+    solution, OlympiadBench's answer list joined with ", " without ``$``, GSM8K's number after
+    "####" without thousands commas. Search order: ``data_dir``, ``$NTHR_BOOK_DATA``, ``data/``, the
+    shared eval folder, then the hub (``HUB_SOURCES``); a malformed row raises ``ValueError`` naming
+    file and line.
     """
     name = _check_name(name)
     path, dirs = _find_local(name, data_dir)
     if path is not None:
         return _to_dataset(_read_local(name, path))
     hub_id, config_name, split = HUB_SOURCES[name]
-    rows = _hub_rows(hub_id, config_name, split, f"benchmark {name!r}", _describe(dirs, f"{name}.jsonl"))
+    rows = _hub_rows(
+        hub_id, config_name, split, f"benchmark {name!r}", _describe(dirs, f"{name}.jsonl")
+    )
     return _to_dataset(_convert_all(name, [(f"{hub_id}:{i}", r) for i, r in enumerate(rows)]))
 
 
 def load_math_train(levels: Sequence[int] = (3, 4, 5), data_dir: str | Path | None = None):
     """The MATH train split restricted to ``levels``: the paper's training data (nb 05, full run).
 
-    A local ``math_train.jsonl`` (MATH records: problem, solution, level, type) in the benchmark search
-    folders wins; otherwise the seven subject configs of ``EleutherAI/hendrycks_math`` are fetched from
-    the hub (about 7.5k problems before the level filter). The answer is the solution's last
-    ``\\boxed{}``. Offline, a ``DataNotAvailableError`` says where to put the file.
+    A local ``math_train.jsonl`` (MATH records: problem, solution, level, type) in the benchmark
+    search folders wins; otherwise the seven subject configs of ``EleutherAI/hendrycks_math`` are
+    fetched from the hub (about 7.5k problems before the level filter). The answer is the solution's
+    last ``\\boxed{}``. Offline, a ``DataNotAvailableError`` says where to put the file.
     """
     if isinstance(levels, (int, str)) or not isinstance(levels, Sequence) or not levels:
         raise TypeError(f"levels must be a non-empty sequence of ints in 1..5, got {levels!r}")
@@ -507,10 +584,16 @@ _ITEMS = ("apples", "stamps", "marbles", "books", "coins", "cards", "shells", "p
 
 def _value_range(value: object, name: str) -> tuple[int, int]:
     """(lo, hi) with 0 <= lo <= hi from a pair of ints; ValueError naming ``name`` otherwise."""
-    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or not 0 <= value[0] <= value[1]):
-        raise ValueError(f"{name} must be a (lo, hi) pair of ints with 0 <= lo <= hi, got {value!r}")
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not 0 <= value[0] <= value[1]
+    ):
+        raise ValueError(
+            f"{name} must be a (lo, hi) pair of ints with 0 <= lo <= hi, got {value!r}"
+        )
     return int(value[0]), int(value[1])
 
 
@@ -535,7 +618,10 @@ def _word_problem(rng: random.Random, a: int, op: str, b: int) -> str:
         return f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
     if op == "-":
         return f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
-    return f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} have in total?"
+    return (
+        f"{name} has {a} bags with {b} {item} in each bag. "
+        f"How many {item} does {name} have in total?"
+    )
 
 
 def arithmetic_split(expression: str) -> str:
@@ -558,24 +644,26 @@ def arithmetic_problems(
 ) -> list[dict]:
     """``n`` synthetic arithmetic questions with exact integer answers (notebook 00).
 
-    Knobs (the defaults are tuned for the embedded SmolLM2-135M; see ``bench/arithmetic_difficulty.py``):
+    Knobs (the defaults are tuned for the embedded SmolLM2-135M; see
+    ``bench/arithmetic_difficulty.py``):
 
     - ``ops``: the operations, one drawn uniformly for each slot.
-    - ``left`` / ``right``: inclusive (lo, hi) ranges, drawn uniformly, of the first operand and of every
-      later one. The default asks "17 - 3", "11 * 6", "9 + 8"; ``left=(2, 9)`` is easier (the model is
-      right about 80% of the time, most groups nearly all right), ``left=(10, 99)`` harder (most
-      questions never solved).
+    - ``left`` / ``right``: inclusive (lo, hi) ranges, drawn uniformly, of the first operand and of
+      every later one. The default asks "17 - 3", "11 * 6", "9 + 8"; ``left=(2, 9)`` is easier (the
+      model is right about 80% of the time, most groups nearly all right), ``left=(10, 99)`` harder
+      (most questions never solved).
     - ``num_operands``: 2 to 4, with the usual precedence.
     - ``phrasing``: "symbolic" ("What is 17 - 3?"), "words" ("What is 17 minus 3?") or "story" (a
       one-sentence word problem; two operands only).
     - ``allow_negative``: keep negative results (otherwise they are drawn again).
-    - ``split``: None (any question), "train" or "test", a fixed partition by a hash of the expression
-      (``ARITHMETIC_TEST_FRACTION`` of the questions are "test"): held-out questions stay disjoint from
-      every training pool however many seeds draw from the small default space (about 430 questions).
+    - ``split``: None (any question), "train" or "test", a fixed partition by a hash of the
+      expression (``ARITHMETIC_TEST_FRACTION`` of the questions are "test"): held-out questions stay
+      disjoint from every training pool however many seeds draw from the small default space (about
+      430 questions).
 
-    Question ``i`` depends only on ``(seed, i)`` and the knobs, so a larger ``n`` extends a smaller one;
-    questions may repeat. Each dict has ``id``, ``problem``, ``answer`` (a string), ``expression``
-    (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
+    Question ``i`` depends only on ``(seed, i)`` and the knobs, so a larger ``n`` extends a smaller
+    one; questions may repeat. Each dict has ``id``, ``problem``, ``answer`` (a string),
+    ``expression`` (Python syntax), ``num_operands``, ``ops`` and ``max_digits``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -586,7 +674,11 @@ def arithmetic_problems(
         raise ValueError(f"ops must be a non-empty subset of {ARITHMETIC_OPS}, got {ops!r}")
     left_range = _value_range(left, "left")
     right_range = _value_range(right, "right")
-    if isinstance(num_operands, bool) or not isinstance(num_operands, int) or not 2 <= num_operands <= 4:
+    if (
+        isinstance(num_operands, bool)
+        or not isinstance(num_operands, int)
+        or not 2 <= num_operands <= 4
+    ):
         raise ValueError(f"num_operands must be 2, 3 or 4, got {num_operands!r}")
     if phrasing not in ("symbolic", "words", "story"):
         raise ValueError(f"phrasing must be 'symbolic', 'words' or 'story', got {phrasing!r}")
@@ -602,26 +694,37 @@ def arithmetic_problems(
             slot_ops = [rng.choice(ops) for _ in range(num_operands - 1)]
             operands = [rng.randint(*left_range)] + [rng.randint(*right_range) for _ in slot_ops]
             value = _evaluate(operands, slot_ops)
-            expression = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(slot_ops, operands[1:])])
-            if (allow_negative or value >= 0) and (split is None or arithmetic_split(expression) == split):
+            expression = " ".join(
+                [str(operands[0])] + [f"{op} {x}" for op, x in zip(slot_ops, operands[1:])]
+            )
+            if (allow_negative or value >= 0) and (
+                split is None or arithmetic_split(expression) == split
+            ):
                 break
         else:
-            raise ValueError(f"could not draw question {i} in 1000 tries: the knobs leave (almost) no "
-                             f"question with a non-negative result in split={split!r}")
+            raise ValueError(
+                f"could not draw question {i} in 1000 tries: the knobs leave (almost) no "
+                f"question with a non-negative result in split={split!r}"
+            )
         if phrasing == "symbolic":
             problem = f"What is {expression}?"
         elif phrasing == "words":
-            spoken = " ".join([str(operands[0])] + [f"{_OP_WORDS[op]} {x}" for op, x in zip(slot_ops, operands[1:])])
+            spoken = " ".join(
+                [str(operands[0])]
+                + [f"{_OP_WORDS[op]} {x}" for op, x in zip(slot_ops, operands[1:])]
+            )
             problem = f"What is {spoken}?"
         else:
             problem = _word_problem(rng, operands[0], slot_ops[0], operands[1])
-        problems.append({
-            "id": f"arith/{seed}/{i}",
-            "problem": problem,
-            "answer": str(value),
-            "expression": expression,
-            "num_operands": num_operands,
-            "ops": "".join(slot_ops),
-            "max_digits": max(len(str(x)) for x in operands),
-        })
+        problems.append(
+            {
+                "id": f"arith/{seed}/{i}",
+                "problem": problem,
+                "answer": str(value),
+                "expression": expression,
+                "num_operands": num_operands,
+                "ops": "".join(slot_ops),
+                "max_digits": max(len(str(x)) for x in operands),
+            }
+        )
     return problems

@@ -1,9 +1,11 @@
-"""``make demo``: execute the notebook series in order and write executed copies and a summary to build/.
+"""``make demo``: execute the notebook series in order and write executed copies and a summary to
+build/.
 
-Usage: ``python -m nthr_book.demo [--only 00,01] [--timeout 3600]``. Each notebook runs in ``notebooks/`` (as in
-JupyterLab and nbmake); its executed copy goes to ``build/notebooks/<name>.ipynb`` and ``.html``; the data each
-notebook saves lands in ``build/<name>/``. ``build/SUMMARY.md`` lists the status and time of every notebook and the
-small result tables (CSV/JSON) the notebooks wrote.
+Usage: ``python -m nthr_book.demo [--only 00,01] [--timeout 3600]``. Each notebook runs in
+``notebooks/`` (as in JupyterLab and nbmake); its executed copy goes to
+``build/notebooks/<name>.ipynb`` and ``.html``; the data each notebook saves lands in
+``build/<name>/``. ``build/SUMMARY.md`` lists the status and time of every notebook and the small
+result tables (CSV/JSON) the notebooks wrote.
 """
 
 from __future__ import annotations
@@ -26,15 +28,20 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def run_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, float, str]:
-    """Execute one notebook; write the executed copy (.ipynb and .html). Returns (ok, seconds, error)."""
+    """Execute one notebook; write the executed copy (.ipynb and .html). Returns (ok, seconds,
+    error)."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     t0 = time.perf_counter()
     error = ""
     try:
@@ -61,7 +68,9 @@ def _results_section(stem: str, max_rows: int = 12) -> str:
         except Exception as exc:  # a malformed CSV should not hide the others
             parts.append(f"- `{path.name}`: unreadable ({exc})")
             continue
-        parts.append(f"**{path.name}**\n\n```\n{df.head(max_rows).round(4).to_string(index=False)}\n```")
+        parts.append(
+            f"**{path.name}**\n\n```\n{df.head(max_rows).round(4).to_string(index=False)}\n```"
+        )
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         data = json.loads(path.read_text())
         data.pop("versions", None)
@@ -79,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     build = config.build_dir()
-    lines = ["# nthr_book demo: results", "", f"Mode: {config.mode_name()}", "",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), "",
-             "| notebook | status | minutes |", "|---|---|---|"]
+    lines = [
+        "# nthr_book demo: results",
+        "",
+        f"Mode: {config.mode_name()}",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        "",
+        "| notebook | status | minutes |",
+        "|---|---|---|",
+    ]
     sections, failed = [], 0
     for path in notebooks(only):
         print(f"running {path.name} ...", flush=True)
@@ -89,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         failed += not ok
         status = "ok" if ok else f"FAILED: {error[:200]}"
         print(f"  {status} in {seconds / 60:.1f} min", flush=True)
-        lines.append(f"| [{path.stem}](notebooks/{path.stem}.html) | {status} | {seconds / 60:.1f} |")
+        lines.append(
+            f"| [{path.stem}](notebooks/{path.stem}.html) | {status} | {seconds / 60:.1f} |"
+        )
         body = _results_section(path.stem)
         if body:
             sections.append(f"## {path.stem}\n\n{body}")

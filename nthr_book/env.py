@@ -1,4 +1,5 @@
-"""Environment report (the first code cell of every notebook), library versions for provenance, seeding."""
+"""Environment report (the first code cell of every notebook), library versions for provenance,
+seeding."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def device_description() -> str:
 
 
 def report() -> dict[str, str]:
-    """Print (and return) versions, device and run mode; every notebook's first code cell calls it."""
+    """Print (and return) versions, device and run mode; every notebook's first code cell calls
+    it."""
     info = versions() | {"device": device_description(), "mode": config.mode_name()}
     width = max(len(k) for k in info)
     for key, value in info.items():

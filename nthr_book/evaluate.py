@@ -1,16 +1,16 @@
 """Greedy / avg@k benchmark accuracy, resumable records, the paper's Table 2 (notebook 06).
 
-The paper (arXiv 2505.18830, docs/method.md §4) reports greedy accuracy on AIME24, AMC23, MATH500, Minerva
-and OlympiadBench, one run each, without intervals. :func:`evaluate` measures the same quantity
-(``n_samples=1``, ``temperature=0``: pass@1) or avg@k (``n_samples=k`` sampled completions per problem,
-accuracy = mean over problems of the mean over samples), always with a 95% interval:
+The paper (arXiv 2505.18830, docs/method.md §4) reports greedy accuracy on AIME24, AMC23, MATH500,
+Minerva and OlympiadBench, one run each, without intervals. :func:`evaluate` measures the same
+quantity (``n_samples=1``, ``temperature=0``: pass@1) or avg@k (``n_samples=k`` sampled completions
+per problem, accuracy = mean over problems of the mean over samples), always with a 95% interval:
 
 * every per-problem score is 0 or 1 (always so for pass@1): the **Wilson** score interval on
   ``k`` correct problems out of ``n`` (:func:`wilson_interval`);
 * otherwise (avg@k with problems solved by some but not all samples): a **normal interval on the
-  per-problem means**, ``mean ± z * sd / sqrt(n)`` with the sample standard deviation (ddof=1), clipped
-  to [0, 1]. Problems are the independent units, so the interval reflects between-problem spread
-  and never treats the ``k`` correlated samples of a problem as independent trials.
+  per-problem means**, ``mean ± z * sd / sqrt(n)`` with the sample standard deviation (ddof=1),
+  clipped to [0, 1]. Problems are the independent units, so the interval reflects between-problem
+  spread and never treats the ``k`` correlated samples of a problem as independent trials.
 
 Records. Each (problem, sample) becomes one JSON line in ``<out_dir>/<label>/<benchmark>.jsonl``
 (:data:`RECORD_FIELDS`), appended and flushed as each batch finishes, next to a settings file
@@ -22,7 +22,8 @@ of mixing two evaluations in one file.
 
 Determinism. Greedy decoding is deterministic (up to the padding of the batch a problem lands in).
 With ``temperature > 0`` each batch is seeded with ``seed + position of its first problem``, so a
-fresh run is reproducible; a resumed run is statistically, not bitwise, equal to an uninterrupted one.
+fresh run is reproducible; a resumed run is statistically, not bitwise, equal to an uninterrupted
+one.
 
 Why one module of ~520 lines: the records' resume rules and the intervals are what make a table
 trustworthy, and they are read together.
@@ -66,11 +67,36 @@ __all__ = [
 
 PAPER_BENCHMARKS = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
 # Full sizes of the paper's benchmarks: one problem is 100/n points (AIME24 3.3, AMC23 2.5).
-PAPER_BENCHMARK_SIZES = {"aime24": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675}
-RECORD_FIELDS = ("id", "sample", "prompt", "completion", "extracted", "gold", "correct", "truncated")
+PAPER_BENCHMARK_SIZES = {
+    "aime24": 30,
+    "amc23": 40,
+    "math500": 500,
+    "minerva_math": 272,
+    "olympiadbench": 675,
+}
+RECORD_FIELDS = (
+    "id",
+    "sample",
+    "prompt",
+    "completion",
+    "extracted",
+    "gold",
+    "correct",
+    "truncated",
+)
 # Settings that must match for a rerun to resume a records file (batch_size and limit may change).
-COMPARED_SETTINGS = ("benchmark", "label", "model", "n_samples", "temperature", "top_p", "max_new_tokens",
-                     "template", "require_boxed", "seed")
+COMPARED_SETTINGS = (
+    "benchmark",
+    "label",
+    "model",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "template",
+    "require_boxed",
+    "seed",
+)
 
 
 def _paper_table2() -> pd.DataFrame:
@@ -136,7 +162,8 @@ def normal_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, fl
 
 
 def _interval(per_problem: Sequence[float]) -> tuple[float, float, str]:
-    """(low, high, method): Wilson when every per-problem score is 0 or 1, else the normal interval."""
+    """(low, high, method): Wilson when every per-problem score is 0 or 1, else the normal
+    interval."""
     if all(v in (0.0, 1.0) for v in per_problem):
         return (*wilson_interval(int(sum(per_problem)), len(per_problem)), "wilson")
     return (*normal_interval(per_problem), "normal")
@@ -149,7 +176,8 @@ def _interval(per_problem: Sequence[float]) -> tuple[float, float, str]:
 
 @dataclass
 class EvalResult:
-    """One model on one benchmark: accuracy in [0, 1] with its 95% interval and where the records are."""
+    """One model on one benchmark: accuracy in [0, 1] with its 95% interval and where the records
+    are."""
 
     benchmark: str  # benchmark name (file stem of the records)
     n: int  # number of problems
@@ -163,7 +191,9 @@ class EvalResult:
     settings: dict = field(default_factory=dict)  # the settings the records were made with
     ci_method: str = "wilson"  # "wilson" or "normal"
     truncated: float = 0.0  # fraction of samples that hit max_new_tokens
-    per_problem: dict[str, float] = field(default_factory=dict, repr=False)  # id -> mean over samples
+    per_problem: dict[str, float] = field(
+        default_factory=dict, repr=False
+    )  # id -> mean over samples
     seconds: float = 0.0  # wall time of this call (generation of missing samples only)
 
     @property
@@ -217,7 +247,9 @@ def _problems(benchmark, benchmark_name: str | None, data_dir) -> tuple[str, lis
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(k not in row for k in ("id", "problem", "answer")):
             got = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"benchmark {name!r} row {i}: needs keys id, problem, answer (got {got})")
+            raise ValueError(
+                f"benchmark {name!r} row {i}: needs keys id, problem, answer (got {got})"
+            )
         pid = str(row["id"])
         if pid in seen:
             raise ValueError(f"benchmark {name!r} row {i}: duplicate id {pid!r}")
@@ -230,14 +262,22 @@ def _problems(benchmark, benchmark_name: str | None, data_dir) -> tuple[str, lis
 
 def _model_name(model) -> str:
     """Basename of the model's name_or_path ('' for an in-memory model), stable across machines."""
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    name = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", ""
+    )
     return Path(str(name)).name if name else ""
 
 
 def _check_label(label: str) -> None:
-    if not isinstance(label, str) or not label or label.startswith("/") or \
-            any(part in ("", ".", "..") for part in label.split("/")):
-        raise ValueError(f"label must be a non-empty relative name without '.'/'..' parts, got {label!r}")
+    if (
+        not isinstance(label, str)
+        or not label
+        or label.startswith("/")
+        or any(part in ("", ".", "..") for part in label.split("/"))
+    ):
+        raise ValueError(
+            f"label must be a non-empty relative name without '.'/'..' parts, got {label!r}"
+        )
 
 
 def _load_records(path: Path) -> list[dict]:
@@ -255,13 +295,16 @@ def _load_records(path: Path) -> list[dict]:
     return records
 
 
-def _check_settings(settings_path: Path, records_path: Path, settings: dict, has_records: bool) -> None:
+def _check_settings(
+    settings_path: Path, records_path: Path, settings: dict, has_records: bool
+) -> None:
     """Raise when records exist and were made with other settings (or without a settings file)."""
     if not has_records:
         return
     if not settings_path.exists():
         raise ValueError(
-            f"{records_path} holds records but its settings file {settings_path} is missing, so they cannot "
+            f"{records_path} holds records but its settings file {settings_path} is missing, so "
+            "they cannot "
             "be checked; delete or move the records file, or use another label/out_dir."
         )
     old = json.loads(settings_path.read_text(encoding="utf-8")).get("settings", {})
@@ -269,7 +312,8 @@ def _check_settings(settings_path: Path, records_path: Path, settings: dict, has
     if diff:
         what = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
         raise ValueError(
-            f"{records_path} was written with other settings ({what}). Refusing to mix two evaluations in "
+            f"{records_path} was written with other settings ({what}). Refusing to mix two "
+            "evaluations in "
             "one file: use another label or out_dir, or delete the file to start over."
         )
 
@@ -305,7 +349,11 @@ def evaluate(
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -313,8 +361,11 @@ def evaluate(
         raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
     _check_label(label)
     if temperature == 0 and n_samples > 1:
-        warnings.warn(f"n_samples={n_samples} with temperature=0: greedy samples are identical, avg@k = pass@1",
-                      stacklevel=2)
+        warnings.warn(
+            f"n_samples={n_samples} with temperature=0: greedy samples are identical, avg@k = "
+            "pass@1",
+            stacklevel=2,
+        )
 
     name, problems = _problems(benchmark, benchmark_name, data_dir)
     if limit is not None:
@@ -322,21 +373,37 @@ def evaluate(
     if not problems:
         raise ValueError(f"benchmark {name!r} has no problems")
     model_name = _model_name(model)
-    settings = {"benchmark": name, "label": label, "model": model_name, "n_samples": n_samples,
-                "temperature": float(temperature), "top_p": 1.0, "max_new_tokens": max_new_tokens,
-                "template": template, "require_boxed": bool(require_boxed), "seed": int(seed)}
+    settings = {
+        "benchmark": name,
+        "label": label,
+        "model": model_name,
+        "n_samples": n_samples,
+        "temperature": float(temperature),
+        "top_p": 1.0,
+        "max_new_tokens": max_new_tokens,
+        "template": template,
+        "require_boxed": bool(require_boxed),
+        "seed": int(seed),
+    }
 
     out_dir = Path(out_dir) if out_dir is not None else config.runs_dir() / "eval"
     records_path = out_dir / label / f"{name}.jsonl"
     settings_path = out_dir / label / f"{name}.settings.json"
     records = _load_records(records_path)
     _check_settings(settings_path, records_path, settings, bool(records))
-    write_json(settings_path, {
-        "settings": settings,
-        "info": {"model_name_or_path": str(getattr(model, "name_or_path", "") or ""), "batch_size": batch_size,
-                 "limit": limit, "num_problems": len(problems)},
-        "versions": versions(),
-    })
+    write_json(
+        settings_path,
+        {
+            "settings": settings,
+            "info": {
+                "model_name_or_path": str(getattr(model, "name_or_path", "") or ""),
+                "batch_size": batch_size,
+                "limit": limit,
+                "num_problems": len(problems),
+            },
+            "versions": versions(),
+        },
+    )
 
     # Index the records on disk and check them against the problems they claim to answer.
     prompts = {p["id"]: build_prompt(tokenizer, p["problem"], template) for p in problems}
@@ -345,17 +412,24 @@ def evaluate(
     for lineno, rec in enumerate(records, start=1):
         key = (str(rec["id"]), int(rec["sample"]))
         if key in done:
-            raise ValueError(f"{records_path}: record {lineno} repeats id {key[0]!r} sample {key[1]}")
+            raise ValueError(
+                f"{records_path}: record {lineno} repeats id {key[0]!r} sample {key[1]}"
+            )
         if key[0] in golds:
             if rec["gold"] != golds[key[0]]:
-                raise ValueError(f"{records_path}: record {lineno} (id {key[0]!r}) has gold {rec['gold']!r} but "
-                                 f"the benchmark now says {golds[key[0]]!r}: the data changed; start a new file")
+                raise ValueError(
+                    f"{records_path}: record {lineno} (id {key[0]!r}) has gold {rec['gold']!r} but "
+                    f"the benchmark now says {golds[key[0]]!r}: the data changed; start a new file"
+                )
             if rec["prompt"] != prompts[key[0]]:
-                raise ValueError(f"{records_path}: record {lineno} (id {key[0]!r}) was made from another prompt "
-                                 "(tokenizer or chat template changed?); start a new file")
+                raise ValueError(
+                    f"{records_path}: record {lineno} (id {key[0]!r}) was made from another prompt "
+                    "(tokenizer or chat template changed?); start a new file"
+                )
         done[key] = rec
 
-    # Problems with at least one missing sample are generated again; only missing samples are written.
+    # Problems with at least one missing sample are generated again; only missing samples are
+    # written.
     position = {p["id"]: i for i, p in enumerate(problems)}
     todo = [p for p in problems if any((p["id"], s) not in done for s in range(n_samples))]
     start_time = time.perf_counter()
@@ -366,14 +440,21 @@ def evaluate(
         bar = tqdm(total=len(todo), desc=f"eval {label}/{name}", unit="problem")
     try:
         for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+            batch = todo[start : start + batch_size]
             batch_prompts = [prompts[p["id"]] for p in batch]
             rollouts = generate_groups(
-                model, tokenizer, batch_prompts, n_samples, max_new_tokens=max_new_tokens,
-                temperature=temperature, batch_size=len(batch) * n_samples,
+                model,
+                tokenizer,
+                batch_prompts,
+                n_samples,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                batch_size=len(batch) * n_samples,
                 seed=int(seed) + position[batch[0]["id"]],
             )
-            batch_golds = [p["answer"] for p in batch for _ in range(n_samples)]  # group-major, like texts
+            batch_golds = [
+                p["answer"] for p in batch for _ in range(n_samples)
+            ]  # group-major, like texts
             rewards = math_rewards(rollouts.texts, batch_golds, require_boxed=require_boxed)
             truncated = rollouts.truncated.tolist()
             for g, p in enumerate(batch):
@@ -381,10 +462,16 @@ def evaluate(
                     if (p["id"], s) in done:
                         continue
                     row = g * n_samples + s
-                    rec = {"id": p["id"], "sample": s, "prompt": batch_prompts[g], "completion": rollouts.texts[row],
-                           "extracted": extract_boxed(rollouts.texts[row]), "gold": p["answer"],
-                           "correct": bool(is_correct(rewards[row])),
-                           "truncated": bool(truncated[row])}
+                    rec = {
+                        "id": p["id"],
+                        "sample": s,
+                        "prompt": batch_prompts[g],
+                        "completion": rollouts.texts[row],
+                        "extracted": extract_boxed(rollouts.texts[row]),
+                        "gold": p["answer"],
+                        "correct": bool(is_correct(rewards[row])),
+                        "truncated": bool(truncated[row]),
+                    }
                     append_jsonl(records_path, rec)
                     done[(p["id"], s)] = rec
             if bar is not None:
@@ -393,16 +480,28 @@ def evaluate(
         if bar is not None:
             bar.close()
 
-    per_problem = {p["id"]: sum(done[(p["id"], s)]["correct"] for s in range(n_samples)) / n_samples
-                   for p in problems}
+    per_problem = {
+        p["id"]: sum(done[(p["id"], s)]["correct"] for s in range(n_samples)) / n_samples
+        for p in problems
+    }
     scores = list(per_problem.values())
     low, high, method = _interval(scores)
     n_trunc = sum(done[(p["id"], s)]["truncated"] for p in problems for s in range(n_samples))
     return EvalResult(
-        benchmark=name, n=len(problems), n_samples=n_samples, accuracy=sum(scores) / len(scores),
-        ci_low=low, ci_high=high, records_path=records_path, label=label, model=model_name,
-        settings=settings, ci_method=method, truncated=n_trunc / (len(problems) * n_samples),
-        per_problem=per_problem, seconds=time.perf_counter() - start_time,
+        benchmark=name,
+        n=len(problems),
+        n_samples=n_samples,
+        accuracy=sum(scores) / len(scores),
+        ci_low=low,
+        ci_high=high,
+        records_path=records_path,
+        label=label,
+        model=model_name,
+        settings=settings,
+        ci_method=method,
+        truncated=n_trunc / (len(problems) * n_samples),
+        per_problem=per_problem,
+        seconds=time.perf_counter() - start_time,
     )
 
 
@@ -416,16 +515,21 @@ def evaluate_suite(
 ) -> list[EvalResult]:
     """Every model on every benchmark; notebook 06 and ``scripts/evaluate_benchmarks.py``.
 
-    ``models`` maps a label to what ``load`` takes (default ``models.load_policy``: an embedded name, hub
-    id or folder); each model is loaded once, evaluated on every benchmark, then freed. ``benchmarks``
-    are names (loaded by :func:`evaluate`; one that is not reachable is skipped with a note through
-    ``log``) or ``{name: rows}``. ``evaluate_kwargs`` go to :func:`evaluate` (``max_new_tokens`` and
-    ``batch_size`` are required there). Results come model-major, in the order given.
+    ``models`` maps a label to what ``load`` takes (default ``models.load_policy``: an embedded
+    name, hub id or folder); each model is loaded once, evaluated on every benchmark, then freed.
+    ``benchmarks`` are names (loaded by :func:`evaluate`; one that is not reachable is skipped with
+    a note through ``log``) or ``{name: rows}``. ``evaluate_kwargs`` go to :func:`evaluate`
+    (``max_new_tokens`` and ``batch_size`` are required there). Results come model-major, in the
+    order given.
     """
     if load is None:
         from nthr_book.models import load_policy as load
     say = log or (lambda _msg: None)
-    items = list(benchmarks.items()) if isinstance(benchmarks, Mapping) else [(b, b) for b in benchmarks]
+    items = (
+        list(benchmarks.items())
+        if isinstance(benchmarks, Mapping)
+        else [(b, b) for b in benchmarks]
+    )
     for name, _ in items:
         if not isinstance(name, str):
             raise TypeError(f"benchmark names must be strings, got {name!r}")
@@ -437,7 +541,9 @@ def evaluate_suite(
             if name in unreachable:
                 continue
             try:
-                res = evaluate(model, tokenizer, rows, benchmark_name=name, label=label, **evaluate_kwargs)
+                res = evaluate(
+                    model, tokenizer, rows, benchmark_name=name, label=label, **evaluate_kwargs
+                )
             except DataNotAvailableError as exc:
                 unreachable.add(name)
                 say(f"{name}: skipped ({exc})")
@@ -456,16 +562,20 @@ def evaluate_suite(
 # ---------------------------------------------------------------------------------------------
 
 
-def results_table(results: Sequence[EvalResult], *, paper_model: str | None = "Qwen2.5-0.5B-Instruct",
-                  numeric: bool = False) -> pd.DataFrame:
+def results_table(
+    results: Sequence[EvalResult],
+    *,
+    paper_model: str | None = "Qwen2.5-0.5B-Instruct",
+    numeric: bool = False,
+) -> pd.DataFrame:
     """Our results next to the paper's Table 2 rows for ``paper_model`` (notebook 06).
 
     Rows are indexed by (source, method): the paper's rows ("paper", method) first, then ours
-    ("ours", label) in order of appearance, then ("noise", "1 problem = pts") with 100/n per benchmark
-    (our n when we ran it, else the full benchmark size). Columns: the five paper benchmarks, any other
-    benchmark we ran, then "avg" over the five paper benchmarks (only when a row has all five). Cells
-    are text, "12.5 [4.1, 25.0]" for ours, or floats (accuracy %, NaN when absent) with ``numeric``.
-    ``df.attrs["points_per_problem"]`` holds the noise row as a dict.
+    ("ours", label) in order of appearance, then ("noise", "1 problem = pts") with 100/n per
+    benchmark (our n when we ran it, else the full benchmark size). Columns: the five paper
+    benchmarks, any other benchmark we ran, then "avg" over the five paper benchmarks (only when a
+    row has all five). Cells are text, "12.5 [4.1, 25.0]" for ours, or floats (accuracy %, NaN when
+    absent) with ``numeric``. ``df.attrs["points_per_problem"]`` holds the noise row as a dict.
     """
     results = list(results)
     for i, r in enumerate(results):
@@ -475,8 +585,11 @@ def results_table(results: Sequence[EvalResult], *, paper_model: str | None = "Q
     for i, r in enumerate(results):
         key = (r.label, r.benchmark)
         if key in seen:
-            raise ValueError(f"results[{seen[key]}] and results[{i}] are both label {r.label!r} on {r.benchmark!r}; "
-                             "give each run its own label (e.g. 'grpo/seed1')")
+            raise ValueError(
+                f"results[{seen[key]}] and results[{i}] are both label {r.label!r} on "
+                f"{r.benchmark!r}; "
+                "give each run its own label (e.g. 'grpo/seed1')"
+            )
         seen[key] = i
     extra = [b for b in dict.fromkeys(r.benchmark for r in results) if b not in PAPER_BENCHMARKS]
     columns = [*PAPER_BENCHMARKS, *extra, "avg"]
@@ -487,12 +600,16 @@ def results_table(results: Sequence[EvalResult], *, paper_model: str | None = "Q
     if paper_model is not None:
         paper = PAPER_TABLE2[PAPER_TABLE2["model"] == paper_model]
         if paper.empty:
-            raise ValueError(f"paper_model={paper_model!r} is not in PAPER_TABLE2; "
-                             f"choose one of {sorted(PAPER_TABLE2['model'].unique())} or None")
+            raise ValueError(
+                f"paper_model={paper_model!r} is not in PAPER_TABLE2; "
+                f"choose one of {sorted(PAPER_TABLE2['model'].unique())} or None"
+            )
         for _, row in paper.iterrows():
             index.append(("paper", row["method"]))
             values.append({c: float(row[c]) for c in (*PAPER_BENCHMARKS, "avg")})
-            texts.append({c: f"{row[c]:.1f}" for c in PAPER_BENCHMARKS} | {"avg": f"{row['avg']:.2f}"})
+            texts.append(
+                {c: f"{row[c]:.1f}" for c in PAPER_BENCHMARKS} | {"avg": f"{row['avg']:.2f}"}
+            )
 
     for label in dict.fromkeys(r.label for r in results):
         mine = {r.benchmark: r for r in results if r.label == label}
@@ -520,7 +637,10 @@ def results_table(results: Sequence[EvalResult], *, paper_model: str | None = "Q
 
     cells = values if numeric else texts
     fill = float("nan") if numeric else ""
-    df = pd.DataFrame([[row.get(c, fill) for c in columns] for row in cells], columns=columns,
-                      index=pd.MultiIndex.from_tuples(index, names=["source", "method"]))
+    df = pd.DataFrame(
+        [[row.get(c, fill) for c in columns] for row in cells],
+        columns=columns,
+        index=pd.MultiIndex.from_tuples(index, names=["source", "method"]),
+    )
     df.attrs["points_per_problem"] = points
     return df

@@ -1,9 +1,9 @@
 """GRPO vs NTHR over seeds, with ablations and held-out evaluation (notebook 05).
 
-``run_experiment`` trains every (method, seed) into ``runs/<name>/<label>/seed<k>/`` (skipping runs that
-are complete, resuming killed ones), evaluates each final model greedily on a held-out set, and writes
-``runs/<name>/results.csv`` (one row per run) and ``runs/<name>/summary.csv`` (one row per method: mean
-over seeds with a t-interval, and the pooled accuracy with a Wilson interval).
+``run_experiment`` trains every (method, seed) into ``runs/<name>/<label>/seed<k>/`` (skipping runs
+that are complete, resuming killed ones), evaluates each final model greedily on a held-out set, and
+writes ``runs/<name>/results.csv`` (one row per run) and ``runs/<name>/summary.csv`` (one row per
+method: mean over seeds with a t-interval, and the pooled accuracy with a Wilson interval).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from nthr_book import config as book_config
 from nthr_book import rules
 from nthr_book.trainer import TrainConfig, read_metrics, task_defaults, train, training_problems
 
-HELDOUT_SEED = 987_654  # arithmetic_problems seed of the held-out set (training pools use other seeds)
-
+HELDOUT_SEED = (
+    987_654  # arithmetic_problems seed of the held-out set (training pools use other seeds)
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -40,8 +41,10 @@ def method_overrides(label: str) -> dict[str, Any]:
         return dict(presets[label])
     match = re.fullmatch(r"nthr(?:_beta=(?P<beta>[^_]+))?(?:_eta=(?P<eta>.+))?", label)
     if match is None or label == "nthr_":
-        raise ValueError(f"unknown method {label!r}: use {sorted(presets)} or an ablation like "
-                         "'nthr_beta=0.1' / 'nthr_eta=p' / 'nthr_beta=0_eta=one_minus_p'")
+        raise ValueError(
+            f"unknown method {label!r}: use {sorted(presets)} or an ablation like "
+            "'nthr_beta=0.1' / 'nthr_eta=p' / 'nthr_beta=0_eta=one_minus_p'"
+        )
     out: dict[str, Any] = {"method": "nthr"}
     if match["beta"] is not None:
         out["nthr_beta"] = float(match["beta"])
@@ -53,9 +56,12 @@ def method_overrides(label: str) -> dict[str, Any]:
     return out
 
 
-def ablation_methods(betas: Iterable[float] = (-math.inf, 0.0, 0.1, 1.0),
-                     etas: Iterable[str] = ("two_abs", "p", "one_minus_p")) -> list[str]:
-    """The paper's ablation grid as method labels: beta sweep at eta=two_abs, eta sweep at beta=1, plus baselines."""
+def ablation_methods(
+    betas: Iterable[float] = (-math.inf, 0.0, 0.1, 1.0),
+    etas: Iterable[str] = ("two_abs", "p", "one_minus_p"),
+) -> list[str]:
+    """The paper's ablation grid as method labels: beta sweep at eta=two_abs, eta sweep at
+    beta=1, plus baselines."""
     labels = ["grpo", "pos_only"]
     labels += [f"nthr_beta={b:g}" for b in betas]
     labels += [f"nthr_eta={e}" for e in etas if e != "two_abs"]
@@ -63,14 +69,17 @@ def ablation_methods(betas: Iterable[float] = (-math.inf, 0.0, 0.1, 1.0),
 
 
 def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
-    """``n`` arithmetic questions disjoint (by text) from the config's training pool (shared by all seeds)."""
+    """``n`` arithmetic questions disjoint (by text) from the config's training pool (shared by
+    all seeds)."""
     from nthr_book.data import arithmetic_problems
 
     seen = {p["problem"] for p in training_problems(cfg)}  # the pool is the same for every seed
     pool = arithmetic_problems(4 * n + 64, seed=HELDOUT_SEED)
     held = [p for p in pool if p["problem"] not in seen][:n]
     if len(held) < n:
-        raise ValueError(f"could only find {len(held)} held-out questions disjoint from training, wanted {n}")
+        raise ValueError(
+            f"could only find {len(held)} held-out questions disjoint from training, wanted {n}"
+        )
     return held
 
 
@@ -79,7 +88,8 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then a 3-term expansion)."""
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then a 3-term
+    expansion)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
     if df <= len(_T975):
@@ -102,7 +112,8 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval, LLD rate."""
+    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval,
+    LLD rate."""
     from nthr_book.evaluate import wilson_interval
 
     rows = []
@@ -110,25 +121,47 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         mean, std, low, high = t_interval(g["accuracy"].tolist())
         k, n = int(round((g["accuracy"] * g["n_eval"]).sum())), int(g["n_eval"].sum())
         wl, wh = wilson_interval(k, n)
-        rows.append({"method": method, "seeds": len(g), "accuracy_mean": mean, "accuracy_std": std,
-                     "t95_low": low, "t95_high": high, "pooled_k": k, "pooled_n": n,
-                     "pooled_wilson_low": wl, "pooled_wilson_high": wh,
-                     "train_reward_last5": g["train_reward_last5"].mean(),
-                     "train_reward_first5": g["train_reward_first5"].mean(),
-                     "lld_rate_mean": g["lld_rate_mean"].mean(),
-                     "selected_frac_mean": g["selected_frac_mean"].mean()})
+        rows.append(
+            {
+                "method": method,
+                "seeds": len(g),
+                "accuracy_mean": mean,
+                "accuracy_std": std,
+                "t95_low": low,
+                "t95_high": high,
+                "pooled_k": k,
+                "pooled_n": n,
+                "pooled_wilson_low": wl,
+                "pooled_wilson_high": wh,
+                "train_reward_last5": g["train_reward_last5"].mean(),
+                "train_reward_first5": g["train_reward_first5"].mean(),
+                "lld_rate_mean": g["lld_rate_mean"].mean(),
+                "selected_frac_mean": g["selected_frac_mean"].mean(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def run_experiment(name: str, methods: Sequence[str] = ("grpo", "nthr"), seeds: Sequence[int] = (0, 1, 2),
-                   config: TrainConfig | None = None, *, n_eval: int = 64, eval_max_new_tokens: int | None = None,
-                   eval_batch_size: int = 32, evaluate_base: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Train each method and seed, evaluate on a held-out set, and return one row per run (notebook 05).
+def run_experiment(
+    name: str,
+    methods: Sequence[str] = ("grpo", "nthr"),
+    seeds: Sequence[int] = (0, 1, 2),
+    config: TrainConfig | None = None,
+    *,
+    n_eval: int = 64,
+    eval_max_new_tokens: int | None = None,
+    eval_batch_size: int = 32,
+    evaluate_base: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train each method and seed, evaluate on a held-out set, and return one row per run (notebook
+    05).
 
     Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
     resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
     ``seed`` and ``output_dir`` are set per run. Held-out evaluation is on arithmetic for the
-    arithmetic task (greedy); for the MATH task use ``nthr_book.evaluate`` on the benchmarks (notebook 06).
+    arithmetic task (greedy); for the MATH task use ``nthr_book.evaluate`` on the benchmarks
+    (notebook 06).
     """
     import torch
 
@@ -149,20 +182,42 @@ def run_experiment(name: str, methods: Sequence[str] = ("grpo", "nthr"), seeds: 
     def eval_model(model, tokenizer, label: str):
         if held is None:
             return None
-        return evaluate(model, tokenizer, held, temperature=0.0, max_new_tokens=max_new, batch_size=eval_batch_size,
-                        template=template, require_boxed=require_boxed, out_dir=root / "eval", label=label,
-                        benchmark_name="arithmetic_heldout", progress=progress)
+        return evaluate(
+            model,
+            tokenizer,
+            held,
+            temperature=0.0,
+            max_new_tokens=max_new,
+            batch_size=eval_batch_size,
+            template=template,
+            require_boxed=require_boxed,
+            out_dir=root / "eval",
+            label=label,
+            benchmark_name="arithmetic_heldout",
+            progress=progress,
+        )
 
     rows = []
     if evaluate_base and held is not None:
         model, tokenizer = load_policy(cfg.model)
         base = eval_model(model, tokenizer, "base")
-        rows.append({"method": "base", "seed": -1, "run_dir": "", "accuracy": base.accuracy, "ci_low": base.ci_low,
-                     "ci_high": base.ci_high, "n_eval": base.n})
+        rows.append(
+            {
+                "method": "base",
+                "seed": -1,
+                "run_dir": "",
+                "accuracy": base.accuracy,
+                "ci_low": base.ci_low,
+                "ci_high": base.ci_high,
+                "n_eval": base.n,
+            }
+        )
         del model
     for label, over in overrides.items():
         for seed in seeds:
-            run_cfg = cfg.replace(**over, seed=int(seed), output_dir=str(root / label / f"seed{seed}"))
+            run_cfg = cfg.replace(
+                **over, seed=int(seed), output_dir=str(root / label / f"seed{seed}")
+            )
             run_dir = train(run_cfg, resume=True, progress=progress)
             metrics = read_metrics(run_dir / "metrics.csv")
             row: dict[str, Any] = {"method": label, "seed": int(seed), "run_dir": str(run_dir)}
@@ -173,7 +228,12 @@ def run_experiment(name: str, methods: Sequence[str] = ("grpo", "nthr"), seeds: 
             if held is not None:
                 model, tokenizer = load_policy(str(Path(run_dir) / "model"))
                 res = eval_model(model, tokenizer, f"{label}/seed{seed}")
-                row |= {"accuracy": res.accuracy, "ci_low": res.ci_low, "ci_high": res.ci_high, "n_eval": res.n}
+                row |= {
+                    "accuracy": res.accuracy,
+                    "ci_low": res.ci_low,
+                    "ci_high": res.ci_high,
+                    "n_eval": res.n,
+                }
                 del model
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rows.append(row)

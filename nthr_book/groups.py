@@ -41,18 +41,25 @@ __all__ = [
     "save_groups",
 ]
 
-# The format tag saved files carry (its text predates this module; files written before it still load).
+# The format tag saved files carry (its text predates this module; files written before it still
+# load).
 GROUPS_FORMAT = "nthr_book.lld.groups/1"
 # Settings that must match between a saved groups file and the call that wants to reuse it.
-SAMPLING_KEYS = ("problem_ids", "group_size", "max_new_tokens", "temperature", "seed", "template",
-                 "require_boxed")
-
-
+SAMPLING_KEYS = (
+    "problem_ids",
+    "group_size",
+    "max_new_tokens",
+    "temperature",
+    "seed",
+    "template",
+    "require_boxed",
+)
 
 
 @dataclass
 class Group:
-    """One question's group: a single-group ``Rollouts`` (G rows), rewards (G,), question id and answer."""
+    """One question's group: a single-group ``Rollouts`` (G rows), rewards (G,), question id and
+    answer."""
 
     rollouts: Rollouts  # num_groups == 1: G rows
     rewards: Tensor  # (G,) float, 1.0 = correct
@@ -62,26 +69,41 @@ class Group:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rollouts, Rollouts):
-            raise TypeError(f"Group {self.question_id!r}: `rollouts` must be a Rollouts, "
-                            f"got {type(self.rollouts).__name__}")
+            raise TypeError(
+                f"Group {self.question_id!r}: `rollouts` must be a Rollouts, "
+                f"got {type(self.rollouts).__name__}"
+            )
         if self.rollouts.num_groups != 1:
-            raise ValueError(f"Group {self.question_id!r}: `rollouts` must hold exactly one group, "
-                             f"got {self.rollouts.num_groups}")
+            raise ValueError(
+                f"Group {self.question_id!r}: `rollouts` must hold exactly one group, "
+                f"got {self.rollouts.num_groups}"
+            )
         rewards = torch.as_tensor(self.rewards, dtype=torch.float32)
         if tuple(rewards.shape) != (self.rollouts.group_size,):
-            raise ValueError(f"Group {self.question_id!r}: `rewards` must have shape (G,) = "
-                             f"({self.rollouts.group_size},), got {tuple(rewards.shape)}")
+            raise ValueError(
+                f"Group {self.question_id!r}: `rewards` must have shape (G,) = "
+                f"({self.rollouts.group_size},), got {tuple(rewards.shape)}"
+            )
         if bool(rewards.isnan().any()):
             raise ValueError(f"Group {self.question_id!r}: `rewards` contains NaN")
         self.rewards = rewards.cpu()
         self.question_id = str(self.question_id)
 
     @classmethod
-    def from_tensors(cls, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                     rewards: Sequence[float] | Tensor, *, prompt_mask: Tensor | None = None,
-                     question_id: str = "q", answer: str = "", problem: str = "",
-                     texts: Sequence[str] | None = None,
-                     truncated: Sequence[bool] | Tensor | None = None) -> Group:
+    def from_tensors(
+        cls,
+        prompt_ids: Tensor,
+        completion_ids: Tensor,
+        completion_mask: Tensor,
+        rewards: Sequence[float] | Tensor,
+        *,
+        prompt_mask: Tensor | None = None,
+        question_id: str = "q",
+        answer: str = "",
+        problem: str = "",
+        texts: Sequence[str] | None = None,
+        truncated: Sequence[bool] | Tensor | None = None,
+    ) -> Group:
         """A Group from raw tensors: prompt_ids (P,) or (G, P), completion_ids/mask (G, T), rewards
         (G,), truncated (G,) bool for rows that ended without EOS (default: none)."""
         G = completion_ids.shape[0]
@@ -89,8 +111,9 @@ class Group:
             truncated = torch.zeros(G, dtype=torch.bool)
         truncated = torch.as_tensor(truncated, dtype=torch.bool).to(completion_ids.device)
         if tuple(truncated.shape) != (G,):
-            raise ValueError(f"`truncated` must have shape (G,) = ({G},), "
-                             f"got {tuple(truncated.shape)}")
+            raise ValueError(
+                f"`truncated` must have shape (G,) = ({G},), got {tuple(truncated.shape)}"
+            )
         if prompt_ids.dim() == 1:
             prompt_ids = prompt_ids[None].expand(G, -1)
         if prompt_mask is None:
@@ -99,17 +122,30 @@ class Group:
             prompt_mask = prompt_mask[None].expand(G, -1)
         completion_mask = completion_mask.bool()
         rollouts = Rollouts(
-            prompt_ids=prompt_ids.long().clone(), prompt_mask=prompt_mask.long().clone(),
-            completion_ids=completion_ids.long().clone(), completion_mask=completion_mask.clone(),
+            prompt_ids=prompt_ids.long().clone(),
+            prompt_mask=prompt_mask.long().clone(),
+            completion_ids=completion_ids.long().clone(),
+            completion_mask=completion_mask.clone(),
             texts=list(texts) if texts is not None else [""] * G,
-            truncated=truncated, group_size=G,
-            prompts=[problem], meta={},
+            truncated=truncated,
+            group_size=G,
+            prompts=[problem],
+            meta={},
         )
-        return cls(rollouts, torch.as_tensor(rewards, dtype=torch.float32), question_id, answer, problem)
+        return cls(
+            rollouts, torch.as_tensor(rewards, dtype=torch.float32), question_id, answer, problem
+        )
 
     @classmethod
-    def from_token_lists(cls, prompt_ids: Sequence[int] | Tensor, completions: Sequence[Sequence[int]],
-                         rewards: Sequence[float] | Tensor, *, pad_id: int = 0, **kwargs: Any) -> Group:
+    def from_token_lists(
+        cls,
+        prompt_ids: Sequence[int] | Tensor,
+        completions: Sequence[Sequence[int]],
+        rewards: Sequence[float] | Tensor,
+        *,
+        pad_id: int = 0,
+        **kwargs: Any,
+    ) -> Group:
         """A Group from one prompt and G token-id lists (right-padded with ``pad_id``, masked);
         ``kwargs`` go to ``from_tensors`` (question_id, answer, problem, texts, truncated)."""
         if not completions or any(len(c) == 0 for c in completions):
@@ -120,7 +156,9 @@ class Group:
         for i, c in enumerate(completions):
             ids[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
             mask[i, : len(c)] = True
-        return cls.from_tensors(torch.as_tensor(prompt_ids, dtype=torch.long), ids, mask, rewards, **kwargs)
+        return cls.from_tensors(
+            torch.as_tensor(prompt_ids, dtype=torch.long), ids, mask, rewards, **kwargs
+        )
 
     @property
     def group_size(self) -> int:
@@ -144,7 +182,7 @@ class Group:
 
     @property
     def status(self) -> str:
-        """"mixed", "all_correct" or "all_wrong" (the reason a homogeneous group is dropped)."""
+        """ "mixed", "all_correct" or "all_wrong" (the reason a homogeneous group is dropped)."""
         if self.n_correct == 0:
             return "all_wrong"
         if self.n_correct == self.group_size:
@@ -153,20 +191,35 @@ class Group:
 
 
 def _trim(r: Rollouts) -> Rollouts:
-    """Drop prompt columns that are padding in every row and completion columns after the last valid token."""
+    """Drop prompt columns that are padding in every row and completion columns after the last
+    valid token."""
     pm, cm = r.prompt_mask, r.completion_mask.bool()
     real_cols = pm.bool().any(0).nonzero()
     first = int(real_cols[0]) if real_cols.numel() else 0
     valid_cols = cm.any(0).nonzero()
     last = int(valid_cols[-1]) + 1 if valid_cols.numel() else 1
-    return Rollouts(prompt_ids=r.prompt_ids[:, first:], prompt_mask=pm[:, first:],
-                    completion_ids=r.completion_ids[:, :last], completion_mask=cm[:, :last], texts=r.texts,
-                    truncated=r.truncated, group_size=r.group_size, prompts=r.prompts, meta=r.meta)
+    return Rollouts(
+        prompt_ids=r.prompt_ids[:, first:],
+        prompt_mask=pm[:, first:],
+        completion_ids=r.completion_ids[:, :last],
+        completion_mask=cm[:, :last],
+        texts=r.texts,
+        truncated=r.truncated,
+        group_size=r.group_size,
+        prompts=r.prompts,
+        meta=r.meta,
+    )
 
 
-def groups_from_rollouts(rollouts: Rollouts, rewards: Tensor | Sequence[float], question_ids: Sequence[str],
-                         answers: Sequence[str], problems: Sequence[str] | None = None) -> list[Group]:
-    """Split a group-major batch into one (padding-trimmed) Group per prompt; rewards (num_groups, G) or (N,)."""
+def groups_from_rollouts(
+    rollouts: Rollouts,
+    rewards: Tensor | Sequence[float],
+    question_ids: Sequence[str],
+    answers: Sequence[str],
+    problems: Sequence[str] | None = None,
+) -> list[Group]:
+    """Split a group-major batch into one (padding-trimmed) Group per prompt; rewards
+    (num_groups, G) or (N,)."""
     num_groups, G = rollouts.num_groups, rollouts.group_size
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
     if rewards.numel() != num_groups * G:
@@ -179,8 +232,15 @@ def groups_from_rollouts(rollouts: Rollouts, rewards: Tensor | Sequence[float], 
     for g in range(num_groups):
         sub = _trim(rollouts.select_groups([g]))
         sub.meta = {}  # per-batch settings live in the saved file's settings, not in every group
-        out.append(Group(sub, rewards[g], str(question_ids[g]), str(answers[g]),
-                         "" if problems is None else str(problems[g])))
+        out.append(
+            Group(
+                sub,
+                rewards[g],
+                str(question_ids[g]),
+                str(answers[g]),
+                "" if problems is None else str(problems[g]),
+            )
+        )
     return out
 
 
@@ -189,7 +249,9 @@ def _problem_fields(problems: Iterable[dict]) -> tuple[list[str], list[str], lis
     ids, texts, answers = [], [], []
     for i, row in enumerate(problems):
         if not isinstance(row, dict):
-            raise TypeError(f"problems[{i}] must be a dict with id/problem/answer, got {type(row).__name__}")
+            raise TypeError(
+                f"problems[{i}] must be a dict with id/problem/answer, got {type(row).__name__}"
+            )
         missing = [k for k in ("id", "problem", "answer") if k not in row]
         if missing:
             raise ValueError(f"problems[{i}] lacks key(s) {missing} (needs id, problem, answer)")
@@ -202,20 +264,39 @@ def _problem_fields(problems: Iterable[dict]) -> tuple[list[str], list[str], lis
     return ids, texts, answers
 
 
-def sample_groups(model: nn.Module, tokenizer, problems: Iterable[dict], *, group_size: int = 8,
-                  max_new_tokens: int, temperature: float = 1.0, seed: int = 0, template: str = "boxed",
-                  require_boxed: bool = True, batch_size: int | None = None,
-                  progress: bool = False) -> list[Group]:
-    """Sample and grade ``group_size`` responses per problem (seeded); one Group each, homogeneous ones kept."""
+def sample_groups(
+    model: nn.Module,
+    tokenizer,
+    problems: Iterable[dict],
+    *,
+    group_size: int = 8,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    template: str = "boxed",
+    require_boxed: bool = True,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> list[Group]:
+    """Sample and grade ``group_size`` responses per problem (seeded); one Group each,
+    homogeneous ones kept."""
     from nthr_book.data import build_prompt
 
     ids, texts, answers = _problem_fields(problems)
     if not ids:
         raise ValueError("`problems` is empty")
     prompts = [build_prompt(tokenizer, t, template) for t in texts]
-    rollouts = _rollout.generate_groups(model, tokenizer, prompts, group_size, max_new_tokens=max_new_tokens,
-                                        temperature=temperature, batch_size=batch_size, seed=seed,
-                                        progress=progress)
+    rollouts = _rollout.generate_groups(
+        model,
+        tokenizer,
+        prompts,
+        group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     golds = [a for a in answers for _ in range(group_size)]  # group-major, like rollouts.texts
     scores = _rewards.math_rewards(list(rollouts.texts), golds, require_boxed=require_boxed)
     return groups_from_rollouts(rollouts, scores, ids, answers, texts)
@@ -237,11 +318,12 @@ def _changed_number(number: str, answer: str) -> str:
 
 
 def near_miss_text(text: str, answer: str) -> str:
-    """``text`` with its final number changed (answer + 1 for integers): a nearly-correct wrong answer."""
+    """``text`` with its final number changed (answer + 1 for integers): a nearly-correct wrong
+    answer."""
     match = _LAST_NUMBER.search(text)
     if match is None:
         raise ValueError(f"no number to change in {text[:80]!r}")
-    return text[: match.start()] + _changed_number(match.group(), answer) + text[match.end():]
+    return text[: match.start()] + _changed_number(match.group(), answer) + text[match.end() :]
 
 
 def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str) -> list[int]:
@@ -279,26 +361,30 @@ def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str
             break
     changed = _changed_number(match.group(), answer)
     # what tokens [a, b) become: their text with the number changed
-    piece = text[chars_a: match.start()] + changed + text[match.end(): chars_b]
+    piece = text[chars_a : match.start()] + changed + text[match.end() : chars_b]
     out = body[:a] + list(tokenizer(piece, add_special_tokens=False)["input_ids"]) + body[b:]
-    if decode(out) != text[: match.start()] + changed + text[match.end():]:
-        raise ValueError(f"the tokenizer encodes {piece!r} differently on its own than in context; "
-                         "near-miss ids need context-free pieces (byte-level BPE, as SmolLM2 and "
-                         "Qwen2.5 use)")
+    if decode(out) != text[: match.start()] + changed + text[match.end() :]:
+        raise ValueError(
+            f"the tokenizer encodes {piece!r} differently on its own than in context; "
+            "near-miss ids need context-free pieces (byte-level BPE, as SmolLM2 and "
+            "Qwen2.5 use)"
+        )
     return out + tail
 
 
 def near_miss_group(group: Group, tokenizer) -> Group:
-    """The controlled LLD experiment (docs/method.md §5): keep the correct responses, replace each incorrect
-    one by a copy of a correct response whose final number is changed, so right and wrong share
-    almost every token.
+    """The controlled LLD experiment (docs/method.md §5): keep the correct responses, replace each
+    incorrect one by a copy of a correct response whose final number is changed, so right and wrong
+    share almost every token.
 
     Built on token ids (``near_miss_ids``): the copy shares every token of its source except those
     of the final number, and keeps the source's truncation (no EOS when the source had none). The
     k-th incorrect response copies the (k mod N+)-th correct one. Introduced in notebook 02.
     """
     if group.status != "mixed":
-        raise ValueError(f"Group {group.question_id!r} is {group.status}: near-miss negatives need a mixed group")
+        raise ValueError(
+            f"Group {group.question_id!r} is {group.status}: near-miss negatives need a mixed group"
+        )
     ro, G = group.rollouts, group.group_size
     right = [i for i in range(G) if bool(group.correct[i])]
     rows: list[list[int]] = []
@@ -313,8 +399,9 @@ def near_miss_group(group: Group, tokenizer) -> Group:
             try:
                 ids = near_miss_ids(ids, tokenizer, group.answer)
             except ValueError as err:
-                raise ValueError(f"Group {group.question_id!r}, correct response {source}: "
-                                 f"{err}") from err
+                raise ValueError(
+                    f"Group {group.question_id!r}, correct response {source}: {err}"
+                ) from err
             text = tokenizer.decode(ids, skip_special_tokens=True)
         rows.append(ids)
         texts.append(text)
@@ -327,16 +414,24 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[i, : len(ids)] = True
     device = ro.completion_ids.device
-    return Group.from_tensors(ro.prompt_ids, completion_ids.to(device), completion_mask.to(device),
-                              group.rewards.clone(), prompt_mask=ro.prompt_mask,
-                              question_id=f"{group.question_id}/near-miss", answer=group.answer,
-                              problem=group.problem, texts=texts,
-                              truncated=ro.truncated.cpu()[sources])
+    return Group.from_tensors(
+        ro.prompt_ids,
+        completion_ids.to(device),
+        completion_mask.to(device),
+        group.rewards.clone(),
+        prompt_mask=ro.prompt_mask,
+        question_id=f"{group.question_id}/near-miss",
+        answer=group.answer,
+        problem=group.problem,
+        texts=texts,
+        truncated=ro.truncated.cpu()[sources],
+    )
 
 
 def balanced_group(group: Group, k: int) -> Group | None:
-    """The first ``k`` correct and ``k`` incorrect responses of ``group`` (G = 2k, p = 1/2), in their
-    sampled order (the balanced 4+/4- probe of docs/results.md); None when it has fewer of either."""
+    """The first ``k`` correct and ``k`` incorrect responses of ``group`` (G = 2k, p = 1/2), in
+    their sampled order (the balanced 4+/4- probe of docs/results.md); None when it has fewer of
+    either."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be an int >= 1, got {k!r}")
     right = group.correct.nonzero().flatten()[:k]
@@ -346,16 +441,25 @@ def balanced_group(group: Group, k: int) -> Group | None:
     rows = torch.cat([right, wrong]).sort().values  # (2k,) row indices, sampling order kept
     ro = group.rollouts
     idx = rows.to(ro.completion_ids.device)
-    out = Group.from_tensors(ro.prompt_ids[idx], ro.completion_ids[idx], ro.completion_mask[idx],
-                             group.rewards[rows], prompt_mask=ro.prompt_mask[idx], question_id=group.question_id,
-                             answer=group.answer, problem=group.problem, texts=[ro.texts[i] for i in rows.tolist()])
+    out = Group.from_tensors(
+        ro.prompt_ids[idx],
+        ro.completion_ids[idx],
+        ro.completion_mask[idx],
+        group.rewards[rows],
+        prompt_mask=ro.prompt_mask[idx],
+        question_id=group.question_id,
+        answer=group.answer,
+        problem=group.problem,
+        texts=[ro.texts[i] for i in rows.tolist()],
+    )
     out.rollouts.truncated = ro.truncated[idx].clone()
     out.rollouts = _trim(out.rollouts)  # drop completion columns only the left-out responses used
     return out
 
 
 def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | None = None) -> Path:
-    """Atomically save groups (token ids, texts, rewards, ids, answers) and their sampling settings."""
+    """Atomically save groups (token ids, texts, rewards, ids, answers) and their sampling
+    settings."""
     payload_groups = []
     for i, g in enumerate(groups):
         if not isinstance(g, Group):
@@ -363,27 +467,49 @@ def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | N
         r = {f.name: getattr(g.rollouts, f.name) for f in fields(g.rollouts)}
         r = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in r.items()}
         r["meta"] = _jsonable(r["meta"])
-        payload_groups.append({"rollouts": r, "rewards": g.rewards.cpu(), "question_id": g.question_id,
-                               "answer": g.answer, "problem": g.problem})
-    payload = {"format": GROUPS_FORMAT, "settings": _jsonable(settings or {}), "groups": payload_groups}
+        payload_groups.append(
+            {
+                "rollouts": r,
+                "rewards": g.rewards.cpu(),
+                "question_id": g.question_id,
+                "answer": g.answer,
+                "problem": g.problem,
+            }
+        )
+    payload = {
+        "format": GROUPS_FORMAT,
+        "settings": _jsonable(settings or {}),
+        "groups": payload_groups,
+    }
     return atomic_torch_save(payload, path)
 
 
-def load_groups(path: str | Path, *, device: str | torch.device | None = None,
-                return_settings: bool = False) -> list[Group] | tuple[list[Group], dict]:
-    """Groups saved by ``save_groups`` (and, with return_settings, the settings they were sampled with)."""
+def load_groups(
+    path: str | Path, *, device: str | torch.device | None = None, return_settings: bool = False
+) -> list[Group] | tuple[list[Group], dict]:
+    """Groups saved by ``save_groups`` (and, with return_settings, the settings they were sampled
+    with)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"groups file {path} does not exist")
     payload = torch.load(path, map_location=device or "cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != GROUPS_FORMAT:
-        raise ValueError(f"{path} is not a groups file written by nthr_book.groups.save_groups "
-                         f"(format {GROUPS_FORMAT!r})")
+        raise ValueError(
+            f"{path} is not a groups file written by nthr_book.groups.save_groups "
+            f"(format {GROUPS_FORMAT!r})"
+        )
     groups = []
     for i, g in enumerate(payload["groups"]):
         try:
-            groups.append(Group(Rollouts(**g["rollouts"]), g["rewards"], g["question_id"], g["answer"],
-                                g.get("problem", "")))
+            groups.append(
+                Group(
+                    Rollouts(**g["rollouts"]),
+                    g["rewards"],
+                    g["question_id"],
+                    g["answer"],
+                    g.get("problem", ""),
+                )
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: group {i} is malformed: {err}") from err
     return (groups, dict(payload["settings"])) if return_settings else groups
@@ -398,9 +524,13 @@ def _check_same_sampling(path: Path, saved: dict, wanted: dict) -> None:
     """Raise when a saved groups file was sampled with other settings than the ones asked for."""
     diff = [k for k in SAMPLING_KEYS if saved.get(k) != wanted[k]]
     if diff:
-        detail = "; ".join(f"{k}: file {_short(saved.get(k))} vs call {_short(wanted[k])}" for k in diff)
-        raise ValueError(f"groups file {path} was sampled with other settings ({detail}); "
-                         "delete the file or pass another groups_path")
+        detail = "; ".join(
+            f"{k}: file {_short(saved.get(k))} vs call {_short(wanted[k])}" for k in diff
+        )
+        raise ValueError(
+            f"groups file {path} was sampled with other settings ({detail}); "
+            "delete the file or pass another groups_path"
+        )
 
 
 def _short(value: Any) -> str:
@@ -408,11 +538,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-
-def load_or_sample_groups(path: str | Path | None, model: nn.Module, tokenizer, problems: Iterable[dict], *,
-                          group_size: int = 8, max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
-                          template: str = "boxed", require_boxed: bool = True, batch_size: int | None = None,
-                          progress: bool = False) -> tuple[list[Group], dict, str]:
+def load_or_sample_groups(
+    path: str | Path | None,
+    model: nn.Module,
+    tokenizer,
+    problems: Iterable[dict],
+    *,
+    group_size: int = 8,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    template: str = "boxed",
+    require_boxed: bool = True,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> tuple[list[Group], dict, str]:
     """(groups, settings, source): the groups saved at ``path`` when its sampling settings match the
     call's, else sampled (seeded), graded and saved there. Notebooks 03 and 04 call it, and so does
     ``lld.lld_experiment``: the series samples one file and reuses it.
@@ -422,18 +562,36 @@ def load_or_sample_groups(path: str | Path | None, model: nn.Module, tokenizer, 
     """
     problems = list(problems)
     ids, _, _ = _problem_fields(problems)
-    sampling = {"problem_ids": ids, "group_size": group_size, "max_new_tokens": max_new_tokens,
-                "temperature": temperature, "seed": seed, "template": template,
-                "require_boxed": require_boxed}
+    sampling = {
+        "problem_ids": ids,
+        "group_size": group_size,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "template": template,
+        "require_boxed": require_boxed,
+    }
     path = None if path is None else Path(path)
     if path is not None and path.exists():
         groups, saved = load_groups(path, return_settings=True)
         _check_same_sampling(path, saved, _jsonable(sampling))
         return groups, saved, f"loaded from {path}"
-    groups = sample_groups(model, tokenizer, problems, group_size=group_size, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, template=template,
-                           require_boxed=require_boxed, batch_size=batch_size, progress=progress)
-    settings = sampling | {"model": str(getattr(getattr(model, "config", None), "_name_or_path", ""))}
+    groups = sample_groups(
+        model,
+        tokenizer,
+        problems,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        template=template,
+        require_boxed=require_boxed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    settings = sampling | {
+        "model": str(getattr(getattr(model, "config", None), "_name_or_path", ""))
+    }
     if path is None:
         return groups, settings, "sampled"
     save_groups(path, groups, settings=settings)

@@ -3,11 +3,12 @@
 The objective follows arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in Group
 Relative Deep Reinforcement Optimization"), section 2, as specified in docs/method.md §1:
 
-    L = -(1 / Σ_i |y_i|) Σ_i Σ_t [ min(ratio·A, clip(ratio, 1-ε_low, 1+ε_high)·A) - kl_coef · KL_{i,t} ]
+    L = -(1 / Σ_i |y_i|) Σ_i Σ_t [ min(ratio·A, clip(ratio, 1-ε_low, 1+ε_high)·A) - kl_coef ·
+    KL_{i,t} ]
 
-with group-relative advantages ``A_i = (r_i - mean(r)) / (std(r) + eps)`` and the k3 estimator
-``KL = exp(ref - logp) - (ref - logp) - 1``. Aggregation modes mirror TRL's ``GRPOTrainer``:
-``"token"`` = TRL ``"dapo"``/``"bnpo"``, ``"seq_mean"`` = TRL ``"grpo"``, ``"dr_grpo"`` = TRL ``"dr_grpo"``.
+with group-relative advantages ``A_i = (r_i - mean(r)) / (std(r) + eps)`` and the k3 estimator ``KL
+= exp(ref - logp) - (ref - logp) - 1``. Aggregation modes mirror TRL's ``GRPOTrainer``: ``"token"``
+= TRL ``"dapo"``/``"bnpo"``, ``"seq_mean"`` = TRL ``"grpo"``, ``"dr_grpo"`` = TRL ``"dr_grpo"``.
 
 Batch layout (shared by all modules): ``num_groups * group_size`` sequences, group-major
 (rows ``[g*G:(g+1)*G]`` are the G completions of prompt g); ``completion_mask`` (N, T) is True on
@@ -60,13 +61,16 @@ def _check_rewards(rewards: Tensor) -> Tensor:
         raise TypeError(f"`rewards` must be a torch.Tensor, got {type(rewards).__name__}")
     if rewards.dim() != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
         raise ValueError(
-            f"`rewards` must have shape (num_groups, group_size) with both sizes > 0, got {tuple(rewards.shape)}"
+            "`rewards` must have shape (num_groups, group_size) with both sizes > 0, got "
+            f"{tuple(rewards.shape)}"
         )
     if not rewards.is_floating_point():
         rewards = rewards.float()
     nan_rows = torch.isnan(rewards).any(dim=1)
     if bool(nan_rows.any()):
-        raise ValueError(f"`rewards` contains NaN in group(s) {nan_rows.nonzero().flatten().tolist()}")
+        raise ValueError(
+            f"`rewards` contains NaN in group(s) {nan_rows.nonzero().flatten().tolist()}"
+        )
     return rewards
 
 
@@ -76,7 +80,8 @@ def _homogeneous(rewards: Tensor) -> Tensor:
 
 
 def group_advantages(rewards: Tensor, *, std: str = "population", eps: float = 1e-6) -> Tensor:
-    """Group-relative advantages (r - mean) / (std + eps) per group; zeros for homogeneous groups (nb 01)."""
+    """Group-relative advantages (r - mean) / (std + eps) per group; zeros for homogeneous groups
+    (nb 01)."""
     rewards = _check_rewards(rewards)  # (num_groups, G)
     if std not in STD_MODES:
         raise ValueError(f"`std` must be one of {STD_MODES}, got {std!r}")
@@ -86,8 +91,12 @@ def group_advantages(rewards: Tensor, *, std: str = "population", eps: float = 1
         advantages = centered
     else:
         if std == "sample" and group_size < 2:
-            raise ValueError("`std='sample'` needs group_size >= 2 (unbiased std of one reward is undefined)")
-        scale = rewards.std(dim=1, keepdim=True, correction=1 if std == "sample" else 0)  # (num_groups, 1)
+            raise ValueError(
+                "`std='sample'` needs group_size >= 2 (unbiased std of one reward is undefined)"
+            )
+        scale = rewards.std(
+            dim=1, keepdim=True, correction=1 if std == "sample" else 0
+        )  # (num_groups, 1)
         advantages = centered / (scale + eps)
     # Homogeneous groups carry no signal: exact zeros (never NaN, never rounding residue).
     return torch.where(_homogeneous(rewards)[:, None], torch.zeros_like(advantages), advantages)
@@ -99,7 +108,8 @@ def pos_only(advantages: Tensor) -> Tensor:
 
 
 def mixed_group_mask(rewards: Tensor) -> Tensor:
-    """(num_groups,) bool, True for mixed groups (0 < N+ < G for binary rewards; not all rewards equal)."""
+    """(num_groups,) bool, True for mixed groups (0 < N+ < G for binary rewards; not all rewards
+    equal)."""
     return ~_homogeneous(_check_rewards(rewards))
 
 
@@ -117,9 +127,12 @@ def dynamic_sampling_filter(rewards: Tensor) -> Tensor:
 
 
 def expand_advantages(group_adv: Tensor, completion_mask: Tensor) -> Tensor:
-    """Broadcast per-sequence advantages ((num_groups, G) or (N,)) to per-token (N, T), 0 on masked tokens."""
+    """Broadcast per-sequence advantages ((num_groups, G) or (N,)) to per-token (N, T), 0 on
+    masked tokens."""
     if completion_mask.dim() != 2:
-        raise ValueError(f"`completion_mask` must have shape (N, T), got {tuple(completion_mask.shape)}")
+        raise ValueError(
+            f"`completion_mask` must have shape (N, T), got {tuple(completion_mask.shape)}"
+        )
     flat = group_adv.reshape(-1)  # (N,) group-major
     if flat.numel() != completion_mask.shape[0]:
         raise ValueError(
@@ -134,7 +147,8 @@ def sequence_logprob(logps: Tensor, completion_mask: Tensor) -> Tensor:
     """ln π(y|x): (N,) sum of per-token log-probs over valid completion tokens (nb 02)."""
     if logps.shape != completion_mask.shape:
         raise ValueError(
-            f"`logps` {tuple(logps.shape)} and `completion_mask` {tuple(completion_mask.shape)} must match"
+            f"`logps` {tuple(logps.shape)} and `completion_mask` {tuple(completion_mask.shape)} "
+            "must match"
         )
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps)).sum(dim=-1)
 
@@ -156,7 +170,10 @@ def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     # HF *ForCausalLM: the backbone (model.model, transformer, ...) returns final-normed states.
     if base is not model:
         out = base(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         )
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     # Fallback for models without a separate backbone: wasteful (computes full logits), but generic.
@@ -170,8 +187,9 @@ def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     return out.hidden_states[-1]
 
 
-def _scaled_logits(hidden: Tensor, lm_head: nn.Module, temperature: float,
-                   softcap: float | None) -> Tensor:
+def _scaled_logits(
+    hidden: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
+) -> Tensor:
     """(..., V) float32 logits softcap·tanh(lm_head(hidden) / softcap) / temperature."""
     logits = lm_head(hidden).float()  # (..., V)
     if softcap:  # Gemma-style final logit soft-capping, applied before temperature as in HF
@@ -189,7 +207,8 @@ def head_logits(model: nn.Module, hidden: Tensor, *, temperature: float = 1.0) -
 def _chunk_logps(
     hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
 ):
-    """log softmax(lm_head(hidden)/temperature)[targets] for one chunk: (n, d), (n,) -> (n,) float32."""
+    """log softmax(lm_head(hidden)/temperature)[targets] for one chunk: (n, d), (n,) -> (n,)
+    float32."""
     logits = _scaled_logits(hidden, lm_head, temperature, softcap)  # (n, V)
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
     return target_logits - torch.logsumexp(logits, dim=-1)
@@ -204,7 +223,8 @@ def chunked_token_logps(
     chunk_size: int = 512,
     softcap: float | None = None,
 ) -> Tensor:
-    """Log-probs of `targets` (n,) under softmax(lm_head(hidden)/temperature), chunk_size rows at a time.
+    """Log-probs of `targets` (n,) under softmax(lm_head(hidden)/temperature), chunk_size rows at a
+    time.
 
     With gradients enabled each chunk is checkpointed, so backward also holds one (chunk_size, V)
     logit block at a time instead of (n, V). Returns float32 (n,).
@@ -216,9 +236,14 @@ def chunked_token_logps(
     )
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
-        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]  # (n_c, d), (n_c,)
+        h, y = (
+            hidden[start : start + chunk_size],
+            targets[start : start + chunk_size],
+        )  # (n_c, d), (n_c,)
         if needs_grad:
-            pieces.append(checkpoint(_chunk_logps, h, y, lm_head, temperature, softcap, use_reentrant=False))
+            pieces.append(
+                checkpoint(_chunk_logps, h, y, lm_head, temperature, softcap, use_reentrant=False)
+            )
         else:
             pieces.append(_chunk_logps(h, y, lm_head, temperature, softcap))
     if not pieces:
@@ -236,7 +261,8 @@ def per_token_logps(
     return_hidden: bool = False,
     chunk_size: int = 512,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Completion-token log-probs (N, T) from logits/temperature, 0 where masked; optionally hidden (N, T, d).
+    """Completion-token log-probs (N, T) from logits/temperature, 0 where masked; optionally hidden
+    (N, T, d).
 
     ``input_ids`` = cat(prompt_ids, completion_ids) (N, P+T), prompts left-padded, completions
     right-padded; ``attention_mask`` is (N, P+T); ``completion_mask`` is (N, T). The LM head runs
@@ -247,11 +273,13 @@ def per_token_logps(
         raise ValueError(f"`input_ids` must have shape (N, P+T), got {tuple(input_ids.shape)}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"`attention_mask` {tuple(attention_mask.shape)} must match `input_ids` {tuple(input_ids.shape)}"
+            f"`attention_mask` {tuple(attention_mask.shape)} must match `input_ids` "
+            f"{tuple(input_ids.shape)}"
         )
     if completion_mask.dim() != 2 or completion_mask.shape[0] != input_ids.shape[0]:
         raise ValueError(
-            f"`completion_mask` must have shape (N, T) with N={input_ids.shape[0]}, got {tuple(completion_mask.shape)}"
+            f"`completion_mask` must have shape (N, T) with N={input_ids.shape[0]}, got "
+            f"{tuple(completion_mask.shape)}"
         )
     n_rows, total_len = input_ids.shape
     completion_len = completion_mask.shape[1]
@@ -265,17 +293,26 @@ def per_token_logps(
         raise ValueError(f"`temperature` must be > 0, got {temperature}")
 
     hidden_all = last_hidden_states(model, input_ids, attention_mask)  # (N, P+T, d)
-    hidden = hidden_all[:, prompt_len - 1 : total_len - 1]  # (N, T, d): state at i predicts token i+1
+    hidden = hidden_all[
+        :, prompt_len - 1 : total_len - 1
+    ]  # (N, T, d): state at i predicts token i+1
     completion_ids = input_ids[:, prompt_len:]  # (N, T)
 
     mask = completion_mask.bool()
     flat_idx = mask.reshape(-1).nonzero().squeeze(-1)  # (n_valid,) indices into N*T
-    flat_hidden = hidden.reshape(n_rows * completion_len, -1).index_select(0, flat_idx)  # (n_valid, d)
+    flat_hidden = hidden.reshape(n_rows * completion_len, -1).index_select(
+        0, flat_idx
+    )  # (n_valid, d)
     flat_targets = completion_ids.reshape(-1).index_select(0, flat_idx)  # (n_valid,)
     head = lm_head(model)
     valid_logps = chunked_token_logps(
-        flat_hidden, head.module, flat_targets, temperature=temperature, chunk_size=chunk_size,
-        softcap=head.softcap)  # (n_valid,) float32
+        flat_hidden,
+        head.module,
+        flat_targets,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        softcap=head.softcap,
+    )  # (n_valid,) float32
     logps = torch.zeros(n_rows * completion_len, dtype=valid_logps.dtype, device=valid_logps.device)
     logps = logps.index_copy(0, flat_idx, valid_logps).view(n_rows, completion_len)  # (N, T)
     if return_hidden:
@@ -283,8 +320,13 @@ def per_token_logps(
     return logps
 
 
-def micro_batches(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                  completion_mask: Tensor, batch_size: int | None):
+def micro_batches(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    batch_size: int | None,
+):
     """Yield (rows, t_b, input_ids, attention_mask, mask) per micro-batch of ``batch_size`` rows.
 
     ``rows`` is a slice of the N rows, ``t_b`` the width up to the batch's last valid completion
@@ -306,10 +348,17 @@ def micro_batches(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tenso
         yield rows, t_b, ids, att, cm[:, :t_b]
 
 
-def group_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                      completion_ids: Tensor, completion_mask: Tensor, *, temperature: float = 1.0,
-                      batch_size: int | None = None,
-                      return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def group_token_logps(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    return_hidden: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """(N, T) float32 ``per_token_logps`` of a batch (a group), ``batch_size`` rows at a time, each
     micro-batch trimmed of its right padding; with ``return_hidden`` also the (N, T, d) hidden
     states (zeros after a micro-batch's last valid token). Gradients flow as in per_token_logps.
@@ -320,10 +369,12 @@ def group_token_logps(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
     N, T = completion_ids.shape
     logps = torch.zeros(N, T, dtype=torch.float32, device=prompt_ids.device)
     hidden = None
-    for rows, t_b, ids, att, cm in micro_batches(prompt_ids, prompt_mask, completion_ids,
-                                                 completion_mask, batch_size):
-        out = per_token_logps(model, ids, att, cm, temperature=temperature,
-                              return_hidden=return_hidden)
+    for rows, t_b, ids, att, cm in micro_batches(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
+    ):
+        out = per_token_logps(
+            model, ids, att, cm, temperature=temperature, return_hidden=return_hidden
+        )
         lp, h = out if return_hidden else (out, None)
         if h is not None:
             if hidden is None:
@@ -357,13 +408,16 @@ def policy_loss(
     agg: str = "token",
     max_completion_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """Clipped GRPO loss (minimised) and float metrics; agg in "token", "seq_mean", "dr_grpo" (nb 01).
+    """Clipped GRPO loss (minimised) and float metrics; agg in "token", "seq_mean", "dr_grpo" (nb
+    01).
 
-    ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). Metrics: clip_frac_low,
-    clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none), and kl if ref_logps given.
+    ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). Metrics:
+    clip_frac_low, clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none),
+    and kl if ref_logps given.
     """
-    advantages = _check_policy_inputs(logps, old_logps, advantages, completion_mask, ref_logps,
-                                      kl_coef=kl_coef, agg=agg)
+    advantages = _check_policy_inputs(
+        logps, old_logps, advantages, completion_mask, ref_logps, kl_coef=kl_coef, agg=agg
+    )
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
 
@@ -416,9 +470,16 @@ def policy_loss(
     return loss, metrics
 
 
-def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor,
-                         completion_mask: Tensor, ref_logps: Tensor | None, *, kl_coef: float,
-                         agg: str) -> Tensor:
+def _check_policy_inputs(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    ref_logps: Tensor | None,
+    *,
+    kl_coef: float,
+    agg: str,
+) -> Tensor:
     """Validate ``policy_loss``'s inputs; return the advantages as (N, T) or (N, 1)."""
     if agg not in AGG_MODES:
         raise ValueError(f"Unknown `agg` {agg!r}; expected one of {AGG_MODES}")
@@ -430,8 +491,9 @@ def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor,
         ("ref_logps", ref_logps),
     ):
         if tensor is not None and tensor.shape != logps.shape:
-            raise ValueError(f"`{name}` {tuple(tensor.shape)} must match `logps` "
-                             f"{tuple(logps.shape)}")
+            raise ValueError(
+                f"`{name}` {tuple(tensor.shape)} must match `logps` {tuple(logps.shape)}"
+            )
     if advantages.dim() == 1:
         advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
     if (
@@ -439,8 +501,9 @@ def _check_policy_inputs(logps: Tensor, old_logps: Tensor, advantages: Tensor,
         or advantages.shape[0] != logps.shape[0]
         or advantages.shape[1] not in (1, logps.shape[1])
     ):
-        raise ValueError("`advantages` must have shape (N, T) or (N,), "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"`advantages` must have shape (N, T) or (N,), got {tuple(advantages.shape)}"
+        )
     if kl_coef != 0.0 and ref_logps is None:
         raise ValueError("`ref_logps` is required when `kl_coef` != 0")
     return advantages

@@ -1,4 +1,5 @@
-"""Atomic writes and JSONL helpers: a killed run never leaves a half file that a later run trusts."""
+"""Atomic writes and JSONL helpers: a killed run never leaves a half file that a later run
+trusts."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _replace(tmp: Path, path: Path) -> None:
 
 
 def _atomic_write(path: str | Path, mode: str, write, **open_kwargs) -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it atomically."""
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it
+    atomically."""
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
@@ -86,7 +88,9 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def iter_jsonl_numbered(path: str | Path, *, skip_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+def iter_jsonl_numbered(
+    path: str | Path, *, skip_torn_tail: bool = False
+) -> Iterator[tuple[int, dict]]:
     """(line number, record) of each non-blank line of a JSONL file, read line by line.
 
     A malformed line raises ``ValueError`` naming file and line (``path:lineno: ...``). With
@@ -104,7 +108,9 @@ def iter_jsonl_numbered(path: str | Path, *, skip_torn_tail: bool = False) -> It
                     return
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
+                )
             yield lineno, record
 
 

@@ -1,9 +1,9 @@
 """Lazy Likelihood Displacement (LLD): one update on one question's group, and how ln π(y+|x) moves.
 
-Implements docs/method.md §2, from arXiv 2505.18830 (Deng et al., "On the Effect of Negative Gradient in
-Group Relative Deep Reinforcement Optimization"), Figures 1 and 4. For a question ``x`` whose group
-of G sampled responses is mixed (0 < N+ < G), start from the initial weights, apply ``steps``
-updates (default one) on that group only, and record
+Implements docs/method.md §2, from arXiv 2505.18830 (Deng et al., "On the Effect of Negative
+Gradient in Group Relative Deep Reinforcement Optimization"), Figures 1 and 4. For a question ``x``
+whose group of G sampled responses is mixed (0 < N+ < G), start from the initial weights, apply
+``steps`` updates (default one) on that group only, and record
 
     Δ(x) = (1/N+) Σ_{correct i} [ ln π_new(y+_i | x) - ln π_init(y+_i | x) ]
 
@@ -65,8 +65,20 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam")
-ROW_COLUMNS = ("id", "method", "n_correct", "group_size", "p", "delta", "per_response_delta", "n_selected",
-               "n_incorrect_tokens", "tau", "seed", "lr")
+ROW_COLUMNS = (
+    "id",
+    "method",
+    "n_correct",
+    "group_size",
+    "p",
+    "delta",
+    "per_response_delta",
+    "n_selected",
+    "n_incorrect_tokens",
+    "tau",
+    "seed",
+    "lr",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -81,26 +93,50 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def sequence_logprobs(model: nn.Module, prompt_ids: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                      *, prompt_mask: Tensor | None = None, temperature: float = 1.0,
-                      batch_size: int | None = None) -> Tensor:
-    """(N,) ln π(y|x): summed completion log-probs (float64), no gradient, eval mode, batch_size rows a time."""
-    if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
-        raise ValueError(f"`prompt_ids` (N, P) and `completion_ids` (N, T) must share N, got "
-                         f"{tuple(prompt_ids.shape)} and {tuple(completion_ids.shape)}")
+def sequence_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    prompt_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> Tensor:
+    """(N,) ln π(y|x): summed completion log-probs (float64), no gradient, eval mode, batch_size
+    rows a time."""
+    if (
+        prompt_ids.dim() != 2
+        or completion_ids.dim() != 2
+        or prompt_ids.shape[0] != completion_ids.shape[0]
+    ):
+        raise ValueError(
+            f"`prompt_ids` (N, P) and `completion_ids` (N, T) must share N, got "
+            f"{tuple(prompt_ids.shape)} and {tuple(completion_ids.shape)}"
+        )
     if completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"`completion_mask` {tuple(completion_mask.shape)} must match `completion_ids` "
-                         f"{tuple(completion_ids.shape)}")
+        raise ValueError(
+            f"`completion_mask` {tuple(completion_mask.shape)} must match `completion_ids` "
+            f"{tuple(completion_ids.shape)}"
+        )
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
     elif prompt_mask.shape != prompt_ids.shape:
-        raise ValueError(f"`prompt_mask` {tuple(prompt_mask.shape)} must match `prompt_ids` "
-                         f"{tuple(prompt_ids.shape)}")
+        raise ValueError(
+            f"`prompt_mask` {tuple(prompt_mask.shape)} must match `prompt_ids` "
+            f"{tuple(prompt_ids.shape)}"
+        )
     device = _model_device(model)
     with torch.no_grad(), eval_mode(model):
-        logps = grpo.group_token_logps(model, prompt_ids.to(device), prompt_mask.to(device),
-                                       completion_ids.to(device), completion_mask.to(device),
-                                       temperature=temperature, batch_size=batch_size)
+        logps = grpo.group_token_logps(
+            model,
+            prompt_ids.to(device),
+            prompt_mask.to(device),
+            completion_ids.to(device),
+            completion_mask.to(device),
+            temperature=temperature,
+            batch_size=batch_size,
+        )
     return grpo.sequence_logprob(logps.double(), completion_mask.to(device))
 
 
@@ -120,14 +156,19 @@ _SNAPSHOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
-    """(parameter, same-shape buffer) for every trainable parameter; buffers allocated once per model."""
+    """(parameter, same-shape buffer) for every trainable parameter; buffers allocated once per
+    model."""
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     if not params:
         raise ValueError("`model` has no trainable parameters (requires_grad=False everywhere)")
     cached = _SNAPSHOTS.get(model)
-    if cached is not None and len(cached) == len(params) and all(
-        p is q and b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
-        for (q, b), p in zip(cached, params)
+    if (
+        cached is not None
+        and len(cached) == len(params)
+        and all(
+            p is q and b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
+            for (q, b), p in zip(cached, params)
+        )
     ):
         return cached
     _SNAPSHOTS.pop(model, None)  # free a stale snapshot before allocating the new one
@@ -157,17 +198,26 @@ class QuestionDisplacement:
     p: float  # N+ / G
     delta: float  # Δ(x) = mean over correct responses of ln π_new - ln π_init
     per_response_delta: list[float]  # (N+,) in row order
-    n_selected_tokens: int | None  # tokens whose advantage became eta·A ("nthr", "random"); None otherwise
+    n_selected_tokens: (
+        int | None
+    )  # tokens whose advantage became eta·A ("nthr", "random"); None otherwise
     n_incorrect_tokens: int  # valid tokens of the incorrect responses
     logp_init: list[float]  # (N+,) ln π_init of the correct responses
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         """The experiment-table row (see ``lld_experiment``) without seed and lr."""
-        return {"id": self.question_id, "method": self.method, "n_correct": self.n_correct,
-                "group_size": self.group_size, "p": self.p, "delta": self.delta,
-                "per_response_delta": list(self.per_response_delta), "n_selected": self.n_selected_tokens,
-                "n_incorrect_tokens": self.n_incorrect_tokens}
+        return {
+            "id": self.question_id,
+            "method": self.method,
+            "n_correct": self.n_correct,
+            "group_size": self.group_size,
+            "p": self.p,
+            "delta": self.delta,
+            "per_response_delta": list(self.per_response_delta),
+            "n_selected": self.n_selected_tokens,
+            "n_incorrect_tokens": self.n_incorrect_tokens,
+        }
 
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -175,14 +225,35 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {tuple(allowed)}")
 
 
-def _nthr_apply(model: nn.Module, hidden: Tensor, completion_ids: Tensor, mask: Tensor,
-                correct: Tensor, advantages: Tensor, *, beta: float, eta: float,
-                temperature: float, vocab: str, anchor: str = "all") -> _nthr.GroupNTHR:
+def _nthr_apply(
+    model: nn.Module,
+    hidden: Tensor,
+    completion_ids: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    advantages: Tensor,
+    *,
+    beta: float,
+    eta: float,
+    temperature: float,
+    vocab: str,
+    anchor: str = "all",
+) -> _nthr.GroupNTHR:
     """``nthr.apply_to_group`` with the model's LM head: selection, tau, new advantages (§3)."""
     head = lm_head(model)
     config = _nthr.NTHRConfig(beta=beta, eta=eta, vocab=vocab, anchor=anchor)
-    return _nthr.apply_to_group(hidden, head.weight, completion_ids, mask, correct, advantages, config,
-                                temperature=temperature, lm_head_bias=head.bias, softcap=head.softcap)
+    return _nthr.apply_to_group(
+        hidden,
+        head.weight,
+        completion_ids,
+        mask,
+        correct,
+        advantages,
+        config,
+        temperature=temperature,
+        lm_head_bias=head.bias,
+        softcap=head.softcap,
+    )
 
 
 def question_seed(seed: int, question_id: str) -> int:
@@ -198,13 +269,26 @@ def question_seed(seed: int, question_id: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1  # < 2**63: a valid torch.Generator seed
 
 
-def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo", lr: float,
-                          optimizer: str = "sgd", steps: int = 1, beta: float = 1.0, eta: float = 0.0,
-                          seed: int = 0, temperature: float = 1.0, vocab: str = "generated",
-                          question_id: str | None = None, selected: Tensor | None = None,
-                          old_logps: Tensor | None = None,
-                          batch_size: int | None = None) -> QuestionDisplacement:
-    """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit for bit.
+def one_step_displacement(
+    model: nn.Module,
+    group: Group,
+    *,
+    update: str = "grpo",
+    lr: float,
+    optimizer: str = "sgd",
+    steps: int = 1,
+    beta: float = 1.0,
+    eta: float = 0.0,
+    seed: int = 0,
+    temperature: float = 1.0,
+    vocab: str = "generated",
+    question_id: str | None = None,
+    selected: Tensor | None = None,
+    old_logps: Tensor | None = None,
+    batch_size: int | None = None,
+) -> QuestionDisplacement:
+    """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit
+    for bit.
 
     Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
     log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW, fresh state, weight_decay 0: the
@@ -214,8 +298,9 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     already computed (``initial_token_logps``), saving a forward pass. Model modes, stored gradients
     and the global RNG state are left as they were. Introduced in notebook 02.
     """
-    rule, qid = _check_displacement_args(group, update, optimizer, vocab, steps, lr, question_id,
-                                         selected, old_logps)
+    rule, qid = _check_displacement_args(
+        group, update, optimizer, vocab, steps, lr, question_id, selected, old_logps
+    )
     device = _model_device(model)
     r = group.rollouts.to(device)
     mask, correct = r.completion_mask.bool(), group.correct.to(device)  # (G, T), (G,)
@@ -223,41 +308,88 @@ def one_step_displacement(model: nn.Module, group: Group, *, update: str = "grpo
     extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), eval_mode(model):
-        # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR's selection
+        # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR's
+        # selection
         with torch.no_grad():
-            old_logps, hidden = _initial_pass(model, r, old_logps, rule.needs_hidden and selected is None,
-                                              **fwd)
+            old_logps, hidden = _initial_pass(
+                model, r, old_logps, rule.needs_hidden and selected is None, **fwd
+            )
             logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
             # 2. per-token advantages (G, T) of the rule
-            advantages, selected = _rule_advantages(model, group, rule, mask, hidden, selected, extras,
-                                                    beta=beta, eta=eta, vocab=vocab, temperature=temperature,
-                                                    seed=seed, question_id=qid)
+            advantages, selected = _rule_advantages(
+                model,
+                group,
+                rule,
+                mask,
+                hidden,
+                selected,
+                extras,
+                beta=beta,
+                eta=eta,
+                vocab=vocab,
+                temperature=temperature,
+                seed=seed,
+                question_id=qid,
+            )
             del hidden
         # 3. the update(s) from a snapshot of the weights; 4. ln π after them; weights copied back
         with _restored_weights(model) as params:
-            extras.update(_update(model, params, r, mask, old_logps, advantages, optimizer=optimizer,
-                                  lr=lr, steps=steps, **fwd))
+            extras.update(
+                _update(
+                    model,
+                    params,
+                    r,
+                    mask,
+                    old_logps,
+                    advantages,
+                    optimizer=optimizer,
+                    lr=lr,
+                    steps=steps,
+                    **fwd,
+                )
+            )
             with torch.no_grad():
-                new_logps = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                                   mask, **fwd)
+                new_logps = grpo.group_token_logps(
+                    model, r.prompt_ids, r.prompt_mask, r.completion_ids, mask, **fwd
+                )
             logp_new = grpo.sequence_logprob(new_logps.double(), mask)  # (G,)
 
     diff, on = (logp_new - logp_init).cpu(), correct.cpu()  # (G,) float64, (G,) bool
-    extras.update(logp_new=logp_new.cpu()[on].tolist(), logp_init_all=logp_init.cpu().tolist(),
-                  logp_new_all=logp_new.cpu().tolist(), incorrect_delta=diff[~on].tolist(),
-                  completion_lengths=mask.sum(1).cpu().tolist())
+    extras.update(
+        logp_new=logp_new.cpu()[on].tolist(),
+        logp_init_all=logp_init.cpu().tolist(),
+        logp_new_all=logp_new.cpu().tolist(),
+        incorrect_delta=diff[~on].tolist(),
+        completion_lengths=mask.sum(1).cpu().tolist(),
+    )
     return QuestionDisplacement(
-        question_id=qid, method=update, n_correct=group.n_correct, group_size=group.group_size, p=group.p,
-        delta=float(diff[on].mean()), per_response_delta=diff[on].tolist(),
+        question_id=qid,
+        method=update,
+        n_correct=group.n_correct,
+        group_size=group.group_size,
+        p=group.p,
+        delta=float(diff[on].mean()),
+        per_response_delta=diff[on].tolist(),
         n_selected_tokens=int(selected.sum()) if rule.needs_hidden else None,
         n_incorrect_tokens=int(((~correct)[:, None] & mask).sum()),
-        logp_init=logp_init.cpu()[on].tolist(), extras=extras)
+        logp_init=logp_init.cpu()[on].tolist(),
+        extras=extras,
+    )
 
 
-def _check_displacement_args(group: Group, update: str, optimizer: str, vocab: str, steps: int, lr: float,
-                             question_id: str | None, selected: Tensor | None,
-                             old_logps: Tensor | None) -> tuple[_rules.Rule, str]:
-    """The rule and question id of a ``one_step_displacement`` call; ValueError naming a bad argument."""
+def _check_displacement_args(
+    group: Group,
+    update: str,
+    optimizer: str,
+    vocab: str,
+    steps: int,
+    lr: float,
+    question_id: str | None,
+    selected: Tensor | None,
+    old_logps: Tensor | None,
+) -> tuple[_rules.Rule, str]:
+    """The rule and question id of a ``one_step_displacement`` call; ValueError naming a bad
+    argument."""
     _check_choice("update", update, _rules.names())
     rule = _rules.get(update)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -270,46 +402,93 @@ def _check_displacement_args(group: Group, update: str, optimizer: str, vocab: s
         raise ValueError(f"`lr` must be a positive number, got {lr!r}")
     qid = group.question_id if question_id is None else str(question_id)
     if group.status != "mixed":
-        raise ValueError(f"question {qid!r}: the group is {group.status.replace('_', ' ')} "
-                         f"(N+={group.n_correct} of G={group.group_size}); Δ(x) needs a mixed group")
+        raise ValueError(
+            f"question {qid!r}: the group is {group.status.replace('_', ' ')} "
+            f"(N+={group.n_correct} of G={group.group_size}); Δ(x) needs a mixed group"
+        )
     if selected is not None and not rule.needs_hidden:
-        raise ValueError("`selected` is only used by rules with a selection ('nthr', 'random'), "
-                         f"got update={update!r}")
+        raise ValueError(
+            "`selected` is only used by rules with a selection ('nthr', 'random'), "
+            f"got update={update!r}"
+        )
     shape = tuple(group.rollouts.completion_ids.shape)  # (G, T)
     if selected is not None:
         if tuple(selected.shape) != shape:
-            raise ValueError(f"`selected` must have shape (G, T) = {shape}, got {tuple(selected.shape)}")
+            raise ValueError(
+                f"`selected` must have shape (G, T) = {shape}, got {tuple(selected.shape)}"
+            )
         wrong_tokens = (~group.correct)[:, None] & group.rollouts.completion_mask.bool().cpu()
         if bool((selected.bool().cpu() & ~wrong_tokens).any()):
-            raise ValueError("`selected` marks tokens outside the incorrect responses' completion_mask")
+            raise ValueError(
+                "`selected` marks tokens outside the incorrect responses' completion_mask"
+            )
     if old_logps is not None and tuple(old_logps.shape) != shape:
-        raise ValueError(f"`old_logps` must have shape (G, T) = {shape}, got {tuple(old_logps.shape)}")
+        raise ValueError(
+            f"`old_logps` must have shape (G, T) = {shape}, got {tuple(old_logps.shape)}"
+        )
     return rule, qid
 
 
-def _initial_pass(model: nn.Module, r, old_logps: Tensor | None, need_hidden: bool, *,
-                  temperature: float, batch_size: int | None) -> tuple[Tensor, Tensor | None]:
+def _initial_pass(
+    model: nn.Module,
+    r,
+    old_logps: Tensor | None,
+    need_hidden: bool,
+    *,
+    temperature: float,
+    batch_size: int | None,
+) -> tuple[Tensor, Tensor | None]:
     """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states; given log-probs
     are reused when no hidden states are needed (a pass for them recomputes both)."""
     if old_logps is not None and not need_hidden:
         return old_logps.detach().to(device=r.completion_ids.device, dtype=torch.float32), None
-    out = grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                 r.completion_mask.bool(), return_hidden=need_hidden,
-                                 temperature=temperature, batch_size=batch_size)
+    out = grpo.group_token_logps(
+        model,
+        r.prompt_ids,
+        r.prompt_mask,
+        r.completion_ids,
+        r.completion_mask.bool(),
+        return_hidden=need_hidden,
+        temperature=temperature,
+        batch_size=batch_size,
+    )
     return out if need_hidden else (out, None)
 
 
-def _rule_advantages(model: nn.Module, group: Group, rule: _rules.Rule, mask: Tensor, hidden: Tensor | None,
-                     selected: Tensor | None, extras: dict, *, beta: float, eta: float, vocab: str,
-                     temperature: float, seed: int, question_id: str) -> tuple[Tensor, Tensor | None]:
-    """(G, T) advantages of ``rule`` on the group (and its (G, T) selection, for the rules with one)."""
+def _rule_advantages(
+    model: nn.Module,
+    group: Group,
+    rule: _rules.Rule,
+    mask: Tensor,
+    hidden: Tensor | None,
+    selected: Tensor | None,
+    extras: dict,
+    *,
+    beta: float,
+    eta: float,
+    vocab: str,
+    temperature: float,
+    seed: int,
+    question_id: str,
+) -> tuple[Tensor, Tensor | None]:
+    """(G, T) advantages of ``rule`` on the group (and its (G, T) selection, for the rules with
+    one)."""
     device = mask.device
     group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
     advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
     if rule.needs_hidden and selected is None:  # NTHR's selection, from the GRPO advantages
-        res = _nthr_apply(model, hidden, group.rollouts.completion_ids.to(device), mask,
-                          group.correct.to(device), advantages, beta=beta, eta=eta,
-                          temperature=temperature, vocab=vocab)
+        res = _nthr_apply(
+            model,
+            hidden,
+            group.rollouts.completion_ids.to(device),
+            mask,
+            group.correct.to(device),
+            advantages,
+            beta=beta,
+            eta=eta,
+            temperature=temperature,
+            vocab=vocab,
+        )
         selected, extras["tau"] = res.selected, res.tau
     advantages = rule.transform(advantages)
     if not rule.needs_hidden:
@@ -343,10 +522,22 @@ def _restored_weights(model: nn.Module) -> Iterator[list[nn.Parameter]]:
                 p.grad = g
 
 
-def _update(model: nn.Module, params: list[nn.Parameter], r, mask: Tensor, old_logps: Tensor,
-            advantages: Tensor, *, optimizer: str, lr: float, steps: int, temperature: float,
-            batch_size: int | None) -> dict[str, list[float]]:
-    """``steps`` optimizer steps on the group's clipped loss; the per-step loss, clip fraction, grad norm."""
+def _update(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    r,
+    mask: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    *,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    temperature: float,
+    batch_size: int | None,
+) -> dict[str, list[float]]:
+    """``steps`` optimizer steps on the group's clipped loss; the per-step loss, clip fraction,
+    grad norm."""
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
     else:
@@ -354,8 +545,17 @@ def _update(model: nn.Module, params: list[nn.Parameter], r, mask: Tensor, old_l
     stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "grad_norm": []}
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss, clip_frac = _backward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, mask, old_logps,
-                                    advantages, temperature=temperature, batch_size=batch_size)
+        loss, clip_frac = _backward(
+            model,
+            r.prompt_ids,
+            r.prompt_mask,
+            r.completion_ids,
+            mask,
+            old_logps,
+            advantages,
+            temperature=temperature,
+            batch_size=batch_size,
+        )
         stats["loss"].append(loss)
         stats["clip_frac"].append(clip_frac)
         stats["grad_norm"].append(_grad_norm(params))
@@ -363,51 +563,102 @@ def _update(model: nn.Module, params: list[nn.Parameter], r, mask: Tensor, old_l
     return stats
 
 
-def initial_token_logps(model: nn.Module, group: Group, *, temperature: float = 1.0,
-                        batch_size: int | None = None, return_hidden: bool = False
-                        ) -> Tensor | tuple[Tensor, Tensor]:
-    """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G, T, d) hidden)."""
+def initial_token_logps(
+    model: nn.Module,
+    group: Group,
+    *,
+    temperature: float = 1.0,
+    batch_size: int | None = None,
+    return_hidden: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G,
+    T, d) hidden)."""
     device = _model_device(model)
     r = group.rollouts.to(device)
     with torch.no_grad(), eval_mode(model):
-        return grpo.group_token_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                      r.completion_mask.bool(), temperature=temperature,
-                                      batch_size=batch_size, return_hidden=return_hidden)
+        return grpo.group_token_logps(
+            model,
+            r.prompt_ids,
+            r.prompt_mask,
+            r.completion_ids,
+            r.completion_mask.bool(),
+            temperature=temperature,
+            batch_size=batch_size,
+            return_hidden=return_hidden,
+        )
 
 
-def nthr_selection(model: nn.Module, group: Group, *, beta: float = 1.0, temperature: float = 1.0,
-                   vocab: str = "generated", hidden: Tensor | None = None,
-                   batch_size: int | None = None) -> tuple[Tensor, float]:
-    """(G, T) bool NTHR selection of ``group`` under the current weights, and its tau (docs/method.md §3)."""
+def nthr_selection(
+    model: nn.Module,
+    group: Group,
+    *,
+    beta: float = 1.0,
+    temperature: float = 1.0,
+    vocab: str = "generated",
+    hidden: Tensor | None = None,
+    batch_size: int | None = None,
+) -> tuple[Tensor, float]:
+    """(G, T) bool NTHR selection of ``group`` under the current weights, and its tau
+    (docs/method.md §3)."""
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if hidden is None:
-        _, hidden = initial_token_logps(model, group, temperature=temperature, batch_size=batch_size,
-                                        return_hidden=True)
+        _, hidden = initial_token_logps(
+            model, group, temperature=temperature, batch_size=batch_size, return_hidden=True
+        )
     r = group.rollouts.to(hidden.device)
     mask = r.completion_mask.bool()  # (G, T)
     group_adv = grpo.group_advantages(group.rewards[None].to(hidden.device))  # (1, G)
     advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
     with torch.no_grad():
-        res = _nthr_apply(model, hidden, r.completion_ids, mask, group.correct.to(hidden.device),
-                          advantages, beta=beta, eta=0.0, temperature=temperature, vocab=vocab)
+        res = _nthr_apply(
+            model,
+            hidden,
+            r.completion_ids,
+            mask,
+            group.correct.to(hidden.device),
+            advantages,
+            beta=beta,
+            eta=0.0,
+            temperature=temperature,
+            vocab=vocab,
+        )
     return res.selected, res.tau
 
 
-def _backward(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
-              old_logps: Tensor, advantages: Tensor, *, temperature: float,
-              batch_size: int | None) -> tuple[float, float]:
-    """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss, clip_frac)."""
+def _backward(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    mask: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    *,
+    temperature: float,
+    batch_size: int | None,
+) -> tuple[float, float]:
+    """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss,
+    clip_frac)."""
     n_total = float(mask.sum())
     loss_total, clipped = 0.0, 0.0
-    for rows, t_b, ids, att, cm in grpo.micro_batches(prompt_ids, prompt_mask, completion_ids, mask,
-                                                      batch_size):
+    for rows, t_b, ids, att, cm in grpo.micro_batches(
+        prompt_ids, prompt_mask, completion_ids, mask, batch_size
+    ):
         n_rows_tokens = float(cm.sum())
         if n_rows_tokens == 0:
             continue
         logps = grpo.per_token_logps(model, ids, att, cm, temperature=temperature)  # (n, t_b)
-        loss, metrics = grpo.policy_loss(logps, old_logps[rows, :t_b], advantages[rows, :t_b], cm,
-                                         clip_eps=0.2, kl_coef=0.0, agg="token")
-        # token aggregation over the whole group: each micro-batch's mean weighted by its share of tokens
+        loss, metrics = grpo.policy_loss(
+            logps,
+            old_logps[rows, :t_b],
+            advantages[rows, :t_b],
+            cm,
+            clip_eps=0.2,
+            kl_coef=0.0,
+            agg="token",
+        )
+        # token aggregation over the whole group: each micro-batch's mean weighted by its share of
+        # tokens
         (loss * (n_rows_tokens / n_total)).backward()
         loss_total += float(loss.detach()) * n_rows_tokens / n_total
         clipped += metrics["clip_frac"] * n_rows_tokens / n_total
@@ -425,32 +676,50 @@ def _grad_norm(params: Sequence[Tensor]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
-                   methods: Sequence[str] = ("grpo", "pos_only"), group_size: int = 8, max_new_tokens: int,
-                   lr: float, seed: int, temperature: float = 1.0, template: str = "boxed",
-                   require_boxed: bool = True, beta: float = 1.0, eta: float = 0.0, optimizer: str = "sgd",
-                   steps: int = 1, vocab: str = "generated", groups_path: str | Path | None = None,
-                   batch_size: int | None = None, balance: int | None = None, progress: bool = True):
+def lld_experiment(
+    model: nn.Module,
+    tokenizer,
+    problems: Iterable[dict],
+    *,
+    methods: Sequence[str] = ("grpo", "pos_only"),
+    group_size: int = 8,
+    max_new_tokens: int,
+    lr: float,
+    seed: int,
+    temperature: float = 1.0,
+    template: str = "boxed",
+    require_boxed: bool = True,
+    beta: float = 1.0,
+    eta: float = 0.0,
+    optimizer: str = "sgd",
+    steps: int = 1,
+    vocab: str = "generated",
+    groups_path: str | Path | None = None,
+    batch_size: int | None = None,
+    balance: int | None = None,
+    progress: bool = True,
+):
     """Δ(x) per mixed question and method on the same sampled groups, as a DataFrame (notebook 02).
 
     Samples (seeded) and grades ``group_size`` responses per problem, or loads them from
     ``groups_path`` when that file exists (it is written after sampling, so a rerun compares methods
     on the same rollouts). Homogeneous groups are dropped: ``df.attrs["dropped"]`` maps
     "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
-    per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for grpo/pos_only),
-    seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass per question is
-    shared by all methods; "random" spares as many tokens per wrong response as NTHR, at positions
-    drawn with ``question_seed(seed, id)`` (one draw per question). ``balance=k`` measures each
-    mixed group on its first k correct and k incorrect responses only (``balanced_group``, the
-    balanced 4+/4- probe of docs/results.md; sample a larger ``group_size`` so that enough groups qualify); groups with
-    fewer go to ``df.attrs["dropped"]["unbalanced"]``.
+    per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for
+    grpo/pos_only), seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass
+    per question is shared by all methods; "random" spares as many tokens per wrong response as
+    NTHR, at positions drawn with ``question_seed(seed, id)`` (one draw per question). ``balance=k``
+    measures each mixed group on its first k correct and k incorrect responses only
+    (``balanced_group``, the balanced 4+/4- probe of docs/results.md; sample a larger ``group_size``
+    so that enough groups qualify); groups with fewer go to ``df.attrs["dropped"]["unbalanced"]``.
     """
     import pandas as pd
 
     methods = tuple(methods)
     if isinstance(methods, str) or not methods:
-        raise ValueError(f"`methods` must be a non-empty sequence of {_rules.names()}, "
-                         f"got {methods!r}")
+        raise ValueError(
+            f"`methods` must be a non-empty sequence of {_rules.names()}, got {methods!r}"
+        )
     for m in methods:
         _check_choice("methods item", m, _rules.names())
     if len(set(methods)) != len(methods):
@@ -459,14 +728,30 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"`lr` must be a positive number, got {lr!r}")
-    if balance is not None and (isinstance(balance, bool) or not isinstance(balance, int) or balance < 1
-                                or 2 * balance > group_size):
-        raise ValueError(f"`balance` must be None or an int k >= 1 with 2k <= group_size={group_size}, "
-                         f"got {balance!r}")
+    if balance is not None and (
+        isinstance(balance, bool)
+        or not isinstance(balance, int)
+        or balance < 1
+        or 2 * balance > group_size
+    ):
+        raise ValueError(
+            f"`balance` must be None or an int k >= 1 with 2k <= group_size={group_size}, "
+            f"got {balance!r}"
+        )
     groups, sampling, source = _groups.load_or_sample_groups(
-        groups_path, model, tokenizer, problems, group_size=group_size, max_new_tokens=max_new_tokens,
-        temperature=temperature, seed=seed, template=template, require_boxed=require_boxed,
-        batch_size=batch_size, progress=progress)
+        groups_path,
+        model,
+        tokenizer,
+        problems,
+        group_size=group_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        template=template,
+        require_boxed=require_boxed,
+        batch_size=batch_size,
+        progress=progress,
+    )
     sampling = {k: sampling[k] for k in _groups.SAMPLING_KEYS}
 
     dropped: dict[str, list[str]] = {"all_correct": [], "all_wrong": []}
@@ -481,40 +766,66 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
         balanced = [(g.question_id, _groups.balanced_group(g, balance)) for g in mixed]
         dropped["unbalanced"] = [qid for qid, b in balanced if b is None]
         mixed = [b for _, b in balanced if b is not None]
-        kept_note = f" ({len(dropped['unbalanced'])} more dropped with fewer than {balance} right or wrong)"
-    print(f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept{kept_note}; dropped "
-          f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong")
+        kept_note = (
+            f" ({len(dropped['unbalanced'])} more dropped with fewer than {balance} right or wrong)"
+        )
+    print(
+        f"lld_experiment: {len(groups)} questions ({source}); {len(mixed)} mixed kept{kept_note}; "
+        "dropped "
+        f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong"
+    )
 
-    # One initial pass per question, shared by every method; NTHR's selection, when needed, is computed
-    # once from it, so Random spares exactly as many tokens per wrong response as NTHR does.
+    # One initial pass per question, shared by every method; NTHR's selection, when needed, is
+    # computed once from it, so Random spares exactly as many tokens per wrong response as NTHR
+    # does.
     need_selection = any(_rules.get(m).needs_hidden for m in methods)
     rows = []
     from tqdm.auto import tqdm
 
     for g in tqdm(mixed, desc="LLD questions", disable=not progress):
-        out = initial_token_logps(model, g, temperature=temperature, batch_size=batch_size,
-                                  return_hidden=need_selection)
+        out = initial_token_logps(
+            model, g, temperature=temperature, batch_size=batch_size, return_hidden=need_selection
+        )
         old_logps, hidden = out if need_selection else (out, None)
         selected = tau = None
         if need_selection:
-            selected, tau = nthr_selection(model, g, beta=beta, temperature=temperature, vocab=vocab,
-                                           hidden=hidden)
+            selected, tau = nthr_selection(
+                model, g, beta=beta, temperature=temperature, vocab=vocab, hidden=hidden
+            )
             del hidden
         for m in methods:
             res = one_step_displacement(
-                model, g, update=m, lr=lr, optimizer=optimizer, steps=steps, beta=beta, eta=eta, seed=seed,
-                temperature=temperature, vocab=vocab,
+                model,
+                g,
+                update=m,
+                lr=lr,
+                optimizer=optimizer,
+                steps=steps,
+                beta=beta,
+                eta=eta,
+                seed=seed,
+                temperature=temperature,
+                vocab=vocab,
                 selected=selected if _rules.get(m).needs_hidden else None,
-                old_logps=old_logps, batch_size=batch_size)
+                old_logps=old_logps,
+                batch_size=batch_size,
+            )
             tau_m = tau if _rules.get(m).needs_hidden else None
             rows.append(res.to_row() | {"tau": tau_m, "seed": seed, "lr": lr})
     df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
     df.attrs["dropped"] = dropped
     df.attrs["n_sampled"] = len(groups)
-    df.attrs["settings"] = sampling | {"methods": list(methods), "lr": lr, "beta": beta, "eta": eta,
-                                       "optimizer": optimizer, "steps": steps, "vocab": vocab,
-                                       "balance": balance,
-                                       "groups_path": None if groups_path is None else str(groups_path)}
+    df.attrs["settings"] = sampling | {
+        "methods": list(methods),
+        "lr": lr,
+        "beta": beta,
+        "eta": eta,
+        "optimizer": optimizer,
+        "steps": steps,
+        "vocab": vocab,
+        "balance": balance,
+        "groups_path": None if groups_path is None else str(groups_path),
+    }
     return df
 
 
@@ -524,7 +835,8 @@ def lld_experiment(model: nn.Module, tokenizer, problems: Iterable[dict], *,
 
 
 def _flat_values(values: Any) -> list[float]:
-    """Floats from a flat sequence, a tensor/array, or a sequence of such sequences (e.g. a column of lists)."""
+    """Floats from a flat sequence, a tensor/array, or a sequence of such sequences (e.g. a
+    column of lists)."""
     if isinstance(values, Tensor):
         return [float(v) for v in values.detach().reshape(-1).tolist()]
     out: list[float] = []
@@ -554,7 +866,8 @@ def lld_rate(delta_per_response: Any, eps: float = 0.0) -> float:
 
 
 def displacement_summary(df):
-    """Per method (in first-seen order): n_questions, median_delta, mean_delta, frac_delta_le_0, lld_rate."""
+    """Per method (in first-seen order): n_questions, median_delta, mean_delta, frac_delta_le_0,
+    lld_rate."""
     import pandas as pd
 
     missing = [c for c in ("method", "delta") if c not in df.columns]
@@ -564,8 +877,13 @@ def displacement_summary(df):
     for method in pd.unique(df["method"]):
         part = df[df["method"] == method]
         delta = part["delta"].astype(float)
-        row = {"method": method, "n_questions": int(len(part)), "median_delta": float(delta.median()),
-               "mean_delta": float(delta.mean()), "frac_delta_le_0": float((delta <= 0).mean())}
+        row = {
+            "method": method,
+            "n_questions": int(len(part)),
+            "median_delta": float(delta.median()),
+            "mean_delta": float(delta.mean()),
+            "frac_delta_le_0": float((delta <= 0).mean()),
+        }
         if "per_response_delta" in part.columns:
             row["lld_rate"] = lld_rate(part["per_response_delta"])
         rows.append(row)
@@ -580,9 +898,9 @@ def paired_comparison(df, baseline: str = "grpo"):
 
     Per method other than ``baseline``: n_pairs (questions where both were measured), frac_above
     (the share where the method's Δ is larger than the baseline's), median_diff and mean_diff of
-    Δ_method - Δ_baseline. With GRPO as the baseline, Pos Only above GRPO on most questions means the
-    negative gradient lowered the correct answers' rise (lazy); NTHR above GRPO means the penalty it
-    spared was pulling the correct answers down.
+    Δ_method - Δ_baseline. With GRPO as the baseline, Pos Only above GRPO on most questions means
+    the negative gradient lowered the correct answers' rise (lazy); NTHR above GRPO means the
+    penalty it spared was pulling the correct answers down.
     """
     import pandas as pd
 
@@ -590,7 +908,9 @@ def paired_comparison(df, baseline: str = "grpo"):
     if missing:
         raise ValueError(f"`df` lacks column(s) {missing} (expected an lld_experiment table)")
     if baseline not in set(df["method"]):
-        raise ValueError(f"baseline={baseline!r} is not among the methods {list(pd.unique(df['method']))}")
+        raise ValueError(
+            f"baseline={baseline!r} is not among the methods {list(pd.unique(df['method']))}"
+        )
     keys = ["seed", "id"] if "seed" in df.columns else ["id"]
     wide = df.pivot_table(index=keys, columns="method", values="delta", aggfunc="first")
     rows = []
@@ -599,7 +919,14 @@ def paired_comparison(df, baseline: str = "grpo"):
             continue
         pair = wide[[baseline, method]].dropna()
         diff = pair[method] - pair[baseline]
-        rows.append({"method": method, "n_pairs": int(len(diff)), "frac_above": float((diff > 0).mean()),
-                     "median_diff": float(diff.median()), "mean_diff": float(diff.mean())})
+        rows.append(
+            {
+                "method": method,
+                "n_pairs": int(len(diff)),
+                "frac_above": float((diff > 0).mean()),
+                "median_diff": float(diff.median()),
+                "mean_diff": float(diff.mean()),
+            }
+        )
     columns = ["method", "n_pairs", "frac_above", "median_diff", "mean_diff"]
     return pd.DataFrame(rows, columns=columns).set_index("method")

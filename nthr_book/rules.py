@@ -106,5 +106,4 @@ def label(name: str) -> str:
 register(Rule("grpo", "GRPO", color=0))
 register(Rule("pos_only", "Pos Only", color=1, advantages=grpo.pos_only))
 register(Rule("nthr", "GRPO + NTHR", color=2, selection=_nthr_tokens))
-register(Rule("random", "GRPO + Random", color=7, selection=nthr.random_selection,
-              trainable=False))
+register(Rule("random", "GRPO + Random", color=7, selection=nthr.random_selection, trainable=False))

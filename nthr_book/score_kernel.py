@@ -1,9 +1,10 @@
 """The fast evaluation of NTHR's token scores: sum-first, bucketed and chunked (arXiv 2505.18830).
 
-The readable definition is ``nthr.token_scores_reference``: with ``g_t = onehot(y_t) - softmax(z_t)``
-and ``h_t`` the last hidden state that predicts token t, ``s_t = Σ_k <g_t, g_k> <h_t, h_k>`` pair by
-pair, a (G, T, G, T) tensor. This module computes the same sums without any pair or whole-group
-tensor, for ``nthr.token_scores``, ``nthr.token_scores_from_hidden`` and ``similarity.gwhes``:
+The readable definition is ``nthr.token_scores_reference``: with ``g_t = onehot(y_t) -
+softmax(z_t)`` and ``h_t`` the last hidden state that predicts token t, ``s_t = Σ_k <g_t, g_k> <h_t,
+h_k>`` pair by pair, a (G, T, G, T) tensor. This module computes the same sums without any pair or
+whole-group tensor, for ``nthr.token_scores``, ``nthr.token_scores_from_hidden`` and
+``similarity.gwhes``:
 
 - **sum first**: per bucket b of source tokens k, ``M_b = Σ_{k in b} g_k h_kᵀ`` (|V'| × d), then
   ``s[t, b] = g_tᵀ M_b h_t = (M_b h_t)[y_t] - q_tᵀ (M_b h_t)``. The source rows are split into
@@ -11,19 +12,20 @@ tensor, for ``nthr.token_scores``, ``nthr.token_scores_from_hidden`` and ``simil
   at a time, GWHES two (correct and incorrect responses). The self pair k == t, ``|g_t|²|h_t|²``,
   comes out of the same pass.
 - **chunks**: the valid tokens of a group are flattened and visited ``chunk_size`` at a time, so the
-  largest temporary is (chunk, V) logits (about 2**25 elements by default), never (T, T) or (G, T, V).
-  ``LargestOutput`` measures that bound (``bench/nthr_overhead.py``, ``tests/test_nthr.py``).
-- **the generated vocabulary** (``vocab="generated"``, the paper's speed-up, a choice) restricts g to
-  V*, the token ids occurring in the group's responses, without renormalising q; given the tokens'
-  log-probs (``logps``, which the trainer's old-policy pass already has) it multiplies only by the
-  |V*| rows of the LM head, since the full-vocabulary log-sum-exp is then lse_t = z_t[y_t] - logps_t.
-  ``vocab="full"`` is exact.
+  largest temporary is (chunk, V) logits (about 2**25 elements by default), never (T, T) or (G, T,
+  V). ``LargestOutput`` measures that bound (``bench/nthr_overhead.py``, ``tests/test_nthr.py``).
+- **the generated vocabulary** (``vocab="generated"``, the paper's speed-up, a choice) restricts g
+  to V*, the token ids occurring in the group's responses, without renormalising q; given the
+  tokens' log-probs (``logps``, which the trainer's old-policy pass already has) it multiplies only
+  by the
+  |V*| rows of the LM head, since the full-vocabulary log-sum-exp is then lse_t = z_t[y_t] -
+  logps_t. ``vocab="full"`` is exact.
 - **logit sources**: ``LogitsSource`` reads a given (G, T, V) tensor, ``HiddenSource`` makes the
   logits (h Wᵀ + b) / temperature (soft-capped when the model caps them) chunk by chunk from the
   hidden states and the LM head.
 
-The input checks of these callers (``check_group``, ``check_logits``, ``check_head``, ``check_vocab``)
-live here too, next to the tensors they describe.
+The input checks of these callers (``check_group``, ``check_logits``, ``check_head``,
+``check_vocab``) live here too, next to the tensors they describe.
 """
 
 from __future__ import annotations
@@ -66,17 +68,24 @@ def shape_of(x: Any) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
 
 
-def check_group(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate one group's (G, T, d) hidden, (G, T) tokens and mask, (G,) correct; return bool mask, correct."""
+def check_group(
+    hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Validate one group's (G, T, d) hidden, (G, T) tokens and mask, (G,) correct; return bool
+    mask, correct."""
     if not isinstance(hidden, Tensor) or hidden.dim() != 3:
         raise ValueError(f"`hidden` must be a (G, T, d) tensor, got {shape_of(hidden)}")
     G, T = hidden.shape[:2]
     if not isinstance(tokens, Tensor) or tuple(tokens.shape) != (G, T):
-        raise ValueError(f"`tokens` must have shape (G, T) = {(G, T)} like `hidden`, got {shape_of(tokens)}")
+        raise ValueError(
+            f"`tokens` must have shape (G, T) = {(G, T)} like `hidden`, got {shape_of(tokens)}"
+        )
     if tokens.is_floating_point() or tokens.is_complex():
         raise TypeError(f"`tokens` must hold integer token ids, got dtype {tokens.dtype}")
     if not isinstance(mask, Tensor) or tuple(mask.shape) != (G, T):
-        raise ValueError(f"`mask` must have shape (G, T) = {(G, T)} like `hidden`, got {shape_of(mask)}")
+        raise ValueError(
+            f"`mask` must have shape (G, T) = {(G, T)} like `hidden`, got {shape_of(mask)}"
+        )
     if not isinstance(correct, Tensor) or tuple(correct.shape) != (G,):
         raise ValueError(f"`correct` must have shape (G,) = {(G,)}, got {shape_of(correct)}")
     return mask.bool(), correct.bool()
@@ -84,23 +93,37 @@ def check_group(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor) -
 
 def check_logits(logits: Tensor, mask: Tensor) -> None:
     """Raise unless ``logits`` is (G, T, V) with the (G, T) of ``mask``."""
-    if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
-        raise ValueError(f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got {shape_of(logits)}")
+    if (
+        not isinstance(logits, Tensor)
+        or logits.dim() != 3
+        or tuple(logits.shape[:2]) != tuple(mask.shape)
+    ):
+        raise ValueError(
+            f"`logits` must have shape (G, T, V) with (G, T) = {tuple(mask.shape)}, got "
+            f"{shape_of(logits)}"
+        )
 
 
-def check_head(weight: Tensor, bias: Tensor | None, d: int, temperature: float,
-               softcap: float | None) -> float | None:
-    """Validate an LM head (V, d) ``weight``, (V,) ``bias``, ``temperature`` and ``softcap``; return the cap as a float."""
+def check_head(
+    weight: Tensor, bias: Tensor | None, d: int, temperature: float, softcap: float | None
+) -> float | None:
+    """Validate an LM head (V, d) ``weight``, (V,) ``bias``, ``temperature`` and ``softcap``;
+    return the cap as a float."""
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != d:
-        raise ValueError(f"`lm_head_weight` must have shape (V, d) with d = {d}, got {shape_of(weight)}")
+        raise ValueError(
+            f"`lm_head_weight` must have shape (V, d) with d = {d}, got {shape_of(weight)}"
+        )
     V = weight.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
-        raise ValueError(f"`lm_head_bias` must be None or have shape (V,) = ({V},), got {shape_of(bias)}")
+        raise ValueError(
+            f"`lm_head_bias` must be None or have shape (V,) = ({V},), got {shape_of(bias)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError("softcap must be None or a positive number (final_logit_softcapping), "
-                         f"got {softcap!r}")
+        raise ValueError(
+            f"softcap must be None or a positive number (final_logit_softcapping), got {softcap!r}"
+        )
     return None if softcap is None else float(softcap)
 
 
@@ -116,14 +139,23 @@ def check_vocab(vocab: str) -> None:
 
 
 class LogitsSource:
-    """Temperature-scaled logits read from a given (G, T, V) tensor, a chunk of valid tokens at a time."""
+    """Temperature-scaled logits read from a given (G, T, V) tensor, a chunk of valid tokens at a
+    time."""
 
     def __init__(self, logits: Tensor, rows: Tensor, cols: Tensor, vocab_ids: Tensor | None, dtype):
-        self.logits, self.rows, self.cols, self.vocab_ids, self.dtype = logits, rows, cols, vocab_ids, dtype
+        self.logits, self.rows, self.cols, self.vocab_ids, self.dtype = (
+            logits,
+            rows,
+            cols,
+            vocab_ids,
+            dtype,
+        )
 
     def full(self, idx: Tensor) -> Tensor:
         """(c,) token indices -> (c, V) logits over the whole vocabulary (a fresh tensor)."""
-        return self.logits[self.rows[idx], self.cols[idx]].to(self.dtype)  # advanced indexing copies
+        return self.logits[self.rows[idx], self.cols[idx]].to(
+            self.dtype
+        )  # advanced indexing copies
 
     def restricted(self, idx: Tensor) -> Tensor:
         """(c,) token indices -> (c, V') logits of the kept vocabulary columns."""
@@ -134,7 +166,8 @@ class LogitsSource:
 
 
 class HiddenSource:
-    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden states.
+    """Temperature-scaled logits (h Wᵀ + b) / temperature computed chunk by chunk from hidden
+    states.
 
     With ``softcap`` c (Gemma's ``final_logit_softcapping``) the logits are c·tanh((h Wᵀ + b) / c) /
     temperature, as ``grpo.per_token_logps`` computes them. Only the rows of W (and b) that a call
@@ -142,15 +175,25 @@ class HiddenSource:
     other rows of a (V, d) head.
     """
 
-    def __init__(self, h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
-                 vocab_ids: Tensor | None, dtype, softcap: float | None = None):
+    def __init__(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        temperature: float,
+        vocab_ids: Tensor | None,
+        dtype,
+        softcap: float | None = None,
+    ):
         self.h, self.dtype = h, dtype  # h: (n, d) in dtype
         self.softcap, self.inv_temperature = softcap, 1.0 / float(temperature)
         # Without a cap the temperature scales the (c, d) hidden chunk and the bias, not the logits.
         self.pre_scale = self.inv_temperature if softcap is None else 1.0
         self._weight, self._bias = weight, bias  # (V, d), (V,) as given
         self._full: tuple[Tensor, Tensor | None] | None = None
-        self.weight_sub, self.bias_sub = self._rows(vocab_ids) if vocab_ids is not None else self._all()
+        self.weight_sub, self.bias_sub = (
+            self._rows(vocab_ids) if vocab_ids is not None else self._all()
+        )
 
     def _rows(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """(V', d) rows of W in dtype, and the bias of those rows times ``pre_scale``."""
@@ -184,28 +227,42 @@ class HiddenSource:
         return self._logits(idx, self.weight_sub, self.bias_sub)
 
 
-def _sum_first(source: LogitsSource | HiddenSource, h: Tensor, pos: Tensor, vocab_ids: Tensor | None,
-               num_cols: int, buckets: Tensor, num_buckets: int, targets: Tensor,
-               chunk_size: int, logp: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|² (targets).
+def _sum_first(
+    source: LogitsSource | HiddenSource,
+    h: Tensor,
+    pos: Tensor,
+    vocab_ids: Tensor | None,
+    num_cols: int,
+    buckets: Tensor,
+    num_buckets: int,
+    targets: Tensor,
+    chunk_size: int,
+    logp: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scores s[t, b] = g_tᵀ M_b h_t, M_b = Σ_{k in bucket b} g_k h_kᵀ, and self pairs |g_t|²|h_t|²
+    (targets).
 
-    With ``logp`` (n,) given and a restricted vocabulary, the full-vocabulary log-sum-exp is read off
-    the log-probs, lse_t = z_t[y_t] - logp_t, so no (c, V) logits are formed; it is raised to at least
-    the log-sum-exp over V' (q restricted to V' can never sum above 1, whatever rounding logp carries).
+    With ``logp`` (n,) given and a restricted vocabulary, the full-vocabulary log-sum-exp is read
+    off the log-probs, lse_t = z_t[y_t] - logp_t, so no (c, V) logits are formed; it is raised to at
+    least the log-sum-exp over V' (q restricted to V' can never sum above 1, whatever rounding logp
+    carries).
     """
     n, d = h.shape  # n valid tokens of the group, flattened
     M = h.new_zeros(num_buckets, num_cols, d)  # (B, V', d)
     lse = h.new_zeros(n)  # full-vocabulary log-sum-exp per token
     from_logp = logp is not None and vocab_ids is not None
     needed = (buckets >= 0) | targets  # tokens in no bucket and not scored need no logits at all
-    # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ H_b.
+    # Pass 1: log-sum-exp over the FULL vocabulary, and M_b = scatter_add(h_k at row y_k) - Q_bᵀ
+    # H_b.
     for idx in needed.nonzero().squeeze(1).split(chunk_size):
         if from_logp:
             z = source.restricted(idx)  # (c, V'), a fresh tensor: overwritten in place below
             z_y = z.gather(1, pos[idx, None])  # (c, 1) target logits
             m = z.amax(-1, keepdim=True)  # (c, 1)
             e = z.sub_(m).exp_()  # (c, V') exp(z - m)
-            lse_c = torch.maximum(z_y - logp[idx, None], m + e.sum(-1, keepdim=True).log())  # (c, 1)
+            lse_c = torch.maximum(
+                z_y - logp[idx, None], m + e.sum(-1, keepdim=True).log()
+            )  # (c, 1)
             lse[idx] = lse_c.squeeze(1)
             eb, total = e, torch.exp(lse_c - m)  # q = e / total
         else:
@@ -221,7 +278,9 @@ def _sum_first(source: LogitsSource | HiddenSource, h: Tensor, pos: Tensor, voca
                 continue
             q = eb[in_b] / total[in_b]  # (c_b, V') probabilities of the kept columns
             M[b].addmm_(q.T, h[idx[in_b]], alpha=-1.0)  # M_b -= Q_bᵀ H_b
-    for b in range(num_buckets):  # M_b += Σ_k onehot(y_k) h_kᵀ (index_put_ is faster than index_add_ on CPU)
+    for b in range(
+        num_buckets
+    ):  # M_b += Σ_k onehot(y_k) h_kᵀ (index_put_ is faster than index_add_ on CPU)
         k = (buckets == b).nonzero().squeeze(1)
         M[b].index_put_((pos[k],), h[k], accumulate=True)
     # Pass 2: s_t = (M h_t)[y_t] - q_tᵀ (M h_t) for the target tokens.
@@ -239,11 +298,23 @@ def _sum_first(source: LogitsSource | HiddenSource, h: Tensor, pos: Tensor, voca
     return scores, self_pairs
 
 
-def group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
-                make_source: Callable[[Tensor, Tensor, Tensor, Tensor | None], LogitsSource | HiddenSource],
-                row_bucket: Tensor, num_buckets: int, target_rows: Tensor, *, vocab: str, dtype,
-                chunk_size: int | None, logps: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Flatten a group's valid tokens, run the core, scatter back: (G, T, B) scores, (G, T) self pairs."""
+def group_pairs(
+    hidden: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    vocab_size: int,
+    make_source: Callable[[Tensor, Tensor, Tensor, Tensor | None], LogitsSource | HiddenSource],
+    row_bucket: Tensor,
+    num_buckets: int,
+    target_rows: Tensor,
+    *,
+    vocab: str,
+    dtype,
+    chunk_size: int | None,
+    logps: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Flatten a group's valid tokens, run the core, scatter back: (G, T, B) scores, (G, T) self
+    pairs."""
     check_vocab(vocab)
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
@@ -256,7 +327,10 @@ def group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
     y = tokens[rows, cols].long()  # (n,)
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"`tokens` under `mask` must lie in [0, {vocab_size}) (vocabulary size), got [{lo}, {hi}]")
+        raise ValueError(
+            f"`tokens` under `mask` must lie in [0, {vocab_size}) (vocabulary size), got [{lo}, "
+            f"{hi}]"
+        )
     vocab_ids = None if vocab == "full" else torch.unique(y)  # sorted V*
     pos = y if vocab_ids is None else torch.searchsorted(vocab_ids, y)  # column of y_t in V'
     num_cols = vocab_size if vocab_ids is None else vocab_ids.numel()
@@ -266,22 +340,46 @@ def group_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, vocab_size: int,
         bad = logp.isnan()
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"`logps` is NaN under `mask` at (row, column) ({int(rows[i])}, {int(cols[i])})")
-    if chunk_size is None:  # temporaries are (chunk, V), or (chunk, V') when the log-probs give the lse
+            raise ValueError(
+                f"`logps` is NaN under `mask` at (row, column) ({int(rows[i])}, {int(cols[i])})"
+            )
+    if (
+        chunk_size is None
+    ):  # temporaries are (chunk, V), or (chunk, V') when the log-probs give the lse
         chunk_size = max(1, _CHUNK_ELEMENTS // max(num_cols if logp is not None else vocab_size, 1))
     h = hidden[rows, cols].to(dtype)  # (n, d)
     source = make_source(rows, cols, h, vocab_ids)
-    s, sp = _sum_first(source, h, pos, vocab_ids, num_cols, row_bucket[rows], num_buckets,
-                       target_rows[rows], int(chunk_size), logp)
+    s, sp = _sum_first(
+        source,
+        h,
+        pos,
+        vocab_ids,
+        num_cols,
+        row_bucket[rows],
+        num_buckets,
+        target_rows[rows],
+        int(chunk_size),
+        logp,
+    )
     scores[rows, cols] = s
     self_pairs[rows, cols] = sp
     return scores, self_pairs
 
 
-def score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, vocab_size: int,
-                make_source: Callable[..., LogitsSource | HiddenSource], *, vocab: str, dtype: torch.dtype,
-                chunk_size: int | None, anchor: str | tuple[str, ...] | None,
-                logps: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor | dict[str, Tensor]]:
+def score_pairs(
+    hidden: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    vocab_size: int,
+    make_source: Callable[..., LogitsSource | HiddenSource],
+    *,
+    vocab: str,
+    dtype: torch.dtype,
+    chunk_size: int | None,
+    anchor: str | tuple[str, ...] | None,
+    logps: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor | dict[str, Tensor]]:
     """token_scores on a given logit source: bucket 0 = correct responses, every token a target.
 
     With ``anchor`` also the (G, T) pairs that anchor leaves out of s̄+ (a dict of them for a tuple
@@ -293,7 +391,9 @@ def score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, v
     kw = dict(vocab=vocab, dtype=dtype, chunk_size=chunk_size, logps=logps)
     bucket = torch.where(correct, 0, -1).to(hidden.device)  # (G,) correct rows build M
     targets = torch.ones_like(correct, device=hidden.device)
-    s, self_pairs = group_pairs(hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets, **kw)
+    s, self_pairs = group_pairs(
+        hidden, tokens, mask, vocab_size, make_source, bucket, 1, targets, **kw
+    )
     scores = s[..., 0]  # (G, T)
     if anchor is None:
         return scores
@@ -308,8 +408,17 @@ def score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, v
             rows = torch.arange(correct.numel(), device=hidden.device)
             for i in correct.nonzero().flatten().tolist():
                 only_i = rows == i  # (G,) response i is the only bucket and the only target
-                s_i, _ = group_pairs(hidden, tokens, mask, vocab_size, make_source,
-                                     torch.where(only_i, 0, -1), 1, only_i, **kw)
+                s_i, _ = group_pairs(
+                    hidden,
+                    tokens,
+                    mask,
+                    vocab_size,
+                    make_source,
+                    torch.where(only_i, 0, -1),
+                    1,
+                    only_i,
+                    **kw,
+                )
                 own[i] = s_i[i, :, 0]
             pairs[name] = own
     return scores, pairs[anchor] if isinstance(anchor, str) else pairs
@@ -321,7 +430,8 @@ def score_pairs(hidden: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, v
 
 
 class LargestOutput(TorchDispatchMode):
-    """While active, the largest tensor any op returns: ``largest`` elements and ``largest_bytes``."""
+    """While active, the largest tensor any op returns: ``largest`` elements and
+    ``largest_bytes``."""
 
     def __init__(self):
         super().__init__()

@@ -1,4 +1,5 @@
-"""GWHES and the top-K overlap: how well the theory's score predicts which questions displace (nb 03).
+"""GWHES and the top-K overlap: how well the theory's score predicts which questions displace (nb
+03).
 
 Implements the end of docs/method.md §3 for arXiv 2505.18830 (Deng et al., "On the Effect of
 Negative Gradient in Group Relative Deep Reinforcement Optimization"): the measures of the paper's
@@ -23,10 +24,19 @@ from nthr_book.score_kernel import LogitsSource, check_group, check_logits, grou
 __all__ = ["gwhes", "gwhes_question", "random_topk_overlap_expectation", "topk_overlap"]
 
 
-def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, *,
-          vocab: str = "full", dtype: torch.dtype = torch.float32,
-          chunk_size: int | None = None) -> Tensor:
-    """(N+,) GWHES_i = p- Σ_{t∈y+_i} Σ_{k incorrect} <.,.><.,.> - p+ Σ_{t∈y+_i} Σ_{k correct} <.,.><.,.>.
+def gwhes(
+    hidden: Tensor,
+    logits: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    *,
+    vocab: str = "full",
+    dtype: torch.dtype = torch.float32,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """(N+,) GWHES_i = p- Σ_{t∈y+_i} Σ_{k incorrect} <.,.><.,.> - p+ Σ_{t∈y+_i} Σ_{k correct}
+    <.,.><.,.>.
 
     p = N+/G, p+ = (1-p)/sqrt(p(1-p)), p- = p/sqrt(p(1-p)); larger means lazier. Computed
     sum-first with M_correct and M_incorrect, over the full vocabulary as the paper's theorem has it
@@ -43,16 +53,28 @@ def gwhes(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct:
         return torch.full((G,), math.nan, dtype=dtype, device=hidden.device)
     bucket = torch.where(correct, 0, 1).to(hidden.device)  # 0: correct rows, 1: incorrect rows
     make = lambda rows, cols, h, ids: LogitsSource(logits, rows, cols, ids, dtype)
-    s, _ = group_pairs(hidden, tokens, mask, logits.shape[-1], make, bucket, 2, correct.to(hidden.device),
-                       vocab=vocab, dtype=dtype, chunk_size=chunk_size)
+    s, _ = group_pairs(
+        hidden,
+        tokens,
+        mask,
+        logits.shape[-1],
+        make,
+        bucket,
+        2,
+        correct.to(hidden.device),
+        vocab=vocab,
+        dtype=dtype,
+        chunk_size=chunk_size,
+    )
     per_row = s.sum(1)[correct]  # (N+, 2): Σ_t s_t against correct (0) and incorrect (1) tokens
     p = n_pos / G
     sd = math.sqrt(p * (1 - p))
     return (p / sd) * per_row[:, 1] - ((1 - p) / sd) * per_row[:, 0]
 
 
-def gwhes_question(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor,
-                   **kwargs: Any) -> float:
+def gwhes_question(
+    hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor, correct: Tensor, **kwargs: Any
+) -> float:
     """Per-question GWHES: mean of ``gwhes`` over the correct responses (default: full vocabulary).
 
     NaN for homogeneous groups. Notebook 03.
@@ -61,8 +83,11 @@ def gwhes_question(hidden: Tensor, logits: Tensor, tokens: Tensor, mask: Tensor,
     return float(values.mean()) if values.numel() else math.nan
 
 
-def topk_overlap(rank_a: Sequence[float] | Tensor, rank_b: Sequence[float] | Tensor, k: int) -> float:
-    """Fraction of shared items in the top-k of two score sequences over the same items (larger = lazier).
+def topk_overlap(
+    rank_a: Sequence[float] | Tensor, rank_b: Sequence[float] | Tensor, k: int
+) -> float:
+    """Fraction of shared items in the top-k of two score sequences over the same items (larger =
+    lazier).
 
     ``rank_a[j]`` and ``rank_b[j]`` are two scores of item j (e.g. GWHES and -Δ(x) of question j:
     negate Δ so that larger means lazier); the top-k are the k largest, ties broken by lower index.
@@ -70,11 +95,15 @@ def topk_overlap(rank_a: Sequence[float] | Tensor, rank_b: Sequence[float] | Ten
     a = torch.as_tensor(rank_a, dtype=torch.float64).flatten()
     b = torch.as_tensor(rank_b, dtype=torch.float64).flatten()
     if a.numel() != b.numel():
-        raise ValueError(f"rank_a and rank_b must score the same items, got lengths {a.numel()} and {b.numel()}")
+        raise ValueError(
+            f"rank_a and rank_b must score the same items, got lengths {a.numel()} and {b.numel()}"
+        )
     if not 1 <= int(k) <= a.numel():
         raise ValueError(f"k must lie in [1, {a.numel()}] (number of items), got {k}")
     if bool(a.isnan().any() | b.isnan().any()):
-        raise ValueError("rank_a and rank_b must not contain NaN (drop homogeneous questions first)")
+        raise ValueError(
+            "rank_a and rank_b must not contain NaN (drop homogeneous questions first)"
+        )
     top_a = set(torch.sort(a, descending=True, stable=True).indices[: int(k)].tolist())
     top_b = set(torch.sort(b, descending=True, stable=True).indices[: int(k)].tolist())
     return len(top_a & top_b) / int(k)
@@ -85,4 +114,3 @@ def random_topk_overlap_expectation(n: int, k: int) -> float:
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
     return k / n
-

@@ -4,16 +4,17 @@ One step (docs/method.md §1): sample prompts -> rollouts (``generate_groups``) 
 advantages -> optional ``advantage_fn`` (NTHR plugs in here, on the hidden states of the old-policy
 pass) -> mini-batch updates of the clipped token loss with a k3 KL to a frozen reference.
 
-When each rollout batch gets exactly one gradient step (one mini-batch, one iteration) the old policy
-*is* the current policy: ``old_logps`` are the detached log-probs of the training forward, and the
-hook reads that same forward's hidden states (no extra pass, as in TRL). Otherwise an old-policy pass
-runs first and the hook reads its hidden states.
+When each rollout batch gets exactly one gradient step (one mini-batch, one iteration) the old
+policy *is* the current policy: ``old_logps`` are the detached log-probs of the training forward,
+and the hook reads that same forward's hidden states (no extra pass, as in TRL). Otherwise an
+old-policy pass runs first and the hook reads its hidden states.
 
-Outputs in ``output_dir``: ``config.json`` (config, versions, hook), ``metrics.csv`` (one row per step,
-columns in ``METRIC_COLUMNS``), ``checkpoint.pt`` (atomic, every ``checkpoint_every`` steps: weights,
-optimizer, RNG, metrics so far; about 12 bytes per parameter with Adam, 1.6 GB for the 135M model) and
-``model/`` (the final weights, loadable with ``load_policy``). A finished run keeps ``model/`` and drops
-``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook series leaves one copy of weights per run.
+Outputs in ``output_dir``: ``config.json`` (config, versions, hook), ``metrics.csv`` (one row per
+step, columns in ``METRIC_COLUMNS``), ``checkpoint.pt`` (atomic, every ``checkpoint_every`` steps:
+weights, optimizer, RNG, metrics so far; about 12 bytes per parameter with Adam, 1.6 GB for the 135M
+model) and ``model/`` (the final weights, loadable with ``load_policy``). A finished run keeps
+``model/`` and drops ``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook series
+leaves one copy of weights per run.
 
 Why one module of ~800 lines: config, step, checkpoint/resume and the metrics file are one loop's
 parts and change together; each function is one stage of the step and short on its own.
@@ -67,29 +68,60 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-TRAIN_POOL_SEED = 10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
+TRAIN_POOL_SEED = (
+    10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
+)
 
 # Columns of metrics.csv, in order (NTHR columns are present, NaN, for other methods).
 METRIC_COLUMNS = (
-    "step", "reward_mean", "accuracy", "frac_homogeneous", "groups_used", "sampling/prompts",
-    "sampling/mixed", "sampling/refill_rounds", "completion_length",
-    "truncation_rate", "loss", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_min",
-    "ratio_max", "grad_norm", "lld/delta_mean", "lld/rate", "lld/n_correct", "nthr/selected_frac",
-    "nthr/tau_mean", "nthr/score_mean", "nthr/eta_mean", "time_generation", "time_old_logps",
-    "time_reference", "time_nthr", "time_update", "time_lld", "time_step",
+    "step",
+    "reward_mean",
+    "accuracy",
+    "frac_homogeneous",
+    "groups_used",
+    "sampling/prompts",
+    "sampling/mixed",
+    "sampling/refill_rounds",
+    "completion_length",
+    "truncation_rate",
+    "loss",
+    "kl",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "grad_norm",
+    "lld/delta_mean",
+    "lld/rate",
+    "lld/n_correct",
+    "nthr/selected_frac",
+    "nthr/tau_mean",
+    "nthr/score_mean",
+    "nthr/eta_mean",
+    "time_generation",
+    "time_old_logps",
+    "time_reference",
+    "time_nthr",
+    "time_update",
+    "time_lld",
+    "time_step",
 )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a GRPO / NTHR run depends on; ``fast()`` and ``paper_qwen_0_5b()`` are the presets."""
+    """Everything a GRPO / NTHR run depends on; ``fast()`` and ``paper_qwen_0_5b()`` are the
+    presets."""
 
     model: str = "smollm2-135m"
     """Policy to train: "smollm2-135m" (embedded), "tiny-random", a hub id or a local path."""
     task: str = "arithmetic"
-    """Training prompts: "arithmetic" (synthetic, data.arithmetic_problems) or "math" (MATH train, hub)."""
+    """Training prompts: "arithmetic" (synthetic, data.arithmetic_problems) or "math" (MATH
+    train, hub)."""
     num_problems: int = 512
-    """Size of the training pool (arithmetic: generated; math: the first n after shuffling, 0 = all)."""
+    """Size of the training pool (arithmetic: generated; math: the first n after shuffling, 0 =
+    all)."""
     math_levels: tuple[int, ...] = (3, 4, 5)
     """MATH difficulty levels used when task == "math" (the paper: 3-5)."""
     template: str | None = None
@@ -97,7 +129,8 @@ class TrainConfig:
     require_boxed: bool | None = None
     """Reward needs \\boxed{}; None: the task's default."""
     method: str = "grpo"
-    """"grpo", "nthr" (NTHR hook from the nthr_* fields) or "pos_only" (negative advantages set to 0)."""
+    """"grpo", "nthr" (NTHR hook from the nthr_* fields) or "pos_only" (negative advantages set
+    to 0)."""
     steps: int = 20
     """Number of rollout batches (optimizer steps when mini_batch_prompts == prompts_per_step)."""
     prompts_per_step: int = 4
@@ -109,7 +142,8 @@ class TrainConfig:
     num_iterations: int = 1
     """Passes over each rollout batch (PPO epochs; TRL's num_iterations)."""
     micro_batch_groups: int | None = None
-    """Groups per forward pass (gradient accumulation inside a mini-batch); None = the whole mini-batch."""
+    """Groups per forward pass (gradient accumulation inside a mini-batch); None = the whole
+    mini-batch."""
     lr: float = 1e-6
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -158,7 +192,8 @@ class TrainConfig:
     checkpoint_every: int = 5
     """Steps between atomic checkpoints (0: only at the end)."""
     keep_checkpoint: bool = False
-    """Keep ``checkpoint.pt`` (weights + optimizer state) after the last step, to extend the run later."""
+    """Keep ``checkpoint.pt`` (weights + optimizer state) after the last step, to extend the run
+    later."""
     output_dir: str | None = None
     """Run folder; None: <runs>/train/<method>/seed<seed>."""
     bf16: bool = False
@@ -214,12 +249,17 @@ class TrainConfig:
             bad("nthr_eta", "expected 'two_abs', 'p', 'one_minus_p' or a number")
         if math.isnan(self.nthr_beta):
             bad("nthr_beta", "must be a number or -inf")
-        if isinstance(self.refill_max_rounds, bool) or not isinstance(self.refill_max_rounds, int) \
-                or self.refill_max_rounds < 0:
+        if (
+            isinstance(self.refill_max_rounds, bool)
+            or not isinstance(self.refill_max_rounds, int)
+            or self.refill_max_rounds < 0
+        ):
             bad("refill_max_rounds", "must be an int >= 0 (0: no refill)")
         if self.refill_max_rounds and not self.dynamic_sampling:
-            bad("refill_max_rounds", "refills the mixed groups of dynamic sampling: needs "
-                "dynamic_sampling=True")
+            bad(
+                "refill_max_rounds",
+                "refills the mixed groups of dynamic sampling: needs dynamic_sampling=True",
+            )
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0")
 
@@ -227,19 +267,48 @@ class TrainConfig:
     @classmethod
     def fast(cls, **overrides: Any) -> TrainConfig:
         """Embedded SmolLM2-135M on the arithmetic task: a few minutes on 2 CPU cores."""
-        base = dict(model="smollm2-135m", task="arithmetic", num_problems=256, steps=12, prompts_per_step=4,
-                    group_size=8, lr=1e-5, temperature=1.0, max_new_tokens=48, kl_coef=0.0,
-                    checkpoint_every=4)
+        base = dict(
+            model="smollm2-135m",
+            task="arithmetic",
+            num_problems=256,
+            steps=12,
+            prompts_per_step=4,
+            group_size=8,
+            lr=1e-5,
+            temperature=1.0,
+            max_new_tokens=48,
+            kl_coef=0.0,
+            checkpoint_every=4,
+        )
         return cls(**(base | overrides))
 
     @classmethod
     def paper_qwen_0_5b(cls, **overrides: Any) -> TrainConfig:
         """The paper's Qwen2.5-0.5B-Instruct setting (docs/method.md §1) for one GPU."""
-        base = dict(model="Qwen/Qwen2.5-0.5B-Instruct", task="math", num_problems=0, math_levels=(3, 4, 5),
-                    template="boxed", require_boxed=True, steps=105, prompts_per_step=32,
-                    mini_batch_prompts=16, micro_batch_groups=2, group_size=8, lr=5e-7, temperature=1.0,
-                    max_new_tokens=2500, clip_eps=0.2, kl_coef=1e-4, agg="token", adv_std="population",
-                    bf16=True, gradient_checkpointing=True, checkpoint_every=5, generation_batch_size=128)
+        base = dict(
+            model="Qwen/Qwen2.5-0.5B-Instruct",
+            task="math",
+            num_problems=0,
+            math_levels=(3, 4, 5),
+            template="boxed",
+            require_boxed=True,
+            steps=105,
+            prompts_per_step=32,
+            mini_batch_prompts=16,
+            micro_batch_groups=2,
+            group_size=8,
+            lr=5e-7,
+            temperature=1.0,
+            max_new_tokens=2500,
+            clip_eps=0.2,
+            kl_coef=1e-4,
+            agg="token",
+            adv_std="population",
+            bf16=True,
+            gradient_checkpointing=True,
+            checkpoint_every=5,
+            generation_batch_size=128,
+        )
         return cls(**(base | overrides))
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -298,16 +367,25 @@ class _Float32Head(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight, self.bias = weight.float(), None if bias is None else bias.float()  # no-op if float32
+        self.weight, self.bias = (
+            weight.float(),
+            None if bias is None else bias.float(),
+        )  # no-op if float32
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
 
 
 @torch.no_grad()
-def float32_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids: torch.Tensor,
-                  completion_mask: torch.Tensor, *, temperature: float,
-                  softcap: float | None = None) -> torch.Tensor:
+def float32_logps(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """(N, T) float32 token log-probs from (N, T, d) hidden states, outside autocast (notebook 05).
 
     Under bf16 autocast the LM head's logits are bf16, and NTHR reads its log-sum-exp off the
@@ -319,8 +397,13 @@ def float32_logps(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids
     head32 = _Float32Head(lm_head.weight.detach(), getattr(lm_head, "bias", None))
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (N, T), 0 off mask
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logps[mask] = chunked_token_logps(hidden[mask].float(), head32, completion_ids[mask],
-                                          temperature=temperature, softcap=softcap)
+        logps[mask] = chunked_token_logps(
+            hidden[mask].float(),
+            head32,
+            completion_ids[mask],
+            temperature=temperature,
+            softcap=softcap,
+        )
     return logps
 
 
@@ -336,7 +419,7 @@ class _Batch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-# ---- data and rewards -----------------------------------------------------------------------------
+# ---- data and rewards ----------------------------------------------------------------------------
 def training_problems(cfg: TrainConfig) -> list[dict]:
     """The training pool of {id, problem, answer} for the config's task, in a seeded order.
 
@@ -365,7 +448,10 @@ def task_defaults(cfg: TrainConfig) -> tuple[str, bool]:
         template = cfg.template or "arithmetic"
         boxed = data.ARITHMETIC_REQUIRE_BOXED if cfg.require_boxed is None else cfg.require_boxed
     else:
-        template, boxed = cfg.template or "boxed", True if cfg.require_boxed is None else cfg.require_boxed
+        template, boxed = (
+            cfg.template or "boxed",
+            True if cfg.require_boxed is None else cfg.require_boxed,
+        )
     return template, boxed
 
 
@@ -388,7 +474,7 @@ def make_advantage_fn(cfg: TrainConfig):
     return nthr_advantage_fn(cfg.nthr_beta, cfg.nthr_eta, cfg.nthr_vocab, anchor=cfg.nthr_anchor)
 
 
-# ---- metrics I/O ----------------------------------------------------------------------------------
+# ---- metrics I/O ---------------------------------------------------------------------------------
 def read_metrics(path: str | Path):
     """metrics.csv as a pandas DataFrame."""
     import pandas as pd
@@ -406,9 +492,13 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-# ---- RNG state -------------------------------------------------------------------------------------
+# ---- RNG state -----------------------------------------------------------------------------------
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -422,12 +512,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- the trainer -----------------------------------------------------------------------------------
+# ---- the trainer ---------------------------------------------------------------------------------
 class GRPOTrainer:
-    """Holds the policy, reference, optimizer and data of one run; ``train()`` is the usual entry point."""
+    """Holds the policy, reference, optimizer and data of one run; ``train()`` is the usual entry
+    point."""
 
-    def __init__(self, cfg: TrainConfig, *, advantage_fn=None, reward_fn=None, model=None, tokenizer=None,
-                 device=None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        advantage_fn=None,
+        reward_fn=None,
+        model=None,
+        tokenizer=None,
+        device=None,
+    ):
         from nthr_book.models import load_policy
 
         self.cfg = cfg
@@ -442,10 +541,13 @@ class GRPOTrainer:
         if cfg.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             self.model.config.use_cache = False
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        )
         self.advantage_fn = advantage_fn if advantage_fn is not None else make_advantage_fn(cfg)
         self.template, boxed = task_defaults(cfg)
         self.reward_fn = reward_fn or default_reward_fn(boxed)
@@ -472,24 +574,46 @@ class GRPOTrainer:
 
     def _micro_batches(self, group_ids: Sequence[int]) -> list[list[int]]:
         size = self.cfg.micro_batch_groups or len(group_ids)
-        return [list(group_ids[i:i + size]) for i in range(0, len(group_ids), size)]
+        return [list(group_ids[i : i + size]) for i in range(0, len(group_ids), size)]
 
     def _logps(self, model, ro: Rollouts, *, hidden: bool = False):
         with self._autocast():
-            return per_token_logps(model, ro.input_ids, ro.attention_mask, ro.completion_mask,
-                                   temperature=self.cfg.temperature, return_hidden=hidden)
+            return per_token_logps(
+                model,
+                ro.input_ids,
+                ro.attention_mask,
+                ro.completion_mask,
+                temperature=self.cfg.temperature,
+                return_hidden=hidden,
+            )
 
-    def _apply_hook(self, ro: Rollouts, rewards, advantages, old_logps, hidden) -> tuple[torch.Tensor, dict]:
+    def _apply_hook(
+        self, ro: Rollouts, rewards, advantages, old_logps, hidden
+    ) -> tuple[torch.Tensor, dict]:
         head = lm_head(self.model)
         if self._bf16() and hidden is not None and getattr(self.advantage_fn, "use_logps", True):
             # bf16 logits would round NTHR's log-sum-exp: the hook reads float32 log-probs instead
-            old_logps = float32_logps(hidden.detach(), head.module, ro.completion_ids, ro.completion_mask,
-                                      temperature=self.cfg.temperature, softcap=head.softcap)
+            old_logps = float32_logps(
+                hidden.detach(),
+                head.module,
+                ro.completion_ids,
+                ro.completion_mask,
+                temperature=self.cfg.temperature,
+                softcap=head.softcap,
+            )
         ctx = AdvantageContext(
-            advantages=advantages, rewards=rewards, group_size=ro.group_size, completion_ids=ro.completion_ids,
-            completion_mask=ro.completion_mask.bool(), hidden=None if hidden is None else hidden.detach(),
-            lm_head_weight=head.weight, lm_head_bias=head.bias,
-            temperature=self.cfg.temperature, old_logps=old_logps, softcap=head.softcap)
+            advantages=advantages,
+            rewards=rewards,
+            group_size=ro.group_size,
+            completion_ids=ro.completion_ids,
+            completion_mask=ro.completion_mask.bool(),
+            hidden=None if hidden is None else hidden.detach(),
+            lm_head_weight=head.weight,
+            lm_head_bias=head.bias,
+            temperature=self.cfg.temperature,
+            old_logps=old_logps,
+            softcap=head.softcap,
+        )
         with torch.no_grad():
             return self.advantage_fn(ctx)
 
@@ -516,25 +640,40 @@ class GRPOTrainer:
             seeds = np.random.SeedSequence([self.cfg.seed, step, refill_round])
             gen_seed = int(seeds.generate_state(1)[0])
         prompts = [build_prompt(self.tokenizer, p["problem"], self.template) for p in problems]
-        ro = generate_groups(self.model, self.tokenizer, prompts, self.cfg.group_size,
-                             max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                             top_p=self.cfg.top_p, batch_size=self.cfg.generation_batch_size,
-                             min_new_tokens=self.cfg.min_new_tokens, seed=gen_seed)
+        ro = generate_groups(
+            self.model,
+            self.tokenizer,
+            prompts,
+            self.cfg.group_size,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            batch_size=self.cfg.generation_batch_size,
+            min_new_tokens=self.cfg.min_new_tokens,
+            seed=gen_seed,
+        )
         golds = [str(p["answer"]) for p in problems for _ in range(self.cfg.group_size)]
         rewards = torch.tensor(self.reward_fn(ro.texts, golds), dtype=torch.float32)
         if rewards.numel() != len(golds):
-            raise ValueError(f"reward_fn returned {rewards.numel()} rewards for {len(golds)} completions")
+            raise ValueError(
+                f"reward_fn returned {rewards.numel()} rewards for {len(golds)} completions"
+            )
         return ro, rewards.view(len(problems), self.cfg.group_size).to(self.device), problems
 
     def train_step(self, step: int) -> dict[str, float]:
         """Run one full step and return its metrics row."""
-        cfg, times = self.cfg, dict.fromkeys(("generation", "old_logps", "reference", "nthr", "update", "lld"), 0.0)
+        cfg, times = (
+            self.cfg,
+            dict.fromkeys(("generation", "old_logps", "reference", "nthr", "update", "lld"), 0.0),
+        )
         t_step = time.perf_counter()
         ro, rewards, _ = self.sample(step)
         # DAPO's refill: more rounds of prompts while fewer than prompts_per_step groups are mixed
         parts, rounds = [(ro, rewards)], 0
-        while rounds < cfg.refill_max_rounds and \
-                sum(int(mixed_group_mask(r).sum()) for _, r in parts) < cfg.prompts_per_step:
+        while (
+            rounds < cfg.refill_max_rounds
+            and sum(int(mixed_group_mask(r).sum()) for _, r in parts) < cfg.prompts_per_step
+        ):
             rounds += 1
             parts.append(self.sample(step, rounds)[:2])
         if rounds:
@@ -550,12 +689,21 @@ class GRPOTrainer:
         }
         mixed = mixed_group_mask(rewards)
         row["frac_homogeneous"] = float(1 - mixed.float().mean())
-        keep = mixed.nonzero().squeeze(-1).tolist() if cfg.dynamic_sampling else list(range(rewards.shape[0]))
+        keep = (
+            mixed.nonzero().squeeze(-1).tolist()
+            if cfg.dynamic_sampling
+            else list(range(rewards.shape[0]))
+        )
         keep = keep[: cfg.prompts_per_step]  # a refill may find more mixed groups than needed
         row["groups_used"] = float(len(keep))
         # how the batch was filled: prompts sampled, mixed groups among them, refill rounds used
-        row.update({"sampling/prompts": float(rewards.shape[0]),
-                    "sampling/mixed": float(mixed.sum()), "sampling/refill_rounds": float(rounds)})
+        row.update(
+            {
+                "sampling/prompts": float(rewards.shape[0]),
+                "sampling/mixed": float(mixed.sum()),
+                "sampling/refill_rounds": float(rounds),
+            }
+        )
         if keep:
             self._update(ro.select_groups(keep), rewards[keep], row, times)
         row.update({f"time_{k}": v for k, v in times.items()})
@@ -571,7 +719,9 @@ class GRPOTrainer:
         n_mini = cfg.prompts_per_step // (cfg.mini_batch_prompts or cfg.prompts_per_step)
         minis = [m.tolist() for m in np.array_split(np.arange(num_groups), min(n_mini, num_groups))]
         fused = len(minis) == 1 and cfg.num_iterations == 1  # old policy == current policy
-        rows_of = lambda groups: torch.tensor([g * G + j for g in groups for j in range(G)], device=self.device)
+        rows_of = lambda groups: torch.tensor(
+            [g * G + j for g in groups for j in range(G)], device=self.device
+        )
         old_logps = torch.zeros_like(advantages)
         ref_logps = torch.zeros_like(advantages) if self.ref_model is not None else None
         hook_metrics: list[dict] = []
@@ -588,7 +738,9 @@ class GRPOTrainer:
                     times["old_logps"] += time.perf_counter() - t0
                     if self.advantage_fn is not None:
                         t0 = time.perf_counter()
-                        advantages[r], m = self._apply_hook(sub, rewards[micro], advantages[r], logps, hidden)
+                        advantages[r], m = self._apply_hook(
+                            sub, rewards[micro], advantages[r], logps, hidden
+                        )
                         hook_metrics.append(m)
                         times["nthr"] += time.perf_counter() - t0
                     del hidden
@@ -615,27 +767,47 @@ class GRPOTrainer:
                         old_logps[r] = logps.detach().float()
                         if self.advantage_fn is not None:
                             t0 = time.perf_counter()
-                            advantages[r], m = self._apply_hook(sub, rewards[micro], advantages[r],
-                                                                old_logps[r], hidden)
+                            advantages[r], m = self._apply_hook(
+                                sub, rewards[micro], advantages[r], old_logps[r], hidden
+                            )
                             hook_metrics.append(m)
                             times["nthr"] += time.perf_counter() - t0
                     mask = sub.completion_mask
-                    loss, m = policy_loss(logps.float(), old_logps[r], advantages[r], mask,
-                                          ref_logps=None if ref_logps is None else ref_logps[r],
-                                          clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
-                                          kl_coef=cfg.kl_coef, agg=cfg.agg, max_completion_length=cfg.max_new_tokens)
-                    # Re-weight micro-batch means into the mini-batch mean (token: by tokens, else by rows).
-                    scale = (mask.sum() / n_tok) if cfg.agg == "token" else (len(r) / len(mini_rows))
+                    loss, m = policy_loss(
+                        logps.float(),
+                        old_logps[r],
+                        advantages[r],
+                        mask,
+                        ref_logps=None if ref_logps is None else ref_logps[r],
+                        clip_eps=cfg.clip_eps,
+                        clip_eps_high=cfg.clip_eps_high,
+                        kl_coef=cfg.kl_coef,
+                        agg=cfg.agg,
+                        max_completion_length=cfg.max_new_tokens,
+                    )
+                    # Re-weight micro-batch means into the mini-batch mean (token: by tokens, else
+                    # by rows).
+                    scale = (
+                        (mask.sum() / n_tok) if cfg.agg == "token" else (len(r) / len(mini_rows))
+                    )
                     (loss * scale).backward()
                     m["loss"] = float(loss.detach()) * float(scale)
                     step_metrics.append(m)
                 if cfg.max_grad_norm > 0:
-                    grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)))
+                    grad_norms.append(
+                        float(
+                            torch.nn.utils.clip_grad_norm_(
+                                self.model.parameters(), cfg.max_grad_norm
+                            )
+                        )
+                    )
                 self.optimizer.step()
         times["update"] = time.perf_counter() - t_upd - times["reference"] - times["nthr"] * fused
         self.model.eval()
 
-        row["loss"] = float(np.sum([m["loss"] for m in step_metrics])) / (cfg.num_iterations * len(minis))
+        row["loss"] = float(np.sum([m["loss"] for m in step_metrics])) / (
+            cfg.num_iterations * len(minis)
+        )
         for key in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
             vals = [m[key] for m in step_metrics if key in m]
             row[key] = float(np.nanmean(vals)) if vals else math.nan
@@ -648,7 +820,11 @@ class GRPOTrainer:
                 row[key] = float(np.nansum(vals))
             else:
                 finite = vals[np.isfinite(vals)]
-                row[key] = float(finite.mean()) if finite.size else (float(vals[0]) if vals.size else math.nan)
+                row[key] = (
+                    float(finite.mean())
+                    if finite.size
+                    else (float(vals[0]) if vals.size else math.nan)
+                )
 
         if cfg.track_lld:
             t0 = time.perf_counter()
@@ -656,8 +832,11 @@ class GRPOTrainer:
             times["lld"] = time.perf_counter() - t0
 
     @torch.no_grad()
-    def _track_lld(self, ro: Rollouts, rewards: torch.Tensor, old_logps: torch.Tensor, row: dict) -> None:
-        """Change of ln pi(y+|x) of this batch's correct responses over the update, and the LLD rate."""
+    def _track_lld(
+        self, ro: Rollouts, rewards: torch.Tensor, old_logps: torch.Tensor, row: dict
+    ) -> None:
+        """Change of ln pi(y+|x) of this batch's correct responses over the update, and the LLD
+        rate."""
         correct_rows = is_correct(rewards.reshape(-1)).nonzero().squeeze(-1)
         row["lld/n_correct"] = float(correct_rows.numel())
         if correct_rows.numel() == 0:
@@ -679,8 +858,14 @@ class GRPOTrainer:
     # -- checkpoints
     def save_checkpoint(self, run_dir: Path) -> None:
         """Atomically save weights, optimizer, RNG, step and metrics."""
-        state = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "rng": _rng_state(), "rows": self.rows, "config": self.cfg.to_dict()}
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "rows": self.rows,
+            "config": self.cfg.to_dict(),
+        }
         atomic_torch_save(state, run_dir / "checkpoint.pt")
 
     def load_checkpoint(self, run_dir: Path) -> None:
@@ -692,7 +877,8 @@ class GRPOTrainer:
         self.step, self.rows = int(state["step"]), list(state["rows"])
 
     def save_model(self, run_dir: Path) -> Path:
-        """Save the final weights and tokenizer to ``run_dir/model`` (temporary folder, then rename)."""
+        """Save the final weights and tokenizer to ``run_dir/model`` (temporary folder, then
+        rename)."""
         target = run_dir / "model"
         staging = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
         try:
@@ -722,28 +908,45 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, hook_repr: str, resume: bool
         return
     saved = json.loads(saved_path.read_text())
     if not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it, "
-                              "or choose another output_dir")
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass resume=True to continue it, "
+            "or choose another output_dir"
+        )
     mine = json.loads(json.dumps(cfg.to_dict()))
     # A field added after the run was saved (absent there) ran with its default behaviour.
     theirs = json.loads(json.dumps(TrainConfig().to_dict())) | saved["config"]
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-                  and k not in _RESUMABLE_CHANGES)
+    diff = sorted(
+        k
+        for k in set(mine) | set(theirs)
+        if mine.get(k) != theirs.get(k) and k not in _RESUMABLE_CHANGES
+    )
     if diff or saved.get("advantage_fn") != hook_repr:
         what = diff or ["advantage_fn"]
-        raise ValueError(f"{saved_path}: resume with a different config ({', '.join(what)}); "
-                         "use the saved config or another output_dir")
+        raise ValueError(
+            f"{saved_path}: resume with a different config ({', '.join(what)}); "
+            "use the saved config or another output_dir"
+        )
 
 
-def train(config: TrainConfig, *, advantage_fn=None, reward_fn=None, resume: bool = False,
-          callbacks: Sequence[Callable[[int, dict], None]] = (), model=None, tokenizer=None,
-          progress: bool = True) -> Path:
-    """Train with GRPO (or NTHR / Pos Only per ``config.method``); returns the run folder. Notebook 01.
+def train(
+    config: TrainConfig,
+    *,
+    advantage_fn=None,
+    reward_fn=None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+) -> Path:
+    """Train with GRPO (or NTHR / Pos Only per ``config.method``); returns the run folder. Notebook
+    01.
 
     ``advantage_fn(ctx: AdvantageContext) -> (advantages, metrics)`` overrides the method's hook.
     ``reward_fn(completions, answers) -> list[float]`` overrides the math reward. ``callbacks`` are
-    called as ``cb(step, row)`` after each step. ``resume=True`` continues from ``checkpoint.pt``, returns a
-    finished run as it is, and extends a finished run to more ``steps`` when it kept its checkpoint.
+    called as ``cb(step, row)`` after each step. ``resume=True`` continues from ``checkpoint.pt``,
+    returns a finished run as it is, and extends a finished run to more ``steps`` when it kept its
+    checkpoint.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -751,24 +954,42 @@ def train(config: TrainConfig, *, advantage_fn=None, reward_fn=None, resume: boo
     hook = advantage_fn if advantage_fn is not None else make_advantage_fn(config)
     hook_repr = repr(hook)
     _check_run_dir(run_dir, config, hook_repr, resume)
-    done = _steps_done(run_dir) if resume and (run_dir / "model").exists() else None  # None: not finished
+    done = (
+        _steps_done(run_dir) if resume and (run_dir / "model").exists() else None
+    )  # None: not finished
     if done is not None and done >= config.steps:
         return run_dir  # reuse the finished run: no model load, no checkpoint read
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = GRPOTrainer(config, advantage_fn=hook, reward_fn=reward_fn, model=model, tokenizer=tokenizer)
+    trainer = GRPOTrainer(
+        config, advantage_fn=hook, reward_fn=reward_fn, model=model, tokenizer=tokenizer
+    )
     if resume and (run_dir / "checkpoint.pt").exists():
         trainer.load_checkpoint(run_dir)
     elif done is not None:
-        raise ValueError(f"{run_dir}: the run finished at {done} steps and did not keep its checkpoint, so it "
-                         f"cannot be extended to steps={config.steps}; train it with keep_checkpoint=True, "
-                         "or choose another output_dir")
-    write_json(run_dir / "config.json", {"config": config.to_dict(), "advantage_fn": hook_repr,
-                                         "reward_fn": repr(reward_fn) if reward_fn else "math_rewards",
-                                         "versions": versions(), "device": str(trainer.device)})
+        raise ValueError(
+            f"{run_dir}: the run finished at {done} steps and did not keep its checkpoint, so it "
+            f"cannot be extended to steps={config.steps}; train it with keep_checkpoint=True, "
+            "or choose another output_dir"
+        )
+    write_json(
+        run_dir / "config.json",
+        {
+            "config": config.to_dict(),
+            "advantage_fn": hook_repr,
+            "reward_fn": repr(reward_fn) if reward_fn else "math_rewards",
+            "versions": versions(),
+            "device": str(trainer.device),
+        },
+    )
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(trainer.step, config.steps), desc=f"{config.method} seed{config.seed}",
-               initial=trainer.step, total=config.steps, disable=not progress)
+    bar = tqdm(
+        range(trainer.step, config.steps),
+        desc=f"{config.method} seed{config.seed}",
+        initial=trainer.step,
+        total=config.steps,
+        disable=not progress,
+    )
     for step in bar:
         row = trainer.train_step(step)
         trainer.rows.append(row)
@@ -782,6 +1003,6 @@ def train(config: TrainConfig, *, advantage_fn=None, reward_fn=None, resume: boo
     trainer.save_model(run_dir)
     if config.keep_checkpoint:
         trainer.save_checkpoint(run_dir)
-    else:  # the final weights are in model/; the optimizer state is dead weight once the run is over
+    else:  # the final weights are in model/; the optimizer state is dead weight now
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return run_dir

@@ -68,6 +68,8 @@ def __getattr__(name: str) -> Any:
     if name == "METHOD_LABELS":
         return {"base": _BASE_LABEL} | {n: rules.label(n) for n in rules.names()}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _OTHER_COLORS = [_PALETTE[i] for i in (3, 4, 6, 8, 9)]
 _LINESTYLES = ("-", "--", "-.", ":")  # training curves: the j-th method's dash pattern
 _HTML_CMAP = "RdBu_r"  # red = high score (harmful to the correct answers), blue = low
@@ -92,7 +94,8 @@ def method_color(method: str, index: int = 0) -> tuple[float, float, float]:
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
-    """``ax`` itself, or the axes of a new figure when it is None (the only place figures are made)."""
+    """``ax`` itself, or the axes of a new figure when it is None (the only place figures are
+    made)."""
     if ax is not None:
         return ax
     _, ax = plt.subplots(figsize=figsize)
@@ -117,7 +120,8 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str = "df")
 
 
 def _to_numpy(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
-    """A tensor, array or sequence as a numpy array of ``dtype`` (tensors detached and moved to CPU)."""
+    """A tensor, array or sequence as a numpy array of ``dtype`` (tensors detached and moved to
+    CPU)."""
     if isinstance(x, Tensor):
         x = x.detach().cpu()
         x = x.double() if dtype is np.float64 else x
@@ -125,7 +129,9 @@ def _to_numpy(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
     try:
         return np.asarray(x, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"`{name}` must be numeric (a tensor, array or sequence), got {type(x).__name__}") from exc
+        raise TypeError(
+            f"`{name}` must be numeric (a tensor, array or sequence), got {type(x).__name__}"
+        ) from exc
 
 
 def _finite(x: float | None) -> bool:
@@ -138,10 +144,17 @@ def _finite(x: float | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def plot_displacement(df: pd.DataFrame, methods: Sequence[str] = ("grpo", "pos_only"), ax: Axes | None = None,
-                      *, sort_by: str | None = "grpo", title: str | None = None,
-                      save: str | Path | None = None) -> Axes:
-    """Grouped bars of Δ(x) per question and method, questions sorted by the ``sort_by`` method's Δ (notebook 02).
+def plot_displacement(
+    df: pd.DataFrame,
+    methods: Sequence[str] = ("grpo", "pos_only"),
+    ax: Axes | None = None,
+    *,
+    sort_by: str | None = "grpo",
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """Grouped bars of Δ(x) per question and method, questions sorted by the ``sort_by`` method's Δ
+    (notebook 02).
 
     ``df`` has one row per question and method with columns ``id``, ``method``, ``delta`` (as built
     by ``nthr_book.lld``). Bars of a method are one BarContainer in ``ax.containers``, in the order
@@ -157,12 +170,16 @@ def plot_displacement(df: pd.DataFrame, methods: Sequence[str] = ("grpo", "pos_o
     if missing:
         raise ValueError(f"method(s) {missing} not in df['method'] (present: {present})")
     if sort_by is not None and str(sort_by) not in present:
-        raise ValueError(f"sort_by={sort_by!r} is not a method in df['method'] (present: {present})")
+        raise ValueError(
+            f"sort_by={sort_by!r} is not a method in df['method'] (present: {present})"
+        )
     data = df.assign(method=df["method"].astype(str))
     dup = data.duplicated(["id", "method"], keep=False)
     if dup.any():
         rows = data.loc[dup, ["id", "method"]].drop_duplicates().values.tolist()[:5]
-        raise ValueError(f"df has several rows for the same (id, method), e.g. {rows}: expected one each")
+        raise ValueError(
+            f"df has several rows for the same (id, method), e.g. {rows}: expected one each"
+        )
 
     ids = list(dict.fromkeys(data["id"]))  # questions in first-appearance order
     table = data.pivot(index="id", columns="method", values="delta").reindex(ids)  # (Q, methods)
@@ -173,8 +190,13 @@ def plot_displacement(df: pd.DataFrame, methods: Sequence[str] = ("grpo", "pos_o
     x = np.arange(len(table))
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
-        ax.bar(x + (j - (len(methods) - 1) / 2) * width, table[m].to_numpy(dtype=float), width,
-               label=method_label(m), color=method_color(m, j))
+        ax.bar(
+            x + (j - (len(methods) - 1) / 2) * width,
+            table[m].to_numpy(dtype=float),
+            width,
+            label=method_label(m),
+            color=method_color(m, j),
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(x)
     if len(table) <= 30:
@@ -185,7 +207,9 @@ def plot_displacement(df: pd.DataFrame, methods: Sequence[str] = ("grpo", "pos_o
     ax.set_xlabel(f"question ({order})")
     ax.set_ylabel(DELTA_LABEL)
     ax.set_xlim(-0.6, len(table) - 0.4)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, never over them
+    ax.legend(
+        loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8
+    )  # beside the bars, never over them
     if title is not None:
         ax.set_title(title)
     _save(ax.figure, save)
@@ -206,8 +230,9 @@ def tokens_for_display(tokenizer, ids: Sequence[int] | Tensor, *, window: int = 
 
     A piece is the difference between decoding the ``window`` ids before a token with and without
     it, so leading spaces survive for byte-level and SentencePiece tokenizers alike, and a character
-    split over several byte tokens is shown on the token that completes it (the earlier ones get "").
-    Special tokens are kept (``<|im_end|>``). Pass only the valid ids, e.g. ``ids[completion_mask]``.
+    split over several byte tokens is shown on the token that completes it (the earlier ones get
+    ""). Special tokens are kept (``<|im_end|>``). Pass only the valid ids, e.g.
+    ``ids[completion_mask]``.
     """
     if isinstance(ids, Tensor):
         if ids.dim() != 1:
@@ -218,9 +243,9 @@ def tokens_for_display(tokenizer, ids: Sequence[int] | Tensor, *, window: int = 
     for i, token_id in enumerate(ids):
         lo = max(0, i - window)
         before = _decode(tokenizer, ids[lo:i]).rstrip("\ufffd") if i > lo else ""
-        after = _decode(tokenizer, ids[lo:i + 1]).rstrip("\ufffd")
+        after = _decode(tokenizer, ids[lo : i + 1]).rstrip("\ufffd")
         if after.startswith(before):
-            pieces.append(after[len(before):])
+            pieces.append(after[len(before) :])
         else:  # the tokenizer rewrote earlier text (rare): fall back to the token on its own
             pieces.append(_decode(tokenizer, [token_id]))
     return pieces
@@ -230,7 +255,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _visible(piece: str) -> str:
-    """A token made visible but readable: ↵ before newlines, ⇥ for tabs, · for space-only, ∅ for empty."""
+    """A token made visible but readable: ↵ before newlines, ⇥ for tabs, · for space-only, ∅ for
+    empty."""
     if piece == "":
         return "∅"
     if piece.strip(" ") == "":
@@ -246,7 +272,8 @@ def _tick_label(piece: str, max_len: int = 12) -> str:
 
 
 def _scale(values: Iterable[np.ndarray], center: float) -> float:
-    """max |score - center| over the finite scores of every array (1.0 when there is none or all equal)."""
+    """max |score - center| over the finite scores of every array (1.0 when there is none or all
+    equal)."""
     m = 0.0
     for v in values:
         v = v[np.isfinite(v)]
@@ -259,28 +286,39 @@ def _color(score: float, center: float, scale: float) -> tuple[str, str]:
     """(background, text) CSS colours of a score on the diverging map centred at ``center``."""
     if not math.isfinite(score):
         return "#dddddd", "#000000"
-    r, g, b, _ = matplotlib.colormaps[_HTML_CMAP](0.5 + 0.5 * max(-1.0, min(1.0, (score - center) / scale)))
+    r, g, b, _ = matplotlib.colormaps[_HTML_CMAP](
+        0.5 + 0.5 * max(-1.0, min(1.0, (score - center) / scale))
+    )
     luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
     return matplotlib.colors.to_hex((r, g, b)), ("#000000" if luminance > 0.5 else "#ffffff")
 
 
-def _check_tokens(tokens: Sequence[str], scores: Any, selected: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and selected mask of one response as arrays of len(tokens); ValueError naming the mismatch."""
+def _check_tokens(
+    tokens: Sequence[str], scores: Any, selected: Any, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and selected mask of one response as arrays of len(tokens); ValueError naming the
+    mismatch."""
     if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
         raise TypeError(f"`tokens{name}` must be a list of strings (see tokens_for_display)")
     s = _to_numpy(scores, f"scores{name}").reshape(-1)
     if s.shape[0] != len(tokens):
-        raise ValueError(f"`scores{name}` has {s.shape[0]} values but `tokens{name}` has {len(tokens)} tokens")
+        raise ValueError(
+            f"`scores{name}` has {s.shape[0]} values but `tokens{name}` has {len(tokens)} tokens"
+        )
     if selected is None:
         sel = np.zeros(len(tokens), dtype=bool)
     else:
         sel = _to_numpy(selected, f"selected{name}", dtype=bool).reshape(-1)
         if sel.shape[0] != len(tokens):
-            raise ValueError(f"`selected{name}` has {sel.shape[0]} values but `tokens{name}` has {len(tokens)}")
+            raise ValueError(
+                f"`selected{name}` has {sel.shape[0]} values but `tokens{name}` has {len(tokens)}"
+            )
     return s, sel
 
 
-def _spans(tokens: Sequence[str], scores: np.ndarray, selected: np.ndarray, center: float, scale: float) -> str:
+def _spans(
+    tokens: Sequence[str], scores: np.ndarray, selected: np.ndarray, center: float, scale: float
+) -> str:
     """The coloured <span class="nthr-token"> of every token, with data-score and a hover title."""
     out = []
     for piece, score, sel in zip(tokens, scores, selected):
@@ -292,13 +330,18 @@ def _spans(tokens: Sequence[str], scores: np.ndarray, selected: np.ndarray, cent
         cls = "nthr-token nthr-selected" if sel else "nthr-token"
         if sel:
             style += "outline:2px solid #111111;outline-offset:-1px;"
-        out.append(f'<span class="{cls}" data-score="{float(score):.6g}" title="{html.escape(tip, quote=True)}" '
-                   f'style="{style}">{html.escape(_visible(piece), quote=True)}</span>')
+        out.append(
+            f'<span class="{cls}" data-score="{float(score):.6g}" '
+            f'title="{html.escape(tip, quote=True)}" '
+            f'style="{style}">{html.escape(_visible(piece), quote=True)}</span>'
+        )
     return "".join(out)
 
 
-_BOX = ("font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;line-height:1.7;"
-        "white-space:pre-wrap;word-break:break-word;")
+_BOX = (
+    "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;line-height:1.7;"
+    "white-space:pre-wrap;word-break:break-word;"
+)
 
 
 def _legend(center: float, scale: float, tau: float | None) -> str:
@@ -306,17 +349,27 @@ def _legend(center: float, scale: float, tau: float | None) -> str:
     lo_bg, lo_fg = _color(center - scale, center, scale)
     hi_bg, hi_fg = _color(center + scale, center, scale)
     where = f"τ = {tau:.4g}" if _finite(tau) else "0"
-    return (f'<div style="font-size:12px;margin:2px 0 6px 0;">colour centred at {html.escape(where)}: '
-            f'<span style="background:{lo_bg};color:{lo_fg};padding:0 4px;">{center - scale:.3g} low</span> '
-            f'<span style="background:{hi_bg};color:{hi_fg};padding:0 4px;">{center + scale:.3g} high '
-            f'(harmful to correct answers)</span> '
-            f'<span style="outline:2px solid #111111;padding:0 4px;">selected</span></div>')
+    return (
+        f'<div style="font-size:12px;margin:2px 0 6px 0;">colour centred at {html.escape(where)}: '
+        f'<span style="background:{lo_bg};color:{lo_fg};padding:0 4px;">{center - scale:.3g} '
+        "low</span> "
+        f'<span style="background:{hi_bg};color:{hi_fg};padding:0 4px;">{center + scale:.3g} high '
+        f"(harmful to correct answers)</span> "
+        f'<span style="outline:2px solid #111111;padding:0 4px;">selected</span></div>'
+    )
 
 
-def render_token_scores_html(tokens: Sequence[str], scores: Sequence[float] | Tensor,
-                             selected: Sequence[bool] | Tensor | None = None, tau: float | None = None, *,
-                             title: str | None = None, scale: float | None = None) -> str:
-    """One response as coloured token spans: red high score, blue low, centred at τ (or 0); hover for the score.
+def render_token_scores_html(
+    tokens: Sequence[str],
+    scores: Sequence[float] | Tensor,
+    selected: Sequence[bool] | Tensor | None = None,
+    tau: float | None = None,
+    *,
+    title: str | None = None,
+    scale: float | None = None,
+) -> str:
+    """One response as coloured token spans: red high score, blue low, centred at τ (or 0); hover
+    for the score.
 
     Every token is a ``<span class="nthr-token" data-score=...>``; selected tokens also carry the
     class ``nthr-selected`` and an outline. ``scale`` fixes the score distance shown at full colour
@@ -325,41 +378,72 @@ def render_token_scores_html(tokens: Sequence[str], scores: Sequence[float] | Te
     s, sel = _check_tokens(tokens, scores, selected, "")
     center = float(tau) if _finite(tau) else 0.0
     scale = float(scale) if scale is not None else _scale([s], center)
-    head = f'<div style="font-weight:bold;margin-bottom:2px;">{html.escape(title)}</div>' if title else ""
-    return (f'<div class="nthr-view" style="{_BOX}">{head}{_legend(center, scale, tau)}'
-            f"<div>{_spans(tokens, s, sel, center, scale)}</div></div>")
+    head = (
+        f'<div style="font-weight:bold;margin-bottom:2px;">{html.escape(title)}</div>'
+        if title
+        else ""
+    )
+    return (
+        f'<div class="nthr-view" style="{_BOX}">{head}{_legend(center, scale, tau)}'
+        f"<div>{_spans(tokens, s, sel, center, scale)}</div></div>"
+    )
 
 
-def _column(label: str, tokens: Sequence[Sequence[str]], scores: Sequence[np.ndarray],
-            selected: Sequence[np.ndarray], center: float, scale: float, border: str) -> str:
+def _column(
+    label: str,
+    tokens: Sequence[Sequence[str]],
+    scores: Sequence[np.ndarray],
+    selected: Sequence[np.ndarray],
+    center: float,
+    scale: float,
+    border: str,
+) -> str:
     """One column of response boxes with a heading."""
     boxes = []
     for i, (tok, s, sel) in enumerate(zip(tokens, scores, selected)):
         extra = f", {int(sel.sum())} selected" if sel.any() else ""
-        boxes.append(f'<div style="border:1px solid {border};border-radius:4px;padding:4px;margin:4px 0;">'
-                     f'<div style="font-size:11px;color:#555555;">#{i} ({len(tok)} tokens{extra})</div>'
-                     f"{_spans(tok, s, sel, center, scale)}</div>")
-    return (f'<div style="flex:1;min-width:0;"><div style="font-weight:bold;color:{border};">'
-            f"{html.escape(label)}</div>{''.join(boxes)}</div>")
+        boxes.append(
+            f'<div style="border:1px solid {border};border-radius:4px;padding:4px;margin:4px 0;">'
+            f'<div style="font-size:11px;color:#555555;">#{i} ({len(tok)} tokens{extra})</div>'
+            f"{_spans(tok, s, sel, center, scale)}</div>"
+        )
+    return (
+        f'<div style="flex:1;min-width:0;"><div style="font-weight:bold;color:{border};">'
+        f"{html.escape(label)}</div>{''.join(boxes)}</div>"
+    )
 
 
-def render_group_html(tokens_incorrect: Sequence[Sequence[str]], scores_incorrect: Sequence[Any],
-                      tokens_correct: Sequence[Sequence[str]], scores_correct: Sequence[Any],
-                      selected_incorrect: Sequence[Any] | None = None, tau: float | None = None, *,
-                      selected_correct: Sequence[Any] | None = None, title: str | None = None,
-                      scale: float | None = None) -> str:
+def render_group_html(
+    tokens_incorrect: Sequence[Sequence[str]],
+    scores_incorrect: Sequence[Any],
+    tokens_correct: Sequence[Sequence[str]],
+    scores_correct: Sequence[Any],
+    selected_incorrect: Sequence[Any] | None = None,
+    tau: float | None = None,
+    *,
+    selected_correct: Sequence[Any] | None = None,
+    title: str | None = None,
+    scale: float | None = None,
+) -> str:
     """A group's incorrect (left) and correct (right) responses on one colour scale (Fig. 3; nb 03).
 
     The header shows τ, the response counts and how many incorrect tokens are selected. Each list
     holds one entry per response: token strings, scores (sequence or 1-D tensor), selected masks.
     """
+
     def prepare(tokens, scores, selected, side):
         if selected is not None and len(selected) != len(tokens):
-            raise ValueError(f"`selected_{side}` has {len(selected)} masks for {len(tokens)} responses")
+            raise ValueError(
+                f"`selected_{side}` has {len(selected)} masks for {len(tokens)} responses"
+            )
         if len(scores) != len(tokens):
-            raise ValueError(f"`scores_{side}` has {len(scores)} entries for {len(tokens)} responses")
-        out = [_check_tokens(t, s, None if selected is None else selected[i], f"_{side}[{i}]")
-               for i, (t, s) in enumerate(zip(tokens, scores))]
+            raise ValueError(
+                f"`scores_{side}` has {len(scores)} entries for {len(tokens)} responses"
+            )
+        out = [
+            _check_tokens(t, s, None if selected is None else selected[i], f"_{side}[{i}]")
+            for i, (t, s) in enumerate(zip(tokens, scores))
+        ]
         return [o[0] for o in out], [o[1] for o in out]
 
     s_neg, sel_neg = prepare(tokens_incorrect, scores_incorrect, selected_incorrect, "incorrect")
@@ -370,16 +454,35 @@ def render_group_html(tokens_incorrect: Sequence[Sequence[str]], scores_incorrec
     n_sel = int(sum(s.sum() for s in sel_neg))
     share = f" ({100.0 * n_sel / n_tok:.1f}%)" if n_tok else ""
     tau_text = "none" if tau is None else f"{float(tau):.4g}"
-    header = (f'<div style="margin-bottom:4px;"><b>τ = {html.escape(tau_text)}</b> · '
-              f"{len(tokens_incorrect)} incorrect, {len(tokens_correct)} correct responses · "
-              f"{n_sel} of {n_tok} incorrect tokens selected{share}</div>")
-    head = f'<div style="font-weight:bold;font-size:14px;">{html.escape(title)}</div>' if title else ""
-    columns = (_column(f"Incorrect (N- = {len(tokens_incorrect)})", tokens_incorrect, s_neg, sel_neg, center,
-                       scale, "#b2182b")
-               + _column(f"Correct (N+ = {len(tokens_correct)})", tokens_correct, s_pos, sel_pos, center, scale,
-                         "#2166ac"))
-    return (f'<div class="nthr-group" style="{_BOX}">{head}{header}{_legend(center, scale, tau)}'
-            f'<div style="display:flex;gap:12px;align-items:flex-start;">{columns}</div></div>')
+    header = (
+        f'<div style="margin-bottom:4px;"><b>τ = {html.escape(tau_text)}</b> · '
+        f"{len(tokens_incorrect)} incorrect, {len(tokens_correct)} correct responses · "
+        f"{n_sel} of {n_tok} incorrect tokens selected{share}</div>"
+    )
+    head = (
+        f'<div style="font-weight:bold;font-size:14px;">{html.escape(title)}</div>' if title else ""
+    )
+    columns = _column(
+        f"Incorrect (N- = {len(tokens_incorrect)})",
+        tokens_incorrect,
+        s_neg,
+        sel_neg,
+        center,
+        scale,
+        "#b2182b",
+    ) + _column(
+        f"Correct (N+ = {len(tokens_correct)})",
+        tokens_correct,
+        s_pos,
+        sel_pos,
+        center,
+        scale,
+        "#2166ac",
+    )
+    return (
+        f'<div class="nthr-group" style="{_BOX}">{head}{header}{_legend(center, scale, tau)}'
+        f'<div style="display:flex;gap:12px;align-items:flex-start;">{columns}</div></div>'
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,28 +491,47 @@ def render_group_html(tokens_incorrect: Sequence[Sequence[str]], scores_incorrec
 
 
 def token_influence_matrix(g_a: Tensor, h_a: Tensor, g_b: Tensor, h_b: Tensor) -> Tensor:
-    """(Ta, Tb) <g_t,g_k><h_t,h_k> between the tokens of response a (rows) and response b (columns)."""
+    """(Ta, Tb) <g_t,g_k><h_t,h_k> between the tokens of response a (rows) and response b
+    (columns)."""
     for name, x in (("g_a", g_a), ("h_a", h_a), ("g_b", g_b), ("h_b", h_b)):
         if not isinstance(x, Tensor) or x.dim() != 2:
-            raise ValueError(f"`{name}` must be a 2-D (T, dim) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"`{name}` must be a 2-D (T, dim) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
     if g_a.shape[0] != h_a.shape[0] or g_b.shape[0] != h_b.shape[0]:
-        raise ValueError(f"g and h must have one row per token: g_a {tuple(g_a.shape)}, h_a {tuple(h_a.shape)}, "
-                         f"g_b {tuple(g_b.shape)}, h_b {tuple(h_b.shape)}")
+        raise ValueError(
+            f"g and h must have one row per token: g_a {tuple(g_a.shape)}, h_a {tuple(h_a.shape)}, "
+            f"g_b {tuple(g_b.shape)}, h_b {tuple(h_b.shape)}"
+        )
     if g_a.shape[1] != g_b.shape[1] or h_a.shape[1] != h_b.shape[1]:
-        raise ValueError(f"g_a/g_b (vocabulary) and h_a/h_b (hidden) widths differ: {tuple(g_a.shape)} vs "
-                         f"{tuple(g_b.shape)}, {tuple(h_a.shape)} vs {tuple(h_b.shape)}")
-    dtype = torch.promote_types(torch.promote_types(g_a.dtype, g_b.dtype), torch.promote_types(h_a.dtype, h_b.dtype))
+        raise ValueError(
+            f"g_a/g_b (vocabulary) and h_a/h_b (hidden) widths differ: {tuple(g_a.shape)} vs "
+            f"{tuple(g_b.shape)}, {tuple(h_a.shape)} vs {tuple(h_b.shape)}"
+        )
+    dtype = torch.promote_types(
+        torch.promote_types(g_a.dtype, g_b.dtype), torch.promote_types(h_a.dtype, h_b.dtype)
+    )
     gg = g_a.to(dtype) @ g_b.to(dtype).T  # (Ta, Tb)
     hh = h_a.to(dtype) @ h_b.to(dtype).T  # (Ta, Tb)
     return gg * hh
 
 
-def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor | None = None,
-                         g_correct: Tensor | None = None, h_correct: Tensor | None = None,
-                         tokens_incorrect: Sequence[str] | None = None, tokens_correct: Sequence[str] | None = None,
-                         ax: Axes | None = None, *, matrix: Tensor | np.ndarray | None = None, max_tokens: int = 40,
-                         cmap: str = "RdBu_r", title: str | None = None, save: str | Path | None = None) -> Axes:
+def plot_token_influence(
+    g_incorrect: Tensor | None = None,
+    h_incorrect: Tensor | None = None,
+    g_correct: Tensor | None = None,
+    h_correct: Tensor | None = None,
+    tokens_incorrect: Sequence[str] | None = None,
+    tokens_correct: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    *,
+    matrix: Tensor | np.ndarray | None = None,
+    max_tokens: int = 40,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
     """Heatmap of <g_t,g_k><h_t,h_k>: incorrect tokens as rows, correct ones as columns (nb 03).
 
     Give ``g``/``h`` of both responses, or a precomputed ``matrix`` (Ta, Tb). Only the first
@@ -418,7 +540,9 @@ def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor 
     """
     if matrix is None:
         if any(x is None for x in (g_incorrect, h_incorrect, g_correct, h_correct)):
-            raise ValueError("give g_incorrect, h_incorrect, g_correct, h_correct, or a precomputed `matrix`")
+            raise ValueError(
+                "give g_incorrect, h_incorrect, g_correct, h_correct, or a precomputed `matrix`"
+            )
         matrix = token_influence_matrix(g_incorrect, h_incorrect, g_correct, h_correct)
     m = _to_numpy(matrix, "matrix")
     if m.ndim != 2:
@@ -426,15 +550,26 @@ def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor 
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     labels = []
-    for name, tokens, n in (("tokens_incorrect", tokens_incorrect, m.shape[0]),
-                            ("tokens_correct", tokens_correct, m.shape[1])):
+    for name, tokens, n in (
+        ("tokens_incorrect", tokens_incorrect, m.shape[0]),
+        ("tokens_correct", tokens_correct, m.shape[1]),
+    ):
         if tokens is not None and len(tokens) != n:
-            raise ValueError(f"`{name}` has {len(tokens)} tokens but the matrix has {n} along that axis")
+            raise ValueError(
+                f"`{name}` has {len(tokens)} tokens but the matrix has {n} along that axis"
+            )
         labels.append(False if tokens is None else [_tick_label(t) for t in tokens[:max_tokens]])
     m = m[:max_tokens, :max_tokens]  # (rows, cols) drawn
     ax = _new_axes(ax, (max(5.0, 0.22 * m.shape[1] + 2), max(4.0, 0.22 * m.shape[0] + 1.5)))
-    sns.heatmap(m, ax=ax, cmap=cmap, center=0.0, xticklabels=labels[1], yticklabels=labels[0],
-                cbar_kws={"label": "<g_t,g_k> <h_t,h_k>"})
+    sns.heatmap(
+        m,
+        ax=ax,
+        cmap=cmap,
+        center=0.0,
+        xticklabels=labels[1],
+        yticklabels=labels[0],
+        cbar_kws={"label": "<g_t,g_k> <h_t,h_k>"},
+    )
     ax.tick_params(labelsize=7)
     ax.set_xlabel("correct response token k")
     ax.set_ylabel("incorrect response token t")
@@ -449,14 +584,23 @@ def plot_token_influence(g_incorrect: Tensor | None = None, h_incorrect: Tensor 
 # --------------------------------------------------------------------------------------------
 
 
-def plot_score_histogram(scores: Tensor | np.ndarray, mask: Tensor | np.ndarray, correct: Tensor | np.ndarray,
-                         tau: float | None = None, ax: Axes | None = None, *, bins: int | Sequence[float] = 40,
-                         density: bool = False, title: str | None = None, save: str | Path | None = None) -> Axes:
+def plot_score_histogram(
+    scores: Tensor | np.ndarray,
+    mask: Tensor | np.ndarray,
+    correct: Tensor | np.ndarray,
+    tau: float | None = None,
+    ax: Axes | None = None,
+    *,
+    bins: int | Sequence[float] = 40,
+    density: bool = False,
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
     """Histograms of a group's incorrect and correct token scores, τ as a vertical line (nb 03).
 
-    ``scores`` and ``mask`` are (G, T), ``correct`` (G,) bool or 0/1. Both histograms share bin edges
-    (``ax.containers[0]`` incorrect, ``[1]`` correct). A finite ``tau`` draws a vertical line and
-    counts the incorrect tokens above it in its label.
+    ``scores`` and ``mask`` are (G, T), ``correct`` (G,) bool or 0/1. Both histograms share bin
+    edges (``ax.containers[0]`` incorrect, ``[1]`` correct). A finite ``tau`` draws a vertical line
+    and counts the incorrect tokens above it in its label.
     """
     s = _to_numpy(scores, "scores")
     mk = _to_numpy(mask, "mask", dtype=bool)
@@ -473,12 +617,30 @@ def plot_score_histogram(scores: Tensor | np.ndarray, mask: Tensor | np.ndarray,
         raise ValueError("no valid token scores: `mask` selects no token with a finite score")
     edges = np.histogram_bin_edges(both, bins=bins)
     ax = _new_axes(ax, (6, 3.5))
-    ax.hist(neg, bins=edges, alpha=0.55, color="#d6604d", label=f"incorrect ({neg.size} tokens)", density=density)
-    ax.hist(pos, bins=edges, alpha=0.55, color="#4393c3", label=f"correct ({pos.size} tokens)", density=density)
+    ax.hist(
+        neg,
+        bins=edges,
+        alpha=0.55,
+        color="#d6604d",
+        label=f"incorrect ({neg.size} tokens)",
+        density=density,
+    )
+    ax.hist(
+        pos,
+        bins=edges,
+        alpha=0.55,
+        color="#4393c3",
+        label=f"correct ({pos.size} tokens)",
+        density=density,
+    )
     if _finite(tau):
         n_sel = int((neg > float(tau)).sum())
-        ax.axvline(float(tau), color="black", linestyle="--",
-                   label=f"τ = {float(tau):.3g} ({n_sel} of {neg.size} incorrect above)")
+        ax.axvline(
+            float(tau),
+            color="black",
+            linestyle="--",
+            label=f"τ = {float(tau):.3g} ({n_sel} of {neg.size} incorrect above)",
+        )
     ax.set_xlabel("token score s_t")
     ax.set_ylabel("density" if density else "tokens")
     ax.legend(fontsize=8)
@@ -505,7 +667,8 @@ _SEED_DIR = re.compile(r"^seed[_-]?(\d+)$")
 
 
 def _run_identity(run_dir: Path) -> tuple[str | None, int | None]:
-    """(method, seed) of a run from its config.json, falling back to the path <...>/<method>/seed<k>/."""
+    """(method, seed) of a run from its config.json, falling back to the path
+    <...>/<method>/seed<k>/."""
     method = seed = None
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():
@@ -513,7 +676,10 @@ def _run_identity(run_dir: Path) -> tuple[str | None, int | None]:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
-        for part in (cfg, cfg.get("config") if isinstance(cfg, dict) else None):  # flat, or the trainer's nesting
+        for part in (
+            cfg,
+            cfg.get("config") if isinstance(cfg, dict) else None,
+        ):  # flat, or the trainer's nesting
             if isinstance(part, dict):
                 method = part.get("method") if method is None else method
                 seed = part.get("seed") if seed is None else seed
@@ -540,8 +706,10 @@ def load_metrics(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
             raise FileNotFoundError(f"{csv}: no metrics.csv in run directory {run_dir}")
         method, seed = _run_identity(run_dir)
         if method is None or seed is None:
-            raise ValueError(f"{run_dir}: cannot tell the run's method and seed; write config.json with "
-                             "'method' and 'seed' or use the layout <...>/<method>/seed<k>/")
+            raise ValueError(
+                f"{run_dir}: cannot tell the run's method and seed; write config.json with "
+                "'method' and 'seed' or use the layout <...>/<method>/seed<k>/"
+            )
         frame = pd.read_csv(csv)
         for col, value in (("method", method), ("seed", seed)):
             if col in frame.columns and not (frame[col].astype(str) == str(value)).all():
@@ -552,23 +720,42 @@ def load_metrics(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _per_step(df: pd.DataFrame, metric: str, hue: str | None, seed_col: str | None,
-              step_col: str) -> pd.DataFrame:
-    """Per (hue, step): mean, sd, min, max over seeds of the per-seed mean of ``metric``, and n_seeds."""
+def _per_step(
+    df: pd.DataFrame, metric: str, hue: str | None, seed_col: str | None, step_col: str
+) -> pd.DataFrame:
+    """Per (hue, step): mean, sd, min, max over seeds of the per-seed mean of ``metric``, and
+    n_seeds."""
     keys = [k for k in (hue, seed_col) if k is not None]
     data = df[keys + [step_col, metric]].dropna(subset=[metric])
-    per_seed = data.groupby(keys + [step_col], sort=True)[metric].mean().reset_index()  # one value per run
+    per_seed = (
+        data.groupby(keys + [step_col], sort=True)[metric].mean().reset_index()
+    )  # one value per run
     outer = [hue, step_col] if hue is not None else [step_col]
-    return (per_seed.groupby(outer, sort=True)[metric]
-            .agg(mean="mean", sd="std", min="min", max="max", n_seeds="count").reset_index())
+    return (
+        per_seed.groupby(outer, sort=True)[metric]
+        .agg(mean="mean", sd="std", min="min", max="max", n_seeds="count")
+        .reset_index()
+    )
 
 
-def plot_training_curves(df: pd.DataFrame,
-                         metrics: Sequence[str] = ("reward_mean", "lld/rate", "nthr/selected_frac", "kl",
-                                                   "completion_length"),
-                         *, hue: str | None = "method", seed_col: str | None = "seed", step_col: str = "step",
-                         band: str | None = "sd", axes: Sequence[Axes] | np.ndarray | None = None,
-                         ncols: int = 3, save: str | Path | None = None) -> np.ndarray:
+def plot_training_curves(
+    df: pd.DataFrame,
+    metrics: Sequence[str] = (
+        "reward_mean",
+        "lld/rate",
+        "nthr/selected_frac",
+        "kl",
+        "completion_length",
+    ),
+    *,
+    hue: str | None = "method",
+    seed_col: str | None = "seed",
+    step_col: str = "step",
+    band: str | None = "sd",
+    axes: Sequence[Axes] | np.ndarray | None = None,
+    ncols: int = 3,
+    save: str | Path | None = None,
+) -> np.ndarray:
     """One panel per metric: mean over seeds per step and a band, a colour per ``hue`` (nb 01, 05).
 
     Each run is first averaged per step (rows repeated after a resume count once), then
@@ -586,14 +773,17 @@ def plot_training_curves(df: pd.DataFrame,
         col = _metric_column(df, m)
         (skipped if col is None else present).append(m if col is None else col)
     if not present:
-        raise ValueError(f"none of the metrics {list(metrics)} is a column of df (columns: {list(df.columns)})")
+        raise ValueError(
+            f"none of the metrics {list(metrics)} is a column of df (columns: {list(df.columns)})"
+        )
     if axes is None:
         cols = min(ncols, len(present))
         rows = math.ceil(len(present) / cols)
-        fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False,
-                                 layout="constrained")
+        fig, grid = plt.subplots(
+            rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained"
+        )
         grid = grid.ravel()
-        for extra in grid[len(present):]:
+        for extra in grid[len(present) :]:
             extra.set_visible(False)
         axes = grid[: len(present)]
     else:
@@ -612,20 +802,37 @@ def plot_training_curves(df: pd.DataFrame,
             n = int(rows["n_seeds"].max())
             color = method_color(level, j) if hue is not None else _PALETTE[0]
             name = method_label(level) if hue is not None else metric
-            # a dash pattern per method too, so that identical curves stay visible on top of each other
-            ax.plot(x, y, color=color, linestyle=_LINESTYLES[j % len(_LINESTYLES)], marker=".",
-                    label=f"{name} (n={n})")
+            # a dash pattern per method too, so that identical curves stay visible on top of each
+            # other
+            ax.plot(
+                x,
+                y,
+                color=color,
+                linestyle=_LINESTYLES[j % len(_LINESTYLES)],
+                marker=".",
+                label=f"{name} (n={n})",
+            )
             if band == "sd" and n > 1:
                 sd = rows["sd"].fillna(0.0).to_numpy(dtype=float)
                 ax.fill_between(x, y - sd, y + sd, color=color, alpha=0.2, linewidth=0)
             elif band == "minmax" and n > 1:
-                ax.fill_between(x, rows["min"].to_numpy(dtype=float), rows["max"].to_numpy(dtype=float),
-                                color=color, alpha=0.2, linewidth=0)
+                ax.fill_between(
+                    x,
+                    rows["min"].to_numpy(dtype=float),
+                    rows["max"].to_numpy(dtype=float),
+                    color=color,
+                    alpha=0.2,
+                    linewidth=0,
+                )
         ax.set_title(metric)
         ax.set_xlabel(step_col)
     axes[0].legend(fontsize=8)
     fig = axes[0].figure
-    what = {"sd": "mean ± sd over seeds", "minmax": "mean, min-max over seeds", None: "mean over seeds"}[band]
+    what = {
+        "sd": "mean ± sd over seeds",
+        "minmax": "mean, min-max over seeds",
+        None: "mean over seeds",
+    }[band]
     note = f"{what}" + (f"; not logged, skipped: {', '.join(skipped)}" if skipped else "")
     fig.suptitle(note, fontsize=9)
     _save(fig, save)
@@ -637,18 +844,31 @@ def plot_training_curves(df: pd.DataFrame,
 # --------------------------------------------------------------------------------------------
 
 
-def plot_benchmark_table(df: pd.DataFrame, ax: Axes | None = None, *, hue: str = "method", title: str | None = None,
-                         save: str | Path | None = None) -> Axes:
+def plot_benchmark_table(
+    df: pd.DataFrame,
+    ax: Axes | None = None,
+    *,
+    hue: str = "method",
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
     """Bars of accuracy with 95% interval error bars, benchmarks on x, a bar per method (nb 05, 06).
 
     Columns ``benchmark``, ``method``, ``accuracy``, ``ci_low``, ``ci_high``; rows of
     ``EvalResult.as_row()`` (``label``, ``accuracy_pct``, ``ci_low_pct``, ``ci_high_pct``) work too.
-    A ``model`` column with several models makes each bar a (model, method) pair. Bars of one hue level are one BarContainer
-    (in first-appearance order; its ``.errorbar`` holds the intervals); a missing pair is a NaN bar.
+    A ``model`` column with several models makes each bar a (model, method) pair. Bars of one hue
+    level are one BarContainer (in first-appearance order; its ``.errorbar`` holds the intervals); a
+    missing pair is a NaN bar.
     """
     data = df.copy() if isinstance(df, pd.DataFrame) else df
-    if isinstance(data, pd.DataFrame) and "accuracy" not in data.columns and "accuracy_pct" in data.columns:
-        data = data.rename(columns={"accuracy_pct": "accuracy", "ci_low_pct": "ci_low", "ci_high_pct": "ci_high"})
+    if (
+        isinstance(data, pd.DataFrame)
+        and "accuracy" not in data.columns
+        and "accuracy_pct" in data.columns
+    ):
+        data = data.rename(
+            columns={"accuracy_pct": "accuracy", "ci_low_pct": "ci_low", "ci_high_pct": "ci_high"}
+        )
         if hue not in data.columns and "label" in data.columns:
             hue = "label"
     _require_columns(data, ("benchmark", hue, "accuracy", "ci_low", "ci_high"))
@@ -664,8 +884,10 @@ def plot_benchmark_table(df: pd.DataFrame, ax: Axes | None = None, *, hue: str =
         raise ValueError(f"rows {list(bad.index)[:5]}: need ci_low <= accuracy <= ci_high")
     dup = data.duplicated(["benchmark", "_level"], keep=False)
     if dup.any():
-        raise ValueError(f"several rows for the same benchmark and {hue}: "
-                         f"{data.loc[dup, ['benchmark', '_level']].values.tolist()[:5]}")
+        raise ValueError(
+            f"several rows for the same benchmark and {hue}: "
+            f"{data.loc[dup, ['benchmark', '_level']].values.tolist()[:5]}"
+        )
     benchmarks = list(dict.fromkeys(data["benchmark"]))
     levels = list(dict.fromkeys(data["_level"]))
     ax = _new_axes(ax, (max(6.0, 1.2 * len(benchmarks) + 2), 4))
@@ -674,11 +896,23 @@ def plot_benchmark_table(df: pd.DataFrame, ax: Axes | None = None, *, hue: str =
     for j, level in enumerate(levels):
         rows = data[data["_level"] == level].set_index("benchmark").reindex(benchmarks)
         acc = rows["accuracy"].to_numpy(dtype=float)
-        yerr = np.vstack([acc - rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float) - acc])
+        yerr = np.vstack(
+            [
+                acc - rows["ci_low"].to_numpy(dtype=float),
+                rows["ci_high"].to_numpy(dtype=float) - acc,
+            ]
+        )
         method = rows[hue].dropna().iloc[0]
         color = _PALETTE[j % len(_PALETTE)] if multi_model else method_color(method, j)
-        ax.bar(x + (j - (len(levels) - 1) / 2) * width, acc, width, yerr=yerr, capsize=3, color=color,
-               label=level)
+        ax.bar(
+            x + (j - (len(levels) - 1) / 2) * width,
+            acc,
+            width,
+            yerr=yerr,
+            capsize=3,
+            color=color,
+            label=level,
+        )
     ax.set_xticks(x)
     ax.set_xticklabels(benchmarks)
     ax.set_ylabel("accuracy (95% CI)")
@@ -689,9 +923,16 @@ def plot_benchmark_table(df: pd.DataFrame, ax: Axes | None = None, *, hue: str =
     return ax
 
 
-def plot_success_histogram(success_rates: Sequence[float] | Tensor | np.ndarray, ax: Axes | None = None, *,
-                           group_size: int = 8, title: str | None = None, save: str | Path | None = None) -> Axes:
-    """Bar per k/G of how many questions reached that success rate; mixed groups (0 < k < G) coloured.
+def plot_success_histogram(
+    success_rates: Sequence[float] | Tensor | np.ndarray,
+    ax: Axes | None = None,
+    *,
+    group_size: int = 8,
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """Bar per k/G of how many questions reached that success rate; mixed groups (0 < k < G)
+    coloured.
 
     ``success_rates`` are per-question N+/G values, or (num_groups, G) 0/1 rewards whose row means
     are taken. Values must be multiples of 1/G. ``ax.containers[0]`` holds the G + 1 bars, k = 0..G.
@@ -701,15 +942,19 @@ def plot_success_histogram(success_rates: Sequence[float] | Tensor | np.ndarray,
     r = _to_numpy(success_rates, "success_rates")
     if r.ndim == 2:
         if r.shape[1] != group_size:
-            raise ValueError(f"2-D `success_rates` must be (num_groups, group_size={group_size}) rewards, "
-                             f"got shape {r.shape}")
+            raise ValueError(
+                f"2-D `success_rates` must be (num_groups, group_size={group_size}) rewards, "
+                f"got shape {r.shape}"
+            )
         r = r.mean(axis=1)
     r = r.reshape(-1)
     k = np.rint(r * group_size)
     off = np.abs(k - r * group_size) > 1e-6
     if off.any() or (k < 0).any() or (k > group_size).any():
         bad = r[off | (k < 0) | (k > group_size)][:5].tolist()
-        raise ValueError(f"success rates must be k/{group_size} for k in 0..{group_size}; got e.g. {bad}")
+        raise ValueError(
+            f"success rates must be k/{group_size} for k in 0..{group_size}; got e.g. {bad}"
+        )
     counts = np.bincount(k.astype(int), minlength=group_size + 1)  # (G + 1,)
     ax = _new_axes(ax, (6, 3.5))
     colors = ["#999999" if i in (0, group_size) else _PALETTE[0] for i in range(group_size + 1)]

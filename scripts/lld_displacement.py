@@ -1,21 +1,24 @@
 """Δ(x) over many questions and seeds: how often one update lowers the correct answers' likelihood.
 
-The command-line form of notebook 02 (arXiv 2505.18830, docs/method.md §2, §5): for each seed it samples
-``--n-questions`` arithmetic questions x G responses with the embedded model, keeps the mixed groups,
-applies one plain-SGD step per question and method (GRPO, Pos Only, NTHR, ...) from the same weights and
-records Δ(x), the change of the mean log-likelihood of that question's correct responses.
+The command-line form of notebook 02 (arXiv 2505.18830, docs/method.md §2, §5): for each seed it
+samples ``--n-questions`` arithmetic questions x G responses with the embedded model, keeps the
+mixed groups, applies one plain-SGD step per question and method (GRPO, Pos Only, NTHR, ...) from
+the same weights and records Δ(x), the change of the mean log-likelihood of that question's correct
+responses.
 
-    python scripts/lld_displacement.py                          # seeds 0 1, 60 questions each, ~15 min CPU
-    python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random   # smoke run
-    python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 --max-new-tokens 64 \
-        --template "{problem} Explain your reasoning in one or two sentences, then give the final answer." \
-        --no-require-boxed --out runs/lld_sweep_balanced       # the balanced 4+/4- probe (docs/results.md)
+    python scripts/lld_displacement.py       # seeds 0 1, 60 questions each, ~15 min CPU
+    python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random  # smoke run
+    # the balanced 4+/4- probe (docs/results.md):
+    python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 \
+        --max-new-tokens 64 --no-require-boxed --out runs/lld_sweep_balanced \
+        --template "{problem} Explain your reasoning in one or two sentences, then give the final \
+answer."
 
-Writes, under ``--out`` (default ``runs/lld_sweep``): ``groups-seed<k>.pt`` (the sampled groups, reused
-on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a finished seed is skipped on a
-rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate, over all seeds),
-``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: the share of questions where its Δ beats GRPO's,
-and the median difference) and ``settings.json`` (arguments and versions).
+Writes, under ``--out`` (default ``runs/lld_sweep``): ``groups-seed<k>.pt`` (the sampled groups,
+reused on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a finished seed is
+skipped on a rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate,
+over all seeds), ``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: the share of questions
+where its Δ beats GRPO's, and the median difference) and ``settings.json`` (arguments and versions).
 """
 
 from __future__ import annotations
@@ -35,22 +38,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--n-questions", type=int, default=60, help="questions sampled per seed (about 55%% are mixed)")
-    p.add_argument("--methods", nargs="+", default=["grpo", "pos_only", "nthr"], choices=lld.METHODS)
+    p.add_argument(
+        "--n-questions",
+        type=int,
+        default=60,
+        help="questions sampled per seed (about 55%% are mixed)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=["grpo", "pos_only", "nthr"], choices=lld.METHODS
+    )
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--template", default="arithmetic",
-                   help="a name in data.PROMPT_TEMPLATES or a custom string with {problem}")
-    p.add_argument("--no-require-boxed", dest="require_boxed", action="store_false",
-                   help="grade the last answer in the text when nothing is boxed")
+    p.add_argument(
+        "--template",
+        default="arithmetic",
+        help="a name in data.PROMPT_TEMPLATES or a custom string with {problem}",
+    )
+    p.add_argument(
+        "--no-require-boxed",
+        dest="require_boxed",
+        action="store_false",
+        help="grade the last answer in the text when nothing is boxed",
+    )
     p.add_argument("--lr", type=float, default=5e-5, help="plain SGD step size (docs/method.md §5)")
     p.add_argument("--beta", type=float, default=1.0, help="NTHR threshold factor")
-    p.add_argument("--eta", type=float, default=0.0, help="NTHR down-weighting factor (0: the diagnostic setting)")
-    p.add_argument("--balance", type=int, default=None, metavar="K",
-                   help="measure each mixed group on its first K right and K wrong answers (the balanced 4+/4- "
-                        "probe; use a --group-size of about 4K so that enough groups qualify)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <runs>/lld_sweep)")
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="NTHR down-weighting factor (0: the diagnostic setting)",
+    )
+    p.add_argument(
+        "--balance",
+        type=int,
+        default=None,
+        metavar="K",
+        help="measure each mixed group on its first K right and K wrong answers (the balanced "
+        "4+/4- probe; use a --group-size of about 4K so that enough groups qualify)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <runs>/lld_sweep)"
+    )
     args = p.parse_args(argv)
     try:
         data.format_problem("", args.template)
@@ -59,7 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.n_questions < 1:
         p.error(f"--n-questions must be >= 1, got {args.n_questions}")
     if args.balance is not None and not 1 <= 2 * args.balance <= args.group_size:
-        p.error(f"--balance K needs 1 <= 2K <= --group-size ({args.group_size}), got {args.balance}")
+        p.error(
+            f"--balance K needs 1 <= 2K <= --group-size ({args.group_size}), got {args.balance}"
+        )
     return args
 
 
@@ -75,26 +106,43 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if csv.exists():  # a finished seed: keep its rows
             print(f"seed {seed}: reusing {csv}")
             saved = pd.read_csv(csv)
-            saved["per_response_delta"] = saved["per_response_delta"].map(json.loads)  # "[0.1, -0.2]" -> list
+            saved["per_response_delta"] = saved["per_response_delta"].map(
+                json.loads
+            )  # "[0.1, -0.2]" -> list
             tables.append(saved)
             continue
         env.set_seed(seed)
         problems = data.arithmetic_problems(args.n_questions, seed=seed)
-        df = lld.lld_experiment(model, tokenizer, problems, methods=args.methods, group_size=args.group_size,
-                                max_new_tokens=args.max_new_tokens, lr=args.lr, seed=seed,
-                                temperature=args.temperature, template=args.template,
-                                require_boxed=args.require_boxed,
-                                beta=args.beta, eta=args.eta, balance=args.balance,
-                                groups_path=out / f"groups-seed{seed}.pt")
+        df = lld.lld_experiment(
+            model,
+            tokenizer,
+            problems,
+            methods=args.methods,
+            group_size=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            lr=args.lr,
+            seed=seed,
+            temperature=args.temperature,
+            template=args.template,
+            require_boxed=args.require_boxed,
+            beta=args.beta,
+            eta=args.eta,
+            balance=args.balance,
+            groups_path=out / f"groups-seed{seed}.pt",
+        )
         atomic_write_text(csv, df.to_csv(index=False))
         tables.append(df)
     table = pd.concat(tables, ignore_index=True)
     if table.empty:
-        raise SystemExit(f"no mixed group in {args.seeds} x {args.n_questions} questions with {args.model}: "
-                         "nothing to measure (raise --n-questions or --temperature)")
+        raise SystemExit(
+            f"no mixed group in {args.seeds} x {args.n_questions} questions with {args.model}: "
+            "nothing to measure (raise --n-questions or --temperature)"
+        )
     summary = lld.displacement_summary(table)
-    by_seed = pd.concat({seed: lld.displacement_summary(part) for seed, part in table.groupby("seed")},
-                        names=["seed"])
+    by_seed = pd.concat(
+        {seed: lld.displacement_summary(part) for seed, part in table.groupby("seed")},
+        names=["seed"],
+    )
     atomic_write_text(out / "summary.csv", summary.to_csv())
     paired = lld.paired_comparison(table) if "grpo" in set(table["method"]) else None
     if paired is not None:

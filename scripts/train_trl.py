@@ -43,26 +43,43 @@ from nthr_book import config as book_config  # noqa: E402
 class ScriptArguments:
     """This script's options beside TRL's ``GRPOConfig`` and ``ModelConfig``: data and NTHR."""
 
-    task: Literal["arithmetic", "math", "toy"] = field(default="arithmetic", metadata={
-        "help": "arithmetic (boxed math reward), math (MATH levels 3-5) or toy (token-id parity "
-                "reward, for tests)"})
-    num_problems: int = field(default=256, metadata={
-        "help": "arithmetic/toy pool size; math: 0 = all"})
-    nthr_beta: str = field(default="1.0", metadata={
-        "help": "NTHR threshold scale (a number, or -inf as --nthr_beta=-inf); 'none' trains plain "
-                "GRPO"})
-    nthr_eta: str = field(default="two_abs", metadata={
-        "help": "two_abs, p, one_minus_p or a number"})
-    nthr_vocab: Literal["generated", "full"] = field(default="generated", metadata={
-        "help": "generated: g restricted to the group's token ids (paper); full: exact"})
+    task: Literal["arithmetic", "math", "toy"] = field(
+        default="arithmetic",
+        metadata={
+            "help": "arithmetic (boxed math reward), math (MATH levels 3-5) or toy "
+            "(token-id parity reward, for tests)"
+        },
+    )
+    num_problems: int = field(
+        default=256, metadata={"help": "arithmetic/toy pool size; math: 0 = all"}
+    )
+    nthr_beta: str = field(
+        default="1.0",
+        metadata={
+            "help": "NTHR threshold scale (a number, or -inf as --nthr_beta=-inf); "
+            "'none' trains plain GRPO"
+        },
+    )
+    nthr_eta: str = field(
+        default="two_abs", metadata={"help": "two_abs, p, one_minus_p or a number"}
+    )
+    nthr_vocab: Literal["generated", "full"] = field(
+        default="generated",
+        metadata={"help": "generated: g restricted to the group's token ids (paper); full: exact"},
+    )
     nthr_anchor: Literal["all", "other_responses", "no_self_token"] = field(
-        default="all", metadata={"help": "which correct tokens count in the self-influence"})
-    track_lld: bool = field(default=True, metadata={
-        "help": "log lld/delta_mean and lld/rate (one extra no-grad pass per generation batch)"})
-    lld_eps: float = field(default=0.0, metadata={
-        "help": "lld/rate counts changes <= lld_eps"})
-    dump_dir: str | None = field(default=None, metadata={
-        "help": "per-step NTHR records, for tests"})
+        default="all", metadata={"help": "which correct tokens count in the self-influence"}
+    )
+    track_lld: bool = field(
+        default=True,
+        metadata={
+            "help": "log lld/delta_mean and lld/rate (one extra no-grad pass per generation batch)"
+        },
+    )
+    lld_eps: float = field(default=0.0, metadata={"help": "lld/rate counts changes <= lld_eps"})
+    dump_dir: str | None = field(
+        default=None, metadata={"help": "per-step NTHR records, for tests"}
+    )
 
     def nthr_config(self):
         """The ``NTHRConfig`` these options describe, or None for plain GRPO."""
@@ -74,8 +91,9 @@ class ScriptArguments:
             eta: str | float = float(self.nthr_eta)
         except ValueError:
             eta = self.nthr_eta
-        return NTHRConfig(beta=float(self.nthr_beta), eta=eta, vocab=self.nthr_vocab,
-                          anchor=self.nthr_anchor)
+        return NTHRConfig(
+            beta=float(self.nthr_beta), eta=eta, vocab=self.nthr_vocab, anchor=self.nthr_anchor
+        )
 
 
 def _cuda_bf16() -> bool:
@@ -92,12 +110,25 @@ def script_defaults() -> dict:
     cuda = torch.cuda.is_available()
     return dict(
         # float32 master weights (bf16 compute through autocast)
-        model_name_or_path="smollm2-135m", dtype="float32",
+        model_name_or_path="smollm2-135m",
+        dtype="float32",
         output_dir=str(book_config.runs_dir() / "trl" / "{method}"),  # {method}: grpo or nthr
-        max_steps=20, per_device_train_batch_size=8, num_generations=8, max_completion_length=64,
-        temperature=1.0, learning_rate=1e-6, loss_type="dapo", beta=0.0, logging_steps=1,
-        save_steps=50, report_to="none", seed=0, disable_dropout=True,
-        gradient_checkpointing=False, bf16=_cuda_bf16(), use_cpu=not cuda,
+        max_steps=20,
+        per_device_train_batch_size=8,
+        num_generations=8,
+        max_completion_length=64,
+        temperature=1.0,
+        learning_rate=1e-6,
+        loss_type="dapo",
+        beta=0.0,
+        logging_steps=1,
+        save_steps=50,
+        report_to="none",
+        seed=0,
+        disable_dropout=True,
+        gradient_checkpointing=False,
+        bf16=_cuda_bf16(),
+        use_cpu=not cuda,
     )
 
 
@@ -159,8 +190,11 @@ def policy_for_trl(model_args, training_args):
     if name == models.TINY_RANDOM:  # built from a config, nothing to download
         dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
         return models.tiny_random_model().to(getattr(torch, dtype))
-    init = dict(revision=model_args.model_revision, dtype=model_args.dtype,
-                attn_implementation=model_args.attn_implementation)
+    init = dict(
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
     training_args.model_init_kwargs = init | dict(training_args.model_init_kwargs or {})
     return str(models.convert_embedded()) if name == models.EMBEDDED else name
 
@@ -182,14 +216,22 @@ def run(argv: list[str] | None = None):
     output_dir = Path(training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    dataset = build_dataset(script_args.task, tokenizer, script_args.num_problems,
-                            training_args.seed)
+    dataset = build_dataset(
+        script_args.task, tokenizer, script_args.num_problems, training_args.seed
+    )
     reward = toy_parity_reward if script_args.task == "toy" else math_answer_reward
     trainer = NTHRGRPOTrainer(
-        model=policy_for_trl(model_args, training_args), reward_funcs=reward, args=training_args,
-        train_dataset=dataset, processing_class=tokenizer, peft_config=get_peft_config(model_args),
-        nthr=nthr, track_lld=script_args.track_lld, lld_eps=script_args.lld_eps,
-        record_nthr=script_args.dump_dir is not None)
+        model=policy_for_trl(model_args, training_args),
+        reward_funcs=reward,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        nthr=nthr,
+        track_lld=script_args.track_lld,
+        lld_eps=script_args.lld_eps,
+        record_nthr=script_args.dump_dir is not None,
+    )
     rank = trainer.accelerator.process_index
     if script_args.dump_dir:
         dump = Path(script_args.dump_dir)
@@ -207,17 +249,33 @@ def run(argv: list[str] | None = None):
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(str(output_dir))  # every process: ZeRO-3 gathers the shards for the main one
     if trainer.accelerator.is_main_process:
-        history = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in row.items()} for row in trainer.state.log_history]
-        text = json.dumps({"method": method, "world_size": trainer.accelerator.num_processes,
-                           "log_history": history}, indent=1)
+        history = [
+            {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in row.items()
+            }
+            for row in trainer.state.log_history
+        ]
+        text = json.dumps(
+            {
+                "method": method,
+                "world_size": trainer.accelerator.num_processes,
+                "log_history": history,
+            },
+            indent=1,
+        )
         (output_dir / "log_history.json").write_text(text)
         if script_args.dump_dir:
             (Path(script_args.dump_dir) / "log_history.json").write_text(text)
-        last = {k: v for k, v in history[-2].items() if k.startswith(("nthr/", "lld/", "reward"))} \
-            if len(history) > 1 else {}
-        print(f"[train_trl] {method}: {len(history) - 1} logged steps, model saved to "
-              f"{output_dir}; last: {last}")
+        last = (
+            {k: v for k, v in history[-2].items() if k.startswith(("nthr/", "lld/", "reward"))}
+            if len(history) > 1
+            else {}
+        )
+        print(
+            f"[train_trl] {method}: {len(history) - 1} logged steps, model saved to "
+            f"{output_dir}; last: {last}"
+        )
     return trainer
 
 

@@ -45,8 +45,11 @@ def _top_compares(test: ast.AST) -> list[ast.Compare]:
         return [c for value in test.values for c in _top_compares(value)]
     if isinstance(test, ast.UnaryOp):
         return _top_compares(test.operand)
-    if isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute) \
-            and test.func.attr in ("all", "any"):
+    if (
+        isinstance(test, ast.Call)
+        and isinstance(test.func, ast.Attribute)
+        and test.func.attr in ("all", "any")
+    ):
         return _top_compares(test.func.value)
     return []
 
@@ -55,8 +58,14 @@ def _tolerance_problems(node: ast.Call) -> list[str]:
     """assert_close / allclose with a default tolerance or a bare-number one."""
     name, given = _call_name(node), {k.arg: k.value for k in node.keywords}
     missing = [t for t in TOLERANCES if t not in given]
-    out = [f"line {node.lineno}: {name} without {'/'.join(missing)} uses a default tolerance; "
-           + DERIVE] if missing else []
+    out = (
+        [
+            f"line {node.lineno}: {name} without {'/'.join(missing)} uses a default tolerance; "
+            + DERIVE
+        ]
+        if missing
+        else []
+    )
     for tol in TOLERANCES:
         value = _number(given[tol]) if tol in given else None
         if value:  # 0 means exact, which needs no derivation; any other literal is a guess
@@ -72,12 +81,14 @@ def _assert_problems(node: ast.Assert, lines: list[str]) -> list[str]:
     slack = [v for n in ast.walk(node.test) if (v := _number(n)) and abs(v) < 1e-3]
     if slack:
         out.append(f"line {node.lineno}: an ordering with a bare slack of {slack[0]:g}; {DERIVE}")
-    said = "\n".join(lines[max(node.lineno - 2, 0):node.end_lineno])  # the assert, the line above
+    said = "\n".join(lines[max(node.lineno - 2, 0) : node.end_lineno])  # the assert, the line above
     test = ast.unparse(node.test)
     if MEASURED.search(test) and "margin" not in said:
-        out.append(f"line {node.lineno}: an assert orders measured values ({test[:60]}); assert "
-                   "only what holds with a wide margin on any CPU (say so in a '# margin:' "
-                   "comment) and print the rest")
+        out.append(
+            f"line {node.lineno}: an assert orders measured values ({test[:60]}); assert "
+            "only what holds with a wide margin on any CPU (say so in a '# margin:' "
+            "comment) and print the rest"
+        )
     return out
 
 
@@ -96,8 +107,10 @@ def check_problems(source: str) -> list[str]:
             sides = [node.left, *node.comparators]
             has_abs = any(isinstance(x, ast.Call) and _call_name(x) == "abs" for x in sides)
             if has_abs and any(0 < abs(_number(x) or 0) < 1 for x in sides):
-                out.append(f"line {node.lineno}: abs(...) compared with a bare number; {DERIVE} "
-                           "(or compare exactly when both sides compute the same thing)")
+                out.append(
+                    f"line {node.lineno}: abs(...) compared with a bare number; {DERIVE} "
+                    "(or compare exactly when both sides compute the same thing)"
+                )
         if isinstance(node, ast.Assert):
             out += _assert_problems(node, lines)
     return out
@@ -113,18 +126,29 @@ def problems(path: Path) -> list[str]:
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     for i, cell in enumerate(code):
         if cell.get("outputs"):
-            out.append(f"{path.name}: code cell {i} has outputs (commit notebooks without outputs: nbstripout)")
+            out.append(
+                f"{path.name}: code cell {i} has outputs (commit notebooks without outputs: "
+                "nbstripout)"
+            )
         if cell.get("execution_count") is not None:
             out.append(f"{path.name}: code cell {i} has an execution count")
         out += [f"{path.name}: code cell {i}, {p}" for p in check_problems("".join(cell["source"]))]
     if not code or "env.report()" not in "".join(code[0]["source"]):
         out.append(f"{path.name}: the first code cell must call nthr_book.env.report()")
-    if not any("config.fast_mode()" in "".join(c["source"]) and "mode_name()" in "".join(c["source"]) for c in code):
-        out.append(f"{path.name}: no parameters cell reading config.fast_mode() and printing config.mode_name()")
+    if not any(
+        "config.fast_mode()" in "".join(c["source"]) and "mode_name()" in "".join(c["source"])
+        for c in code
+    ):
+        out.append(
+            f"{path.name}: no parameters cell reading config.fast_mode() and printing "
+            "config.mode_name()"
+        )
     first = "".join(nb["cells"][0]["source"]) if nb["cells"] else ""
     if nb["cells"] and (nb["cells"][0]["cell_type"] != "markdown" or not first.startswith("# ")):
         out.append(f"{path.name}: the first cell must be a markdown title")
-    if "## Summary" not in "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"):
+    if "## Summary" not in "".join(
+        "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
+    ):
         out.append(f"{path.name}: no '## Summary' section")
     return out
 

@@ -1,4 +1,5 @@
-"""Fixtures shared by more than one test file: the threshold explorer's tiny case (``explorer_cases``).
+"""Fixtures shared by more than one test file: the threshold explorer's tiny case
+(``explorer_cases``).
 
 Imports happen inside the fixtures, so test files that never ask for them load nothing more.
 """

@@ -1,4 +1,5 @@
-"""Naive float64 references (explicit loops over token pairs) and rounding bounds for the score tests.
+"""Naive float64 references (explicit loops over token pairs) and rounding bounds for the score
+tests.
 
 Shared by ``tests/test_nthr.py`` (token scores, self-influence, threshold) and
 ``tests/test_similarity.py`` (GWHES), which check nthr_book's sum-first kernel against them.
@@ -22,7 +23,8 @@ def g_and_h(hidden, logits, tokens, vocab_ids=None):
 
 
 def naive_pair_sums(hidden, logits, tokens, mask, source_rows, vocab_ids=None, skip_self=False):
-    """(G, T) Σ_{k in valid tokens of source_rows} <g_t,g_k><h_t,h_k>, by a double loop over tokens."""
+    """(G, T) Σ_{k in valid tokens of source_rows} <g_t,g_k><h_t,h_k>, by a double loop over
+    tokens."""
     g, h = g_and_h(hidden, logits, tokens, vocab_ids)
     G, T = mask.shape
     out = torch.zeros(G, T, dtype=torch.float64)
@@ -51,8 +53,9 @@ def pair_scale(hidden, logits, tokens, mask, source_rows, vocab_ids=None):
     return (gg * hh * k).sum((-2, -1)) * mask
 
 
-def score_atol(hidden, logits, tokens, mask, source_rows, eps, *, vocab_ids=None, logit_err=0.0,
-               lse_err=0.0):
+def score_atol(
+    hidden, logits, tokens, mask, source_rows, eps, *, vocab_ids=None, logit_err=0.0, lse_err=0.0
+):
     """Absolute rounding bound of scores made in precision eps from these inputs (a tolerance).
 
     A score sums n pair terms, each a product of inner products over |V'| and d coordinates: its

@@ -1,4 +1,5 @@
-"""The GPU step profile's code path, on the CPU with a tiny model (the timings themselves are not tested)."""
+"""The GPU step profile's code path, on the CPU with a tiny model (the timings themselves are not
+tested)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_step_smoke_prints_the_table3_layout():
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "bench/gpu_step.py", "--smoke", "--steps", "1", "--warmup", "0"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "bench/gpu_step.py", "--smoke", "--steps", "1", "--warmup", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     for phase in ("generation", "old_logps", "reference", "nthr", "update", "step"):
         assert any(line.startswith(phase) for line in lines), f"no {phase} row in:\n{out.stdout}"
     assert "ratio nthr/grpo" in out.stdout
     nthr_step = next(line for line in lines if line.startswith("nthr") and "step 0" in line)
-    assert "selected" in nthr_step and "nan" not in nthr_step.split("selected")[1]  # NTHR really scored tokens
+    assert (
+        "selected" in nthr_step and "nan" not in nthr_step.split("selected")[1]
+    )  # NTHR really scored tokens
 
 
 def _load_bench(name: str):
@@ -43,17 +52,29 @@ def test_gpu_step_samples_ignore_the_models_generation_config(tmp_path):
 
     bench = _load_bench("gpu_step")
     bench.DEVICE = "cpu"
-    cfg = TrainConfig.paper_qwen_0_5b(model="tiny-random", max_new_tokens=6, prompts_per_step=2,
-                                      mini_batch_prompts=1, micro_batch_groups=1,
-                                      output_dir=tmp_path, task="arithmetic", num_problems=64,
-                                      bf16=False, gradient_checkpointing=False)
+    cfg = TrainConfig.paper_qwen_0_5b(
+        model="tiny-random",
+        max_new_tokens=6,
+        prompts_per_step=2,
+        mini_batch_prompts=1,
+        micro_batch_groups=1,
+        output_dir=tmp_path,
+        task="arithmetic",
+        num_problems=64,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
     samples = []
     for hub_like in (dict(repetition_penalty=1.5, typical_p=0.9, top_k=5, min_p=0.2), {}):
         model = tiny_random_model()
         model.generation_config = GenerationConfig(eos_token_id=2, pad_token_id=0, **hub_like)
-        trainer = bench.SyntheticTrainer(cfg, model=model,
-                                         tokenizer=types.SimpleNamespace(pad_token_id=0),
-                                         device="cpu", reward_fn=lambda c, a: [0.0] * len(c))
+        trainer = bench.SyntheticTrainer(
+            cfg,
+            model=model,
+            tokenizer=types.SimpleNamespace(pad_token_id=0),
+            device="cpu",
+            reward_fn=lambda c, a: [0.0] * len(c),
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             samples.append(trainer.sample(0)[0].completion_ids)
@@ -67,8 +88,9 @@ def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
 
     bench = _load_bench("grpo_step")
     mkdtemp = bench.tempfile.mkdtemp
-    monkeypatch.setattr(bench.tempfile, "mkdtemp",
-                        lambda prefix="": mkdtemp(prefix=prefix, dir=tmp_path))
+    monkeypatch.setattr(
+        bench.tempfile, "mkdtemp", lambda prefix="": mkdtemp(prefix=prefix, dir=tmp_path)
+    )
     model, tok = load_policy("tiny-random", device="cpu")
     eos = torch.zeros(model.config.vocab_size)
     eos[tok.eos_token_id] = 12.0  # EOS all but certain at every position, unless it is held back
@@ -76,9 +98,21 @@ def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
     before = trainer_module.generate_groups
     lengths = {}
     for natural in (True, False):
-        argv = ["--model", "tiny-random", "--prompts", "2", "--group-size", "2",
-                "--max-new-tokens", "5", "--warmup", "0", "--steps", "1",
-                *(["--natural-length"] if natural else [])]
+        argv = [
+            "--model",
+            "tiny-random",
+            "--prompts",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--warmup",
+            "0",
+            "--steps",
+            "1",
+            *(["--natural-length"] if natural else []),
+        ]
         rows = bench.run_ours(bench.parse_args(argv), model, tok, "cpu")["rows"]
         lengths[natural] = rows[0]["completion_length"]
     assert lengths[True] < 5  # the EOS bias works: free completions stop early

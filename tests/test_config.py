@@ -29,4 +29,6 @@ def test_preset_sampling_is_what_the_groups_file_records(monkeypatch, tmp_path):
     assert preset.groups_path == tmp_path / "lld" / "groups-fast-seed0.pt"
     problems = preset.problems()
     assert len(problems) == preset.n_questions == len({p["id"] for p in problems})
-    assert problems == config.GroupsPreset.fast().problems()  # seeded: the same questions every time
+    assert (
+        problems == config.GroupsPreset.fast().problems()
+    )  # seeded: the same questions every time

@@ -1,4 +1,5 @@
-"""Tests for nthr_book.data: benchmark loaders, the MATH train loader, arithmetic problems, prompts."""
+"""Tests for nthr_book.data: benchmark loaders, the MATH train loader, arithmetic problems,
+prompts."""
 
 from __future__ import annotations
 
@@ -25,7 +26,14 @@ from nthr_book.data import (
 SHARED = config.shared_eval_dir()
 needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data/eval is absent")
 
-ROW_COUNTS = {"aime24": 30, "amc23": 40, "math500": 500, "minerva_math": 272, "olympiadbench": 675, "gsm8k": 1319}
+ROW_COUNTS = {
+    "aime24": 30,
+    "amc23": 40,
+    "math500": 500,
+    "minerva_math": 272,
+    "olympiadbench": 675,
+    "gsm8k": 1319,
+}
 
 
 @pytest.fixture
@@ -110,12 +118,20 @@ def test_boxed_gold_is_graded_correct(benchmarks, name):
 
 @needs_shared
 def test_converted_answers_equal_the_raw_source_answers(benchmarks):
-    """The conversion keeps the value: the grader accepts the converted answer against the raw field."""
+    """The conversion keeps the value: the grader accepts the converted answer against the raw
+    field."""
     rewards = pytest.importorskip("nthr_book.rewards")
-    raw_amc = [json.loads(line)["answer"] for line in (SHARED / "amc23.jsonl").read_text().splitlines()]
-    raw_gsm = [json.loads(line)["answer"].split("####")[-1].strip()
-               for line in (SHARED / "gsm8k.jsonl").read_text().splitlines()]
-    completions = [f"\\boxed{{{a}}}" for a in list(benchmarks["amc23"]["answer"]) + list(benchmarks["gsm8k"]["answer"])]
+    raw_amc = [
+        json.loads(line)["answer"] for line in (SHARED / "amc23.jsonl").read_text().splitlines()
+    ]
+    raw_gsm = [
+        json.loads(line)["answer"].split("####")[-1].strip()
+        for line in (SHARED / "gsm8k.jsonl").read_text().splitlines()
+    ]
+    completions = [
+        f"\\boxed{{{a}}}"
+        for a in list(benchmarks["amc23"]["answer"]) + list(benchmarks["gsm8k"]["answer"])
+    ]
     golds = [str(a) for a in raw_amc] + raw_gsm
     assert rewards.math_rewards(completions, golds) == [1.0] * len(golds)
 
@@ -134,7 +150,9 @@ def test_search_order_data_dir_then_env_then_project(isolated, monkeypatch):
     monkeypatch.setenv(data.DATA_ENV, str(env_dir))
     assert load_benchmark("aime24")[0]["answer"] == "2"  # $NTHR_BOOK_DATA beats data/
     write_jsonl(arg_dir / "aime24.jsonl", [row])
-    assert load_benchmark("aime24", data_dir=arg_dir)[0]["answer"] == "001"  # the argument beats both
+    assert (
+        load_benchmark("aime24", data_dir=arg_dir)[0]["answer"] == "001"
+    )  # the argument beats both
     # a folder without the file falls through to the next one
     assert load_benchmark("aime24", data_dir=isolated)[0]["answer"] == "2"
     dirs = [where for where, _ in data.benchmark_search_dirs(arg_dir)]
@@ -168,9 +186,13 @@ def test_not_found_offline_names_benchmark_and_folders(isolated):
 def test_hub_probe(monkeypatch):
     for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens on port 1: refused at once
+    monkeypatch.setenv(
+        "HF_ENDPOINT", "http://127.0.0.1:1"
+    )  # nothing listens on port 1: refused at once
     assert data._hub_reachable(timeout=2.0) is False
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")  # behind a proxy the download itself decides
+    monkeypatch.setenv(
+        "HTTPS_PROXY", "http://127.0.0.1:1"
+    )  # behind a proxy the download itself decides
     assert data._hub_reachable(timeout=2.0) is True
 
 
@@ -199,7 +221,12 @@ def test_hub_rows_are_converted(isolated, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake)
     ds = load_benchmark("minerva_math")
     assert calls == [("math-ai/minervamath", None, "test")]
-    assert ds[0] == {"id": "minerva_math/0", "problem": "q?", "answer": "\\frac{1}{2}", "subject": ""}
+    assert ds[0] == {
+        "id": "minerva_math/0",
+        "problem": "q?",
+        "answer": "\\frac{1}{2}",
+        "subject": "",
+    }
 
 
 def test_unknown_benchmark_lists_valid_names():
@@ -214,7 +241,12 @@ def test_unknown_benchmark_lists_valid_names():
     ("name", "rows", "bad_line", "match"),
     [
         ("aime24", [{"problem": "a", "answer": "1"}, "{not json"], 2, "not valid JSON"),
-        ("aime24", [{"problem": "a", "answer": "1"}, "", {"problem": "b"}], 3, "missing field 'answer'"),
+        (
+            "aime24",
+            [{"problem": "a", "answer": "1"}, "", {"problem": "b"}],
+            3,
+            "missing field 'answer'",
+        ),
         ("amc23", [{"problem": "a", "answer": True}], 1, "bool"),
         ("math500", [{"problem": "a", "answer": ""}], 1, "'answer' is empty"),
         ("minerva_math", [{"problem": "a", "solution": "so 5"}], 1, "boxed"),
@@ -231,21 +263,45 @@ def test_malformed_rows_name_file_and_line(isolated, name, rows, bad_line, match
 
 
 def test_small_files_convert_each_format(isolated):
-    write_jsonl(isolated / "amc23.jsonl", [{"id": 3, "problem": "p", "answer": 2.5},
-                                           {"id": 4, "problem": "p", "answer": -7.0}])
-    write_jsonl(isolated / "minerva_math.jsonl",
-                [{"idx": 0, "problem": "p", "type": "Physics",
-                  "solution": "first \\boxed{1} then $x=\\boxed{\\frac{a}{b^{2}}}$ m"}])
-    write_jsonl(isolated / "olympiadbench.jsonl",
-                [{"id": 9, "question": "p", "final_answer": ["$3$", "$\\frac{1}{2}$"], "is_multiple_answer": True},
-                 {"id": 10, "question": "p", "final_answer": ["$(-\\infty, 0)$."]},
-                 {"id": 11, "question": "p", "final_answer": ["costs \\$5"]}])
-    write_jsonl(isolated / "gsm8k.jsonl", [{"idx": 5, "question": "p", "answer": "x #### 1,234,567"}])
+    write_jsonl(
+        isolated / "amc23.jsonl",
+        [{"id": 3, "problem": "p", "answer": 2.5}, {"id": 4, "problem": "p", "answer": -7.0}],
+    )
+    write_jsonl(
+        isolated / "minerva_math.jsonl",
+        [
+            {
+                "idx": 0,
+                "problem": "p",
+                "type": "Physics",
+                "solution": "first \\boxed{1} then $x=\\boxed{\\frac{a}{b^{2}}}$ m",
+            }
+        ],
+    )
+    write_jsonl(
+        isolated / "olympiadbench.jsonl",
+        [
+            {
+                "id": 9,
+                "question": "p",
+                "final_answer": ["$3$", "$\\frac{1}{2}$"],
+                "is_multiple_answer": True,
+            },
+            {"id": 10, "question": "p", "final_answer": ["$(-\\infty, 0)$."]},
+            {"id": 11, "question": "p", "final_answer": ["costs \\$5"]},
+        ],
+    )
+    write_jsonl(
+        isolated / "gsm8k.jsonl", [{"idx": 5, "question": "p", "answer": "x #### 1,234,567"}]
+    )
     assert list(load_benchmark("amc23", data_dir=isolated)["answer"]) == ["2.5", "-7"]
     minerva = load_benchmark("minerva_math", data_dir=isolated)[0]
     assert (minerva["answer"], minerva["subject"]) == ("\\frac{a}{b^{2}}", "Physics")
     assert list(load_benchmark("olympiadbench", data_dir=isolated)["answer"]) == [
-        "3, \\frac{1}{2}", "(-\\infty, 0)", "costs \\$5"]
+        "3, \\frac{1}{2}",
+        "(-\\infty, 0)",
+        "costs \\$5",
+    ]
     gsm = load_benchmark("gsm8k", data_dir=isolated)[0]
     assert (gsm["id"], gsm["answer"]) == ("gsm8k/5", "1234567")
 
@@ -255,7 +311,12 @@ def test_small_files_convert_each_format(isolated):
 
 def test_math_train_local_file_filters_levels(isolated):
     rows = [
-        {"problem": f"p{i}", "solution": f"so \\boxed{{{i}}}", "level": f"Level {lvl}", "type": "Algebra"}
+        {
+            "problem": f"p{i}",
+            "solution": f"so \\boxed{{{i}}}",
+            "level": f"Level {lvl}",
+            "type": "Algebra",
+        }
         for i, lvl in enumerate([1, 3, 5, 4, 2, "?"])
     ]
     write_jsonl(isolated / "math_train.jsonl", rows)
@@ -269,7 +330,9 @@ def test_math_train_local_file_filters_levels(isolated):
 
 
 def test_math_train_offline_error(isolated):
-    with pytest.raises(DataNotAvailableError, match=r"MATH train split.*math_train\.jsonl.*hendrycks_math"):
+    with pytest.raises(
+        DataNotAvailableError, match=r"MATH train split.*math_train\.jsonl.*hendrycks_math"
+    ):
         load_math_train()
 
 
@@ -298,7 +361,13 @@ def _eval_expression(expr: str) -> int:
         {},
         {"ops": ("*",), "left": (10, 99), "right": (2, 99)},
         {"ops": ("+", "-", "*"), "left": (0, 999), "right": (0, 30), "num_operands": 4},
-        {"ops": ("-",), "left": (10, 99), "right": (10, 99), "num_operands": 3, "allow_negative": True},
+        {
+            "ops": ("-",),
+            "left": (10, 99),
+            "right": (10, 99),
+            "num_operands": 3,
+            "allow_negative": True,
+        },
         {"phrasing": "words", "num_operands": 3},
         {"phrasing": "story"},
     ],
@@ -322,20 +391,26 @@ def test_arithmetic_answers_are_correct(knobs):
 
 
 def test_arithmetic_range_knobs():
-    problems = arithmetic_problems(300, seed=1, ops=("*",), left=(100, 999), right=(2, 9), num_operands=3)
+    problems = arithmetic_problems(
+        300, seed=1, ops=("*",), left=(100, 999), right=(2, 9), num_operands=3
+    )
     for p in problems:
         a, _, b, _, c = p["expression"].split()
         assert 100 <= int(a) <= 999 and 2 <= int(b) <= 9 and 2 <= int(c) <= 9
         assert p["max_digits"] == 3 and p["ops"] == "**"
     sums = arithmetic_problems(400, seed=1, ops=("+",), left=(3, 5), right=(7, 8))
     pairs = {tuple(int(x) for x in p["expression"].split(" + ")) for p in sums}
-    assert pairs == {(a, b) for a in (3, 4, 5) for b in (7, 8)}  # every value of both ranges is drawn
+    assert pairs == {
+        (a, b) for a in (3, 4, 5) for b in (7, 8)
+    }  # every value of both ranges is drawn
 
 
 def test_arithmetic_is_deterministic_in_seed():
     a = arithmetic_problems(50, seed=3)
     assert a == arithmetic_problems(50, seed=3)
-    assert a[:20] == arithmetic_problems(20, seed=3)  # a prefix: question i depends on (seed, i) only
+    assert a[:20] == arithmetic_problems(
+        20, seed=3
+    )  # a prefix: question i depends on (seed, i) only
     assert [p["problem"] for p in a] != [p["problem"] for p in arithmetic_problems(50, seed=4)]
     assert a[0]["id"] == "arith/3/0"
 
@@ -345,7 +420,9 @@ def test_arithmetic_split_is_a_fixed_partition():
     test = arithmetic_problems(300, seed=5, split="test")
     train_q, test_q = {p["expression"] for p in train}, {p["expression"] for p in test}
     assert not train_q & test_q
-    everything = {p["expression"] for p in arithmetic_problems(20000, seed=1)}  # the whole default space
+    everything = {
+        p["expression"] for p in arithmetic_problems(20000, seed=1)
+    }  # the whole default space
     share = sum(data.arithmetic_split(e) == "test" for e in everything) / len(everything)
     # a hash split puts each of the n questions in "test" with probability f: the share is binomial,
     # sd sqrt(f(1 - f)/n); 4 sd is a margin that a fair hash misses once in ~16 000 question spaces
@@ -355,8 +432,14 @@ def test_arithmetic_split_is_a_fixed_partition():
     with pytest.raises(ValueError, match="split"):
         arithmetic_problems(3, seed=0, split="val")
     with pytest.raises(ValueError, match="1000 tries"):  # 2 + 2 alone: hashed into one split only
-        arithmetic_problems(1, seed=0, ops=("+",), left=(2, 2), right=(2, 2),
-                            split="train" if data.arithmetic_split("2 + 2") == "test" else "test")
+        arithmetic_problems(
+            1,
+            seed=0,
+            ops=("+",),
+            left=(2, 2),
+            right=(2, 2),
+            split="train" if data.arithmetic_split("2 + 2") == "test" else "test",
+        )
 
 
 def test_arithmetic_default_mix_has_every_op():
@@ -393,7 +476,8 @@ def test_arithmetic_bad_n_and_seed():
 
 
 def test_arithmetic_reward_settings_match_template():
-    """Tuned defaults are wired together: the template shows the boxed format the reward requires."""
+    """Tuned defaults are wired together: the template shows the boxed format the reward
+    requires."""
     assert isinstance(data.ARITHMETIC_REQUIRE_BOXED, bool)
     assert PROMPT_TEMPLATES["arithmetic"] == data.ARITHMETIC_TEMPLATE
     if data.ARITHMETIC_REQUIRE_BOXED:
@@ -428,16 +512,19 @@ def test_build_prompt_embedded_chat_template(tokenizer):
     question = format_problem(problem, "arithmetic")
     assert arith.endswith("<|im_start|>user\n" + question + "<|im_end|>\n<|im_start|>assistant\n")
     for shown, response in data.ARITHMETIC_EXAMPLES:  # solved examples come first, as earlier turns
-        turn = (f"<|im_start|>user\n{format_problem(shown, 'arithmetic')}<|im_end|>\n"
-                f"<|im_start|>assistant\n{response}<|im_end|>\n")
+        turn = (
+            f"<|im_start|>user\n{format_problem(shown, 'arithmetic')}<|im_end|>\n"
+            f"<|im_start|>assistant\n{response}<|im_end|>\n"
+        )
         assert turn in arith and arith.index(turn) < arith.index(question)
     assert arith.count("<|im_start|>assistant") == len(data.ARITHMETIC_EXAMPLES) + 1
     bare = build_prompt(tokenizer, problem, template="arithmetic", examples=())
-    assert bare == tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                                 add_generation_prompt=True, tokenize=False)
+    assert bare == tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     shot = build_prompt(tokenizer, problem, examples=[("What is 1 + 1?", "It is \\boxed{2}.")])
     assert "<|im_start|>assistant\nIt is \\boxed{2}.<|im_end|>" in shot
-    assert shot.endswith(prompt[prompt.index("<|im_start|>user"):])  # then the same question turn
+    assert shot.endswith(prompt[prompt.index("<|im_start|>user") :])  # then the same question turn
     plain = build_prompt(tokenizer, problem, template="plain")
     assert "<|im_start|>user\n" + problem + "<|im_end|>" in plain
     custom = build_prompt(tokenizer, problem, template="Q: {problem} Put it in \\boxed{}.")
@@ -446,18 +533,26 @@ def test_build_prompt_embedded_chat_template(tokenizer):
 
 def test_format_problem_keeps_braces():
     problem = "Let $f(x)=\\frac{1}{x}$ and {a}. Find $f(2)$."
-    assert format_problem(problem) == problem + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert (
+        format_problem(problem)
+        == problem + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     assert format_problem(problem, "plain") == problem
     assert format_problem("{problem}", "[{problem}]") == "[{problem}]"
 
 
 def test_build_prompt_without_chat_template_is_plain_text():
     assert build_prompt(_PlainTokenizer(), "2+2?", template="plain") == "2+2?"
-    assert build_prompt(_PlainTokenizer(), "2+2?") == "2+2?\n" + PROMPT_TEMPLATES["boxed"].split("\n", 1)[1]
+    assert (
+        build_prompt(_PlainTokenizer(), "2+2?")
+        == "2+2?\n" + PROMPT_TEMPLATES["boxed"].split("\n", 1)[1]
+    )
 
 
 def test_build_prompt_plain_text_examples():
-    text = build_prompt(_PlainTokenizer(), "5+5?", template="{problem} =", examples=[("1+1?", "2"), ("2+2?", "4")])
+    text = build_prompt(
+        _PlainTokenizer(), "5+5?", template="{problem} =", examples=[("1+1?", "2"), ("2+2?", "4")]
+    )
     assert text == "1+1? =\n\n2\n\n2+2? =\n\n4\n\n5+5? ="
 
 

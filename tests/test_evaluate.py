@@ -1,4 +1,5 @@
-"""Tests for nthr_book.evaluate: intervals, records and resume, settings checks, the results table."""
+"""Tests for nthr_book.evaluate: intervals, records and resume, settings checks, the results
+table."""
 
 from __future__ import annotations
 
@@ -37,18 +38,28 @@ def policy():
 
 def make_problems(n: int) -> list[dict]:
     """n problems with distinct ids and distinct gold answers."""
-    return [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(100 + i)} for i in range(n)]
+    return [
+        {"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(100 + i)} for i in range(n)
+    ]
 
 
-def fake_grader(correct_golds: set[str], *, correct_samples: set[int] | None = None, group_size: int = 1):
-    """A math_rewards stand-in: 1 for the listed golds (and, if given, only those sample indices)."""
+def fake_grader(
+    correct_golds: set[str], *, correct_samples: set[int] | None = None, group_size: int = 1
+):
+    """A math_rewards stand-in: 1 for the listed golds (and, if given, only those sample
+    indices)."""
     calls = []
 
     def grade(completions, golds, *, require_boxed=True):
         calls.append(list(golds))
         assert len(completions) == len(golds)
-        return [float(g in correct_golds and (correct_samples is None or i % group_size in correct_samples))
-                for i, g in enumerate(golds)]
+        return [
+            float(
+                g in correct_golds
+                and (correct_samples is None or i % group_size in correct_samples)
+            )
+            for i, g in enumerate(golds)
+        ]
 
     grade.calls = calls
     return grade
@@ -94,7 +105,9 @@ def test_wilson_hand_values():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
 
 
-@pytest.mark.parametrize("k,n,z", [(0, 1, 1.96), (1, 3, 1.96), (7, 30, 1.96), (13, 40, 2.576), (250, 500, 1.0)])
+@pytest.mark.parametrize(
+    "k,n,z", [(0, 1, 1.96), (1, 3, 1.96), (7, 30, 1.96), (13, 40, 2.576), (250, 500, 1.0)]
+)
 def test_wilson_matches_quadratic_roots(k, n, z):
     assert wilson_interval(k, n, z) == pytest.approx(wilson_by_roots(k, n, z), abs=1e-9)
 
@@ -109,11 +122,13 @@ def test_wilson_rejects_bad_arguments():
 
 
 def test_normal_interval_hand_values():
-    # per-problem means 0.5, 0.5, 0, 0, 0: mean 0.2, sd sqrt(0.3/4), half 1.96*sd/sqrt(5); low clipped at 0
+    # per-problem means 0.5, 0.5, 0, 0, 0: mean 0.2, sd sqrt(0.3/4), half 1.96*sd/sqrt(5); low
+    # clipped at 0
     half = 1.96 * math.sqrt(0.075) / math.sqrt(5)
     assert normal_interval([0.5, 0.5, 0, 0, 0]) == pytest.approx((0.0, 0.2 + half), abs=1e-12)
-    assert normal_interval([0.25, 0.75]) == pytest.approx((0.5 - 1.96 * math.sqrt(0.125 / 2),
-                                                           0.5 + 1.96 * math.sqrt(0.125 / 2)), abs=1e-12)
+    assert normal_interval([0.25, 0.75]) == pytest.approx(
+        (0.5 - 1.96 * math.sqrt(0.125 / 2), 0.5 + 1.96 * math.sqrt(0.125 / 2)), abs=1e-12
+    )
     assert normal_interval([0.5]) == (0.0, 1.0)
 
 
@@ -126,8 +141,17 @@ def test_pass1_accuracy_wilson_and_records(policy, tmp_path, monkeypatch):
     model, tok = policy
     grader = fake_grader({"101", "103"})
     monkeypatch.setattr(ev, "math_rewards", grader)
-    res = evaluate(model, tok, make_problems(5), max_new_tokens=TOKENS, batch_size=2, out_dir=tmp_path,
-                   label="base", benchmark_name="toy", progress=False)
+    res = evaluate(
+        model,
+        tok,
+        make_problems(5),
+        max_new_tokens=TOKENS,
+        batch_size=2,
+        out_dir=tmp_path,
+        label="base",
+        benchmark_name="toy",
+        progress=False,
+    )
     assert (res.n, res.n_samples, res.metric, res.ci_method) == (5, 1, "pass@1", "wilson")
     assert res.accuracy == pytest.approx(0.4)
     assert (res.ci_low, res.ci_high) == pytest.approx(wilson_interval(2, 5))
@@ -147,7 +171,9 @@ def test_pass1_accuracy_wilson_and_records(policy, tmp_path, monkeypatch):
     assert side["settings"]["max_new_tokens"] == TOKENS and side["settings"]["label"] == "base"
     assert "torch" in side["versions"]
     row = res.as_row()
-    assert row["accuracy_pct"] == pytest.approx(40.0) and row["points_per_problem"] == pytest.approx(20.0)
+    assert row["accuracy_pct"] == pytest.approx(40.0) and row[
+        "points_per_problem"
+    ] == pytest.approx(20.0)
 
 
 def test_correct_means_reward_above_one_half(policy, tmp_path, monkeypatch):
@@ -155,8 +181,16 @@ def test_correct_means_reward_above_one_half(policy, tmp_path, monkeypatch):
     model, tok = policy
     rewards = [0.5, 1.0, 0.0]
     monkeypatch.setattr(ev, "math_rewards", lambda completions, golds, **_: rewards[: len(golds)])
-    res = evaluate(model, tok, make_problems(3), max_new_tokens=2, batch_size=3, out_dir=tmp_path,
-                   benchmark_name="toy", progress=False)
+    res = evaluate(
+        model,
+        tok,
+        make_problems(3),
+        max_new_tokens=2,
+        batch_size=3,
+        out_dir=tmp_path,
+        benchmark_name="toy",
+        progress=False,
+    )
     assert [r["correct"] for r in read_jsonl(res.records_path)] == [False, True, False]
     assert res.per_problem == {"p0": 0.0, "p1": 1.0, "p2": 0.0}
 
@@ -164,23 +198,47 @@ def test_correct_means_reward_above_one_half(policy, tmp_path, monkeypatch):
 def test_avg_at_k_per_sample_records_and_normal_interval(policy, tmp_path, monkeypatch):
     model, tok = policy
     # problems 101 and 102 are solved by sample 0 only: per-problem means 0, .5, .5, 0, 0
-    monkeypatch.setattr(ev, "math_rewards", fake_grader({"101", "102"}, correct_samples={0}, group_size=2))
-    res = evaluate(model, tok, make_problems(5), n_samples=2, temperature=1.0, max_new_tokens=TOKENS,
-                   batch_size=3, out_dir=tmp_path, benchmark_name="toy", progress=False)
+    monkeypatch.setattr(
+        ev, "math_rewards", fake_grader({"101", "102"}, correct_samples={0}, group_size=2)
+    )
+    res = evaluate(
+        model,
+        tok,
+        make_problems(5),
+        n_samples=2,
+        temperature=1.0,
+        max_new_tokens=TOKENS,
+        batch_size=3,
+        out_dir=tmp_path,
+        benchmark_name="toy",
+        progress=False,
+    )
     assert res.metric == "avg@2" and res.ci_method == "normal"
     assert res.accuracy == pytest.approx(0.2)
     assert (res.ci_low, res.ci_high) == pytest.approx(normal_interval([0.5, 0.5, 0, 0, 0]))
     recs = read_jsonl(res.records_path)
     assert len(recs) == 10
-    assert sorted((r["id"], r["sample"]) for r in recs) == [(f"p{i}", s) for i in range(5) for s in range(2)]
+    assert sorted((r["id"], r["sample"]) for r in recs) == [
+        (f"p{i}", s) for i in range(5) for s in range(2)
+    ]
     assert sum(r["correct"] for r in recs) == 2
 
 
 def test_avg_at_k_all_or_nothing_uses_wilson(policy, tmp_path, monkeypatch):
     model, tok = policy
     monkeypatch.setattr(ev, "math_rewards", fake_grader({"100"}))
-    res = evaluate(model, tok, make_problems(3), n_samples=2, temperature=1.0, max_new_tokens=TOKENS,
-                   batch_size=3, out_dir=tmp_path, benchmark_name="toy", progress=False)
+    res = evaluate(
+        model,
+        tok,
+        make_problems(3),
+        n_samples=2,
+        temperature=1.0,
+        max_new_tokens=TOKENS,
+        batch_size=3,
+        out_dir=tmp_path,
+        benchmark_name="toy",
+        progress=False,
+    )
     assert res.ci_method == "wilson" and res.accuracy == pytest.approx(1 / 3)
     assert (res.ci_low, res.ci_high) == pytest.approx(wilson_interval(1, 3))
 
@@ -197,8 +255,18 @@ def test_benchmark_by_name_goes_through_load_benchmark(policy, tmp_path, monkeyp
 
     monkeypatch.setattr(ev, "load_benchmark", fake_load)
     monkeypatch.setattr(ev, "math_rewards", fake_grader(set()))
-    res = evaluate(model, tok, "gsm8k", max_new_tokens=TOKENS, batch_size=4, limit=2, out_dir=tmp_path,
-                   label="x", data_dir=tmp_path, progress=False)
+    res = evaluate(
+        model,
+        tok,
+        "gsm8k",
+        max_new_tokens=TOKENS,
+        batch_size=4,
+        limit=2,
+        out_dir=tmp_path,
+        label="x",
+        data_dir=tmp_path,
+        progress=False,
+    )
     assert asked == [("gsm8k", tmp_path)]
     assert res.benchmark == "gsm8k" and res.n == 2 and res.accuracy == 0.0
     assert res.records_path == tmp_path / "x" / "gsm8k.jsonl"
@@ -222,17 +290,35 @@ def test_evaluate_suite_loads_each_model_once_and_skips_unreachable(policy, tmp_
     monkeypatch.setattr(ev, "load_benchmark", fake_load_benchmark)
     monkeypatch.setattr(ev, "math_rewards", fake_grader({"100"}))
     lines: list[str] = []
-    results = evaluate_suite({"base": "m0", "grpo": "m1"}, ["aime24", "gsm8k"], load=load, log=lines.append,
-                             max_new_tokens=TOKENS, batch_size=4, out_dir=tmp_path, progress=False)
+    results = evaluate_suite(
+        {"base": "m0", "grpo": "m1"},
+        ["aime24", "gsm8k"],
+        load=load,
+        log=lines.append,
+        max_new_tokens=TOKENS,
+        batch_size=4,
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert loads == ["m0", "m1"]
     assert [(r.label, r.benchmark) for r in results] == [("base", "gsm8k"), ("grpo", "gsm8k")]
     assert all(r.n == 3 and r.accuracy == pytest.approx(1 / 3) for r in results)
-    assert sum(line.startswith("aime24: skipped") for line in lines) == 1, "said once, not once per model"
+    assert sum(line.startswith("aime24: skipped") for line in lines) == 1, (
+        "said once, not once per model"
+    )
     assert sum("gsm8k" in line for line in lines) == 2
     assert (tmp_path / "grpo" / "gsm8k.jsonl").exists()
 
-    mine = evaluate_suite({"x": "m2"}, {"mine": make_problems(2)}, load=load, log=None, max_new_tokens=TOKENS,
-                          batch_size=4, out_dir=tmp_path, progress=False)
+    mine = evaluate_suite(
+        {"x": "m2"},
+        {"mine": make_problems(2)},
+        load=load,
+        log=None,
+        max_new_tokens=TOKENS,
+        batch_size=4,
+        out_dir=tmp_path,
+        progress=False,
+    )
     assert [(r.label, r.benchmark, r.n) for r in mine] == [("x", "mine", 2)]
     assert (tmp_path / "x" / "mine.jsonl").exists()
 
@@ -279,7 +365,9 @@ def test_resume_after_interruption_generates_only_missing(policy, tmp_path, monk
     recs = read_jsonl(path)  # strict read: the torn line is gone, every line is valid
     assert [r["id"] for r in recs] == ["p0", "p1", "p2", "p3"]
     full_recs = read_jsonl(full.records_path)
-    assert [r["completion"] for r in recs] == [r["completion"] for r in full_recs]  # greedy: same text
+    assert [r["completion"] for r in recs] == [
+        r["completion"] for r in full_recs
+    ]  # greedy: same text
 
     # A second rerun has nothing left to do; a larger limit generates only the new problems.
     calls.clear()
@@ -293,8 +381,15 @@ def test_resume_after_interruption_generates_only_missing(policy, tmp_path, monk
 def test_resume_fills_missing_samples_of_a_problem(policy, tmp_path, monkeypatch):
     model, tok = policy
     monkeypatch.setattr(ev, "math_rewards", fake_grader(set()))
-    kw = dict(n_samples=2, temperature=1.0, max_new_tokens=TOKENS, batch_size=2, out_dir=tmp_path,
-              benchmark_name="toy", progress=False)
+    kw = dict(
+        n_samples=2,
+        temperature=1.0,
+        max_new_tokens=TOKENS,
+        batch_size=2,
+        out_dir=tmp_path,
+        benchmark_name="toy",
+        progress=False,
+    )
     res = evaluate(model, tok, make_problems(2), **kw)
     path = res.records_path
     recs = read_jsonl(path)
@@ -304,7 +399,9 @@ def test_resume_fills_missing_samples_of_a_problem(policy, tmp_path, monkeypatch
     evaluate(model, tok, make_problems(2), **kw)
     assert len(calls) == 1 and len(calls[0]) == 1 and "What is 1 + 1?" in calls[0][0]
     after = read_jsonl(path)
-    assert len(after) == 4 and after[:3] == kept and (after[3]["id"], after[3]["sample"]) == ("p1", 1)
+    assert (
+        len(after) == 4 and after[:3] == kept and (after[3]["id"], after[3]["sample"]) == ("p1", 1)
+    )
 
 
 def test_changed_settings_raise(policy, tmp_path, monkeypatch):
@@ -333,7 +430,9 @@ def test_bad_inputs_raise(policy, tmp_path):
     model, tok = policy
     kw = dict(max_new_tokens=TOKENS, batch_size=2, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="row 1: needs keys"):
-        evaluate(model, tok, [{"id": 1, "problem": "a", "answer": "1"}, {"id": 2, "problem": "b"}], **kw)
+        evaluate(
+            model, tok, [{"id": 1, "problem": "a", "answer": "1"}, {"id": 2, "problem": "b"}], **kw
+        )
     with pytest.raises(ValueError, match="duplicate id '1'"):
         evaluate(model, tok, [{"id": 1, "problem": "a", "answer": "1"}] * 2, **kw)
     with pytest.raises(ValueError, match="n_samples"):
@@ -352,14 +451,24 @@ def test_paper_table2_transcription():
     assert len(PAPER_TABLE2) == 11
     means = PAPER_TABLE2[list(PAPER_BENCHMARKS)].mean(axis=1)
     np.testing.assert_allclose(means.to_numpy(), PAPER_TABLE2["avg"].to_numpy(), atol=0.01)
-    nthr = PAPER_TABLE2[(PAPER_TABLE2["model"] == "Qwen2.5-3B") & (PAPER_TABLE2["method"] == "NTHR")]
+    nthr = PAPER_TABLE2[
+        (PAPER_TABLE2["model"] == "Qwen2.5-3B") & (PAPER_TABLE2["method"] == "NTHR")
+    ]
     assert nthr[["amc23", "avg"]].to_numpy().tolist() == [[47.5, 36.30]]
 
 
 def fake_result(label: str, benchmark: str, k: int, n: int) -> EvalResult:
     low, high = wilson_interval(k, n)
-    return EvalResult(benchmark=benchmark, n=n, n_samples=1, accuracy=k / n, ci_low=low, ci_high=high,
-                      records_path=None, label=label)
+    return EvalResult(
+        benchmark=benchmark,
+        n=n,
+        n_samples=1,
+        accuracy=k / n,
+        ci_low=low,
+        ci_high=high,
+        records_path=None,
+        label=label,
+    )
 
 
 def test_results_table_layout_and_numbers():
@@ -370,20 +479,33 @@ def test_results_table_layout_and_numbers():
     results.append(fake_result("grpo", "gsm8k", 1, 4))  # not a paper benchmark: extra column
     num = results_table(results, numeric=True)
     assert list(num.columns) == [*PAPER_BENCHMARKS, "gsm8k", "avg"]
-    assert list(num.index) == [("paper", "base"), ("paper", "GRPO"), ("paper", "NTHR"), ("ours", "grpo"),
-                               ("ours", "nthr"), ("noise", "1 problem = pts")]
+    assert list(num.index) == [
+        ("paper", "base"),
+        ("paper", "GRPO"),
+        ("paper", "NTHR"),
+        ("ours", "grpo"),
+        ("ours", "nthr"),
+        ("noise", "1 problem = pts"),
+    ]
     assert num.index.names == ["source", "method"]
     # ours: 0/30, 2/40, 8/20, 1/10, 2/8 -> 0, 5, 40, 10, 25 %, avg 16
     grpo = num.loc[("ours", "grpo")]
     assert grpo[list(PAPER_BENCHMARKS)].tolist() == pytest.approx([0.0, 5.0, 40.0, 10.0, 25.0])
     assert grpo["avg"] == pytest.approx(16.0) and grpo["gsm8k"] == pytest.approx(25.0)
     nthr = num.loc[("ours", "nthr")]
-    assert nthr["math500"] == pytest.approx(45.0) and math.isnan(nthr["avg"]) and math.isnan(nthr["aime24"])
-    assert num.loc[("paper", "NTHR")]["math500"] == 36.6 and num.loc[("paper", "GRPO")]["avg"] == 11.72
+    assert (
+        nthr["math500"] == pytest.approx(45.0)
+        and math.isnan(nthr["avg"])
+        and math.isnan(nthr["aime24"])
+    )
+    assert (
+        num.loc[("paper", "NTHR")]["math500"] == 36.6 and num.loc[("paper", "GRPO")]["avg"] == 11.72
+    )
     assert math.isnan(num.loc[("paper", "base")]["gsm8k"])
     noise = num.loc[("noise", "1 problem = pts")]
-    assert noise[["aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"]].tolist() == \
-        pytest.approx([100 / 30, 2.5, 5.0, 10.0, 12.5, 25.0])
+    assert noise[
+        ["aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"]
+    ].tolist() == pytest.approx([100 / 30, 2.5, 5.0, 10.0, 12.5, 25.0])
     assert num.attrs["points_per_problem"]["amc23"] == pytest.approx(2.5)
 
     txt = results_table(results)

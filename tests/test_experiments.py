@@ -1,4 +1,5 @@
-"""run_experiment: method labels, the t quantile, and a real (tiny) two-method two-seed experiment."""
+"""run_experiment: method labels, the t quantile, and a real (tiny) two-method two-seed
+experiment."""
 
 from __future__ import annotations
 
@@ -20,14 +21,20 @@ from nthr_book.experiments import (
 from nthr_book.trainer import TrainConfig
 
 
-@pytest.mark.parametrize("label,expected", [
-    ("grpo", {"method": "grpo"}),
-    ("pos_only", {"method": "pos_only"}),
-    ("nthr_beta=-inf", {"method": "nthr", "nthr_beta": -math.inf}),
-    ("nthr_beta=0.1", {"method": "nthr", "nthr_beta": 0.1}),
-    ("nthr_eta=p", {"method": "nthr", "nthr_eta": "p"}),
-    ("nthr_beta=0_eta=one_minus_p", {"method": "nthr", "nthr_beta": 0.0, "nthr_eta": "one_minus_p"}),
-])
+@pytest.mark.parametrize(
+    "label,expected",
+    [
+        ("grpo", {"method": "grpo"}),
+        ("pos_only", {"method": "pos_only"}),
+        ("nthr_beta=-inf", {"method": "nthr", "nthr_beta": -math.inf}),
+        ("nthr_beta=0.1", {"method": "nthr", "nthr_beta": 0.1}),
+        ("nthr_eta=p", {"method": "nthr", "nthr_eta": "p"}),
+        (
+            "nthr_beta=0_eta=one_minus_p",
+            {"method": "nthr", "nthr_beta": 0.0, "nthr_eta": "one_minus_p"},
+        ),
+    ],
+)
 def test_method_labels(label, expected):
     assert method_overrides(label) == expected
     TrainConfig(**method_overrides(label))  # every label makes a valid config
@@ -41,11 +48,19 @@ def test_unknown_method_is_refused():
 def test_ablation_grid_matches_the_paper():
     labels = ablation_methods()
     assert labels[:2] == ["grpo", "pos_only"]
-    assert {"nthr_beta=-inf", "nthr_beta=0", "nthr_beta=0.1", "nthr_beta=1", "nthr_eta=p",
-            "nthr_eta=one_minus_p"} <= set(labels)
+    assert {
+        "nthr_beta=-inf",
+        "nthr_beta=0",
+        "nthr_beta=0.1",
+        "nthr_beta=1",
+        "nthr_eta=p",
+        "nthr_eta=one_minus_p",
+    } <= set(labels)
 
 
-@pytest.mark.parametrize("df,table", [(1, 12.706), (2, 4.303), (10, 2.228), (15, 2.131), (20, 2.086), (30, 2.042)])
+@pytest.mark.parametrize(
+    "df,table", [(1, 12.706), (2, 4.303), (10, 2.228), (15, 2.131), (20, 2.086), (30, 2.042)]
+)
 def test_t_quantile(df, table):
     # Up to df = 10 t975 reads the same printed table: equal. Beyond, it sums the first three terms
     # of the
@@ -59,9 +74,18 @@ def test_t_quantile(df, table):
 
 
 def test_summary_by_hand():
-    results = pd.DataFrame({"method": ["a", "a", "a"], "seed": [0, 1, 2], "accuracy": [0.5, 0.25, 0.75],
-                            "n_eval": [4, 4, 4], "train_reward_first5": 0.1, "train_reward_last5": 0.2,
-                            "lld_rate_mean": 0.3, "selected_frac_mean": math.nan})
+    results = pd.DataFrame(
+        {
+            "method": ["a", "a", "a"],
+            "seed": [0, 1, 2],
+            "accuracy": [0.5, 0.25, 0.75],
+            "n_eval": [4, 4, 4],
+            "train_reward_first5": 0.1,
+            "train_reward_last5": 0.2,
+            "lld_rate_mean": 0.3,
+            "selected_frac_mean": math.nan,
+        }
+    )
     row = summarize(results).iloc[0]
     # 0.5, 0.25 and 0.75 are exact in binary, and so are their mean and (ddof=1) standard deviation
     assert row["accuracy_mean"] == 0.5
@@ -76,25 +100,54 @@ def test_summary_by_hand():
 
 def test_run_experiment_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
-    monkeypatch.setattr("nthr_book.trainer.default_reward_fn",
-                        lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c])
-    cfg = TrainConfig(model="tiny-random", num_problems=16, steps=2, prompts_per_step=2, group_size=4,
-                      max_new_tokens=4, lr=1e-3, kl_coef=0.0, checkpoint_every=1)
+    monkeypatch.setattr(
+        "nthr_book.trainer.default_reward_fn",
+        lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c],
+    )
+    cfg = TrainConfig(
+        model="tiny-random",
+        num_problems=16,
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=4,
+        lr=1e-3,
+        kl_coef=0.0,
+        checkpoint_every=1,
+    )
     calls = []
     real_train = experiments.train
-    monkeypatch.setattr(experiments, "train", lambda c, **kw: calls.append(c) or real_train(c, **kw))
-    res = run_experiment("tiny", methods=("grpo", "nthr"), seeds=(0, 1), config=cfg, n_eval=4,
-                         eval_max_new_tokens=4, progress=False)
+    monkeypatch.setattr(
+        experiments, "train", lambda c, **kw: calls.append(c) or real_train(c, **kw)
+    )
+    res = run_experiment(
+        "tiny",
+        methods=("grpo", "nthr"),
+        seeds=(0, 1),
+        config=cfg,
+        n_eval=4,
+        eval_max_new_tokens=4,
+        progress=False,
+    )
     assert list(res["method"]) == ["base", "grpo", "grpo", "nthr", "nthr"]
     assert {c.method for c in calls} == {"grpo", "nthr"} and {c.seed for c in calls} == {0, 1}
     assert (tmp_path / "tiny" / "nthr" / "seed1" / "model" / "config.json").exists()
     assert (tmp_path / "tiny" / "summary.csv").exists() and res["accuracy"].between(0, 1).all()
     held = experiments.heldout_problems(cfg, 4)
-    train_texts = {p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))}
+    train_texts = {
+        p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))
+    }
     assert not {p["problem"] for p in held} & train_texts
     # A second call skips the finished runs (train returns at once) and reuses the eval records.
-    again = run_experiment("tiny", methods=("grpo", "nthr"), seeds=(0, 1), config=cfg, n_eval=4,
-                           eval_max_new_tokens=4, progress=False)
+    again = run_experiment(
+        "tiny",
+        methods=("grpo", "nthr"),
+        seeds=(0, 1),
+        config=cfg,
+        n_eval=4,
+        eval_max_new_tokens=4,
+        progress=False,
+    )
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
 
 
@@ -104,6 +157,8 @@ def test_t_interval_hand_values():
     assert mean == 3.0
     assert abs(sd - math.sqrt(14 / 3)) <= 4 * 2**-52 * sd  # a few roundings of float64
     half = 3.182 * math.sqrt(14 / 3) / 2
-    assert abs((high - low) / 2 - half) <= 16 * 2**-52 * half and abs((high + low) / 2 - 3.0) <= 16 * 2**-52 * (3.0 + half)
+    assert abs((high - low) / 2 - half) <= 16 * 2**-52 * half and abs(
+        (high + low) / 2 - 3.0
+    ) <= 16 * 2**-52 * (3.0 + half)
     one = t_interval([0.5])
     assert one[0] == 0.5 and all(math.isnan(v) for v in one[1:])

@@ -35,9 +35,13 @@ def _brute_force(model, g, vocab, temperature, softcap=None):
     """
     r = g.rollouts
     with torch.no_grad():
-        out = model(input_ids=r.input_ids, attention_mask=r.attention_mask, output_hidden_states=True)
+        out = model(
+            input_ids=r.input_ids, attention_mask=r.attention_mask, output_hidden_states=True
+        )
     P, T = r.prompt_ids.shape[1], r.completion_ids.shape[1]
-    h = out.hidden_states[-1][:, P - 1 : P - 1 + T].double()  # (G, T, d): states predicting completion tokens
+    h = out.hidden_states[-1][
+        :, P - 1 : P - 1 + T
+    ].double()  # (G, T, d): states predicting completion tokens
     W = model.get_output_embeddings().weight.detach().double()  # (V, d)
     z = h @ W.T if softcap is None else torch.tanh(h @ W.T / softcap) * softcap  # capped before T
     q = torch.softmax(z / temperature, -1)  # (G, T, V)
@@ -112,9 +116,12 @@ def test_group_scores_validation_and_merge(explorer_scores, explorer_groups):
         explorer.GroupScores.from_group(explorer_groups[0], {"bad": gs.scores("full")})
     with pytest.raises(ValueError, match=r"must be \(G, T\)"):
         explorer.GroupScores.from_group(explorer_groups[0], {"full": gs.scores("full")[:, :2]})
-    only_gen = explorer.GroupScores.from_group(explorer_groups[0], {"generated": gs.scores("generated")})
-    merged = only_gen.with_scores(explorer.GroupScores.from_group(explorer_groups[0],
-                                                                  {"full": gs.scores("full")}))
+    only_gen = explorer.GroupScores.from_group(
+        explorer_groups[0], {"generated": gs.scores("generated")}
+    )
+    merged = only_gen.with_scores(
+        explorer.GroupScores.from_group(explorer_groups[0], {"full": gs.scores("full")})
+    )
     assert set(merged.vocab_modes) == {"generated", "full"}
     with pytest.raises(ValueError, match="cannot merge"):
         only_gen.with_scores(explorer_scores[1])
@@ -122,8 +129,9 @@ def test_group_scores_validation_and_merge(explorer_scores, explorer_groups):
         only_gen.pairs("generated", "other_responses")  # scores given without anchor pairs
     s = gs.scores("generated")
     with pytest.raises(ValueError, match="anchor_pairs key 'mine'"):
-        explorer.GroupScores.from_group(explorer_groups[0], {"generated": s},
-                                        anchor_pairs={"generated": {"mine": s}})
+        explorer.GroupScores.from_group(
+            explorer_groups[0], {"generated": s}, anchor_pairs={"generated": {"mine": s}}
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,8 +168,9 @@ def test_explorer_state_matches_hand_computation(explorer_scores, eta):
     torch.testing.assert_close(st.new_advantages.double(), new.double(), rtol=0, atol=5 * F32)
     wrong = (~correct)[:, None] & mask
     n_wrong = int(wrong.sum())  # a float32 mean of n values near 1: (n + 7)·F32
-    assert st.mean_incorrect_advantage == pytest.approx(float(new[wrong].double().mean()), rel=0,
-                                                        abs=(n_wrong + 7) * F32)
+    assert st.mean_incorrect_advantage == pytest.approx(
+        float(new[wrong].double().mean()), rel=0, abs=(n_wrong + 7) * F32
+    )
     assert st.summary()["selected_frac"] == st.selected_frac
 
 
@@ -171,8 +180,9 @@ def test_explorer_state_eta_depends_on_p(explorer_scores):
         st = explorer.explorer_state(gs, beta=-math.inf, eta=eta)
         assert st.eta == hand  # 0.5, 0.25, 0.75: exact in binary
         wrong = (~gs.correct)[:, None] & gs.completion_mask
-        torch.testing.assert_close(st.new_advantages[wrong], hand * st.advantages[wrong],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            st.new_advantages[wrong], hand * st.advantages[wrong], rtol=0, atol=0
+        )
 
 
 def test_default_response_is_the_most_selected_incorrect_one(explorer_scores):

@@ -1,4 +1,5 @@
-"""Tests for nthr_book.grpo: every formula against a hand computation on a tiny example (arXiv 2505.18830)."""
+"""Tests for nthr_book.grpo: every formula against a hand computation on a tiny example (arXiv
+2505.18830)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,9 @@ def _logps_atol(logits: torch.Tensor, temperature: float = 1.0) -> float:
 
 def _binary_groups(group_size: int = G) -> torch.Tensor:
     """(group_size+1, group_size) rewards: row k has k ones (N+ = k) then zeros."""
-    return torch.stack([torch.tensor([1.0] * k + [0.0] * (group_size - k)) for k in range(group_size + 1)])
+    return torch.stack(
+        [torch.tensor([1.0] * k + [0.0] * (group_size - k)) for k in range(group_size + 1)]
+    )
 
 
 @pytest.mark.parametrize("std", ["population", "sample", "none"])
@@ -77,7 +80,8 @@ def test_group_advantages_closed_form_every_n_plus(std):
 
 
 def test_group_advantages_population_values_spot_check():
-    # N+ = 2 of 8: p = 1/4, std = sqrt(3)/4, A+ = (3/4)/(sqrt(3)/4) = sqrt(3), A- = -(1/4)/(sqrt(3)/4) = -1/sqrt(3)
+    # N+ = 2 of 8: p = 1/4, std = sqrt(3)/4, A+ = (3/4)/(sqrt(3)/4) = sqrt(3), A- =
+    # -(1/4)/(sqrt(3)/4) = -1/sqrt(3)
     rewards = torch.tensor([[1.0, 1.0, 0, 0, 0, 0, 0, 0]], dtype=F64)
     adv = group_advantages(rewards, eps=0.0)
     expected = torch.tensor([[math.sqrt(3)] * 2 + [-1 / math.sqrt(3)] * 6], dtype=F64)
@@ -145,7 +149,9 @@ def test_expand_advantages_and_sequence_logprob():
     with pytest.raises(ValueError, match="group_adv"):
         expand_advantages(torch.zeros(3, 2), completion_mask)
 
-    logps = torch.tensor([[-1.0, -2.0, 99.0], [-0.5, float("nan"), 7.0], [-1.0, -1.0, -1.0], [5.0, 5.0, 5.0]])
+    logps = torch.tensor(
+        [[-1.0, -2.0, 99.0], [-0.5, float("nan"), 7.0], [-1.0, -1.0, -1.0], [5.0, 5.0, 5.0]]
+    )
     assert_close(sequence_logprob(logps, completion_mask), torch.tensor([-3.0, -0.5, -3.0, 0.0]))
     with pytest.raises(ValueError, match="completion_mask"):
         sequence_logprob(logps, completion_mask[:, :2])
@@ -175,7 +181,8 @@ def _hand_objective(logps, old_logps, adv, mask, eps_low, eps_high, kl_coef=0.0,
 
 
 def _example(dtype: torch.dtype = F64):
-    # ratios: row 0 = [1.1, 1.5 (A>0: clipped high), 0.7 (A<0: clipped low)], row 1 = [0.9, 1.3 (A<0: not clipped), pad]
+    # ratios: row 0 = [1.1, 1.5 (A>0: clipped high), 0.7 (A<0: clipped low)], row 1 = [0.9, 1.3
+    # (A<0: not clipped), pad]
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.8, -3.0]], dtype=dtype)
     ratio = torch.tensor([[1.1, 1.5, 0.7], [0.9, 1.3, 1.0]], dtype=dtype)
     logps = old + ratio.log()
@@ -202,7 +209,15 @@ def test_policy_loss_aggregation_vs_hand(agg, eps_high):
     else:
         expected = sum(sum(v) for v in valid) / (2 * 3)
     loss, _ = policy_loss(
-        logps, old, adv, mask, ref_logps=ref, clip_eps=0.2, clip_eps_high=eps_high, kl_coef=kl_coef, agg=agg
+        logps,
+        old,
+        adv,
+        mask,
+        ref_logps=ref,
+        clip_eps=0.2,
+        clip_eps_high=eps_high,
+        kl_coef=kl_coef,
+        agg=agg,
     )
     atol = _sum_atol([o for row in valid for o in row])  # both sides in float64
     assert_close(loss, torch.tensor(-expected, dtype=F64), rtol=0.0, atol=atol)
@@ -248,7 +263,9 @@ def test_policy_loss_metrics():
     assert metrics["ratio_max"] == pytest.approx(1.5, rel=rel, abs=0.0)
     ks = [
         math.exp(r - lp) - (r - lp) - 1
-        for r, lp, m in zip(ref.flatten().tolist(), logps.flatten().tolist(), mask.flatten().tolist())
+        for r, lp, m in zip(
+            ref.flatten().tolist(), logps.flatten().tolist(), mask.flatten().tolist()
+        )
         if m
     ]
     assert metrics["kl"] == pytest.approx(sum(ks) / 5, rel=0.0, abs=_sum_atol(ks, ops_per_term=4))
@@ -276,7 +293,8 @@ def test_k3_kl_value_and_gradient():
 
 
 def test_policy_loss_kl_term_gradient():
-    # With A = 0 only the KL term is left: loss = kl_coef * mean_t k3, gradient kl_coef*(1-e^(ref-logp))/Σ|y|.
+    # With A = 0 only the KL term is left: loss = kl_coef * mean_t k3, gradient
+    # kl_coef*(1-e^(ref-logp))/Σ|y|.
     logps, old, _, mask, ref, _ = _example()
     logps = logps.clone().requires_grad_(True)
     zero_adv = torch.zeros(2, 3, dtype=F64)
@@ -312,7 +330,7 @@ def test_policy_loss_masked_garbage_and_errors():
         policy_loss(logps, old, adv[:, :2], mask)
 
 
-# ------------------------------------------------------------------ per-token log-probs on a tiny Llama
+# -------------------------------------------------------------- per-token log-probs on a tiny Llama
 
 VOCAB, PAD = 64, 0
 
@@ -325,12 +343,18 @@ def _make_tiny_llama():
 
 
 def _make_tiny_gpt2():
-    # Absolute position embeddings: unlike RoPE, wrong position ids under left padding change the logits.
+    # Absolute position embeddings: unlike RoPE, wrong position ids under left padding change the
+    # logits.
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_implementation="eager"
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        attn_implementation="eager",
     )
     return GPT2LMHeadModel(config).eval().double()  # float64: references without float32 rounding
 
@@ -370,7 +394,12 @@ def test_per_token_logps_matches_full_log_softmax(tiny_lm, temperature):
     T = completion_mask.shape[1]
     with torch.no_grad():
         logps = per_token_logps(
-            tiny_lm, input_ids, attention_mask, completion_mask, temperature=temperature, chunk_size=3
+            tiny_lm,
+            input_ids,
+            attention_mask,
+            completion_mask,
+            temperature=temperature,
+            chunk_size=3,
         )
         logits = tiny_lm(
             input_ids=input_ids,
@@ -386,14 +415,17 @@ def test_per_token_logps_matches_full_log_softmax(tiny_lm, temperature):
 
 
 def test_per_token_logps_left_padding_equals_unpadded(tiny_lm):
-    # Each row alone, without any padding, through plain model(ids).logits: the padded batch must agree.
+    # Each row alone, without any padding, through plain model(ids).logits: the padded batch must
+    # agree.
     prompts, completions, input_ids, attention_mask, completion_mask = _batch()
     with torch.no_grad():
         logps = per_token_logps(tiny_lm, input_ids, attention_mask, completion_mask, chunk_size=2)
         for i, (p, c) in enumerate(zip(prompts, completions)):
             ids = torch.tensor([p + c])
             logits = tiny_lm(ids).logits[0, len(p) - 1 : -1]  # (len(c), V) float64
-            expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            expected = (
+                torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            )
             # float64 forwards of the padded and unpadded rows agree to ~1e-15, far inside this
             # float32 bound
             assert_close(logps[i, : len(c)].double(), expected, rtol=0.0, atol=_logps_atol(logits))
@@ -418,7 +450,10 @@ def test_per_token_logps_return_hidden_gives_logits(tiny_lm):
     # so within d·eps64·max Σ_j |h_j w_j| of each other
     S = (hidden.abs() @ head.weight.abs().T).max().item()
     assert_close(from_hidden, logits[:, -T - 1 : -1], rtol=0.0, atol=hidden.shape[-1] * EPS64 * S)
-    lp = torch.log_softmax(from_hidden, -1).gather(-1, input_ids[:, -T:, None]).squeeze(-1) * completion_mask
+    lp = (
+        torch.log_softmax(from_hidden, -1).gather(-1, input_ids[:, -T:, None]).squeeze(-1)
+        * completion_mask
+    )
     assert_close(logps.double(), lp, rtol=0.0, atol=_logps_atol(from_hidden))
 
 
@@ -502,16 +537,20 @@ def test_micro_batches_trim_each_batch_to_its_last_valid_token():
 
     _, _, input_ids, attention_mask, completion_mask = _batch()
     P = 4
-    batches = list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
-                                 completion_mask, 1))
+    batches = list(
+        micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:], completion_mask, 1)
+    )
     assert [b[1] for b in batches] == [5, 2, 4]  # completion lengths 5, 2, 4
     rows, t_b, ids, att, cm = batches[1]
     assert rows == slice(1, 2) and cm.dtype == torch.bool and cm.tolist() == [[True, True]]
     assert torch.equal(ids, input_ids[1:2, : P + 2])
     assert torch.equal(att, attention_mask[1:2, : P + 2])
     with pytest.raises(ValueError, match="batch_size"):
-        list(micro_batches(input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:],
-                           completion_mask, 0))
+        list(
+            micro_batches(
+                input_ids[:, :P], attention_mask[:, :P], input_ids[:, P:], completion_mask, 0
+            )
+        )
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 2])
@@ -521,11 +560,18 @@ def test_group_token_logps_equals_one_unbatched_pass(tiny_lm, batch_size):
     _, _, input_ids, attention_mask, completion_mask = _batch()
     P, mask = 4, completion_mask.bool()
     with torch.no_grad():
-        full, hidden = per_token_logps(tiny_lm, input_ids, attention_mask, completion_mask,
-                                       return_hidden=True)
-        lp, h = group_token_logps(tiny_lm, input_ids[:, :P], attention_mask[:, :P],
-                                  input_ids[:, P:], completion_mask, batch_size=batch_size,
-                                  return_hidden=True)
+        full, hidden = per_token_logps(
+            tiny_lm, input_ids, attention_mask, completion_mask, return_hidden=True
+        )
+        lp, h = group_token_logps(
+            tiny_lm,
+            input_ids[:, :P],
+            attention_mask[:, :P],
+            input_ids[:, P:],
+            completion_mask,
+            batch_size=batch_size,
+            return_hidden=True,
+        )
         logits = tiny_lm.get_output_embeddings()(hidden)  # (N, T, V) float64
     # the float64 states of a valid token do not depend on the right padding after it, up to the
     # rounding of a few dozen float64 operations on values of size max|h|

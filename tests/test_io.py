@@ -1,4 +1,5 @@
-"""Atomic writes: the temporary file reaches the disk before the rename, the folder after it; the JSONL reader."""
+"""Atomic writes: the temporary file reaches the disk before the rename, the folder after it; the
+JSONL reader."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _check_order(log, path):
     assert ("fsync_file", inode) in log[:r], f"renamed file not fsynced before the rename: {log}"
     assert os.stat(path).st_ino == inode
     if os.name == "posix":
-        assert "fsync_dir" in kinds[r + 1:], f"the folder was not fsynced after the rename: {log}"
+        assert "fsync_dir" in kinds[r + 1 :], f"the folder was not fsynced after the rename: {log}"
 
 
 def test_atomic_write_text_fsyncs_file_then_folder(tmp_path, events):

@@ -1,4 +1,5 @@
-"""Tests for nthr_book.lld: Δ(x) against hand computations, exact weight restoration, the experiment (arXiv 2505.18830)."""
+"""Tests for nthr_book.lld: Δ(x) against hand computations, exact weight restoration, the
+experiment (arXiv 2505.18830)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,12 @@ VOCAB = 64
 PROMPT = torch.tensor([5, 6, 7])
 
 
-def _group(completions: list[list[int]], rewards: list[float], prompt: torch.Tensor = PROMPT,
-           question_id: str = "q") -> Group:
+def _group(
+    completions: list[list[int]],
+    rewards: list[float],
+    prompt: torch.Tensor = PROMPT,
+    question_id: str = "q",
+) -> Group:
     """A Group from token lists: right-padded with 0, mask True on the listed tokens."""
     return Group.from_token_lists(prompt, completions, rewards, question_id=question_id)
 
@@ -76,8 +81,9 @@ def _logprob_atol(model, completions: list[list[int]], scale: float, n_evals: in
     return _f32_tol(n_evals * T * _forward_terms(model, len(PROMPT) + T), scale)
 
 
-def _delta_tol(model, completions: list[list[int]], scale: float,
-               steps: int) -> tuple[float, float]:
+def _delta_tol(
+    model, completions: list[list[int]], scale: float, steps: int
+) -> tuple[float, float]:
     """(rtol, atol) of a float32 Δ against a float64 one: atol for the two ln π it subtracts, rtol
     for the float32 gradient of the token sum (each step moves Δ by its relative error)."""
     n_tokens = sum(len(c) for c in completions)
@@ -85,7 +91,7 @@ def _delta_tol(model, completions: list[list[int]], scale: float,
     return steps * _f32_tol(n_grad, 1.0), _logprob_atol(model, completions, scale, n_evals=2)
 
 
-# ------------------------------------------------------------------ the smallest demonstration of LLD
+# ---------------------------------------------------------------- the smallest demonstration of LLD
 
 REPEAT_CORRECT = [10, 11, 12, 13]
 REPEAT_GROUP = dict(completions=[REPEAT_CORRECT, REPEAT_CORRECT * 2], rewards=[1.0, 0.0])
@@ -94,7 +100,8 @@ REPEAT_GROUP = dict(completions=[REPEAT_CORRECT, REPEAT_CORRECT * 2], rewards=[1
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 1e-2), ("adam", 1e-3)])
 def test_grpo_lowers_correct_response_while_pos_only_raises_it(seed, optimizer, lr):
-    """G = 2: y+ = [a b c d] (correct) and y- = [a b c d a b c d] (wrong: it repeats itself, never stops).
+    """G = 2: y+ = [a b c d] (correct) and y- = [a b c d a b c d] (wrong: it repeats itself, never
+    stops).
 
     p = 1/2 so A+ = +1, A- = -1. With token-level aggregation the gradients of the four shared
     prefix tokens (same tokens, same contexts) cancel exactly, so GRPO's step is only the negative
@@ -104,15 +111,18 @@ def test_grpo_lowers_correct_response_while_pos_only_raises_it(seed, optimizer, 
     """
     model = _small_model(seed)
     group = _group(**REPEAT_GROUP)
-    delta = {m: one_step_displacement(model, group, update=m, lr=lr, optimizer=optimizer).delta
-             for m in ("grpo", "pos_only", "nthr")}
+    delta = {
+        m: one_step_displacement(model, group, update=m, lr=lr, optimizer=optimizer).delta
+        for m in ("grpo", "pos_only", "nthr")
+    }
     assert delta["grpo"] < -0.05
     assert delta["pos_only"] > 0.05
     assert delta["grpo"] < delta["nthr"]
 
 
 def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
-    """With identical prompts and shared prefixes, GRPO's gradient equals that of the tail alone (A+ = -A-)."""
+    """With identical prompts and shared prefixes, GRPO's gradient equals that of the tail alone
+    (A+ = -A-)."""
     model = _small_model(0)
     group = _group(**REPEAT_GROUP)
     res = one_step_displacement(model, group, update="grpo", lr=1e-2)
@@ -120,8 +130,8 @@ def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
     m0 = copy.deepcopy(model).double()
     m2 = copy.deepcopy(m0)
     ids = torch.cat([PROMPT, torch.tensor(REPEAT_CORRECT * 2)])[None]
-    logits = m2(input_ids=ids).logits[0, len(PROMPT) + 3: -1]  # predicts tail tokens 4..7
-    tail_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(PROMPT) + 4:, None]).sum()
+    logits = m2(input_ids=ids).logits[0, len(PROMPT) + 3 : -1]  # predicts tail tokens 4..7
+    tail_lp = torch.log_softmax(logits, -1).gather(-1, ids[0, len(PROMPT) + 4 :, None]).sum()
     (tail_lp / 12).backward()  # loss = -(1/12) Σ_tail A- logp = +(1/12) Σ_tail logp
     with torch.no_grad():
         for p in m2.parameters():
@@ -133,7 +143,7 @@ def test_grpo_moves_only_the_differing_tokens_when_prefixes_are_shared():
     assert_close(res.delta, float(after - before), rtol=rtol, atol=atol)
 
 
-# ------------------------------------------------------------------ restoration: weights, grads, modes, RNG
+# ---------------------------------------------------------- restoration: weights, grads, modes, RNG
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -144,12 +154,16 @@ def test_weights_grads_modes_and_rng_restored_exactly(update, optimizer):
     model.model.layers[0].eval()  # a mixed-mode model: each module's flag must come back
     modes = [m.training for m in model.modules()]
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    buffers = {k: v.clone() for k, v in model.named_buffers()}  # includes non-persistent ones (rotary)
+    buffers = {
+        k: v.clone() for k, v in model.named_buffers()
+    }  # includes non-persistent ones (rotary)
     assert buffers
     stale_grad = torch.randn_like(model.lm_head.weight)
     model.lm_head.weight.grad = stale_grad  # e.g. a trainer mid gradient accumulation
     rng = torch.get_rng_state()
-    group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0])
+    group = _group(
+        [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0]
+    )
 
     res = one_step_displacement(model, group, update=update, lr=0.5, optimizer=optimizer, steps=2)
 
@@ -177,24 +191,30 @@ def test_snapshot_is_allocated_once_per_model_and_releasable():
     assert lld.release_snapshot(model) is False
 
 
-# ------------------------------------------------------------------ Δ(x) against an independent recomputation
+# -------------------------------------------------------- Δ(x) against an independent recomputation
 
 
-def _hand_logprob(model, prompt: torch.Tensor, completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+def _hand_logprob(
+    model, prompt: torch.Tensor, completion: list[int], temperature: float = 1.0
+) -> torch.Tensor:
     """ln π(y|x) by a plain full-vocabulary forward of one unpadded sequence."""
     ids = torch.cat([prompt, torch.tensor(completion)])[None]
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / temperature  # (T, V)
-    return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, len(prompt):, None]).sum()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature  # (T, V)
+    return torch.log_softmax(logits.double(), -1).gather(-1, ids[0, len(prompt) :, None]).sum()
 
 
-def _hand_token_logps(model, prompt: torch.Tensor, completions: list[list[int]], temperature: float):
+def _hand_token_logps(
+    model, prompt: torch.Tensor, completions: list[list[int]], temperature: float
+):
     """List of (T_i,) per-token log-probs with gradient, one unpadded forward per response."""
     out = []
     for c in completions:
         ids = torch.cat([prompt, torch.tensor(c)])[None]
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1] / temperature
-        out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1))
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature
+        out.append(
+            torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)
+        )
     return out
 
 
@@ -211,7 +231,9 @@ def _hand_update(model, completions, advantages, temperature, lr, optimizer, ste
         for p in m.parameters():
             p.grad = None
         objective = 0.0
-        for lp, lp_old, adv in zip(_hand_token_logps(m, PROMPT, completions, temperature), old, advantages):
+        for lp, lp_old, adv in zip(
+            _hand_token_logps(m, PROMPT, completions, temperature), old, advantages
+        ):
             ratio = torch.exp(lp - lp_old)
             objective = objective + torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).sum()
         (-objective / n_tokens).backward()
@@ -229,22 +251,39 @@ def _hand_update(model, completions, advantages, temperature, lr, optimizer, ste
     return m
 
 
-@pytest.mark.parametrize("update,optimizer,lr,steps", [
-    ("grpo", "sgd", 0.05, 1),
-    ("pos_only", "sgd", 0.05, 1),
-    ("nthr", "sgd", 0.05, 1),
-    ("grpo", "sgd", 0.5, 2),  # the second step's ratios leave [0.8, 1.2] (and some stay in [0.7, 1.3]): clipping acts
-    ("grpo", "adam", 1e-3, 1),
-    ("nthr", "adam", 1e-3, 2),
-])
+@pytest.mark.parametrize(
+    "update,optimizer,lr,steps",
+    [
+        ("grpo", "sgd", 0.05, 1),
+        ("pos_only", "sgd", 0.05, 1),
+        ("nthr", "sgd", 0.05, 1),
+        (
+            "grpo",
+            "sgd",
+            0.5,
+            2,
+        ),  # the second step's ratios leave [0.8, 1.2] (and some stay in [0.7, 1.3]): clipping acts
+        ("grpo", "adam", 1e-3, 1),
+        ("nthr", "adam", 1e-3, 2),
+    ],
+)
 def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
     temperature, eta = 0.7, 0.5
     completions = [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]]
     rewards = [1.0, 0.0, 0.0, 1.0]
     model = _small_model(1)
     group = _group(completions, rewards)
-    res = one_step_displacement(model, group, update=update, lr=lr, optimizer=optimizer, steps=steps,
-                                temperature=temperature, eta=eta, beta=0.0)
+    res = one_step_displacement(
+        model,
+        group,
+        update=update,
+        lr=lr,
+        optimizer=optimizer,
+        steps=steps,
+        temperature=temperature,
+        eta=eta,
+        beta=0.0,
+    )
     # advantages by hand: p = 1/2, population std 1/2 -> A = ±1 (eps 1e-6 in the denominator)
     a = [(r - 0.5) / (0.5 + 1e-6) for r in rewards]
     advantages = [torch.full((len(c),), ai) for c, ai in zip(completions, a)]
@@ -252,16 +291,22 @@ def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
         advantages = [adv.clamp(min=0) for adv in advantages]
     if update == "nthr":
         selected = res.extras["selected"]
-        assert 0 < res.n_selected_tokens < res.n_incorrect_tokens  # a real partial selection at beta = 0
-        advantages = [torch.where(selected[i, : len(c)], eta * adv, adv)
-                      for i, (c, adv) in enumerate(zip(completions, advantages))]
+        assert (
+            0 < res.n_selected_tokens < res.n_incorrect_tokens
+        )  # a real partial selection at beta = 0
+        advantages = [
+            torch.where(selected[i, : len(c)], eta * adv, adv)
+            for i, (c, adv) in enumerate(zip(completions, advantages))
+        ]
     # float64 reference
     new_model = _hand_update(model, completions, advantages, temperature, lr, optimizer, steps)
     model64 = copy.deepcopy(model).double()
     correct = [i for i, r in enumerate(rewards) if r > 0.5]
     init = [float(_hand_logprob(model64, PROMPT, completions[i], temperature)) for i in correct]
-    per = [float(_hand_logprob(new_model, PROMPT, completions[i], temperature)) - init[k]
-           for k, i in enumerate(correct)]
+    per = [
+        float(_hand_logprob(new_model, PROMPT, completions[i], temperature)) - init[k]
+        for k, i in enumerate(correct)
+    ]
     assert res.n_incorrect_tokens == 5 + 2
     assert res.n_correct == 2 and res.group_size == 4 and res.p == 0.5
     scale = max(abs(v) for v in init)  # |ln π| bounds the size of the summed log-probs
@@ -277,9 +322,13 @@ def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
 def test_micro_batches_give_the_same_delta(batch_size):
     """The token-mean loss is exact over micro-batches (each weighted by its share of tokens)."""
     model = _small_model(1)
-    group = _group([[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0])
+    group = _group(
+        [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]], [1.0, 0.0, 0.0, 1.0]
+    )
     full = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2)
-    micro = one_step_displacement(model, group, update="grpo", lr=0.05, steps=2, batch_size=batch_size)
+    micro = one_step_displacement(
+        model, group, update="grpo", lr=0.05, steps=2, batch_size=batch_size
+    )
     # Two float32 computations that differ in padding and summation order: each is within the
     # float32 tolerance of the exact value, so they are within twice that of each other.
     completions = [[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]]
@@ -299,21 +348,27 @@ def test_eta_one_makes_nthr_and_random_equal_to_grpo():
     base = one_step_displacement(model, group, update="grpo", lr=0.05).per_response_delta
     for update in ("nthr", "random"):
         res = one_step_displacement(model, group, update=update, lr=0.05, eta=1.0, beta=-math.inf)
-        assert res.n_selected_tokens == res.n_incorrect_tokens == 7  # beta = -inf selects every wrong token
+        assert (
+            res.n_selected_tokens == res.n_incorrect_tokens == 7
+        )  # beta = -inf selects every wrong token
         # 1.0 · A is A exactly, so the update runs the same float32 operations: equal bit for bit
         assert res.per_response_delta == base
 
 
 def test_random_selection_matches_nthr_counts_per_response():
     model = _small_model(4)
-    group = _group([[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
-                   [1.0, 0.0, 0.0, 1.0])
+    group = _group(
+        [[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
+        [1.0, 0.0, 0.0, 1.0],
+    )
     nthr_res = one_step_displacement(model, group, update="nthr", lr=0.05, beta=0.0)
     sel = nthr_res.extras["selected"]
     assert 0 < int(sel.sum()) < nthr_res.n_incorrect_tokens
     incorrect_tokens = (~group.correct)[:, None] & group.rollouts.completion_mask
     for given in (None, sel):
-        rand = one_step_displacement(model, group, update="random", lr=0.05, beta=0.0, seed=7, selected=given)
+        rand = one_step_displacement(
+            model, group, update="random", lr=0.05, beta=0.0, seed=7, selected=given
+        )
         rsel = rand.extras["selected"]
         assert torch.equal(rsel.sum(1), sel.sum(1))
         assert not bool((rsel & ~incorrect_tokens).any())
@@ -330,8 +385,9 @@ def test_random_control_draws_per_question_and_repeats_on_rerun():
 
     def draw(question_id: str, seed: int = 7):
         group = _group(completions, [1.0, 0.0, 0.0, 1.0], question_id=question_id)
-        res = one_step_displacement(model, group, update="random", lr=0.05, seed=seed,
-                                    selected=selected)
+        res = one_step_displacement(
+            model, group, update="random", lr=0.05, seed=seed, selected=selected
+        )
         # NTHR's count per response
         assert torch.equal(res.extras["selected"].sum(1), selected.sum(1))
         assert res.extras["random_seed"] == lld.question_seed(seed, question_id)
@@ -352,8 +408,9 @@ def test_question_seed_is_stable_across_processes():
     here = lld.question_seed(3, "algebra/17")
     code = "from nthr_book.lld import question_seed; print(question_seed(3, 'algebra/17'))"
     env = os.environ | {"PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert int(out.stdout) == here
     assert 0 <= here < 2**63  # a valid torch.Generator seed
     assert lld.question_seed(3, "algebra/18") != here and lld.question_seed(4, "algebra/17") != here
@@ -375,18 +432,20 @@ def test_sequence_logprobs_matches_per_row_forward_with_left_padding_and_micro_b
     ids = torch.zeros(4, T, dtype=torch.long)
     mask = torch.zeros(4, T, dtype=torch.bool)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        prompt_ids[i, P - len(p):] = torch.tensor(p)  # left padding
-        prompt_mask[i, P - len(p):] = 1
+        prompt_ids[i, P - len(p) :] = torch.tensor(p)  # left padding
+        prompt_mask[i, P - len(p) :] = 1
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = True
     model64 = copy.deepcopy(model).double().eval()
-    expected = torch.stack([_hand_logprob(model64, torch.tensor(p), c, 0.8)
-                            for p, c in zip(prompts, completions)])
+    expected = torch.stack(
+        [_hand_logprob(model64, torch.tensor(p), c, 0.8) for p, c in zip(prompts, completions)]
+    )
     # float32 forward against the float64 reference: sqrt(T · forward terms) · ε32 · |ln π|
     atol = _f32_tol(T * _forward_terms(model, P + T), float(expected.abs().max()))
     for bs in (None, 1, 3):
-        got = sequence_logprobs(model, prompt_ids, ids, mask, prompt_mask=prompt_mask, temperature=0.8,
-                                batch_size=bs)
+        got = sequence_logprobs(
+            model, prompt_ids, ids, mask, prompt_mask=prompt_mask, temperature=0.8, batch_size=bs
+        )
         assert got.dtype == torch.float64 and not got.requires_grad
         assert_close(got, expected, rtol=0.0, atol=atol)
     assert model.training  # mode restored
@@ -395,8 +454,12 @@ def test_sequence_logprobs_matches_per_row_forward_with_left_padding_and_micro_b
 def test_sequence_logprobs_rejects_mismatched_shapes():
     model = _small_model(0)
     with pytest.raises(ValueError, match="completion_mask"):
-        sequence_logprobs(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long),
-                          torch.ones(2, 5, dtype=torch.bool))
+        sequence_logprobs(
+            model,
+            torch.zeros(2, 3, dtype=torch.long),
+            torch.zeros(2, 4, dtype=torch.long),
+            torch.ones(2, 5, dtype=torch.bool),
+        )
 
 
 # ------------------------------------------------------------------ input errors
@@ -414,7 +477,9 @@ def test_one_step_displacement_errors_name_the_problem():
     with pytest.raises(ValueError, match="optimizer="):
         one_step_displacement(model, group, optimizer="rmsprop", lr=0.1)
     with pytest.raises(ValueError, match="selected"):
-        one_step_displacement(model, group, update="grpo", lr=0.1, selected=torch.zeros(2, 8, dtype=torch.bool))
+        one_step_displacement(
+            model, group, update="grpo", lr=0.1, selected=torch.zeros(2, 8, dtype=torch.bool)
+        )
     bad = torch.zeros(2, 8, dtype=torch.bool)
     bad[0, 0] = True  # a token of the correct response
     with pytest.raises(ValueError, match="outside"):
@@ -429,15 +494,26 @@ def test_one_step_displacement_errors_name_the_problem():
 
 def test_precomputed_initial_pass_and_selection_give_identical_results():
     model = _small_model(4)
-    group = _group([[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
-                   [1.0, 0.0, 0.0, 1.0])
+    group = _group(
+        [[10, 11, 12, 13], [10, 11, 14, 15, 16, 17, 18], [10, 20, 21, 22, 23], [11, 12, 13]],
+        [1.0, 0.0, 0.0, 1.0],
+    )
     old_logps, hidden = lld.initial_token_logps(model, group, return_hidden=True)
     selected, tau = lld.nthr_selection(model, group, beta=0.0, hidden=hidden)
-    assert torch.equal(selected, lld.nthr_selection(model, group, beta=0.0)[0])  # hidden recomputed inside
+    assert torch.equal(
+        selected, lld.nthr_selection(model, group, beta=0.0)[0]
+    )  # hidden recomputed inside
     for update in ("grpo", "nthr"):
         alone = one_step_displacement(model, group, update=update, lr=0.05, beta=0.0)
-        shared = one_step_displacement(model, group, update=update, lr=0.05, beta=0.0, old_logps=old_logps,
-                                       selected=selected if update == "nthr" else None)
+        shared = one_step_displacement(
+            model,
+            group,
+            update=update,
+            lr=0.05,
+            beta=0.0,
+            old_logps=old_logps,
+            selected=selected if update == "nthr" else None,
+        )
         assert shared.per_response_delta == alone.per_response_delta
         assert shared.logp_init == alone.logp_init
         if update == "nthr":
@@ -456,7 +532,10 @@ def tiny_policy():
 
 def _fake_grader(completions, golds, *, require_boxed=True, **kwargs):
     """ALL -> every response right, NONE -> every one wrong, otherwise even batch indices right."""
-    return [1.0 if g == "ALL" else 0.0 if g == "NONE" else float(i % 2 == 0) for i, g in enumerate(golds)]
+    return [
+        1.0 if g == "ALL" else 0.0 if g == "NONE" else float(i % 2 == 0)
+        for i, g in enumerate(golds)
+    ]
 
 
 PROBLEMS = [
@@ -467,18 +546,30 @@ PROBLEMS = [
 ]
 
 
-def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path, monkeypatch, capsys):
+def test_lld_experiment_rows_drops_and_reuses_saved_groups(
+    tiny_policy, tmp_path, monkeypatch, capsys
+):
     model, tokenizer = tiny_policy
     monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
     path = tmp_path / "groups.pt"
-    kwargs = dict(methods=("random", "grpo", "pos_only", "nthr"), group_size=4, max_new_tokens=5, lr=1e-3,
-                  seed=11, beta=0.0, groups_path=path, progress=False)
+    kwargs = dict(
+        methods=("random", "grpo", "pos_only", "nthr"),
+        group_size=4,
+        max_new_tokens=5,
+        lr=1e-3,
+        seed=11,
+        beta=0.0,
+        groups_path=path,
+        progress=False,
+    )
     df = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
     assert "4 questions" in capsys.readouterr().out
     assert list(df.columns) == list(lld.ROW_COLUMNS)
     assert len(df) == 2 * 4  # two mixed questions x four methods
     assert df["id"].tolist() == ["a"] * 4 + ["c"] * 4
-    assert df["method"].tolist() == ["random", "grpo", "pos_only", "nthr"] * 2  # the order asked for
+    assert (
+        df["method"].tolist() == ["random", "grpo", "pos_only", "nthr"] * 2
+    )  # the order asked for
     assert (df["n_correct"] == 2).all() and (df["p"] == 0.5).all()
     assert (df["seed"] == 11).all() and (df["lr"] == 1e-3).all()
     assert df.attrs["dropped"] == {"all_correct": ["b"], "all_wrong": ["d"]}
@@ -488,9 +579,13 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path
         assert pd.isna(rows.loc["grpo", "n_selected"])
         per = rows.loc["grpo", "per_response_delta"]
         # a float64 mean of 2 terms: at most 2 roundings of values of size max|per|
-        assert_close(rows.loc["grpo", "delta"], sum(per) / 2, rtol=0.0,
-                     atol=2 * EPS64 * max(map(abs, per)))
-        assert pd.isna(rows.loc["grpo", "tau"]) and rows.loc["nthr", "tau"] == rows.loc["random", "tau"]
+        assert_close(
+            rows.loc["grpo", "delta"], sum(per) / 2, rtol=0.0, atol=2 * EPS64 * max(map(abs, per))
+        )
+        assert (
+            pd.isna(rows.loc["grpo", "tau"])
+            and rows.loc["nthr", "tau"] == rows.loc["random", "tau"]
+        )
     # the shared initial pass and selection give exactly what a standalone call gives
     group = next(g for g in load_groups(path) if g.question_id == "c")
     for method in ("grpo", "nthr", "random"):
@@ -513,12 +608,22 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(tiny_policy, tmp_path
 def test_lld_experiment_rejects_bad_methods(tiny_policy):
     model, tokenizer = tiny_policy
     with pytest.raises(ValueError, match="methods item"):
-        lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo", "dpo"), max_new_tokens=4, lr=0.1, seed=0)
+        lld_experiment(
+            model, tokenizer, PROBLEMS, methods=("grpo", "dpo"), max_new_tokens=4, lr=0.1, seed=0
+        )
     with pytest.raises(ValueError, match="duplicates"):
-        lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo", "grpo"), max_new_tokens=4, lr=0.1, seed=0)
+        lld_experiment(
+            model, tokenizer, PROBLEMS, methods=("grpo", "grpo"), max_new_tokens=4, lr=0.1, seed=0
+        )
     with pytest.raises(ValueError, match=r"problems\[1\].*answer"):
-        lld_experiment(model, tokenizer, [PROBLEMS[0], {"id": "z", "problem": "?"}], max_new_tokens=4, lr=0.1,
-                       seed=0)
+        lld_experiment(
+            model,
+            tokenizer,
+            [PROBLEMS[0], {"id": "z", "problem": "?"}],
+            max_new_tokens=4,
+            lr=0.1,
+            seed=0,
+        )
 
 
 # ------------------------------------------------------------------ summaries
@@ -535,21 +640,39 @@ def test_lld_rate_hand_values():
 
 
 def test_displacement_summary_hand_values():
-    df = pd.DataFrame({
-        "id": ["a", "a", "b", "b", "c", "c"],
-        "method": ["grpo", "pos_only"] * 3,
-        "delta": [-0.2, 0.3, 0.1, 0.5, 0.0, 0.4],
-        "per_response_delta": [[-0.2], [0.3], [0.1, 0.1], [0.5, 0.5], [0.0], [0.4]],
-    })
+    df = pd.DataFrame(
+        {
+            "id": ["a", "a", "b", "b", "c", "c"],
+            "method": ["grpo", "pos_only"] * 3,
+            "delta": [-0.2, 0.3, 0.1, 0.5, 0.0, 0.4],
+            "per_response_delta": [[-0.2], [0.3], [0.1, 0.1], [0.5, 0.5], [0.0], [0.4]],
+        }
+    )
     s = displacement_summary(df)
     assert s.index.tolist() == ["grpo", "pos_only"]
     tol = 4 * EPS64  # float64 means of 3 values below 1: 3 additions and a division, 4 roundings
-    assert s.loc["grpo"].to_dict() == pytest.approx({
-        "n_questions": 3, "median_delta": 0.0, "mean_delta": (-0.2 + 0.1 + 0.0) / 3,
-        "frac_delta_le_0": 2 / 3, "lld_rate": 2 / 4}, rel=0, abs=tol)
-    assert s.loc["pos_only"].to_dict() == pytest.approx({
-        "n_questions": 3, "median_delta": 0.4, "mean_delta": 0.4, "frac_delta_le_0": 0.0,
-        "lld_rate": 0.0}, rel=0, abs=tol)
+    assert s.loc["grpo"].to_dict() == pytest.approx(
+        {
+            "n_questions": 3,
+            "median_delta": 0.0,
+            "mean_delta": (-0.2 + 0.1 + 0.0) / 3,
+            "frac_delta_le_0": 2 / 3,
+            "lld_rate": 2 / 4,
+        },
+        rel=0,
+        abs=tol,
+    )
+    assert s.loc["pos_only"].to_dict() == pytest.approx(
+        {
+            "n_questions": 3,
+            "median_delta": 0.4,
+            "mean_delta": 0.4,
+            "frac_delta_le_0": 0.0,
+            "lld_rate": 0.0,
+        },
+        rel=0,
+        abs=tol,
+    )
     with pytest.raises(ValueError, match="delta"):
         displacement_summary(df.drop(columns="delta"))
     empty = displacement_summary(df.iloc[:0])  # every group dropped: an empty table, not an error
@@ -557,21 +680,26 @@ def test_displacement_summary_hand_values():
 
 
 def test_paired_comparison_hand_values():
-    df = pd.DataFrame({
-        "id": ["a", "a", "a", "b", "b", "b", "c", "c"],
-        "method": ["grpo", "pos_only", "nthr", "grpo", "pos_only", "nthr", "grpo", "pos_only"],
-        "delta": [-0.2, 0.3, -0.1, 0.5, 0.4, 0.6, 0.0, 0.1],
-        "seed": [0] * 8,
-    })
+    df = pd.DataFrame(
+        {
+            "id": ["a", "a", "a", "b", "b", "b", "c", "c"],
+            "method": ["grpo", "pos_only", "nthr", "grpo", "pos_only", "nthr", "grpo", "pos_only"],
+            "delta": [-0.2, 0.3, -0.1, 0.5, 0.4, 0.6, 0.0, 0.1],
+            "seed": [0] * 8,
+        }
+    )
     p = paired_comparison(df)
     assert p.index.tolist() == ["pos_only", "nthr"]
     # pos_only - grpo: 0.5, -0.1, 0.1 -> 2 of 3 above; nthr - grpo: 0.1, 0.1 (c has no nthr row)
     tol = 5 * EPS64  # float64 differences, then a median or mean of <= 3: <= 5 roundings below 1
     assert p.loc["pos_only"].to_dict() == pytest.approx(
         {"n_pairs": 3, "frac_above": 2 / 3, "median_diff": 0.1, "mean_diff": 0.5 / 3},
-        rel=0, abs=tol)
+        rel=0,
+        abs=tol,
+    )
     assert p.loc["nthr"].to_dict() == pytest.approx(
-        {"n_pairs": 2, "frac_above": 1.0, "median_diff": 0.1, "mean_diff": 0.1}, rel=0, abs=tol)
+        {"n_pairs": 2, "frac_above": 1.0, "median_diff": 0.1, "mean_diff": 0.1}, rel=0, abs=tol
+    )
     # the same id under another seed is another question, not a duplicate
     two = pd.concat([df, df.assign(seed=1, delta=-df["delta"])])
     assert paired_comparison(two).loc["pos_only", "n_pairs"] == 6
@@ -585,16 +713,34 @@ def test_paired_comparison_hand_values():
 
 def test_question_displacement_row():
     q = QuestionDisplacement("q", "nthr", 1, 2, 0.5, 0.25, [0.25], 3, 4, [-5.0])
-    assert q.to_row() == {"id": "q", "method": "nthr", "n_correct": 1, "group_size": 2, "p": 0.5, "delta": 0.25,
-                          "per_response_delta": [0.25], "n_selected": 3, "n_incorrect_tokens": 4}
+    assert q.to_row() == {
+        "id": "q",
+        "method": "nthr",
+        "n_correct": 1,
+        "group_size": 2,
+        "p": 0.5,
+        "delta": 0.25,
+        "per_response_delta": [0.25],
+        "n_selected": 3,
+        "n_incorrect_tokens": 4,
+    }
 
 
 def test_lld_experiment_balance_uses_balanced_groups(tiny_policy, tmp_path, monkeypatch, capsys):
     model, tokenizer = tiny_policy
     monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
-    kwargs = dict(methods=("grpo", "pos_only"), group_size=6, max_new_tokens=5, lr=1e-3, seed=3,
-                  groups_path=tmp_path / "groups.pt", progress=False)
-    df = lld_experiment(model, tokenizer, PROBLEMS, balance=2, **kwargs)  # the fake grader gives 3 of 6 right
+    kwargs = dict(
+        methods=("grpo", "pos_only"),
+        group_size=6,
+        max_new_tokens=5,
+        lr=1e-3,
+        seed=3,
+        groups_path=tmp_path / "groups.pt",
+        progress=False,
+    )
+    df = lld_experiment(
+        model, tokenizer, PROBLEMS, balance=2, **kwargs
+    )  # the fake grader gives 3 of 6 right
     assert "2 mixed kept" in capsys.readouterr().out
     assert (df["group_size"] == 4).all() and (df["n_correct"] == 2).all()
     assert df.attrs["settings"]["balance"] == 2 and df.attrs["dropped"]["unbalanced"] == []
@@ -608,12 +754,26 @@ def test_lld_experiment_balance_uses_balanced_groups(tiny_policy, tmp_path, monk
 def test_lld_experiment_balance_drops_groups_short_of_k(tiny_policy, monkeypatch, capsys):
     model, tokenizer = tiny_policy
 
-    def one_right_for_c(completions, golds, **kwargs):  # question c: a single right answer in its group
-        return [float(i % 6 == 0) if g == "6" else r for i, (g, r) in
-                enumerate(zip(golds, _fake_grader(completions, golds)))]
+    def one_right_for_c(
+        completions, golds, **kwargs
+    ):  # question c: a single right answer in its group
+        return [
+            float(i % 6 == 0) if g == "6" else r
+            for i, (g, r) in enumerate(zip(golds, _fake_grader(completions, golds)))
+        ]
 
     monkeypatch.setattr(rewards_mod, "math_rewards", one_right_for_c)
-    df = lld_experiment(model, tokenizer, PROBLEMS, methods=("grpo",), group_size=6, max_new_tokens=5, lr=1e-3,
-                        seed=3, balance=2, progress=False)
+    df = lld_experiment(
+        model,
+        tokenizer,
+        PROBLEMS,
+        methods=("grpo",),
+        group_size=6,
+        max_new_tokens=5,
+        lr=1e-3,
+        seed=3,
+        balance=2,
+        progress=False,
+    )
     assert df["id"].tolist() == ["a"] and df.attrs["dropped"]["unbalanced"] == ["c"]
     assert "1 more dropped with fewer than 2 right or wrong" in capsys.readouterr().out

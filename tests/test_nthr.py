@@ -12,7 +12,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from naive_scores import F32, F64, g_and_h, generated_ids, logit_err, make_group, naive_pair_sums, score_atol
+from naive_scores import (
+    F32,
+    F64,
+    g_and_h,
+    generated_ids,
+    logit_err,
+    make_group,
+    naive_pair_sums,
+    score_atol,
+)
 
 from nthr_book.nthr import (
     ANCHORS,
@@ -45,7 +54,12 @@ GROUP_CASES = [
     (5, 4, [True, False, True, False, False], [4, 4, 1, 3, 2]),
     (6, 3, [False, True, True, False, True, False], [3, 2, 3, 1, 3, 3]),
     (7, 4, [True, False, False, True, False, False, True], None),
-    (8, 6, [True, False, True, True, False, False, True, False], [6, 5, 0, 6, 2, 6, 1, 3]),  # empty row
+    (
+        8,
+        6,
+        [True, False, True, True, False, False, True, False],
+        [6, 5, 0, 6, 2, 6, 1, 3],
+    ),  # empty row
 ]
 
 
@@ -57,7 +71,9 @@ GROUP_CASES = [
 @pytest.mark.parametrize("case", range(len(GROUP_CASES)))
 def test_token_scores_full_vocab_matches_naive(case):
     G, T, correct, lengths = GROUP_CASES[case]
-    hidden, logits, tokens, mask, correct = make_group(G, T, 5, 11, seed=case, correct=correct, lengths=lengths)
+    hidden, logits, tokens, mask, correct = make_group(
+        G, T, 5, 11, seed=case, correct=correct, lengths=lengths
+    )
     expected = naive_pair_sums(hidden, logits, tokens, mask, correct)
     got = token_scores(hidden, logits, tokens, mask, correct, vocab="full")
     assert got.shape == (G, T) and got.dtype == torch.float32
@@ -69,7 +85,9 @@ def test_token_scores_full_vocab_matches_naive(case):
         torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol32)
     else:
         assert (got == 0).all()
-    got64 = token_scores(hidden, logits, tokens, mask, correct, vocab="full", dtype=torch.float64, chunk_size=2)
+    got64 = token_scores(
+        hidden, logits, tokens, mask, correct, vocab="full", dtype=torch.float64, chunk_size=2
+    )
     tol64 = score_atol(hidden, logits, tokens, mask, correct, F64)
     torch.testing.assert_close(got64, expected, rtol=0, atol=2 * tol64)  # both sides round
 
@@ -77,13 +95,17 @@ def test_token_scores_full_vocab_matches_naive(case):
 @pytest.mark.parametrize("case", range(len(GROUP_CASES)))
 def test_token_scores_generated_vocab_matches_naive_restriction(case):
     G, T, correct, lengths = GROUP_CASES[case]
-    # ids drawn from 0..6 of a 13-word vocabulary, so V* is a strict subset and q is not renormalised
-    hidden, logits, tokens, mask, correct = make_group(G, T, 4, 13, seed=100 + case, correct=correct,
-                                                       lengths=lengths, id_range=7)
+    # ids drawn from 0..6 of a 13-word vocabulary, so V* is a strict subset and q is not
+    # renormalised
+    hidden, logits, tokens, mask, correct = make_group(
+        G, T, 4, 13, seed=100 + case, correct=correct, lengths=lengths, id_range=7
+    )
     ids = generated_ids(tokens, mask)
     assert ids.numel() < 13
     expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
-    got = token_scores(hidden, logits, tokens, mask, correct, vocab="generated", dtype=torch.float64)
+    got = token_scores(
+        hidden, logits, tokens, mask, correct, vocab="generated", dtype=torch.float64
+    )
     tol64 = score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)  # both sides round in float64
     got32 = token_scores(hidden, logits, tokens, mask, correct)  # default vocab is "generated"
@@ -104,12 +126,24 @@ def test_token_scores_hand_example():
     # s_0 = 1/2·1 - 1/2·2 = -1/2 ; s_1 = -1/2·2 + 1/2·4 = 1. Every step is exact in binary
     # (halves, small integers), so the kernel and the reference must give these values exactly.
     both, first = torch.tensor([True, True]), torch.tensor([True, False])
-    torch.testing.assert_close(token_scores(hidden, logits, tokens, mask, both, vocab="full"),
-                               torch.tensor([[-0.5], [1.0]]), rtol=0, atol=0)
-    torch.testing.assert_close(token_scores(hidden, logits, tokens, mask, first, vocab="full"),
-                               torch.tensor([[0.5], [-1.0]]), rtol=0, atol=0)
-    torch.testing.assert_close(token_scores_reference(hidden, logits, tokens, mask, both),
-                               torch.tensor([[-0.5], [1.0]], dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(
+        token_scores(hidden, logits, tokens, mask, both, vocab="full"),
+        torch.tensor([[-0.5], [1.0]]),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        token_scores(hidden, logits, tokens, mask, first, vocab="full"),
+        torch.tensor([[0.5], [-1.0]]),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        token_scores_reference(hidden, logits, tokens, mask, both),
+        torch.tensor([[-0.5], [1.0]], dtype=torch.float64),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("case", [1, 5, 7, 8])
@@ -118,8 +152,9 @@ def test_token_scores_reference_equals_the_double_loop(case, vocab):
     # token_scores_reference (einsum over all pairs) against the explicit loop: two float64 sums of
     # the same terms in different orders, so they agree to the float64 rounding bound.
     G, T, correct, lengths = GROUP_CASES[case]
-    hidden, logits, tokens, mask, correct = make_group(G, T, 3, 9, seed=40 + case, correct=correct,
-                                                       lengths=lengths, id_range=6)
+    hidden, logits, tokens, mask, correct = make_group(
+        G, T, 3, 9, seed=40 + case, correct=correct, lengths=lengths, id_range=6
+    )
     ids = None if vocab == "full" else generated_ids(tokens, mask)
     expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
     got = token_scores_reference(hidden, logits, tokens, mask, correct, vocab=vocab)
@@ -142,15 +177,32 @@ def test_token_scores_from_hidden_equals_token_scores(vocab, chunk_size):
     correct = torch.tensor([True, False, True, False, False])
     logits64 = (hidden.double() @ weight.double().T + bias.double()) / temperature
     expected = token_scores_reference(hidden, logits64, tokens, mask, correct, vocab=vocab)
-    got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, temperature=temperature,
-                                   lm_head_bias=bias, vocab=vocab, chunk_size=chunk_size)
+    got = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        temperature=temperature,
+        lm_head_bias=bias,
+        vocab=vocab,
+        chunk_size=chunk_size,
+    )
     ids = None if vocab == "full" else generated_ids(tokens, mask)
     # float32 scores from float32 logits h·W (d-term products): both roundings enter the bound
     err = logit_err(hidden, weight, bias, temperature, F32)
     tol32 = score_atol(hidden, logits64, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err)
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol32)
-    chunked = token_scores(hidden, logits64, tokens, mask, correct, vocab=vocab,
-                           dtype=torch.float64, chunk_size=chunk_size)
+    chunked = token_scores(
+        hidden,
+        logits64,
+        tokens,
+        mask,
+        correct,
+        vocab=vocab,
+        dtype=torch.float64,
+        chunk_size=chunk_size,
+    )
     tol64 = score_atol(hidden, logits64, tokens, mask, correct, F64, vocab_ids=ids)
     torch.testing.assert_close(chunked, expected, rtol=0, atol=2 * tol64)  # both sides round
 
@@ -165,8 +217,9 @@ def test_token_scores_from_hidden_without_bias_and_low_precision_inputs():
     h16, w16 = hidden.bfloat16(), weight.bfloat16()  # bf16 values are exact in float64
     logits = h16.double() @ w16.double().T
     expected = token_scores_reference(h16, logits, tokens, mask, correct)
-    got = token_scores_from_hidden(h16, w16, tokens, mask, correct, vocab="full",
-                                   dtype=torch.float64)
+    got = token_scores_from_hidden(
+        h16, w16, tokens, mask, correct, vocab="full", dtype=torch.float64
+    )
     assert got.dtype == torch.float64
     err = logit_err(h16, w16, None, 1.0, F64)  # float64 logits on both sides
     tol64 = score_atol(h16, logits, tokens, mask, correct, F64, logit_err=2 * err)
@@ -235,23 +288,39 @@ def self_pair_atol(hidden, logits, tokens, mask, eps, vocab_ids=None, logit_err=
 
 
 # three correct responses (5, 2 and 4 tokens), one incorrect; G=4, T=5, d=3, V=7
-ANCHOR_GROUP = dict(G=4, T=5, d=3, V=7, seed=31, correct=[True, False, True, True],
-                    lengths=[5, 3, 2, 4], id_range=5)
+ANCHOR_GROUP = dict(
+    G=4, T=5, d=3, V=7, seed=31, correct=[True, False, True, True], lengths=[5, 3, 2, 4], id_range=5
+)
 
 
 @pytest.mark.parametrize("vocab", ["full", "generated"])
 def test_self_pairs_and_self_influence_exclusion(vocab):
     G, T = 4, 5
-    hidden, logits, tokens, mask, correct = make_group(G, T, 3, 9, seed=11, correct=[True, False, True, True],
-                                                       lengths=[5, 4, 2, 3], id_range=6)
+    hidden, logits, tokens, mask, correct = make_group(
+        G, T, 3, 9, seed=11, correct=[True, False, True, True], lengths=[5, 4, 2, 3], id_range=6
+    )
     ids = None if vocab == "full" else generated_ids(tokens, mask)
-    scores, self_pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab, dtype=torch.float64,
-                                      return_self_pairs=True)
+    scores, self_pairs = token_scores(
+        hidden,
+        logits,
+        tokens,
+        mask,
+        correct,
+        vocab=vocab,
+        dtype=torch.float64,
+        return_self_pairs=True,
+    )
     g, h = g_and_h(hidden, logits, tokens, ids)
-    torch.testing.assert_close(self_pairs, (g.square().sum(-1) * h.square().sum(-1)) * mask, rtol=0,
-                               atol=self_pair_atol(hidden, logits, tokens, mask, F64, ids))
+    torch.testing.assert_close(
+        self_pairs,
+        (g.square().sum(-1) * h.square().sum(-1)) * mask,
+        rtol=0,
+        atol=self_pair_atol(hidden, logits, tokens, mask, F64, ids),
+    )
     with_self = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
-    without_self = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids, skip_self=True)
+    without_self = naive_pair_sums(
+        hidden, logits, tokens, mask, correct, vocab_ids=ids, skip_self=True
+    )
     lengths = mask.sum(-1).double()
     expected_in = with_self.sum(-1)[correct] / lengths[correct]
     expected_ex = without_self.sum(-1)[correct] / lengths[correct]
@@ -262,18 +331,31 @@ def test_self_pairs_and_self_influence_exclusion(vocab):
     no_self = self_influence(scores, mask, correct, anchor="no_self_token", anchor_pairs=self_pairs)
     torch.testing.assert_close(no_self, expected_ex, rtol=0, atol=tol_ex)
     # the older spelling: exclude_self=True with self_pairs, or computed from the inputs
-    torch.testing.assert_close(self_influence(scores, mask, correct, exclude_self=True, self_pairs=self_pairs),
-                               expected_ex, rtol=0, atol=tol_ex)
-    from_inputs = self_influence(scores, mask, correct, exclude_self=True, hidden=hidden, logits=logits,
-                                 tokens=tokens, vocab=vocab)
+    torch.testing.assert_close(
+        self_influence(scores, mask, correct, exclude_self=True, self_pairs=self_pairs),
+        expected_ex,
+        rtol=0,
+        atol=tol_ex,
+    )
+    from_inputs = self_influence(
+        scores,
+        mask,
+        correct,
+        exclude_self=True,
+        hidden=hidden,
+        logits=logits,
+        tokens=tokens,
+        vocab=vocab,
+    )
     torch.testing.assert_close(from_inputs, expected_ex, rtol=0, atol=tol_ex)
     with pytest.raises(ValueError, match="anchor='no_self_token' needs"):
         self_influence(scores, mask, correct, exclude_self=True)
     with pytest.raises(ValueError, match="exclude_self=False"):
         self_influence(scores, mask, correct, self_pairs=self_pairs)
     with pytest.raises(ValueError, match="not both"):
-        self_influence(scores, mask, correct, exclude_self=True, self_pairs=self_pairs,
-                       anchor_pairs=self_pairs)
+        self_influence(
+            scores, mask, correct, exclude_self=True, self_pairs=self_pairs, anchor_pairs=self_pairs
+        )
     with pytest.raises(ValueError, match="exclude_self=True means anchor='no_self_token'"):
         self_influence(scores, mask, correct, exclude_self=True, anchor="other_responses")
     with pytest.raises(ValueError, match="shaped like `scores`"):
@@ -300,12 +382,21 @@ def test_anchor_self_influence_and_tau_match_pairwise_brute_force(anchor, vocab)
     for dtype, eps in ((torch.float64, F64), (torch.float32, F32)):
         # s̄+ = mean of s_t minus pairs: two sums within the score bound, 3 with the brute force's
         tol = 3 * score_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=ids)
-        scores, pairs = token_scores(hidden, logits, tokens, mask, correct, vocab=vocab,
-                                     dtype=dtype, anchor=anchor)
+        scores, pairs = token_scores(
+            hidden, logits, tokens, mask, correct, vocab=vocab, dtype=dtype, anchor=anchor
+        )
         s_bar = self_influence(scores, mask, correct, anchor_pairs=pairs)
         torch.testing.assert_close(s_bar.double(), expected, rtol=0, atol=tol)
-        computed = self_influence(scores, mask, correct, anchor=anchor, hidden=hidden,
-                                  logits=logits, tokens=tokens, vocab=vocab)
+        computed = self_influence(
+            scores,
+            mask,
+            correct,
+            anchor=anchor,
+            hidden=hidden,
+            logits=logits,
+            tokens=tokens,
+            vocab=vocab,
+        )
         torch.testing.assert_close(computed.double(), expected, rtol=0, atol=tol)
         for beta in (1.0, 0.5, -2.0):
             tau = threshold(scores, mask, correct, beta, anchor_pairs=pairs)
@@ -332,13 +423,23 @@ def test_anchor_pairs_from_hidden_match_the_brute_force(anchor, use_logps):
     ids = generated_ids(tokens, mask)
     expected = anchor_brute_force(hidden, logits64, tokens, mask, correct, anchor, ids)
     logps = _hand_logps(hidden, weight, b, tokens, mask, temp).float() if use_logps else None
-    scores, pairs = token_scores_from_hidden(hidden, weight, tokens, mask, correct,
-                                             temperature=temp, lm_head_bias=b, logps=logps,
-                                             anchor=anchor, chunk_size=2)
+    scores, pairs = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        temperature=temp,
+        lm_head_bias=b,
+        logps=logps,
+        anchor=anchor,
+        chunk_size=2,
+    )
     err = logit_err(hidden, weight, b, temp, F32)
     lse_err = err + F32 * float(logps.abs().max()) if use_logps else 0.0  # z_y and the log-prob
-    tol = 3 * score_atol(hidden, logits64, tokens, mask, correct, F32, vocab_ids=ids,
-                         logit_err=err, lse_err=lse_err)
+    tol = 3 * score_atol(
+        hidden, logits64, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err, lse_err=lse_err
+    )
     s_bar = self_influence(scores, mask, correct, anchor_pairs=pairs)
     torch.testing.assert_close(s_bar.double(), expected, rtol=0, atol=tol)
 
@@ -348,12 +449,14 @@ def test_anchor_pairs_from_hidden_match_the_brute_force(anchor, use_logps):
 # --------------------------------------------------------------------------------------------
 
 PAD = 100.0  # scores under padding must be ignored
-HAND_SCORES = torch.tensor([
-    [2.0, 4.0, PAD],  # correct, mean 3
-    [1.0, 2.0, 3.0],  # correct, mean 2 -> min 2
-    [2.5, 1.9, -0.5],  # incorrect
-    [0.0, 5.0, PAD],  # incorrect
-])
+HAND_SCORES = torch.tensor(
+    [
+        [2.0, 4.0, PAD],  # correct, mean 3
+        [1.0, 2.0, 3.0],  # correct, mean 2 -> min 2
+        [2.5, 1.9, -0.5],  # incorrect
+        [0.0, 5.0, PAD],  # incorrect
+    ]
+)
 HAND_MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
 HAND_CORRECT = torch.tensor([True, True, False, False])
 
@@ -369,8 +472,12 @@ HAND_CORRECT = torch.tensor([True, True, False, False])
 )
 def test_threshold_and_selection_by_hand(beta, tau, row2, row3):
     # means of small integers (6/2, 6/3) are exact in binary: no tolerance
-    torch.testing.assert_close(self_influence(HAND_SCORES, HAND_MASK, HAND_CORRECT),
-                               torch.tensor([3.0, 2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        self_influence(HAND_SCORES, HAND_MASK, HAND_CORRECT),
+        torch.tensor([3.0, 2.0]),
+        rtol=0,
+        atol=0,
+    )
     assert threshold(HAND_SCORES, HAND_MASK, HAND_CORRECT, beta) == tau
     expected = torch.tensor([[0, 0, 0], [0, 0, 0], row2, row3], dtype=torch.bool)
     assert torch.equal(select_tokens(HAND_SCORES, HAND_MASK, HAND_CORRECT, beta), expected)
@@ -380,8 +487,9 @@ def test_threshold_with_anchor_pairs_by_hand():
     # pairs [[1, 1], [0.5, 1.5, 1]] leave s̄+ = (2, 1) exactly: tau = beta · 1, the scores unchanged
     pairs = torch.tensor([[1.0, 1.0, 7.0], [0.5, 1.5, 1.0], [9.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
     hand = (HAND_SCORES, HAND_MASK, HAND_CORRECT)
-    torch.testing.assert_close(self_influence(*hand, anchor_pairs=pairs), torch.tensor([2.0, 1.0]),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        self_influence(*hand, anchor_pairs=pairs), torch.tensor([2.0, 1.0]), rtol=0, atol=0
+    )
     assert threshold(*hand, 1.0, anchor_pairs=pairs) == 1.0
     assert threshold(*hand, 1.0, self_pairs=pairs) == 1.0  # the older name
     expected = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.bool)
@@ -397,9 +505,14 @@ def test_threshold_negative_minimum_and_edge_cases():
     assert threshold(scores, mask, correct, 1.0) == -2.0
     assert threshold(scores, mask, correct, 0.0) == 0.0
     assert threshold(scores, mask, correct, -math.inf) == -math.inf  # not IEEE's (-inf)·(-2) = +inf
-    assert torch.equal(select_tokens(scores, mask, correct, 1.0),
-                       torch.tensor([[False, False], [False, True], [False, True]]))
-    assert torch.equal(select_tokens(scores, mask, correct, -math.inf), torch.tensor([[0, 0], [1, 1], [1, 1]]).bool())
+    assert torch.equal(
+        select_tokens(scores, mask, correct, 1.0),
+        torch.tensor([[False, False], [False, True], [False, True]]),
+    )
+    assert torch.equal(
+        select_tokens(scores, mask, correct, -math.inf),
+        torch.tensor([[0, 0], [1, 1], [1, 1]]).bool(),
+    )
     nobody = torch.zeros(3, dtype=torch.bool)
     assert threshold(scores, mask, nobody, 1.0) == math.inf
     assert not select_tokens(scores, mask, nobody, 0.0).any()
@@ -425,15 +538,17 @@ def test_eta_table_for_group_of_8(schedule):
     for n_pos in range(9):
         assert eta_for(n_pos / 8, schedule) == expected[n_pos]
     p = torch.arange(9, dtype=torch.float64) / 8
-    torch.testing.assert_close(eta_for(p, schedule), torch.tensor(expected, dtype=torch.float64),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        eta_for(p, schedule), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0
+    )
 
 
 def test_eta_constant_and_errors():
     assert eta_for(0.375, 0.0) == 0.0
     assert eta_for(0.375, 0.3) == 0.3
-    torch.testing.assert_close(eta_for(torch.tensor([0.25, 0.5]), 0.5), torch.tensor([0.5, 0.5]),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        eta_for(torch.tensor([0.25, 0.5]), 0.5), torch.tensor([0.5, 0.5]), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="'sqrt'"):
         eta_for(0.5, "sqrt")
     with pytest.raises(ValueError, match="p must lie"):
@@ -448,10 +563,12 @@ def test_reweight_advantages():
     torch.testing.assert_close(reweight_advantages(adv, sel, 0.5), expected, rtol=0, atol=0)
     per_row = torch.tensor([9.0, 0.0, 0.25])
     expected_rows = torch.tensor([[1.0, 1.0, 0.0], [0.0, -2.0, 0.0], [-1.0, -0.25, -1.0]])
-    torch.testing.assert_close(reweight_advantages(adv, sel, per_row), expected_rows,
-                               rtol=0, atol=0)
-    torch.testing.assert_close(reweight_advantages(adv, sel, per_row[:, None]), expected_rows,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        reweight_advantages(adv, sel, per_row), expected_rows, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        reweight_advantages(adv, sel, per_row[:, None]), expected_rows, rtol=0, atol=0
+    )
     assert torch.equal(adv[1], torch.tensor([-1.0, -2.0, -3.0]))  # input untouched
     with pytest.raises(ValueError, match="does not broadcast"):
         reweight_advantages(adv, sel, torch.ones(2))
@@ -470,7 +587,9 @@ def test_random_selection_counts_mask_and_seed():
     assert not torch.equal(a, random_selection(selected, mask, seed=6))
     assert not torch.equal(a[0], selected[0])
     with pytest.raises(ValueError, match=r"row\(s\) \[3\]"):
-        random_selection(selected | torch.tensor([[0] * T] * 3 + [[1] + [0] * (T - 1)]).bool(), mask, seed=0)
+        random_selection(
+            selected | torch.tensor([[0] * T] * 3 + [[1] + [0] * (T - 1)]).bool(), mask, seed=0
+        )
 
 
 def test_random_selection_is_uniform_over_valid_tokens():
@@ -488,7 +607,8 @@ def test_random_selection_is_uniform_over_valid_tokens():
 
 
 def _hook_batch():
-    """Two groups of 4: group 0 mixed (2 right), group 1 all wrong, with nonzero advantages everywhere."""
+    """Two groups of 4: group 0 mixed (2 right), group 1 all wrong, with nonzero advantages
+    everywhere."""
     G, T, d, V = 4, 6, 5, 13
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(2 * G, T, d, generator=gen)
@@ -500,9 +620,17 @@ def _hook_batch():
     rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     sign = torch.where(rewards.reshape(-1, 1) > 0.5, 1.0, -1.0)  # (2G, 1): A < 0 on wrong answers
     advantages = (torch.randn(2 * G, 1, generator=gen).abs() * sign * mask).float()
-    return SimpleNamespace(advantages=advantages, rewards=rewards, group_size=G, completion_ids=ids,
-                           completion_mask=mask.long(), hidden=hidden, lm_head_weight=weight,
-                           lm_head_bias=bias, temperature=0.8)
+    return SimpleNamespace(
+        advantages=advantages,
+        rewards=rewards,
+        group_size=G,
+        completion_ids=ids,
+        completion_mask=mask.long(),
+        hidden=hidden,
+        lm_head_weight=weight,
+        lm_head_bias=bias,
+        temperature=0.8,
+    )
 
 
 def _hook_reference(ctx, config, softcap=None, logps=None):
@@ -521,16 +649,22 @@ def _hook_reference(ctx, config, softcap=None, logps=None):
     tau = config.beta * float(s_bar.min())
     err = logit_err(h, ctx.lm_head_weight, ctx.lm_head_bias, ctx.temperature, F32)
     lse_err = 0.0 if logps is None else err + F32 * float(logps[rows].abs().max())
-    tol = score_atol(h, logits, ids, mask, correct, F32, vocab_ids=vocab_ids, logit_err=err,
-                     lse_err=lse_err)
+    tol = score_atol(
+        h, logits, ids, mask, correct, F32, vocab_ids=vocab_ids, logit_err=err, lse_err=lse_err
+    )
     return scores, tau, (~correct)[:, None] & mask & (scores > tau), tol
 
 
-@pytest.mark.parametrize("config", [NTHRConfig(), NTHRConfig(beta=0.0, eta="p", vocab="full"),
-                                    NTHRConfig(beta=0.5, eta=0.0, anchor="no_self_token"),
-                                    NTHRConfig(beta=0.5, eta=0.0, anchor="other_responses"),
-                                    NTHRConfig(beta=0.3, eta="p", vocab="full",
-                                               anchor="other_responses")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        NTHRConfig(),
+        NTHRConfig(beta=0.0, eta="p", vocab="full"),
+        NTHRConfig(beta=0.5, eta=0.0, anchor="no_self_token"),
+        NTHRConfig(beta=0.5, eta=0.0, anchor="other_responses"),
+        NTHRConfig(beta=0.3, eta="p", vocab="full", anchor="other_responses"),
+    ],
+)
 def test_hook_matches_manual_composition(config):
     ctx = _hook_batch()
     hook = nthr_advantage_fn(config)
@@ -564,10 +698,16 @@ def test_group_selection_is_the_hooks_step():
     ctx = _hook_batch()
     config = NTHRConfig(beta=0.5, anchor="other_responses")
     mask, correct = ctx.completion_mask[:4].bool(), ctx.rewards[0] > 0.5
-    scores, tau, selected = group_selection(ctx.hidden[:4], ctx.lm_head_weight,
-                                            ctx.completion_ids[:4], mask, correct, config,
-                                            temperature=ctx.temperature,
-                                            lm_head_bias=ctx.lm_head_bias)
+    scores, tau, selected = group_selection(
+        ctx.hidden[:4],
+        ctx.lm_head_weight,
+        ctx.completion_ids[:4],
+        mask,
+        correct,
+        config,
+        temperature=ctx.temperature,
+        lm_head_bias=ctx.lm_head_bias,
+    )
     ref_scores, ref_tau, ref_selected, tol = _hook_reference(ctx, config)
     torch.testing.assert_close(scores.double(), ref_scores, rtol=0, atol=tol)
     assert tau == pytest.approx(ref_tau, rel=0, abs=3 * 0.5 * tol)
@@ -593,13 +733,18 @@ def test_config_anchor_and_the_deprecated_exclude_self():
         NTHRConfig(exclude_self=True, anchor="other_responses")
     # the hook's repr is what a finished run records: "all" and "no_self_token" read as before the
     # anchor existed (exclude_self=False / True), "other_responses" is named
-    assert repr(nthr_advantage_fn()) == \
-        "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False)"
-    assert repr(nthr_advantage_fn(anchor="no_self_token")) == \
-        "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=True)"
-    assert repr(nthr_advantage_fn(anchor="other_responses")) == \
-        ("NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False, "
-         "anchor='other_responses')")
+    assert (
+        repr(nthr_advantage_fn())
+        == "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False)"
+    )
+    assert (
+        repr(nthr_advantage_fn(anchor="no_self_token"))
+        == "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=True)"
+    )
+    assert repr(nthr_advantage_fn(anchor="other_responses")) == (
+        "NTHRAdvantageHook(beta=1.0, eta='two_abs', vocab='generated', exclude_self=False, "
+        "anchor='other_responses')"
+    )
     other = NTHRConfig(anchor="other_responses")
     assert nthr_advantage_fn(anchor="other_responses").config == other
 
@@ -640,13 +785,22 @@ def test_softcap_scores_match_the_reference_on_capped_logits(vocab, use_logps):
     expected = token_scores_reference(hidden, capped, tokens, mask, correct, vocab=vocab)
     logps = torch.log_softmax(capped, -1).gather(-1, tokens[..., None]).squeeze(-1) * mask
     kw = dict(temperature=temp, lm_head_bias=b, vocab=vocab)
-    got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, softcap=cap,
-                                   logps=logps.float() if use_logps else None, **kw)
+    got = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        softcap=cap,
+        logps=logps.float() if use_logps else None,
+        **kw,
+    )
     ids = None if vocab == "full" else generated_ids(tokens, mask)
     err = logit_err(hidden, weight, b, temp, F32)
     lse_err = err + F32 * float(logps.abs().max()) if use_logps else 0.0  # z_y and the log-prob
-    tol = score_atol(hidden, capped, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err,
-                     lse_err=lse_err)
+    tol = score_atol(
+        hidden, capped, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err, lse_err=lse_err
+    )
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol)
     uncapped = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
     assert (uncapped.double() - expected).abs().max() > 100 * tol  # the test sees a missing cap
@@ -698,35 +852,88 @@ def _hand_logps(hidden, weight, bias, tokens, mask, temperature):
 def test_generated_scores_with_logps_equal_the_full_softmax_path(bias, chunk_size):
     hidden, weight, b, tokens, mask, correct, temp = _head_group(bias=bias)
     logps = _hand_logps(hidden, weight, b, tokens, mask, temp)
-    # independent reference: the naive pair loop on q = full softmax, g restricted to V* (no renormalising)
+    # independent reference: the naive pair loop on q = full softmax, g restricted to V* (no
+    # renormalising)
     logits = (hidden.double() @ weight.double().T + (0 if b is None else b.double())) / temp
     ids = generated_ids(tokens, mask)
     expected = naive_pair_sums(hidden, logits, tokens, mask, correct, vocab_ids=ids)
     kw = dict(temperature=temp, lm_head_bias=b, chunk_size=chunk_size, return_self_pairs=True)
-    got, sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, dtype=torch.float64, **kw)
+    got, sp = token_scores_from_hidden(
+        hidden, weight, tokens, mask, correct, logps=logps, dtype=torch.float64, **kw
+    )
     err64 = logit_err(hidden, weight, b, temp, F64)
-    tol64 = score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids, logit_err=err64,
-                       lse_err=err64 + F64 * float(logps.abs().max()))
+    tol64 = score_atol(
+        hidden,
+        logits,
+        tokens,
+        mask,
+        correct,
+        F64,
+        vocab_ids=ids,
+        logit_err=err64,
+        lse_err=err64 + F64 * float(logps.abs().max()),
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol64)  # both sides round in float64
-    ref, ref_sp = token_scores_from_hidden(hidden, weight, tokens, mask, correct, dtype=torch.float64, **kw)
-    sp_tol = self_pair_atol(hidden, logits, tokens, mask, F64, ids, logit_err=err64,
-                            lse_err=err64 + F64 * float(logps.abs().max()))
+    ref, ref_sp = token_scores_from_hidden(
+        hidden, weight, tokens, mask, correct, dtype=torch.float64, **kw
+    )
+    sp_tol = self_pair_atol(
+        hidden,
+        logits,
+        tokens,
+        mask,
+        F64,
+        ids,
+        logit_err=err64,
+        lse_err=err64 + F64 * float(logps.abs().max()),
+    )
     torch.testing.assert_close(sp, ref_sp, rtol=0, atol=2 * sp_tol)  # both sides within the bound
-    got32 = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps.float(), **kw)[0]
+    got32 = token_scores_from_hidden(
+        hidden, weight, tokens, mask, correct, logps=logps.float(), **kw
+    )[0]
     err32 = logit_err(hidden, weight, b, temp, F32)
-    tol32 = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err32,
-                       lse_err=err32 + F32 * float(logps.abs().max()))
+    tol32 = score_atol(
+        hidden,
+        logits,
+        tokens,
+        mask,
+        correct,
+        F32,
+        vocab_ids=ids,
+        logit_err=err32,
+        lse_err=err32 + F32 * float(logps.abs().max()),
+    )
     torch.testing.assert_close(got32.double(), expected, rtol=0, atol=tol32)
     # "full" ignores the log-probs (exact): the same result with nonsense logps
-    full = token_scores_from_hidden(hidden, weight, tokens, mask, correct, vocab="full", temperature=temp,
-                                    lm_head_bias=b, dtype=torch.float64)
-    full_junk = token_scores_from_hidden(hidden, weight, tokens, mask, correct, vocab="full", temperature=temp,
-                                         lm_head_bias=b, dtype=torch.float64, logps=torch.zeros_like(logps))
+    full = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        vocab="full",
+        temperature=temp,
+        lm_head_bias=b,
+        dtype=torch.float64,
+    )
+    full_junk = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        vocab="full",
+        temperature=temp,
+        lm_head_bias=b,
+        dtype=torch.float64,
+        logps=torch.zeros_like(logps),
+    )
     torch.testing.assert_close(full_junk, full, rtol=0, atol=0)
 
 
 class _TinyLM(torch.nn.Module):
-    """A causal LM as grpo.per_token_logps sees one: a backbone (mixing earlier tokens) and a biased head."""
+    """A causal LM as grpo.per_token_logps sees one: a backbone (mixing earlier tokens) and a
+    biased head."""
 
     def __init__(self, V=300, d=8):
         super().__init__()
@@ -761,27 +968,34 @@ def test_logps_from_per_token_logps_on_a_tiny_model():
     G, P, T, temp = 4, 3, 7, 0.8
     gen = torch.Generator().manual_seed(1)
     prompt_ids = torch.randint(0, 300, (1, P), generator=gen).expand(G, P)
-    completion_ids = torch.randint(0, 40, (G, T), generator=gen)  # V* a small part of the vocabulary
+    completion_ids = torch.randint(
+        0, 40, (G, T), generator=gen
+    )  # V* a small part of the vocabulary
     completion_mask = torch.arange(T)[None, :] < torch.tensor([7, 4, 6, 2])[:, None]
     completion_ids = completion_ids.masked_fill(~completion_mask, 0)
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention_mask = torch.cat([torch.ones(G, P, dtype=torch.long), completion_mask.long()], 1)
     with torch.no_grad():
-        logps, hidden = per_token_logps(model, input_ids, attention_mask, completion_mask, temperature=temp,
-                                        return_hidden=True)
+        logps, hidden = per_token_logps(
+            model, input_ids, attention_mask, completion_mask, temperature=temp, return_hidden=True
+        )
     head = model.get_output_embeddings()
     correct = torch.tensor([True, False, True, False])
     kw = dict(temperature=temp, lm_head_bias=head.bias.detach())
-    with_logps = token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, completion_mask, correct,
-                                          logps=logps, **kw)
-    without = token_scores_from_hidden(hidden, head.weight.detach(), completion_ids, completion_mask, correct, **kw)
+    with_logps = token_scores_from_hidden(
+        hidden, head.weight.detach(), completion_ids, completion_mask, correct, logps=logps, **kw
+    )
+    without = token_scores_from_hidden(
+        hidden, head.weight.detach(), completion_ids, completion_mask, correct, **kw
+    )
     assert without.abs().max() > 0
     # both against the naive pair loop on the full softmax (float64), g restricted to V*
     W, b = head.weight.detach(), head.bias.detach()
     logits = (hidden.double() @ W.double().T + b.double()) / temp
     ids = generated_ids(completion_ids, completion_mask)
-    expected = naive_pair_sums(hidden, logits, completion_ids, completion_mask, correct,
-                               vocab_ids=ids)
+    expected = naive_pair_sums(
+        hidden, logits, completion_ids, completion_mask, correct, vocab_ids=ids
+    )
     # float32 logits here and in per_token_logps; its log-softmax adds a float32 log-sum-exp over V
     err = logit_err(hidden, W, b, temp, F32)
     lse_err = err + (W.shape[0] + 16) * F32 * float(logits.abs().max())
@@ -793,13 +1007,16 @@ def test_logps_from_per_token_logps_on_a_tiny_model():
 
 
 def test_generated_path_with_logps_never_touches_the_whole_vocabulary():
-    # V = 50 000 is far above every other size here (n = 22 tokens, V* <= 12, d = 7): an op output with
-    # V elements (a (n, V) logit block, a (V,) bias, a converted (V, d) head) shows up as largest >= V.
+    # V = 50 000 is far above every other size here (n = 22 tokens, V* <= 12, d = 7): an op output
+    # with V elements (a (n, V) logit block, a (V,) bias, a converted (V, d) head) shows up as
+    # largest >= V.
     hidden, weight, b, tokens, mask, correct, temp = _head_group(V=50_000)
     logps = _hand_logps(hidden, weight, b, tokens, mask, temp).float()
     kw = dict(temperature=temp, lm_head_bias=b)
     with LargestOutput() as probe:
-        with_logps = token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=logps, **kw)
+        with_logps = token_scores_from_hidden(
+            hidden, weight, tokens, mask, correct, logps=logps, **kw
+        )
     assert probe.largest < 1000
     with LargestOutput() as probe:  # the check can fail: the path without logps forms (c, V) logits
         without = token_scores_from_hidden(hidden, weight, tokens, mask, correct, **kw)
@@ -808,22 +1025,40 @@ def test_generated_path_with_logps_never_touches_the_whole_vocabulary():
     expected = token_scores_reference(hidden, logits, tokens, mask, correct, vocab="generated")
     err = logit_err(hidden, weight, b, temp, F32)
     ids = generated_ids(tokens, mask)
-    tol = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids, logit_err=err,
-                     lse_err=err + F32 * float(logps.abs().max()))
+    tol = score_atol(
+        hidden,
+        logits,
+        tokens,
+        mask,
+        correct,
+        F32,
+        vocab_ids=ids,
+        logit_err=err,
+        lse_err=err + F32 * float(logps.abs().max()),
+    )
     torch.testing.assert_close(with_logps.double(), expected, rtol=0, atol=tol)
     torch.testing.assert_close(without.double(), expected, rtol=0, atol=tol)
 
 
 def test_logps_too_large_are_capped_at_the_generated_log_sum_exp():
-    # logps = 0 claims p(y_t) = 1, i.e. lse_t = z_t[y_t] <= logsumexp over V*: the cap raises it to the
-    # V* log-sum-exp, so q is the softmax renormalised over V* and never sums above 1.
+    # logps = 0 claims p(y_t) = 1, i.e. lse_t = z_t[y_t] <= logsumexp over V*: the cap raises it to
+    # the V* log-sum-exp, so q is the softmax renormalised over V* and never sums above 1.
     hidden, weight, b, tokens, mask, correct, temp = _head_group(seed=5)
     ids = generated_ids(tokens, mask)
     logits = (hidden.double() @ weight.double().T + b.double()) / temp
     pos = torch.searchsorted(ids, tokens.clamp(max=int(ids.max())))
     expected = naive_pair_sums(hidden, logits[..., ids], pos, mask, correct)  # softmax over V* only
-    got = token_scores_from_hidden(hidden, weight, tokens, mask, correct, temperature=temp, lm_head_bias=b,
-                                   logps=torch.zeros(mask.shape), dtype=torch.float64)
+    got = token_scores_from_hidden(
+        hidden,
+        weight,
+        tokens,
+        mask,
+        correct,
+        temperature=temp,
+        lm_head_bias=b,
+        logps=torch.zeros(mask.shape),
+        dtype=torch.float64,
+    )
     err = logit_err(hidden, weight, b, temp, F64)
     tol = score_atol(hidden, logits[..., ids], pos, mask, correct, F64, logit_err=err)
     torch.testing.assert_close(got, expected, rtol=0, atol=2 * tol)  # both sides round in float64
@@ -835,7 +1070,9 @@ def test_logps_errors():
         token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=torch.zeros(5, 5))
     bad = torch.zeros(mask.shape)
     bad[2, 4] = math.nan
-    with pytest.raises(ValueError, match=r"`logps` is NaN under `mask` at \(row, column\) \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"`logps` is NaN under `mask` at \(row, column\) \(2, 4\)"
+    ):
         token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=bad)
     bad[2, 4], bad[1, 5] = 0.0, math.nan  # NaN under padding is ignored
     token_scores_from_hidden(hidden, weight, tokens, mask, correct, logps=bad)
@@ -846,15 +1083,25 @@ def test_hook_uses_old_logps_when_present():
     V = ctx.lm_head_weight.shape[0]
     hook = nthr_advantage_fn(NTHRConfig(beta=0.0))
     plain_adv, plain_metrics = hook(ctx)
-    ctx.old_logps = _hand_logps(ctx.hidden, ctx.lm_head_weight, ctx.lm_head_bias, ctx.completion_ids,
-                                ctx.completion_mask.bool(), ctx.temperature).float()
-    assert V > int(ctx.completion_ids[:4][ctx.completion_mask[:4].bool()].unique().numel())  # V* is a strict subset
+    ctx.old_logps = _hand_logps(
+        ctx.hidden,
+        ctx.lm_head_weight,
+        ctx.lm_head_bias,
+        ctx.completion_ids,
+        ctx.completion_mask.bool(),
+        ctx.temperature,
+    ).float()
+    assert V > int(
+        ctx.completion_ids[:4][ctx.completion_mask[:4].bool()].unique().numel()
+    )  # V* is a strict subset
     adv, metrics = hook(ctx)
     assert torch.equal(adv, plain_adv)  # the same selection (no score near tau), the same products
     _, _, _, lse_tol = _hook_reference(ctx, NTHRConfig(beta=0.0), logps=ctx.old_logps)  # >= plain's
     plain_mean = plain_metrics["nthr/score_mean"]
     assert metrics["nthr/score_mean"] == pytest.approx(plain_mean, rel=0, abs=2 * lse_tol)
-    ctx.old_logps = torch.zeros_like(ctx.old_logps)  # wrong log-probs change the scores: they are read
+    ctx.old_logps = torch.zeros_like(
+        ctx.old_logps
+    )  # wrong log-probs change the scores: they are read
     _, junk_metrics = hook(ctx)
     assert abs(junk_metrics["nthr/score_mean"] - plain_metrics["nthr/score_mean"]) > 100 * lse_tol
     off = nthr_advantage_fn(NTHRConfig(beta=0.0), use_logps=False)
@@ -870,9 +1117,14 @@ def test_hook_uses_old_logps_when_present():
 
 def _hand_group():
     """G = 3 (row 0 correct, rows 1-2 incorrect), T = 3, scores chosen by hand, float64."""
-    scores = torch.tensor([[2.0, 4.0, 0.0],  # correct: s̄+ = 3 (two valid tokens)
-                           [5.0, 1.0, 3.5],
-                           [-1.0, 3.0, 9.0]], dtype=torch.float64)
+    scores = torch.tensor(
+        [
+            [2.0, 4.0, 0.0],  # correct: s̄+ = 3 (two valid tokens)
+            [5.0, 1.0, 3.5],
+            [-1.0, 3.0, 9.0],
+        ],
+        dtype=torch.float64,
+    )
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     correct = torch.tensor([True, False, False])
     return scores, mask, correct
@@ -892,8 +1144,11 @@ def test_apply_to_scores_against_a_hand_computation():
     want_adv = adv[:, None].expand(3, 3).clone()
     want_adv[1, 0] = want_adv[1, 2] = res.eta * -0.7
     torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=1e-15)
-    assert res.stats == {"n_selected": 2.0, "n_incorrect_tokens": 5.0,
-                         "score_sum": 5.0 + 1.0 + 3.5 - 1.0 + 3.0}
+    assert res.stats == {
+        "n_selected": 2.0,
+        "n_incorrect_tokens": 5.0,
+        "score_sum": 5.0 + 1.0 + 3.5 - 1.0 + 3.0,
+    }
 
 
 def test_apply_to_scores_scales_only_negative_advantages():
@@ -926,8 +1181,9 @@ def test_apply_to_scores_needs_the_anchor_pairs():
         apply_to_scores(scores, mask, correct, adv[:2], NTHRConfig())
     pairs = torch.zeros_like(scores)
     pairs[0, :2] = torch.tensor([2.0, 2.0])  # s̄+ = (0 + 2) / 2 = 1 -> tau = 1
-    res = apply_to_scores(scores, mask, correct, adv, NTHRConfig(anchor="no_self_token"),
-                          anchor_pairs=pairs)
+    res = apply_to_scores(
+        scores, mask, correct, adv, NTHRConfig(anchor="no_self_token"), anchor_pairs=pairs
+    )
     assert res.tau == 1.0 and int(res.selected.sum()) == 3  # 5, 3.5 and 3 of the valid incorrect
 
 
@@ -945,8 +1201,9 @@ def test_apply_to_group_is_group_selection_plus_reweighting():
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     cfg = NTHRConfig(beta=0.0, eta="p", anchor="other_responses")
     res = apply_to_group(hidden, weight, tokens, mask, correct, adv, cfg, dtype=torch.float64)
-    scores, tau, selected = group_selection(hidden, weight, tokens, mask, correct, cfg,
-                                            dtype=torch.float64)
+    scores, tau, selected = group_selection(
+        hidden, weight, tokens, mask, correct, cfg, dtype=torch.float64
+    )
     assert res.tau == tau and torch.equal(res.selected, selected)
     torch.testing.assert_close(res.scores, scores, rtol=0.0, atol=0.0)
     assert res.eta == eta_for(0.5, "p") == 0.5

@@ -45,7 +45,8 @@ TITLE = re.compile(r"\b(\d{2}) · ([A-Za-z][^*.:\n(]*[A-Za-z])")
 DOTTED = re.compile(r"\bnthr_book((?:\.[A-Za-z_]\w*)+)(?![\w-])")
 BACKTICKED = re.compile(r"`+([^`\n]+)`+")
 SHORT_NAME = re.compile(
-    r"^(?:nthr_book\.)?(" + "|".join(MODULES) + r")((?:\.[A-Za-z_]\w*)+)(\(.*\))?$")
+    r"^(?:nthr_book\.)?(" + "|".join(MODULES) + r")((?:\.[A-Za-z_]\w*)+)(\(.*\))?$"
+)
 PATH = re.compile(r"(?<![\w./-])((?:\.\./)*[\w-]+(?:/[\w.-]+)*\.(?:py|md|ipynb))\b")
 GENERATED = ("build/", "runs/", "../")  # outputs of a run, or folders beside the project
 
@@ -75,10 +76,13 @@ def _python_prose(source: str) -> str:
     for node in ast.walk(ast.parse(source)):
         body = getattr(node, "body", None)
         first = body[0] if isinstance(body, list) and body else None
-        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
-                and isinstance(first.value.value, str):
+        if (
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
+        ):
             doc = first.value
-            for i, line in enumerate(source.splitlines()[doc.lineno - 1:doc.end_lineno]):
+            for i, line in enumerate(source.splitlines()[doc.lineno - 1 : doc.end_lineno]):
                 lines[doc.lineno - 1 + i] += " " + line
     return "\n".join(lines)
 
@@ -129,8 +133,11 @@ def _keyword_problems(obj: object, name: str, call: str, where: str) -> list[str
         return []
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
-    return [f"{where}: `{name}{call}` passes {kw}=, which nthr_book.{name} does not take"
-            for kw in re.findall(r"(?<![\w.])(\w+)\s*=(?!=)", call) if kw not in params]
+    return [
+        f"{where}: `{name}{call}` passes {kw}=, which nthr_book.{name} does not take"
+        for kw in re.findall(r"(?<![\w.])(\w+)\s*=(?!=)", call)
+        if kw not in params
+    ]
 
 
 # ----------------------------------------------------------------------------------- notebooks
@@ -138,14 +145,19 @@ def _keyword_problems(obj: object, name: str, call: str, where: str) -> list[str
 
 def notebook_pointer_problems() -> list[str]:
     """Every "notebook NN", ``NN_name.ipynb``, "NN · Title" names a notebook that exists."""
-    titles = {nn: _notebook_cells(p)[0][1].splitlines()[0].lstrip("# ").strip()
-              for nn, p in NOTEBOOKS.items()}
+    titles = {
+        nn: _notebook_cells(p)[0][1].splitlines()[0].lstrip("# ").strip()
+        for nn, p in NOTEBOOKS.items()
+    }
     out = []
     for path in _text_files():
         for where, line in _lines(path):
             for m in NUMBERED.finditer(line):
-                out += [f"{where}: {m.group()!r} names notebook {nn}, which does not exist"
-                        for nn in _numbers(m.group(1)) if nn not in NOTEBOOKS]
+                out += [
+                    f"{where}: {m.group()!r} names notebook {nn}, which does not exist"
+                    for nn in _numbers(m.group(1))
+                    if nn not in NOTEBOOKS
+                ]
             for m in NOTEBOOK_FILE.finditer(line):
                 if not (ROOT / "notebooks" / f"{m.group(1)}.ipynb").exists():
                     out.append(f"{where}: {m.group()!r} is not a notebook of notebooks/")
@@ -154,8 +166,10 @@ def notebook_pointer_problems() -> list[str]:
                 if nn not in NOTEBOOKS:
                     out.append(f"{where}: {m.group()!r} names notebook {nn}, which does not exist")
                 elif not titles[nn].lower().startswith(f"{nn} · {title}".lower()):
-                    out.append(f"{where}: {m.group()!r} does not match notebook {nn}'s title "
-                               f"{titles[nn]!r}")
+                    out.append(
+                        f"{where}: {m.group()!r} does not match notebook {nn}'s title "
+                        f"{titles[nn]!r}"
+                    )
     return out
 
 
@@ -168,8 +182,9 @@ def next_notebook_problems() -> list[str]:
             for m in re.finditer(r"Next:\s*\*\*(\d{2})", source if kind == "markdown" else ""):
                 following = numbers[numbers.index(nn) + 1] if nn != numbers[-1] else None
                 if m.group(1) != following:
-                    out.append(f"{path.name}: 'Next' names {m.group(1)}, the next notebook is "
-                               f"{following}")
+                    out.append(
+                        f"{path.name}: 'Next' names {m.group(1)}, the next notebook is {following}"
+                    )
     return out
 
 
@@ -254,16 +269,23 @@ def docstring_notebook_problems() -> list[str]:
                 for nn in _numbers(m.group(1)):
                     if users and nn in NOTEBOOKS and nn not in users:
                         what = f"{name}()" if name else f"module {module}"
-                        out.append(f"nthr_book/{module}.py:{line}: {what} points to notebook {nn}, "
-                                   f"which does not use it (notebook(s) {', '.join(users)} do)")
+                        out.append(
+                            f"nthr_book/{module}.py:{line}: {what} points to notebook {nn}, "
+                            f"which does not use it (notebook(s) {', '.join(users)} do)"
+                        )
     return out
 
 
 # ----------------------------------------------------------------------------------- tests
 
 
-CHECKS = [notebook_pointer_problems, next_notebook_problems, library_name_problems,
-          file_pointer_problems, docstring_notebook_problems]
+CHECKS = [
+    notebook_pointer_problems,
+    next_notebook_problems,
+    library_name_problems,
+    file_pointer_problems,
+    docstring_notebook_problems,
+]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
@@ -273,9 +295,16 @@ def test_project_text_points_to_what_exists(check):
 
 
 def _write_notebook(path: Path, markdown: str, code: str) -> Path:
-    cells = [{"cell_type": "markdown", "metadata": {}, "source": markdown.splitlines(True)},
-             {"cell_type": "code", "metadata": {}, "source": code.splitlines(True), "outputs": [],
-              "execution_count": None}]
+    cells = [
+        {"cell_type": "markdown", "metadata": {}, "source": markdown.splitlines(True)},
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "source": code.splitlines(True),
+            "outputs": [],
+            "execution_count": None,
+        },
+    ]
     path.write_text(json.dumps({"cells": cells}))
     return path
 
@@ -285,19 +314,30 @@ def test_the_checks_catch_wrong_pointers(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "nthr_book").mkdir()
     folder = tmp_path / "notebooks"
-    nb0 = _write_notebook(folder / "00_start.ipynb", "# 00 · Start here\nNext: **02 · Missing**",
-                          "from nthr_book.grpo import policy_loss")
-    nb1 = _write_notebook(folder / "01_more.ipynb", "# 01 · More\nBefore this: **00 · Start**",
-                          "from nthr_book.grpo import group_advantages")
+    nb0 = _write_notebook(
+        folder / "00_start.ipynb",
+        "# 00 · Start here\nNext: **02 · Missing**",
+        "from nthr_book.grpo import policy_loss",
+    )
+    nb1 = _write_notebook(
+        folder / "01_more.ipynb",
+        "# 01 · More\nBefore this: **00 · Start**",
+        "from nthr_book.grpo import group_advantages",
+    )
     (tmp_path / "nthr_book" / "grpo.py").write_text(
         '"""Losses (notebook 00)."""\n\n\n'
-        'def group_advantages():\n    """Advantages (notebook 00)."""\n')
+        'def group_advantages():\n    """Advantages (notebook 00)."""\n'
+    )
     (tmp_path / "README.md").write_text(
         "See notebook 08, `grpo.no_such_function`, `grpo.policy_loss(agg=1, nonsense=2)` "
-        "and scripts/none.py.\n")
+        "and scripts/none.py.\n"
+    )
     module = sys.modules[__name__]
-    for name, value in {"ROOT": tmp_path, "PACKAGE": tmp_path / "nthr_book",
-                        "NOTEBOOKS": {"00": nb0, "01": nb1}}.items():
+    for name, value in {
+        "ROOT": tmp_path,
+        "PACKAGE": tmp_path / "nthr_book",
+        "NOTEBOOKS": {"00": nb0, "01": nb1},
+    }.items():
         monkeypatch.setattr(module, name, value)
     found = {check.__name__: "\n".join(check()) for check in CHECKS}
     assert "notebook 08" in found["notebook_pointer_problems"]
@@ -315,30 +355,37 @@ def test_the_checks_catch_wrong_pointers(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------- notebook lint
 
 
-@pytest.mark.parametrize("source,problem", [
-    ("torch.testing.assert_close(a, b)", "default tolerance"),
-    ("torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)", "rtol=0.0001 is a bare number"),
-    ("np.testing.assert_allclose(a, b, rtol=tol)", "without atol"),
-    ("assert abs(x - y) < 1e-12", "abs(...) compared with a bare number"),
-    ("assert (table.a >= table.b - 1e-6).all()", "bare slack of 1e-06"),
-    ("assert df.delta.median() > 0", "orders measured values"),
-    ("assert s.median_delta.nthr > s.median_delta.grpo and ok", "orders measured values"),
-])
+@pytest.mark.parametrize(
+    "source,problem",
+    [
+        ("torch.testing.assert_close(a, b)", "default tolerance"),
+        ("torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)", "rtol=0.0001 is a bare number"),
+        ("np.testing.assert_allclose(a, b, rtol=tol)", "without atol"),
+        ("assert abs(x - y) < 1e-12", "abs(...) compared with a bare number"),
+        ("assert (table.a >= table.b - 1e-6).all()", "bare slack of 1e-06"),
+        ("assert df.delta.median() > 0", "orders measured values"),
+        ("assert s.median_delta.nthr > s.median_delta.grpo and ok", "orders measured values"),
+    ],
+)
 def test_notebook_lint_flags_machine_dependent_checks(source, problem):
     import check_notebooks
 
     assert any(problem in p for p in check_notebooks.check_problems(source)), source
 
 
-@pytest.mark.parametrize("source", [
-    "tol = 4 * torch.finfo(torch.float64).eps\ntorch.testing.assert_close(a, b, rtol=tol, atol=0)",
-    "torch.testing.assert_close(a, b, rtol=0.0, atol=bound)",
-    "assert frac == (wide.delta > 0).mean()",
-    "assert df.delta.median() > 0  # margin: every question rose by 10x the noise",
-    "assert (table.adv >= table.grpo - slack).all()",
-    "assert math.isfinite(res.delta)",
-    "%time x = 1",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "tol = 4 * torch.finfo(torch.float64).eps\ntorch.testing.assert_close(a, b, rtol=tol, "
+        "atol=0)",
+        "torch.testing.assert_close(a, b, rtol=0.0, atol=bound)",
+        "assert frac == (wide.delta > 0).mean()",
+        "assert df.delta.median() > 0  # margin: every question rose by 10x the noise",
+        "assert (table.adv >= table.grpo - slack).all()",
+        "assert math.isfinite(res.delta)",
+        "%time x = 1",
+    ],
+)
 def test_notebook_lint_accepts_derived_checks(source):
     import check_notebooks
 

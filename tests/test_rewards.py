@@ -1,4 +1,5 @@
-"""Tests for nthr_book.rewards: boxed extraction, math-verify equivalences, time bounds on hostile output."""
+"""Tests for nthr_book.rewards: boxed extraction, math-verify equivalences, time bounds on
+hostile output."""
 
 from __future__ import annotations
 
@@ -58,7 +59,10 @@ def test_extract_boxed(text, expected):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("\\boxed{" + "{" * 300_000 + "x" + "}" * 300_000 + "}", "{" * 300_000 + "x" + "}" * 300_000),
+        (
+            "\\boxed{" + "{" * 300_000 + "x" + "}" * 300_000 + "}",
+            "{" * 300_000 + "x" + "}" * 300_000,
+        ),
         ("\\boxed{" + "{" * 600_000, None),
         ("\\boxed{1} " * 10_000 + "\\boxed{2}", "2"),
         ("x" * 1_000_000 + "\\boxed{3}", "3"),
@@ -178,7 +182,13 @@ def test_fast_path_agrees_with_math_verify():
 
 
 def test_batch_matches_single_calls_and_survives_a_timeout():
-    pairs = EQUIVALENT[:8] + WRONG[:6] + [("\\boxed{9^{9^{9^{9}}}}", "27")] + EQUIVALENT[8:16] + WRONG[6:10]
+    pairs = (
+        EQUIVALENT[:8]
+        + WRONG[:6]
+        + [("\\boxed{9^{9^{9^{9}}}}", "27")]
+        + EQUIVALENT[8:16]
+        + WRONG[6:10]
+    )
     completions, golds = [c for c, _ in pairs], [g for _, g in pairs]
     expected = [1.0] * 8 + [0.0] * 6 + [0.0] + [1.0] * 8 + [0.0] * 4
     timeout_s = 2.0  # generous for the legitimate items, some of which reach sympy
@@ -246,14 +256,18 @@ def _timed_reward(completion: str, gold: str, require_boxed: bool) -> tuple[floa
 
 
 @pytest.mark.parametrize("caller", ["main", "thread", "executor"])
-@pytest.mark.parametrize(("completion", "gold", "require_boxed", "expected"), ADVERSARIAL, ids=ADV_IDS)
+@pytest.mark.parametrize(
+    ("completion", "gold", "require_boxed", "expected"), ADVERSARIAL, ids=ADV_IDS
+)
 def test_adversarial_output_is_bounded(completion, gold, require_boxed, expected, caller):
     rewards.warm_up()  # a worker killed by the previous case restarts in the background: not timed
     if caller == "main":
         r, seconds = _timed_reward(completion, gold, require_boxed)
     elif caller == "thread":
         out: list[tuple[float, float]] = []
-        th = threading.Thread(target=lambda: out.append(_timed_reward(completion, gold, require_boxed)))
+        th = threading.Thread(
+            target=lambda: out.append(_timed_reward(completion, gold, require_boxed))
+        )
         th.start()
         th.join()
         ((r, seconds),) = out

@@ -19,8 +19,12 @@ def test_completion_mask_stops_after_first_eos():
 
 
 def _prompts(tok):
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-            for q in ("What is 2 + 2?", "Say a long sentence about the sea and the sky, please.")]
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in ("What is 2 + 2?", "Say a long sentence about the sea and the sky, please.")
+    ]
 
 
 def test_groups_are_group_major_seeded_and_shared_prompt_changes_nothing():
@@ -36,7 +40,9 @@ def test_groups_are_group_major_seeded_and_shared_prompt_changes_nothing():
     assert torch.equal(a.completion_ids, plain.completion_ids)  # prompt sharing: same samples
     assert small.completion_ids.shape[0] == 6  # one group per call works too
     # Group-major: rows 0-2 share prompt 0, rows 3-5 prompt 1.
-    assert torch.equal(a.prompt_ids[0], a.prompt_ids[2]) and not torch.equal(a.prompt_ids[2], a.prompt_ids[3])
+    assert torch.equal(a.prompt_ids[0], a.prompt_ids[2]) and not torch.equal(
+        a.prompt_ids[2], a.prompt_ids[3]
+    )
     assert (a.completion_ids[~a.completion_mask] == tok.pad_token_id).all()
 
 
@@ -45,7 +51,9 @@ def test_greedy_shared_prompt_equals_plain_generate():
     prompts = _prompts(tok)
     shared = generate_groups(model, tok, prompts, 2, max_new_tokens=5, temperature=0.0)
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ref = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+    ref = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[
+        :, enc["input_ids"].shape[1] :
+    ]
     for g in range(2):
         row = shared.completion_ids[2 * g][shared.completion_mask[2 * g]]
         assert torch.equal(row, ref[g][: len(row)])
@@ -59,7 +67,6 @@ def test_save_load_and_select_groups(tmp_path):
     assert torch.equal(back.completion_ids, ro.completion_ids) and back.texts == ro.texts
     sub = ro.select_groups([1])
     assert sub.num_groups == 1 and torch.equal(sub.completion_ids, ro.completion_ids[2:4])
-
 
 
 # ------------------------------------------------------ sampling is exactly softmax(logits / T)
@@ -89,16 +96,33 @@ def _tiny_llama(polluted: bool, eos: int = 1):
     """A 2-layer Llama (vocab 64); ``polluted`` gives it a hub-like generation_config."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=2,
-                      eos_token_id=eos, pad_token_id=0,
-                      initializer_range=0.2)  # far from uniform logits, so that min_p bites
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=2,
+        eos_token_id=eos,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )  # far from uniform logits, so that min_p bites
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).eval()
     ids = dict(eos_token_id=eos, pad_token_id=0, bos_token_id=2)
-    hub_like = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, top_k=5, top_p=0.5, min_p=0.2,
-                    typical_p=0.9, min_new_tokens=3, do_sample=True, temperature=0.7)
+    hub_like = dict(
+        repetition_penalty=1.5,
+        no_repeat_ngram_size=2,
+        top_k=5,
+        top_p=0.5,
+        min_p=0.2,
+        typical_p=0.9,
+        min_new_tokens=3,
+        do_sample=True,
+        temperature=0.7,
+    )
     model.generation_config = GenerationConfig(**ids, **(hub_like if polluted else {}))
     return model
 
@@ -163,8 +187,9 @@ def test_first_token_distribution_is_softmax_of_logits_over_temperature():
     with torch.no_grad():
         logits = model(torch.tensor([[5, 9, 12, 7]])).logits[0, -1].double()  # (V,)
     p = torch.softmax(logits / temperature, dim=-1)  # (V,) float64 reference
-    ro = generate_groups(model, _IntTokenizer(), _PROMPTS[:1], n, max_new_tokens=1,
-                         temperature=temperature, seed=0)
+    ro = generate_groups(
+        model, _IntTokenizer(), _PROMPTS[:1], n, max_new_tokens=1, temperature=temperature, seed=0
+    )
     freq = torch.bincount(ro.completion_ids[:, 0], minlength=p.numel()).double() / n  # (V,)
     tv = 0.5 * (freq - p).abs().sum()
     # E[TV] <= 1/2 sum_k sqrt(p_k (1 - p_k) / n) (Jensen). One sample moves TV by <= 1/n, so
@@ -172,15 +197,28 @@ def test_first_token_distribution_is_softmax_of_logits_over_temperature():
     bound = 0.5 * torch.sqrt(p * (1 - p) / n).sum() + math.sqrt(math.log(1e6) / (2 * n))
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f}"
     # top_k applies when the caller asks for it, and then only the k most likely tokens occur.
-    top3 = generate_groups(model, _IntTokenizer(), _PROMPTS[:1], 500, max_new_tokens=1,
-                           temperature=temperature, top_k=3, seed=0)
+    top3 = generate_groups(
+        model,
+        _IntTokenizer(),
+        _PROMPTS[:1],
+        500,
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=3,
+        seed=0,
+    )
     assert set(top3.completion_ids[:, 0].tolist()) <= set(p.topk(3).indices.tolist())
 
 
 def test_generation_config_checks_name_the_argument():
     ids = dict(eos_token_id=1, pad_token_id=0)
-    bad = [("top_k", -1), ("top_p", 0.0), ("temperature", -1.0), ("min_new_tokens", 5),
-           ("max_new_tokens", 0)]
+    bad = [
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("temperature", -1.0),
+        ("min_new_tokens", 5),
+        ("max_new_tokens", 0),
+    ]
     for name, value in bad:
         with pytest.raises(ValueError, match=name):
             generation_config(**{"max_new_tokens": 4, name: value}, **ids)
@@ -190,16 +228,23 @@ def test_generation_config_checks_name_the_argument():
 
 def test_concat_repads_and_keeps_every_row():
     """Rollouts.concat of two batches with different widths equals each part row by row."""
+
     def part(P: int, T: int, groups: int, offset: int) -> Rollouts:
         n = 2 * groups
         ids = torch.arange(n * P).view(n, P) + offset
         comp = torch.arange(n * T).view(n, T) + 100 + offset
         mask = torch.ones(n, T, dtype=torch.bool)
         mask[0, -1] = False  # a shorter completion, right-padded
-        return Rollouts(prompt_ids=ids, prompt_mask=torch.ones(n, P, dtype=torch.long), completion_ids=comp,
-                        completion_mask=mask, texts=[f"t{offset}{i}" for i in range(n)],
-                        truncated=torch.zeros(n, dtype=torch.bool), group_size=2,
-                        prompts=[f"p{offset}{g}" for g in range(groups)])
+        return Rollouts(
+            prompt_ids=ids,
+            prompt_mask=torch.ones(n, P, dtype=torch.long),
+            completion_ids=comp,
+            completion_mask=mask,
+            texts=[f"t{offset}{i}" for i in range(n)],
+            truncated=torch.zeros(n, dtype=torch.bool),
+            group_size=2,
+            prompts=[f"p{offset}{g}" for g in range(groups)],
+        )
 
     a, b = part(3, 4, 1, 0), part(5, 2, 2, 1000)
     c = Rollouts.concat([a, b], pad_id=-1)
@@ -208,7 +253,10 @@ def test_concat_repads_and_keeps_every_row():
     # prompts are left-padded (mask 0 on the pad), completions right-padded (mask False on the pad)
     assert torch.equal(c.prompt_ids[:2, 2:], a.prompt_ids) and (c.prompt_ids[:2, :2] == -1).all()
     assert torch.equal(c.prompt_mask[:2].sum(1), torch.tensor([3, 3]))
-    assert torch.equal(c.completion_ids[2:, :2], b.completion_ids) and (c.completion_ids[2:, 2:] == -1).all()
+    assert (
+        torch.equal(c.completion_ids[2:, :2], b.completion_ids)
+        and (c.completion_ids[2:, 2:] == -1).all()
+    )
     assert torch.equal(c.completion_mask[:2], a.completion_mask)
     assert not c.completion_mask[2:, 2:].any()
     assert c.texts == a.texts + b.texts and c.meta["rounds"] == 2

@@ -37,8 +37,10 @@ def test_builtin_rules():
     assert rules.names(trainable=True) == ("grpo", "pos_only", "nthr")
     assert [rules.get(n).needs_hidden for n in rules.names()] == [False, False, True, True]
     adv = torch.tensor([[1.0, -2.0], [-0.5, 0.0]], dtype=torch.float64)
-    torch.testing.assert_close(rules.get("pos_only").transform(adv),
-                               torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        rules.get("pos_only").transform(adv),
+        torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64),
+    )
     assert rules.get("grpo").transform(adv) is adv
     assert viz.method_label("pos_only") == "Pos Only" and viz.method_label("base") == "Base"
     assert viz.method_label("unknown") == "unknown"
@@ -61,9 +63,12 @@ def test_a_registered_rule_reaches_lld_trainer_runner_and_plots(toy_rule):
     grpo_half_lr = one_step_displacement(model, group, update="grpo", lr=0.025)
     assert toy.method == "toy_half" and toy.n_selected_tokens is None
     # one SGD step from ratio 1: the gradient is linear in A, so A/2 at lr equals A at lr/2
-    torch.testing.assert_close(torch.tensor(toy.per_response_delta),
-                               torch.tensor(grpo_half_lr.per_response_delta),
-                               rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(toy.per_response_delta),
+        torch.tensor(grpo_half_lr.per_response_delta),
+        rtol=1e-3,
+        atol=1e-6,
+    )
     assert toy.delta > 0  # the correct answers rose
 
 
@@ -73,5 +78,6 @@ def test_unregistered_rules_are_refused():
     with pytest.raises(ValueError, match="TrainConfig.method='random'"):
         trainer.TrainConfig(method="random")  # Random is a Δ(x) control, not a trainable rule
     with pytest.raises(ValueError, match="update='toy_half'"):
-        one_step_displacement(tiny_random_model(64, seed=1, hidden_size=32), _group(),
-                              update="toy_half", lr=0.05)
+        one_step_displacement(
+            tiny_random_model(64, seed=1, hidden_size=32), _group(), update="toy_half", lr=0.05
+        )

@@ -1,4 +1,5 @@
-"""The command-line scripts: arguments reach the library, results are saved, finished work is reused."""
+"""The command-line scripts: arguments reach the library, results are saved, finished work is
+reused."""
 
 from __future__ import annotations
 
@@ -21,10 +22,25 @@ def load_script(name: str):
 
 
 def fake_lld_table(seed: int) -> pd.DataFrame:
-    rows = [{"id": f"q{i % 2}", "method": m, "n_correct": 2, "group_size": 4, "p": 0.5, "delta": d,
-             "per_response_delta": [d, d - 0.1], "n_selected": 0, "n_incorrect_tokens": 5, "tau": None,
-             "seed": seed, "lr": 1e-3}
-            for i, (m, d) in enumerate([("grpo", -0.2), ("grpo", 0.3), ("pos_only", 0.4), ("pos_only", 0.5)])]
+    rows = [
+        {
+            "id": f"q{i % 2}",
+            "method": m,
+            "n_correct": 2,
+            "group_size": 4,
+            "p": 0.5,
+            "delta": d,
+            "per_response_delta": [d, d - 0.1],
+            "n_selected": 0,
+            "n_incorrect_tokens": 5,
+            "tau": None,
+            "seed": seed,
+            "lr": 1e-3,
+        }
+        for i, (m, d) in enumerate(
+            [("grpo", -0.2), ("grpo", 0.3), ("pos_only", 0.4), ("pos_only", 0.5)]
+        )
+    ]
     return pd.DataFrame(rows, columns=list(lld.ROW_COLUMNS))
 
 
@@ -32,8 +48,11 @@ def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatc
     script = load_script("lld_displacement")
     calls = []
     monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
-    monkeypatch.setattr(script.lld, "lld_experiment",
-                        lambda model, tok, problems, **kw: calls.append(kw) or fake_lld_table(kw["seed"]))
+    monkeypatch.setattr(
+        script.lld,
+        "lld_experiment",
+        lambda model, tok, problems, **kw: calls.append(kw) or fake_lld_table(kw["seed"]),
+    )
     args = ["--seeds", "0", "1", "--n-questions", "3", "--lr", "0.001", "--out", str(tmp_path)]
     summary = script.main(args)
     assert [c["seed"] for c in calls] == [0, 1] and {c["lr"] for c in calls} == {0.001}
@@ -42,10 +61,15 @@ def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatc
     # per-response deltas -0.2, -0.3, 0.3, 0.2 (x2) -> LLD rate 0.5
     assert summary.loc["grpo", "median_delta"] == pytest.approx(0.05)
     assert summary.loc["grpo", "frac_delta_le_0"] == 0.5 and summary.loc["grpo", "lld_rate"] == 0.5
-    assert summary.loc["pos_only", "frac_delta_le_0"] == 0.0 and summary.loc["grpo", "n_questions"] == 4
+    assert (
+        summary.loc["pos_only", "frac_delta_le_0"] == 0.0
+        and summary.loc["grpo", "n_questions"] == 4
+    )
     assert (tmp_path / "summary_by_seed.csv").exists() and (tmp_path / "settings.json").exists()
     paired = pd.read_csv(tmp_path / "paired_vs_grpo.csv", index_col="method")
-    assert paired.loc["pos_only", "frac_above"] == 1.0 and paired.loc["pos_only", "n_pairs"] == 4  # 2 questions x 2 seeds
+    assert (
+        paired.loc["pos_only", "frac_above"] == 1.0 and paired.loc["pos_only", "n_pairs"] == 4
+    )  # 2 questions x 2 seeds
     # A rerun reads the finished seeds back from CSV (lists included) and measures nothing again.
     again = script.main(args)
     assert len(calls) == 2
@@ -65,24 +89,66 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
     seen = {}
 
     def fake_run(name, methods, seeds, config, n_eval, evaluate_base):
-        seen.update(name=name, methods=methods, seeds=seeds, config=config, n_eval=n_eval, base=evaluate_base)
-        return pd.DataFrame([
-            {"method": m, "seed": s, "train_reward_first5": 0.2, "train_reward_last5": 0.1 + 0.2 * s,
-             "lld_rate_mean": 0.3, "selected_frac_mean": 0.0, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7,
-             "n_eval": 10} for m in methods for s in seeds])
+        seen.update(
+            name=name,
+            methods=methods,
+            seeds=seeds,
+            config=config,
+            n_eval=n_eval,
+            base=evaluate_base,
+        )
+        return pd.DataFrame(
+            [
+                {
+                    "method": m,
+                    "seed": s,
+                    "train_reward_first5": 0.2,
+                    "train_reward_last5": 0.1 + 0.2 * s,
+                    "lld_rate_mean": 0.3,
+                    "selected_frac_mean": 0.0,
+                    "accuracy": 0.5,
+                    "ci_low": 0.3,
+                    "ci_high": 0.7,
+                    "n_eval": 10,
+                }
+                for m in methods
+                for s in seeds
+            ]
+        )
 
     monkeypatch.setattr(script, "run_experiment", fake_run)
-    script.main(["--seeds", "0", "1", "--steps", "3", "--model", "tiny-random", "--n-eval", "10", "--no-base"])
+    script.main(
+        [
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "3",
+            "--model",
+            "tiny-random",
+            "--n-eval",
+            "10",
+            "--no-base",
+        ]
+    )
     cfg = seen["config"]
-    assert (cfg.steps, cfg.model, cfg.prompts_per_step) == (3, "tiny-random", 4)  # the rest from the fast preset
+    assert (cfg.steps, cfg.model, cfg.prompts_per_step) == (
+        3,
+        "tiny-random",
+        4,
+    )  # the rest from the fast preset
     assert seen["name"] == "grpo_vs_nthr_fast" and seen["seeds"] == [0, 1] and seen["base"] is False
     out = capsys.readouterr().out
-    assert "2/4 runs up" in out  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
+    assert (
+        "2/4 runs up" in out
+    )  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
 
 
 def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monkeypatch, capsys):
     script = load_script("evaluate_benchmarks")
-    problems = [{"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    problems = [
+        {"id": f"p{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)
+    ]
 
     def fake_load(name, data_dir=None):
         if name == "gsm8k":
@@ -90,12 +156,29 @@ def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monk
         return problems
 
     monkeypatch.setattr("nthr_book.evaluate.load_benchmark", fake_load)
-    rows = script.main(["--model", "tiny-random", "--benchmarks", "aime24", "gsm8k", "--limit", "2",
-                        "--max-new-tokens", "2", "--out", str(tmp_path)])
-    assert list(rows["benchmark"]) == ["aime24"] and int(rows["n"].iloc[0]) == 2  # --limit keeps the first 2
+    rows = script.main(
+        [
+            "--model",
+            "tiny-random",
+            "--benchmarks",
+            "aime24",
+            "gsm8k",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert (
+        list(rows["benchmark"]) == ["aime24"] and int(rows["n"].iloc[0]) == 2
+    )  # --limit keeps the first 2
     assert "gsm8k: skipped" in capsys.readouterr().out
     assert (tmp_path / "tiny-random" / "aime24.jsonl").exists()
-    assert (tmp_path / "results-tiny-random.csv").exists() and (tmp_path / "results_vs_paper-tiny-random.csv").exists()
+    assert (tmp_path / "results-tiny-random.csv").exists() and (
+        tmp_path / "results_vs_paper-tiny-random.csv"
+    ).exists()
 
 
 def test_lld_displacement_template_argument():
@@ -112,10 +195,26 @@ def test_lld_displacement_template_argument():
 
 
 # ---- scripts/train_trl.py (TRL's parser, save, resume) -----------------------------------------
-TRL_TINY = ["--model_name_or_path", "tiny-random", "--task", "toy", "--num_generations", "4",
-            "--per_device_train_batch_size", "8", "--max_completion_length", "8",
-            "--nthr_beta", "1", "--nthr_anchor", "no_self_token", "--learning_rate", "1e-3",
-            "--save_steps", "1"]
+TRL_TINY = [
+    "--model_name_or_path",
+    "tiny-random",
+    "--task",
+    "toy",
+    "--num_generations",
+    "4",
+    "--per_device_train_batch_size",
+    "8",
+    "--max_completion_length",
+    "8",
+    "--nthr_beta",
+    "1",
+    "--nthr_anchor",
+    "no_self_token",
+    "--learning_rate",
+    "1e-3",
+    "--save_steps",
+    "1",
+]
 
 
 def test_train_trl_parses_trl_options_and_nthr_config():
@@ -124,9 +223,22 @@ def test_train_trl_parses_trl_options_and_nthr_config():
 
     script = load_script("train_trl")
     args, grpo, model = script.parse_args(
-        ["--nthr_anchor", "other_responses", "--nthr_eta", "0.5", "--nthr_beta=-inf",
-         "--max_steps", "3", "--report_to", "tensorboard", "--save_steps", "7",
-         "--dtype", "bfloat16"])
+        [
+            "--nthr_anchor",
+            "other_responses",
+            "--nthr_eta",
+            "0.5",
+            "--nthr_beta=-inf",
+            "--max_steps",
+            "3",
+            "--report_to",
+            "tensorboard",
+            "--save_steps",
+            "7",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert args.nthr_config() == NTHRConfig(beta=-float("inf"), eta=0.5, anchor="other_responses")
     # GRPOConfig's and ModelConfig's own fields
     assert (grpo.max_steps, grpo.save_steps, grpo.report_to) == (3, 7, ["tensorboard"])
@@ -144,8 +256,16 @@ def test_train_trl_leaves_model_loading_to_trl_after_the_config():
     """A hub id or folder goes to TRL by name with ModelConfig's dtype: loaded after the config."""
     pytest.importorskip("trl")
     script = load_script("train_trl")
-    _, grpo, model = script.parse_args(["--model_name_or_path", "org/some-model",
-                                        "--dtype", "bfloat16", "--attn_implementation", "sdpa"])
+    _, grpo, model = script.parse_args(
+        [
+            "--model_name_or_path",
+            "org/some-model",
+            "--dtype",
+            "bfloat16",
+            "--attn_implementation",
+            "sdpa",
+        ]
+    )
     assert script.policy_for_trl(model, grpo) == "org/some-model"
     init = grpo.model_init_kwargs
     assert init["dtype"] == "bfloat16" and init["attn_implementation"] == "sdpa"
@@ -170,8 +290,17 @@ def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
     saved = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert all(torch.equal(final[k], saved[k]) for k in final)  # the trained weights
 
-    again = script.run(TRL_TINY + ["--max_steps", "2", "--output_dir", str(resumed),
-                                   "--resume_from_checkpoint", str(full / "checkpoint-1")])
+    again = script.run(
+        TRL_TINY
+        + [
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(resumed),
+            "--resume_from_checkpoint",
+            str(full / "checkpoint-1"),
+        ]
+    )
     assert again.state.global_step == 2
     step1 = load_file(full / "checkpoint-1" / "model.safetensors")
     redone = load_file(resumed / "model.safetensors")

@@ -29,26 +29,41 @@ F32 = 2.0**-24  # float32 unit roundoff
 
 
 def parity_reward(completions: list[str], answers: list[str]) -> list[float]:
-    """A deterministic stand-in grader that makes mixed groups on a random model: even length wins."""
+    """A deterministic stand-in grader that makes mixed groups on a random model: even length
+    wins."""
     return [float(len(c) % 2 == 0) for c in completions]
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:
-    base = dict(model="tiny-random", task="arithmetic", num_problems=16, steps=4, prompts_per_step=2, group_size=4,
-                max_new_tokens=6, lr=1e-3, kl_coef=1e-2, checkpoint_every=2, output_dir=str(tmp_path / "run"),
-                seed=3)
+    base = dict(
+        model="tiny-random",
+        task="arithmetic",
+        num_problems=16,
+        steps=4,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=6,
+        lr=1e-3,
+        kl_coef=1e-2,
+        checkpoint_every=2,
+        output_dir=str(tmp_path / "run"),
+        seed=3,
+    )
     return TrainConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("group_size", 1, "group_size"),
-    ("mini_batch_prompts", 3, "mini_batch_prompts"),
-    ("agg", "sum", "agg"),
-    ("method", "ppo", "method"),
-    ("temperature", 0.0, "temperature"),
-    ("lr", -1.0, "lr"),
-    ("nthr_anchor", "mine", "nthr_anchor"),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("group_size", 1, "group_size"),
+        ("mini_batch_prompts", 3, "mini_batch_prompts"),
+        ("agg", "sum", "agg"),
+        ("method", "ppo", "method"),
+        ("temperature", 0.0, "temperature"),
+        ("lr", -1.0, "lr"),
+        ("nthr_anchor", "mine", "nthr_anchor"),
+    ],
+)
 def test_bad_config_names_the_field(field, value, words):
     with pytest.raises(ValueError, match=f"TrainConfig.{words}"):
         TrainConfig(**{field: value, "prompts_per_step": 4})
@@ -56,8 +71,18 @@ def test_bad_config_names_the_field(field, value, words):
 
 def test_presets_follow_the_paper_table():
     paper = TrainConfig.paper_qwen_0_5b()
-    assert (paper.prompts_per_step, paper.mini_batch_prompts, paper.lr, paper.group_size) == (32, 16, 5e-7, 8)
-    assert (paper.temperature, paper.clip_eps, paper.kl_coef, paper.max_new_tokens) == (1.0, 0.2, 1e-4, 2500)
+    assert (paper.prompts_per_step, paper.mini_batch_prompts, paper.lr, paper.group_size) == (
+        32,
+        16,
+        5e-7,
+        8,
+    )
+    assert (paper.temperature, paper.clip_eps, paper.kl_coef, paper.max_new_tokens) == (
+        1.0,
+        0.2,
+        1e-4,
+        2500,
+    )
     assert paper.model == "Qwen/Qwen2.5-0.5B-Instruct" and paper.task == "math"
     fast = TrainConfig.fast()
     assert fast.model == "smollm2-135m" and fast.task == "arithmetic"
@@ -71,7 +96,9 @@ def test_train_writes_metrics_and_model(tmp_path):
     assert set(METRIC_COLUMNS) <= set(df.columns)
     assert ((df["accuracy"] >= 0) & (df["accuracy"] <= 1)).all()
     assert (run / "model" / "config.json").exists()
-    assert not (run / "checkpoint.pt").exists(), "a finished run keeps model/ only, not the optimizer state"
+    assert not (run / "checkpoint.pt").exists(), (
+        "a finished run keeps model/ only, not the optimizer state"
+    )
     used = df["groups_used"] > 0
     assert used.any(), "the parity reward should give mixed groups"
     assert df.loc[used, "kl"].notna().all() and df.loc[used, "lld/rate"].between(0, 1).all()
@@ -86,7 +113,9 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train(cfg.replace(lr=1e-2), reward_fn=parity_reward, resume=True, progress=False)
 
 
-@pytest.mark.parametrize("extra", [{}, {"mini_batch_prompts": 1, "num_iterations": 2, "method": "nthr"}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"mini_batch_prompts": 1, "num_iterations": 2, "method": "nthr"}]
+)
 def test_resume_after_kill_matches_uninterrupted(tmp_path, extra):
     full = train(tiny(tmp_path / "a", **extra), reward_fn=parity_reward, progress=False)
 
@@ -119,7 +148,9 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
     extended = train(short.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
     assert len(read_metrics(extended / "metrics.csv")) == 4
     wa, wb = final_weights(straight), final_weights(extended)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "2 + 2 steps from the checkpoint equal 4 straight steps"
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), (
+        "2 + 2 steps from the checkpoint equal 4 straight steps"
+    )
 
     dropped = tiny(tmp_path / "c", steps=2)
     train(dropped, reward_fn=parity_reward, progress=False)
@@ -150,7 +181,12 @@ def test_pos_only_has_no_negative_signal(tmp_path):
         seen.append(ctx.advantages.clone())
         return ctx.advantages, {}
 
-    train(tiny(tmp_path, steps=2, method="pos_only"), advantage_fn=spy, reward_fn=parity_reward, progress=False)
+    train(
+        tiny(tmp_path, steps=2, method="pos_only"),
+        advantage_fn=spy,
+        reward_fn=parity_reward,
+        progress=False,
+    )
     assert seen and all(bool((a >= 0).all()) for a in seen)
     assert any(bool((a > 0).any()) for a in seen)
 
@@ -173,10 +209,15 @@ class FirstRoundMostlyHomogeneous:
 
     def __call__(self, completions: list[str], answers: list[str]) -> list[float]:
         self.calls += 1
-        mixed_groups = 1 if self.calls == 1 else (len(completions) // self.group_size
-                                                  if self.later_mixed else 0)
-        return [float(i // self.group_size < mixed_groups and i % 2 == 0)
-                for i in range(len(completions))]
+        mixed_groups = (
+            1
+            if self.calls == 1
+            else (len(completions) // self.group_size if self.later_mixed else 0)
+        )
+        return [
+            float(i // self.group_size < mixed_groups and i % 2 == 0)
+            for i in range(len(completions))
+        ]
 
 
 def _refill_trainer(tmp_path, reward, **kw):
@@ -217,8 +258,9 @@ def test_refill_fills_the_batch_with_mixed_groups(tmp_path):
     groups = torch.cat(seen)  # (groups in the update, G)
     assert groups.shape[0] == 4 and bool(mixed_group_mask(groups).all())
     # the same step again: the same refill prompts (seeded by seed, step and round)
-    again, _, sampled_again = _refill_trainer(tmp_path, FirstRoundMostlyHomogeneous(4),
-                                              refill_max_rounds=3)
+    again, _, sampled_again = _refill_trainer(
+        tmp_path, FirstRoundMostlyHomogeneous(4), refill_max_rounds=3
+    )
     again.train_step(0)
     assert sampled_again == sampled
 
@@ -277,8 +319,12 @@ def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path):
     reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)  # no model load
     assert reused == cfg.run_dir()
     with pytest.raises(ValueError, match="nthr_anchor"):
-        train(cfg.replace(nthr_anchor="other_responses"), reward_fn=parity_reward, resume=True,
-              progress=False)
+        train(
+            cfg.replace(nthr_anchor="other_responses"),
+            reward_fn=parity_reward,
+            resume=True,
+            progress=False,
+        )
 
 
 # ---- bf16 autocast: NTHR reads float32 log-probs --------------------------------------------
@@ -316,8 +362,9 @@ def test_float32_logps_under_bf16_autocast_give_float64_scores():
     attention = torch.cat([torch.ones(G, P, dtype=torch.long), mask.long()], 1)
     head = model.get_output_embeddings()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_logps, hidden = grpo.per_token_logps(model, input_ids, attention, mask,
-                                                  temperature=temp, return_hidden=True)
+        bf16_logps, hidden = grpo.per_token_logps(
+            model, input_ids, attention, mask, temperature=temp, return_hidden=True
+        )
         ours = float32_logps(hidden, head, ids, mask, temperature=temp)  # inside it on purpose
     W = head.weight.detach()
     expected = _reference_logps(hidden, W, ids, mask, temp)
@@ -340,7 +387,8 @@ def test_float32_logps_under_bf16_autocast_give_float64_scores():
     g = (torch.nn.functional.one_hot(ids, 300).double() - q)[..., torch.unique(ids[mask])]
     q_y = q.gather(-1, ids[..., None]).squeeze(-1)[mask]
     abs_terms = torch.einsum("itv,jkv->itjk", g.abs(), g.abs()) * torch.einsum(
-        "itd,jkd->itjk", hidden.double().abs(), hidden.double().abs())  # (G, T, G, T)
+        "itd,jkd->itjk", hidden.double().abs(), hidden.double().abs()
+    )  # (G, T, G, T)
     scale = float((abs_terms * (mask & correct[:, None])).sum((-2, -1)).max())
     rel_g = 3 * bound * max(1.0, float((q_y / (1 - q_y)).max()))
     m = int(mask.sum()) + g.shape[-1] + hidden.shape[-1] + 16 + 2 * rel_g / F32
@@ -354,8 +402,11 @@ def _spy_on_nthr(seen: list):
     hook = nthr.nthr_advantage_fn(nthr.NTHRConfig(beta=0.0))
 
     def spy(ctx):
-        seen.append(SimpleNamespace(**{k: v.clone() if isinstance(v, torch.Tensor) else v
-                                       for k, v in vars(ctx).items()}))
+        seen.append(
+            SimpleNamespace(
+                **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(ctx).items()}
+            )
+        )
         return hook(ctx)
 
     return spy
@@ -367,8 +418,12 @@ def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
     seen = []
     # every group mixed: rows alternate wrong and right
     alternate = lambda completions, answers: [float(i % 2) for i in range(len(completions))]
-    train(tiny(tmp_path, steps=2, bf16=True, method="nthr"), advantage_fn=_spy_on_nthr(seen),
-          reward_fn=alternate, progress=False)
+    train(
+        tiny(tmp_path, steps=2, bf16=True, method="nthr"),
+        advantage_fn=_spy_on_nthr(seen),
+        reward_fn=alternate,
+        progress=False,
+    )
     assert seen
     for ctx in seen:
         W, mask = ctx.lm_head_weight, ctx.completion_mask
@@ -390,8 +445,14 @@ def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
     model, tokenizer = load_policy("tiny-random", device="cpu")
     model.config.final_logit_softcapping = 2.0  # grpo.per_token_logps caps its log-probs with it
     seen = []
-    train(tiny(tmp_path, steps=1, method="nthr"), advantage_fn=_spy_on_nthr(seen),
-          reward_fn=parity_reward, model=model, tokenizer=tokenizer, progress=False)
+    train(
+        tiny(tmp_path, steps=1, method="nthr"),
+        advantage_fn=_spy_on_nthr(seen),
+        reward_fn=parity_reward,
+        model=model,
+        tokenizer=tokenizer,
+        progress=False,
+    )
     assert seen and all(ctx.softcap == 2.0 for ctx in seen)
     for ctx in seen:  # the log-probs the hook reads its log-sum-exp from are the capped ones
         W, mask = ctx.lm_head_weight, ctx.completion_mask

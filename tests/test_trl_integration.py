@@ -49,8 +49,11 @@ BATCH = [{"prompt": p} for p in PROMPTS[:2] for _ in range(G)]  # group-major: 2
 MODES = {
     "fused": {},
     "old_pass": {"num_iterations": 2},
-    "extra_pass": {"steps_per_generation": 2, "gradient_accumulation_steps": 2,
-                   "per_device_train_batch_size": 4},
+    "extra_pass": {
+        "steps_per_generation": 2,
+        "gradient_accumulation_steps": 2,
+        "per_device_train_batch_size": 4,
+    },
 }
 SELECTIVE = NTHRConfig(beta=1.0, eta=0.5, anchor="no_self_token")  # selects part of the tokens here
 EPS32 = torch.finfo(torch.float32).eps
@@ -72,16 +75,41 @@ def parity_reward(completions, completion_ids, **kwargs) -> list[float]:
     return [float(sum(ids) % 2) for ids in completion_ids]
 
 
-def make_trainer(tmp_path, tokenizer, cls=NTHRGRPOTrainer, mode="fused", lr=1e-6, config=None,
-                 model=None, reward_funcs=parity_reward, **kwargs):
-    overrides = {"per_device_train_batch_size": 8, "use_cpu": True, "bf16": False,
-                 "num_generations": G} | MODES[mode] | (config or {})
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_completion_length=8,
-                      report_to="none", save_strategy="no", logging_steps=1, seed=0, max_steps=1,
-                      learning_rate=lr, **overrides)
-    trainer = cls(model=model or tiny_random_model(seed=0), reward_funcs=reward_funcs, args=args,
-                  train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer,
-                  **kwargs)
+def make_trainer(
+    tmp_path,
+    tokenizer,
+    cls=NTHRGRPOTrainer,
+    mode="fused",
+    lr=1e-6,
+    config=None,
+    model=None,
+    reward_funcs=parity_reward,
+    **kwargs,
+):
+    overrides = (
+        {"per_device_train_batch_size": 8, "use_cpu": True, "bf16": False, "num_generations": G}
+        | MODES[mode]
+        | (config or {})
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_completion_length=8,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        max_steps=1,
+        learning_rate=lr,
+        **overrides,
+    )
+    trainer = cls(
+        model=model or tiny_random_model(seed=0),
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+        **kwargs,
+    )
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps  # set by train()
     trainer.model.train()
     return trainer
@@ -107,11 +135,12 @@ def hidden_states(model, out: dict) -> torch.Tensor:
     with torch.no_grad():
         ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
         att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        return model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -T - 1:-1]
+        return model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -T - 1 : -1]
 
 
-def reference(model, out: dict, cfg: NTHRConfig, bf16: bool = False,
-              check_reward: bool = True) -> tuple[torch.Tensor, dict]:
+def reference(
+    model, out: dict, cfg: NTHRConfig, bf16: bool = False, check_reward: bool = True
+) -> tuple[torch.Tensor, dict]:
     """nthr_book.nthr's hook on the same group-major batch: float64 scores from a separate forward.
 
     The advantages come back as A or eta·A of the same float32 A, so they compare exactly with the
@@ -127,11 +156,17 @@ def reference(model, out: dict, cfg: NTHRConfig, bf16: bool = False,
         parity = ((out["completion_ids"] * mask).sum(-1) % 2).float()
         torch.testing.assert_close(rewards, parity, rtol=0, atol=0)  # integers, exact
     A = out["seq_advantages"]
-    ctx = SimpleNamespace(advantages=A[:, None].expand(-1, T).clone(), rewards=rewards.view(-1, G),
-                          group_size=G, completion_ids=out["completion_ids"], completion_mask=mask,
-                          hidden=hidden.double(),
-                          lm_head_weight=model.lm_head.weight.detach().double(),
-                          lm_head_bias=None, temperature=1.0)
+    ctx = SimpleNamespace(
+        advantages=A[:, None].expand(-1, T).clone(),
+        rewards=rewards.view(-1, G),
+        group_size=G,
+        completion_ids=out["completion_ids"],
+        completion_mask=mask,
+        hidden=hidden.double(),
+        lm_head_weight=model.lm_head.weight.detach().double(),
+        lm_head_bias=None,
+        temperature=1.0,
+    )
     return nthr_advantage_fn(cfg, dtype=torch.float64, use_logps=False)(ctx)
 
 
@@ -150,7 +185,10 @@ def test_selecting_nothing_is_plain_grpo_exactly(tmp_path, tokenizer, mode, nthr
     plain = make_trainer(tmp_path, tokenizer, GRPOTrainer, mode)
     out = generate(ours)
     old_pass = mode == "old_pass"  # TRL 1.16 runs the old-policy pass only there
-    assert trl_runs_old_pass(ours.args, False, True) is old_pass and ("old_per_token_logps" in out) is old_pass
+    assert (
+        trl_runs_old_pass(ours.args, False, True) is old_pass
+        and ("old_per_token_logps" in out) is old_pass
+    )
     mine, theirs = dict(out), dict(out)
     theirs["advantages"] = out["seq_advantages"]  # TRL's own (B,) advantages
     loss_ours = ours.compute_loss(ours.model, mine)
@@ -163,7 +201,9 @@ def test_selecting_nothing_is_plain_grpo_exactly(tmp_path, tokenizer, mode, nthr
         assert metrics["nthr/mixed_groups"][-1] >= 1 and metrics["nthr/selected_frac"][-1] == 0.0
     assert torch.equal(loss_ours, loss_plain)
     n_nonzero = 0
-    for (name, p), (_, q) in zip(ours.model.named_parameters(), plain.model.named_parameters(), strict=True):
+    for (name, p), (_, q) in zip(
+        ours.model.named_parameters(), plain.model.named_parameters(), strict=True
+    ):
         assert torch.equal(p.grad, q.grad), name
         n_nonzero += int(bool(p.grad.abs().sum() > 0))
     assert n_nonzero > 0
@@ -189,8 +229,11 @@ def test_token_advantages_equal_nthr_book(tmp_path, tokenizer, mode):
 
 
 def test_full_vocabulary_log_sum_exp_option(tmp_path, tokenizer):
-    """scores_from_logps=False: the scorer forms the full-vocabulary log-sum-exp, as nthr_book's hook does."""
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE, scores_from_logps=False)
+    """scores_from_logps=False: the scorer forms the full-vocabulary log-sum-exp, as nthr_book's
+    hook does."""
+    ours = make_trainer(
+        tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE, scores_from_logps=False
+    )
     out = generate(ours)
     expected, _ = reference(ours.model, out, SELECTIVE)
     torch.testing.assert_close(out["advantages"], expected, rtol=0, atol=0)
@@ -218,8 +261,14 @@ def test_trainer_under_accelerate_bf16_reads_full_precision_lse(tmp_path, tokeni
 @pytest.mark.parametrize("mode", ["fused", "old_pass"])
 def test_cuda_bf16_token_advantages(tmp_path, tokenizer, mode):
     """On CUDA in bf16 autocast, NTHR's advantages agree with nthr_book's hook on the same batch."""
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, mode, nthr=SELECTIVE,
-                        config={"use_cpu": False, "bf16": True})
+    ours = make_trainer(
+        tmp_path,
+        tokenizer,
+        NTHRGRPOTrainer,
+        mode,
+        nthr=SELECTIVE,
+        config={"use_cpu": False, "bf16": True},
+    )
     assert not ours.scores_from_logps  # bf16 log-probs would carry the bf16 logits' rounding into q
     out = generate(ours)
     assert out["completion_ids"].is_cuda
@@ -228,14 +277,19 @@ def test_cuda_bf16_token_advantages(tmp_path, tokenizer, mode):
     # bf16 forwards of two differently batched passes: a token whose score sits within bf16 rounding
     # (2^-8 relative) of tau may be selected by one and not the other; the rest agree exactly.
     agree = (adv == expected).float().mean().item()
-    print(f"{mode}: {agree:.4f} of the token advantages agree, selected_frac "
-          f"{ours._metrics['train']['nthr/selected_frac'][-1]:.3f} vs {metrics['nthr/selected_frac']:.3f}")
+    print(
+        f"{mode}: {agree:.4f} of the token advantages agree, selected_frac "
+        f"{ours._metrics['train']['nthr/selected_frac'][-1]:.3f} vs "
+        f"{metrics['nthr/selected_frac']:.3f}"
+    )
     assert agree >= 0.99, f"only {agree:.3f} of the token advantages agree"
     assert 0.0 < ours._metrics["train"]["nthr/selected_frac"][-1] < 1.0
 
 
 def test_beta_minus_inf_eta_zero_by_hand(tmp_path, tokenizer):
-    cfg = NTHRConfig(beta=-math.inf, eta=0.0)  # every token of an incorrect response of a mixed group -> 0
+    cfg = NTHRConfig(
+        beta=-math.inf, eta=0.0
+    )  # every token of an incorrect response of a mixed group -> 0
     ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "fused", nthr=cfg)
     out = generate(ours)
     adv = token_advantages(ours, out)
@@ -250,6 +304,7 @@ def test_beta_minus_inf_eta_zero_by_hand(tmp_path, tokenizer):
 
 def test_positive_advantage_keeps_its_advantage(tmp_path, tokenizer):
     """normalize_then_sum over two rewards: an incorrect response can get A > 0; NTHR leaves it."""
+
     def first_wrong_bonus(completions, completion_ids, **kwargs) -> list[float]:
         """1.0 for the first parity-incorrect completion of each group (a second objective)."""
         bonus = [0.0] * len(completion_ids)
@@ -260,11 +315,16 @@ def test_positive_advantage_keeps_its_advantage(tmp_path, tokenizer):
         return bonus
 
     cfg = NTHRConfig(beta=-math.inf, eta=0.0)  # would zero every incorrect token of a mixed group
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=cfg,
-                        reward_funcs=[parity_reward, first_wrong_bonus],
-                        correct_reward="parity_reward",
-                        config={"multi_objective_aggregation": "normalize_then_sum",
-                                "reward_weights": [1.0, 2.0]})
+    ours = make_trainer(
+        tmp_path,
+        tokenizer,
+        NTHRGRPOTrainer,
+        "old_pass",
+        nthr=cfg,
+        reward_funcs=[parity_reward, first_wrong_bonus],
+        correct_reward="parity_reward",
+        config={"multi_objective_aggregation": "normalize_then_sum", "reward_weights": [1.0, 2.0]},
+    )
     out = generate(ours)
     A, correct = out["seq_advantages"], out["nthr_reward"] > 0.5  # (B,) TRL's A, parity decides
     mixed = (correct.view(-1, G).any(1) & ~correct.view(-1, G).all(1)).repeat_interleave(G)  # (B,)
@@ -277,7 +337,8 @@ def test_positive_advantage_keeps_its_advantage(tmp_path, tokenizer):
     neg = (mixed & ~correct)[:, None] & out["completion_mask"].bool()
     scaled = (mixed & ~correct & (A < 0))[:, None] & out["completion_mask"].bool()
     assert ours._metrics["train"]["nthr/selected_frac"][-1] == pytest.approx(
-        scaled.sum().item() / neg.sum().item(), rel=2 * EPS32)  # two counts, a float32 reduce
+        scaled.sum().item() / neg.sum().item(), rel=2 * EPS32
+    )  # two counts, a float32 reduce
 
 
 def _seq_logp(model, rec: dict) -> tuple[torch.Tensor, float]:
@@ -287,12 +348,15 @@ def _seq_logp(model, rec: dict) -> tuple[torch.Tensor, float]:
     ids = torch.cat([rec["prompt_ids"], rec["completion_ids"]], 1)
     att = torch.cat([rec["prompt_mask"], rec["completion_mask"]], 1)
     with torch.no_grad():
-        logits = model.double()(input_ids=ids, attention_mask=att).logits[:, -T - 1:-1]
+        logits = model.double()(input_ids=ids, attention_mask=att).logits[:, -T - 1 : -1]
     logps = torch.log_softmax(logits, -1).gather(-1, rec["completion_ids"][..., None]).squeeze(-1)
     # Per token: the log-sum-exp over V logits (log2 V roundings after pairwise summation), the
     # log-prob itself, and the forward (each layer sums d products of values of the logits' size).
-    per_token = (math.log2(TINY.vocab_size) + float(logps.abs().max())
-                 + TINY.num_hidden_layers * TINY.hidden_size * float(logits.abs().max())) * EPS32
+    per_token = (
+        math.log2(TINY.vocab_size)
+        + float(logps.abs().max())
+        + TINY.num_hidden_layers * TINY.hidden_size * float(logits.abs().max())
+    ) * EPS32
     return (logps * rec["completion_mask"]).sum(-1), per_token
 
 
@@ -309,10 +373,22 @@ def test_lld_metrics_match_recomputation(tmp_path, tokenizer, truncate):
     if truncate:  # 1 token in 12 ends a completion: some of the 8 rows finish, the others are cut
         model.generation_config.eos_token_id = list(range(2, TINY.vocab_size, 12))
     lld = LLDCallback(eps=0.0)
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "fused", lr=1e-3, nthr=SELECTIVE,
-                        record_nthr=True, callbacks=[lld], model=model,
-                        config={"mask_truncated_completions": truncate})
-    assert lld.trainer is ours and sum(isinstance(c, LLDCallback) for c in ours.callback_handler.callbacks) == 1
+    ours = make_trainer(
+        tmp_path,
+        tokenizer,
+        NTHRGRPOTrainer,
+        "fused",
+        lr=1e-3,
+        nthr=SELECTIVE,
+        record_nthr=True,
+        callbacks=[lld],
+        model=model,
+        config={"mask_truncated_completions": truncate},
+    )
+    assert (
+        lld.trainer is ours
+        and sum(isinstance(c, LLDCallback) for c in ours.callback_handler.callbacks) == 1
+    )
     ours.train()
     rec, log = ours.nthr_record, ours.state.log_history[0]
     kept = rec["completion_mask"].bool().any(-1)  # (B,) rows with a token in TRL's loss mask
@@ -336,8 +412,16 @@ def test_selected_frac_counts_only_tokens_inside_trls_loss_mask(tmp_path, tokeni
     """mask_truncated_completions: truncated incorrect rows are neither selected nor counted."""
     model = tiny_random_model(seed=0)
     model.generation_config.eos_token_id = list(range(2, TINY.vocab_size, 12))
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE,
-                        model=model, config={"mask_truncated_completions": True}, record_nthr=True)
+    ours = make_trainer(
+        tmp_path,
+        tokenizer,
+        NTHRGRPOTrainer,
+        "old_pass",
+        nthr=SELECTIVE,
+        model=model,
+        config={"mask_truncated_completions": True},
+        record_nthr=True,
+    )
     out = generate(ours)
     mask = out["completion_mask"].bool()  # TRL's loss mask: truncated rows all zero
     incorrect = out["nthr_reward"] <= 0.5
@@ -346,9 +430,11 @@ def test_selected_frac_counts_only_tokens_inside_trls_loss_mask(tmp_path, tokeni
     torch.testing.assert_close(out["advantages"], expected, rtol=0, atol=0)
     selected = ours.nthr_record["selected"]
     assert not bool((selected & ~mask).any())
-    n_neg = sum(int((incorrect[g * G:(g + 1) * G, None] & mask[g * G:(g + 1) * G]).sum())
-                for g in range(len(out["nthr_reward"]) // G)
-                if 0 < int((~incorrect[g * G:(g + 1) * G]).sum()) < G)  # mixed groups only
+    n_neg = sum(
+        int((incorrect[g * G : (g + 1) * G, None] & mask[g * G : (g + 1) * G]).sum())
+        for g in range(len(out["nthr_reward"]) // G)
+        if 0 < int((~incorrect[g * G : (g + 1) * G]).sum()) < G
+    )  # mixed groups only
     logged = ours._metrics["train"]["nthr/selected_frac"][-1]
     assert logged == pytest.approx(selected.sum().item() / n_neg, rel=2 * EPS32)
     assert logged == pytest.approx(metrics["nthr/selected_frac"], rel=2 * EPS32)
@@ -357,11 +443,18 @@ def test_selected_frac_counts_only_tokens_inside_trls_loss_mask(tmp_path, tokeni
 def test_trl_advantages_use_the_unbiased_std(tmp_path, tokenizer):
     """TRL: (r - mean) / (std_unbiased + 1e-4); nthr_book: population std + 1e-6. At N+ = 1 of
     G = 8 TRL's advantages are 0.935 times the native ones, for every response of the group."""
+
     def one_right(completions, **kwargs) -> list[float]:
         return [float(i % 8 == 0) for i in range(len(completions))]  # N+ = 1 in each group of 8
 
-    trainer = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "fused", reward_funcs=one_right,
-                           config={"num_generations": 8, "per_device_train_batch_size": 8})
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        NTHRGRPOTrainer,
+        "fused",
+        reward_funcs=one_right,
+        config={"num_generations": 8, "per_device_train_batch_size": 8},
+    )
     out = generate(trainer, [{"prompt": PROMPTS[0]}] * 8)
     trl_adv = out["seq_advantages"].double()  # (8,) TRL's, float32
     native = group_advantages(out["nthr_reward"].double().view(1, 8)).flatten()  # float64
@@ -370,8 +463,9 @@ def test_trl_advantages_use_the_unbiased_std(tmp_path, tokenizer):
     ratio = (pop + 1e-6) / (pop * math.sqrt(8 / 7) + 1e-4)  # closed form, float64
     assert round(ratio, 3) == 0.935  # the number the module docstring and notebook 07 quote
     # TRL's float32 mean, variance (8 terms each), sqrt and division: at most 2G + 4 roundings
-    torch.testing.assert_close(trl_adv / native, torch.full_like(native, ratio),
-                               rtol=(2 * 8 + 4) * EPS32, atol=0)
+    torch.testing.assert_close(
+        trl_adv / native, torch.full_like(native, ratio), rtol=(2 * 8 + 4) * EPS32, atol=0
+    )
 
 
 class TwoProcesses:
@@ -402,8 +496,9 @@ class TwoProcesses:
 
 def _batch_and_states(tmp_path, tokenizer):
     """A trainer, a generated old-pass batch (8 rows: whole groups) and its hidden states."""
-    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE,
-                        scores_from_logps=False)
+    ours = make_trainer(
+        tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", nthr=SELECTIVE, scores_from_logps=False
+    )
     out = generate(ours)
     return ours, out, hidden_states(ours.model, out), torch.zeros(out["completion_ids"].shape)
 
@@ -437,15 +532,19 @@ def test_nthr_scoring_errors_raise_before_the_metrics_all_reduce(tmp_path, token
 
 
 @pytest.mark.parametrize("peer_failed", [0, 1], ids=["here", "other_process"])
-def test_lld_check_fires_before_the_gather_and_the_forward(tmp_path, tokenizer, peer_failed,
-                                                           monkeypatch):
+def test_lld_check_fires_before_the_gather_and_the_forward(
+    tmp_path, tokenizer, peer_failed, monkeypatch
+):
     ours, out, _, _ = _batch_and_states(tmp_path, tokenizer)
     batch = ours._lld_pending[-1]
     if not peer_failed:
         batch.old_seq[batch.correct.nonzero()[0]] = math.nan  # never recorded here
     ours.accelerator = acc = TwoProcesses(peer_failed)
-    monkeypatch.setattr(ours, "_get_per_token_logps_and_entropies",
-                        lambda *a, **k: pytest.fail("the LLD forward ran after a failed check"))
+    monkeypatch.setattr(
+        ours,
+        "_get_per_token_logps_and_entropies",
+        lambda *a, **k: pytest.fail("the LLD forward ran after a failed check"),
+    )
     with pytest.raises(RuntimeError, match="other process" if peer_failed else "never recorded"):
         LLDCallback()._measure(ours, batch)
     assert acc.calls == ["reduce1"]
@@ -461,17 +560,54 @@ def _free_port() -> int:
 def test_two_processes_score_whole_groups(tmp_path):
     """2 CPU processes (gloo), 6 rows each, G=4: group 1 = rows 4-7 straddles the processes."""
     dump = tmp_path / "dump"
-    # accelerate 1.15 spawns CPU processes only through torch.distributed.run (--multi_gpu) or mpirun;
-    # GRPOConfig(use_cpu=True) in the script keeps them on CPU with the gloo backend.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "scripts" / "train_trl.py"),
-           "--model_name_or_path", "tiny-random", "--task", "toy", "--max_steps", "2",
-           "--num_generations", str(G), "--per_device_train_batch_size", "6",
-           "--max_completion_length", "8",
-           "--nthr_beta", "1", "--nthr_eta", "0.5", "--nthr_anchor", "no_self_token", "--seed", "1",
-           "--output_dir", str(tmp_path / "out"), "--dump_dir", str(dump)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    # accelerate 1.15 spawns CPU processes only through torch.distributed.run (--multi_gpu) or
+    # mpirun; GRPOConfig(use_cpu=True) in the script keeps them on CPU with the gloo backend.
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "scripts" / "train_trl.py"),
+        "--model_name_or_path",
+        "tiny-random",
+        "--task",
+        "toy",
+        "--max_steps",
+        "2",
+        "--num_generations",
+        str(G),
+        "--per_device_train_batch_size",
+        "6",
+        "--max_completion_length",
+        "8",
+        "--nthr_beta",
+        "1",
+        "--nthr_eta",
+        "0.5",
+        "--nthr_anchor",
+        "no_self_token",
+        "--seed",
+        "1",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dump_dir",
+        str(dump),
+    ]
+    env = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -485,7 +621,9 @@ def test_two_processes_score_whole_groups(tmp_path):
     model = tiny_random_model(seed=0)
     recs = [torch.load(dump / f"step1_rank{r}.pt") for r in (0, 1)]
     width = max(r["completion_ids"].shape[1] for r in recs)
-    merged = {k: [] for k in ("rows", "completion_ids", "completion_mask", "hidden", "seq_advantages")}
+    merged = {
+        k: [] for k in ("rows", "completion_ids", "completion_mask", "hidden", "seq_advantages")
+    }
     for r, rec in enumerate(recs):
         assert sorted(rec["rows"].tolist()) == list(range(6 * r, 6 * r + 6))
         T = rec["completion_ids"].shape[1]
@@ -498,7 +636,9 @@ def test_two_processes_score_whole_groups(tmp_path):
         torch.testing.assert_close(rec["rewards"], parity, rtol=0, atol=0)
         pad = width - T
         merged["rows"].append(rec["rows"])
-        merged["completion_ids"].append(torch.nn.functional.pad(rec["completion_ids"], (0, pad), value=2))
+        merged["completion_ids"].append(
+            torch.nn.functional.pad(rec["completion_ids"], (0, pad), value=2)
+        )
         merged["completion_mask"].append(torch.nn.functional.pad(rec["completion_mask"], (0, pad)))
         merged["hidden"].append(torch.nn.functional.pad(hidden, (0, 0, 0, pad)))
         merged["seq_advantages"].append(rec["seq_advantages"])
@@ -510,10 +650,17 @@ def test_two_processes_score_whole_groups(tmp_path):
     straddling_mixed = rewards[4:8].min() != rewards[4:8].max()
     assert straddling_mixed, "--seed 1 gave a homogeneous straddling group here; pick another seed"
     assert 1 in recs[0]["groups_scored"].tolist() and 1 in recs[1]["groups_scored"].tolist()
-    ctx = SimpleNamespace(advantages=full["seq_advantages"][:, None].expand(-1, width).clone(),
-                          rewards=rewards.view(-1, G), group_size=G, completion_ids=full["completion_ids"],
-                          completion_mask=mask, hidden=full["hidden"],
-                          lm_head_weight=model.lm_head.weight.detach(), lm_head_bias=None, temperature=1.0)
+    ctx = SimpleNamespace(
+        advantages=full["seq_advantages"][:, None].expand(-1, width).clone(),
+        rewards=rewards.view(-1, G),
+        group_size=G,
+        completion_ids=full["completion_ids"],
+        completion_mask=mask,
+        hidden=full["hidden"],
+        lm_head_weight=model.lm_head.weight.detach(),
+        lm_head_bias=None,
+        temperature=1.0,
+    )
     expected, metrics = nthr_advantage_fn(SELECTIVE, dtype=torch.float64, use_logps=False)(ctx)
     for rec in recs:
         T = rec["completion_ids"].shape[1]
@@ -525,17 +672,29 @@ def test_two_processes_score_whole_groups(tmp_path):
 
 
 def test_math_answer_reward_in_trls_calling_convention():
-    completions = ["2 + 2 = 4. The answer is \\boxed{4}.", [{"role": "assistant", "content": "\\boxed{5}"}], "4"]
+    completions = [
+        "2 + 2 = 4. The answer is \\boxed{4}.",
+        [{"role": "assistant", "content": "\\boxed{5}"}],
+        "4",
+    ]
     # TRL passes the dataset's columns (answer, possibly ints) and its own keywords
-    assert math_answer_reward(completions, answer=[4, "4", "4"], prompts=["p"] * 3) == [1.0, 0.0, 0.0]
-    assert math_answer_reward(completions[2:], answer=["4"], require_boxed=False) == [1.0]  # unboxed allowed
+    assert math_answer_reward(completions, answer=[4, "4", "4"], prompts=["p"] * 3) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
+    assert math_answer_reward(completions[2:], answer=["4"], require_boxed=False) == [
+        1.0
+    ]  # unboxed allowed
 
 
 def test_prompt_dataset_columns(tokenizer):
     from nthr_book.data import build_prompt
 
-    problems = [{"id": "a", "problem": "What is 3 + 4?", "answer": 7}, {"id": "b", "problem": "What is 2 * 5?",
-                                                                         "answer": "10"}]
+    problems = [
+        {"id": "a", "problem": "What is 3 + 4?", "answer": 7},
+        {"id": "b", "problem": "What is 2 * 5?", "answer": "10"},
+    ]
     ds = prompt_dataset(problems, tokenizer, "arithmetic")
     assert ds.column_names == ["prompt", "answer"] and ds["answer"] == ["7", "10"]
     assert ds["prompt"][1] == build_prompt(tokenizer, "What is 2 * 5?", "arithmetic")
@@ -543,15 +702,18 @@ def test_prompt_dataset_columns(tokenizer):
 
 def test_generation_ignores_the_models_own_generation_config(tmp_path, tokenizer):
     """Samples are softmax(logits / T) whatever the model's stored generation settings say."""
+
     def completions(model) -> torch.Tensor:
-        trainer = make_trainer(tmp_path / str(id(model)), tokenizer, model=model, nthr=None,
-                               track_lld=False)
+        trainer = make_trainer(
+            tmp_path / str(id(model)), tokenizer, model=model, nthr=None, track_lld=False
+        )
         return generate(trainer)["completion_ids"]
 
     dirty = tiny_random_model(seed=0)
     # fields TRL leaves None, which transformers would fill from the model's own config
-    dirty.generation_config.update(no_repeat_ngram_size=1, typical_p=0.2, min_p=0.5,
-                                   epsilon_cutoff=0.1)
+    dirty.generation_config.update(
+        no_repeat_ngram_size=1, typical_p=0.2, min_p=0.5, epsilon_cutoff=0.1
+    )
     before = dirty.generation_config.to_dict()
     assert torch.equal(completions(dirty), completions(tiny_random_model(seed=0)))
     assert dirty.generation_config.to_dict() == before  # set aside for the call, then put back

@@ -1,4 +1,5 @@
-"""Tests for nthr_book.viz: plots checked by the data they draw, HTML by its spans (arXiv 2505.18830)."""
+"""Tests for nthr_book.viz: plots checked by the data they draw, HTML by its spans (arXiv
+2505.18830)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SCORE_RTOL = 0.5e-5
 @pytest.fixture(autouse=True)
 def _no_show_and_close(monkeypatch):
     """Every test: plt.show raises (no plot function may call it); figures are closed afterwards."""
+
     def boom(*args, **kwargs):
         raise AssertionError("plt.show() was called")
 
@@ -53,8 +55,11 @@ def _displacement_df() -> pd.DataFrame:
         "q2": (0.05, 0.50, 0.20),
         "q3": (0.00, 0.02, 0.01),
     }
-    rows = [{"id": q, "method": m, "delta": d[j]}
-            for q, d in deltas.items() for j, m in enumerate(("grpo", "pos_only", "nthr"))]
+    rows = [
+        {"id": q, "method": m, "delta": d[j]}
+        for q, d in deltas.items()
+        for j, m in enumerate(("grpo", "pos_only", "nthr"))
+    ]
     return pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # row order must not matter
 
 
@@ -71,7 +76,11 @@ def test_plot_displacement_bars_sorted_by_grpo():
     xs = np.array([[p.get_x() for p in c.patches] for c in ax.containers])
     assert (np.diff(xs, axis=0) > 0).all()
     assert ax.get_ylabel() == "Δ ln π(y+|x)"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "Pos Only", "GRPO + NTHR"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "GRPO",
+        "Pos Only",
+        "GRPO + NTHR",
+    ]
     assert any(np.array_equal(line.get_ydata(), [0.0, 0.0]) for line in ax.lines)  # the zero line
 
 
@@ -98,7 +107,9 @@ def test_plot_displacement_errors_name_the_problem():
 def test_plot_displacement_draws_into_given_axes_and_saves(tmp_path):
     fig, ax = plt.subplots()
     before = plt.get_fignums()
-    out = viz.plot_displacement(_displacement_df(), ax=ax, title="t", save=tmp_path / "sub" / "fig1.png")
+    out = viz.plot_displacement(
+        _displacement_df(), ax=ax, title="t", save=tmp_path / "sub" / "fig1.png"
+    )
     assert out is ax and plt.get_fignums() == before
     assert (tmp_path / "sub" / "fig1.png").stat().st_size > 0
     assert ax.get_title() == "t"
@@ -106,7 +117,9 @@ def test_plot_displacement_draws_into_given_axes_and_saves(tmp_path):
 
 # ------------------------------------------------------------------ HTML token views
 
-_SPAN = re.compile(r'<span class="(nthr-token(?: nthr-selected)?)" data-score="([^"]*)" title="([^"]*)"')
+_SPAN = re.compile(
+    r'<span class="(nthr-token(?: nthr-selected)?)" data-score="([^"]*)" title="([^"]*)"'
+)
 
 
 def test_render_token_scores_html_counts_scores_and_escaping():
@@ -181,7 +194,8 @@ def test_render_group_html_header_and_counts():
 
 
 class _ByteTokenizer:
-    """Fake byte-level tokenizer: id i is byte i; decode joins the bytes (partial UTF-8 -> U+FFFD)."""
+    """Fake byte-level tokenizer: id i is byte i; decode joins the bytes (partial UTF-8 ->
+    U+FFFD)."""
 
     def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
         return bytes(ids).decode("utf-8", errors="replace")
@@ -200,7 +214,8 @@ def test_tokens_for_display_pieces_rebuild_the_text():
 
 
 class _SentencePieceLike:
-    """Fake SentencePiece tokenizer: decode drops the leading space of the text (so per-id decode loses it)."""
+    """Fake SentencePiece tokenizer: decode drops the leading space of the text (so per-id decode
+    loses it)."""
 
     vocab = {0: "\u2581Hello", 1: "\u2581world", 2: "!", 3: "<|im_end|>"}
 
@@ -224,7 +239,9 @@ def test_token_influence_matrix_matches_loop():
     expected = torch.empty(3, 4, dtype=torch.float64)
     for t in range(3):
         for k in range(4):
-            expected[t, k] = float(g_a[t].double() @ g_b[k].double()) * float(h_a[t].double() @ h_b[k].double())
+            expected[t, k] = float(g_a[t].double() @ g_b[k].double()) * float(
+                h_a[t].double() @ h_b[k].double()
+            )
     out = viz.token_influence_matrix(g_a, h_a, g_b, h_b)
     assert out.shape == (3, 4) and out.dtype == torch.float32
     # float32 rounding bound: a 7-term and a 5-term dot product and their product, (7 + 5 + 1)·eps
@@ -260,7 +277,9 @@ def test_plot_token_influence_precomputed_matrix_and_given_axes():
     m = np.arange(12.0).reshape(3, 4) - 5
     fig, ax = plt.subplots()
     before = plt.get_fignums()
-    out = viz.plot_token_influence(matrix=m, tokens_incorrect=["a", "b", "c"], tokens_correct=list("wxyz"), ax=ax)
+    out = viz.plot_token_influence(
+        matrix=m, tokens_incorrect=["a", "b", "c"], tokens_correct=list("wxyz"), ax=ax
+    )
     assert out is ax and plt.get_fignums() == before
     np.testing.assert_array_equal(np.asarray(ax.collections[0].get_array()).reshape(3, 4), m)
     with pytest.raises(ValueError, match="tokens_correct"):
@@ -291,7 +310,9 @@ def test_plot_score_histogram_counts_and_tau_line():
 
 def test_plot_score_histogram_infinite_tau_draws_no_line():
     scores = torch.tensor([[0.1, 0.5], [1.0, 2.0]])
-    ax = viz.plot_score_histogram(scores, torch.ones(2, 2), torch.tensor([0.0, 1.0]), tau=float("-inf"))
+    ax = viz.plot_score_histogram(
+        scores, torch.ones(2, 2), torch.tensor([0.0, 1.0]), tau=float("-inf")
+    )
     assert len(ax.lines) == 0
     with pytest.raises(ValueError, match="correct"):
         viz.plot_score_histogram(scores, torch.ones(2, 2), torch.tensor([1.0]))
@@ -306,8 +327,16 @@ def _metrics_df() -> pd.DataFrame:
     for method in ("grpo", "nthr"):
         for seed in (0, 1, 2):
             for step in range(5):
-                rows.append({"step": step, "method": method, "seed": seed, "reward_mean": rng.random(),
-                             "kl": rng.random() / 10, "completion_length": float(rng.integers(10, 50))})
+                rows.append(
+                    {
+                        "step": step,
+                        "method": method,
+                        "seed": seed,
+                        "reward_mean": rng.random(),
+                        "kl": rng.random() / 10,
+                        "completion_length": float(rng.integers(10, 50)),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -317,15 +346,18 @@ def test_plot_training_curves_panels_and_mean_over_seeds():
     present = ["reward_mean", "kl", "completion_length"]
     assert len(axes) == 3 and [ax.get_title() for ax in axes] == present
     fig = axes[0].figure
-    assert "lld/rate" in fig._suptitle.get_text() and "nthr/selected_frac" in fig._suptitle.get_text()
+    assert (
+        "lld/rate" in fig._suptitle.get_text() and "nthr/selected_frac" in fig._suptitle.get_text()
+    )
     for ax, metric in zip(axes, present):
         assert len(ax.lines) == 2
         for line, method in zip(ax.lines, ("grpo", "nthr")):
             expected = df[df.method == method].groupby("step")[metric].mean()
             np.testing.assert_array_equal(line.get_xdata(), expected.index.to_numpy())
             # a mean of 3 positive seeds, summed in whatever order: (3 + 1) roundings, relatively
-            np.testing.assert_allclose(line.get_ydata(), expected.to_numpy(), rtol=4 * EPS64,
-                                       atol=0.0)
+            np.testing.assert_allclose(
+                line.get_ydata(), expected.to_numpy(), rtol=4 * EPS64, atol=0.0
+            )
         # band = mean ± sd over seeds: a mean and a std of 3 numbers, at the scale of the largest
         # value
         band = ax.collections[0].get_paths()[0].vertices[:, 1]
@@ -337,8 +369,14 @@ def test_plot_training_curves_panels_and_mean_over_seeds():
 
 
 def test_plot_training_curves_repeated_steps_count_once_and_nan_skipped():
-    df = pd.DataFrame({"step": [0, 0, 1, 0, 1, 1], "method": ["grpo"] * 6, "seed": [0, 0, 0, 1, 1, 1],
-                       "kl": [1.0, 3.0, 5.0, 10.0, np.nan, 20.0]})
+    df = pd.DataFrame(
+        {
+            "step": [0, 0, 1, 0, 1, 1],
+            "method": ["grpo"] * 6,
+            "seed": [0, 0, 0, 1, 1, 1],
+            "kl": [1.0, 3.0, 5.0, 10.0, np.nan, 20.0],
+        }
+    )
     axes = viz.plot_training_curves(df, metrics=("kl",), band="minmax")
     line = axes[0].lines[0]
     # seed 0: step0 mean(1,3)=2, step1 5; seed 1: step0 10, step1 20 -> means 6, 12.5
@@ -387,9 +425,16 @@ def test_load_metrics_from_config_and_path(tmp_path):
     t = tmp_path / "trainer_style"  # nthr_book.trainer nests the config under "config"
     t.mkdir()
     pd.DataFrame({"step": [0], "kl": [0.9]}).to_csv(t / "metrics.csv", index=False)
-    (t / "config.json").write_text(json.dumps({"config": {"method": "pos_only", "seed": 1}, "versions": {}}))
+    (t / "config.json").write_text(
+        json.dumps({"config": {"method": "pos_only", "seed": 1}, "versions": {}})
+    )
     df = viz.load_metrics([a, str(b), t])
-    assert df[["method", "seed"]].values.tolist() == [["grpo", 3], ["grpo", 3], ["nthr", 7], ["pos_only", 1]]
+    assert df[["method", "seed"]].values.tolist() == [
+        ["grpo", 3],
+        ["grpo", 3],
+        ["nthr", 7],
+        ["pos_only", 1],
+    ]
     assert df["kl"].tolist() == [0.1, 0.2, 0.5, 0.9] and df["run"].iloc[2] == str(b)
     c = tmp_path / "nameless"
     c.mkdir()
@@ -404,13 +449,15 @@ def test_load_metrics_from_config_and_path(tmp_path):
 
 
 def test_plot_benchmark_table_bars_and_error_bars():
-    df = pd.DataFrame({
-        "benchmark": ["MATH500", "AMC23", "MATH500", "AMC23"],
-        "method": ["grpo", "grpo", "nthr", "nthr"],
-        "accuracy": [33.8, 7.5, 36.6, 10.0],
-        "ci_low": [29.8, 2.0, 32.4, 4.0],
-        "ci_high": [38.0, 20.0, 41.0, 23.0],
-    })
+    df = pd.DataFrame(
+        {
+            "benchmark": ["MATH500", "AMC23", "MATH500", "AMC23"],
+            "method": ["grpo", "grpo", "nthr", "nthr"],
+            "accuracy": [33.8, 7.5, 36.6, 10.0],
+            "ci_low": [29.8, 2.0, 32.4, 4.0],
+            "ci_high": [38.0, 20.0, 41.0, 23.0],
+        }
+    )
     ax = viz.plot_benchmark_table(df)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["MATH500", "AMC23"]
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
@@ -419,8 +466,12 @@ def test_plot_benchmark_table_bars_and_error_bars():
     np.testing.assert_array_equal(_heights(bars[1]), [36.6, 10.0])
     segments = bars[1].errorbar.lines[2][0].get_segments()
     # error bars are drawn as accuracy ∓ (accuracy - ci): two roundings at the scale of the accuracy
-    np.testing.assert_allclose([[s[0][1], s[1][1]] for s in segments], [[32.4, 41.0], [4.0, 23.0]],
-                               rtol=0.0, atol=2 * EPS64 * 41.0)
+    np.testing.assert_allclose(
+        [[s[0][1], s[1][1]] for s in segments],
+        [[32.4, 41.0], [4.0, 23.0]],
+        rtol=0.0,
+        atol=2 * EPS64 * 41.0,
+    )
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "GRPO + NTHR"]
     bad = df.assign(ci_low=[40.0, 2.0, 32.4, 4.0])
     with pytest.raises(ValueError, match=r"rows \[0\]"):
@@ -428,19 +479,36 @@ def test_plot_benchmark_table_bars_and_error_bars():
 
 
 def test_plot_benchmark_table_several_models_pair_model_and_method():
-    df = pd.DataFrame({"benchmark": ["MATH500"] * 3, "model": ["0.5B", "0.5B", "1.5B"],
-                       "method": ["grpo", "nthr", "grpo"], "accuracy": [0.3, 0.35, 0.5],
-                       "ci_low": [0.25, 0.3, 0.45], "ci_high": [0.35, 0.4, 0.55]})
+    df = pd.DataFrame(
+        {
+            "benchmark": ["MATH500"] * 3,
+            "model": ["0.5B", "0.5B", "1.5B"],
+            "method": ["grpo", "nthr", "grpo"],
+            "accuracy": [0.3, 0.35, 0.5],
+            "ci_low": [0.25, 0.3, 0.45],
+            "ci_high": [0.35, 0.4, 0.55],
+        }
+    )
     ax = viz.plot_benchmark_table(df)
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0.5B / GRPO", "0.5B / GRPO + NTHR",
-                                                                    "1.5B / GRPO"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "0.5B / GRPO",
+        "0.5B / GRPO + NTHR",
+        "1.5B / GRPO",
+    ]
     np.testing.assert_array_equal([_heights(b)[0] for b in bars], [0.3, 0.35, 0.5])
 
 
 def test_plot_benchmark_table_reads_evaluate_rows():
-    df = pd.DataFrame({"label": ["grpo", "nthr"], "benchmark": ["AMC23", "AMC23"], "accuracy_pct": [7.5, 10.0],
-                       "ci_low_pct": [2.6, 4.0], "ci_high_pct": [19.9, 23.1]})
+    df = pd.DataFrame(
+        {
+            "label": ["grpo", "nthr"],
+            "benchmark": ["AMC23", "AMC23"],
+            "accuracy_pct": [7.5, 10.0],
+            "ci_low_pct": [2.6, 4.0],
+            "ci_high_pct": [19.9, 23.1],
+        }
+    )
     ax = viz.plot_benchmark_table(df)
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     np.testing.assert_array_equal([_heights(b)[0] for b in bars], [7.5, 10.0])
@@ -468,8 +536,18 @@ def test_no_plot_function_creates_a_figure_when_given_axes():
     before = plt.get_fignums()
     viz.plot_success_histogram([0.5], ax=axs[0], group_size=2)
     viz.plot_score_histogram(torch.ones(1, 2), torch.ones(1, 2), torch.tensor([True]), ax=axs[1])
-    viz.plot_benchmark_table(pd.DataFrame({"benchmark": ["b"], "method": ["grpo"], "accuracy": [0.5],
-                                           "ci_low": [0.4], "ci_high": [0.6]}), ax=axs[2])
+    viz.plot_benchmark_table(
+        pd.DataFrame(
+            {
+                "benchmark": ["b"],
+                "method": ["grpo"],
+                "accuracy": [0.5],
+                "ci_low": [0.4],
+                "ci_high": [0.6],
+            }
+        ),
+        ax=axs[2],
+    )
     viz.plot_displacement(_displacement_df(), ax=axs[3])
     viz.plot_token_influence(matrix=np.eye(2), ax=axs[4])
     assert plt.get_fignums() == before

@@ -1,7 +1,7 @@
 """Tests for nthr_book.widgets: the threshold explorer, checked by setting its controls' .value.
 
-Headless. The model, groups and scores are ``tests/explorer_cases.py``'s (fixtures in ``tests/conftest.py``);
-the numbers behind the widget are tested in ``tests/test_explorer.py``.
+Headless. The model, groups and scores are ``tests/explorer_cases.py``'s (fixtures in
+``tests/conftest.py``); the numbers behind the widget are tested in ``tests/test_explorer.py``.
 """
 
 from __future__ import annotations
@@ -41,9 +41,17 @@ def _most_selected_row(gs: explorer.GroupScores, beta: float, vocab: str = "gene
 # --------------------------------------------------------------------------------------------
 
 
-def _check_view(ex: widgets.ThresholdExplorer, gs: explorer.GroupScores, beta: float, eta,
-                vocab: str, response: int, anchor: str = "all"):
-    """The explorer's state and HTML against nthr.threshold / select_tokens / eta_for at these settings."""
+def _check_view(
+    ex: widgets.ThresholdExplorer,
+    gs: explorer.GroupScores,
+    beta: float,
+    eta,
+    vocab: str,
+    response: int,
+    anchor: str = "all",
+):
+    """The explorer's state and HTML against nthr.threshold / select_tokens / eta_for at these
+    settings."""
     s, mask, correct = gs.scores(vocab), gs.completion_mask, gs.correct
     pairs = None if anchor == "all" else gs.anchor_pairs[vocab][anchor]
     tau = nthr.threshold(s, mask, correct, beta, anchor_pairs=pairs)
@@ -58,18 +66,31 @@ def _check_view(ex: widgets.ThresholdExplorer, gs: explorer.GroupScores, beta: f
     assert _n_selected_spans(text) == int(sel[response].sum())
     assert f'data-response="{response}"' in text
     assert f'data-n-selected-group="{int(sel.sum())}"' in text
-    assert ("data-tau=\"-inf\"" if tau == -math.inf else f'data-tau="{tau!r}"') in text
+    assert ('data-tau="-inf"' if tau == -math.inf else f'data-tau="{tau!r}"') in text
     assert 'src="data:image/png;base64,' in text  # the histogram
-    assert f"<b>{int(sel.sum())}</b> of {int(((~correct)[:, None] & mask).sum())} incorrect tokens" in text
+    assert (
+        f"<b>{int(sel.sum())}</b> of {int(((~correct)[:, None] & mask).sum())} incorrect tokens"
+        in text
+    )
     return st
 
 
 def test_widget_controls_drive_tau_counts_and_html(explorer_groups, explorer_scores):
-    ex = widgets.threshold_explorer(explorer_groups, scores=explorer_scores, beta=1.0, eta="two_abs")
+    ex = widgets.threshold_explorer(
+        explorer_groups, scores=explorer_scores, beta=1.0, eta="two_abs"
+    )
     c = ex.controls
     assert isinstance(ex, widgets.ThresholdExplorer)
-    assert set(c) == {"question", "response", "beta_neg_inf", "beta", "eta", "vocab", "anchor",
-                      "run"}
+    assert set(c) == {
+        "question",
+        "response",
+        "beta_neg_inf",
+        "beta",
+        "eta",
+        "vocab",
+        "anchor",
+        "run",
+    }
     assert [label for label, _ in c["question"].options][0].startswith("q0")
     assert len(c["question"].options) == 2  # the homogeneous group is left out
     assert c["run"].disabled  # no model: no Δ(x) button
@@ -112,29 +133,39 @@ def test_widget_controls_drive_tau_counts_and_html(explorer_groups, explorer_sco
 
 
 def test_widget_anchor_control_moves_tau_only(explorer_groups, explorer_scores):
-    ex = widgets.threshold_explorer(explorer_groups, scores=explorer_scores, beta=1.0, eta="two_abs")
+    ex = widgets.threshold_explorer(
+        explorer_groups, scores=explorer_scores, beta=1.0, eta="two_abs"
+    )
     c = ex.controls
     assert c["anchor"].options == nthr.ANCHORS and c["anchor"].value == "all"
     base = ex.state()
     for anchor in ("other_responses", "no_self_token", "all"):
         c["anchor"].value = anchor
-        st = _check_view(ex, explorer_scores[0], 1.0, "two_abs", "generated", c["response"].value, anchor)
+        st = _check_view(
+            ex, explorer_scores[0], 1.0, "two_abs", "generated", c["response"].value, anchor
+        )
         kept = ex.current_scores().scores("generated")  # the scores stay as they are
         assert torch.equal(kept, explorer_scores[0].scores("generated"))
         if anchor != "all":
             assert st.tau != base.tau  # leaving pairs out moves s̄+ and τ
     c["vocab"].value = "full"
     c["anchor"].value = "other_responses"
-    _check_view(ex, explorer_scores[0], 1.0, "two_abs", "full", c["response"].value, "other_responses")
+    _check_view(
+        ex, explorer_scores[0], 1.0, "two_abs", "full", c["response"].value, "other_responses"
+    )
     other = explorer.explorer_state(explorer_scores[0], anchor="other_responses")
     assert other.summary()["anchor"] == "other_responses"
-    snap = widgets.explorer_snapshot(explorer_groups, beta=1.0, scores=explorer_scores, anchor="other_responses")
+    snap = widgets.explorer_snapshot(
+        explorer_groups, beta=1.0, scores=explorer_scores, anchor="other_responses"
+    )
     assert f'data-tau="{other.tau!r}"' in snap.data
     with pytest.raises(ValueError, match="anchor='x'"):
         widgets.threshold_explorer(explorer_groups, scores=explorer_scores, anchor="x")
 
 
-def test_widget_computes_scores_once_per_question_and_vocab(explorer_model, explorer_groups, explorer_scores):
+def test_widget_computes_scores_once_per_question_and_vocab(
+    explorer_model, explorer_groups, explorer_scores
+):
     ex = widgets.threshold_explorer(explorer_groups, model=explorer_model, lr=1e-2)
     assert ex.scores.computed == 1  # the first question, generated vocabulary
     c = ex.controls
@@ -153,13 +184,16 @@ def test_widget_computes_scores_once_per_question_and_vocab(explorer_model, expl
     assert ex.scores.computed == 2
     # computed scores equal the precomputed ones: the same forward pass and kernel, so bit for bit
     for vocab in ("full", "generated"):
-        torch.testing.assert_close(ex.current_scores().scores(vocab), explorer_scores[0].scores(vocab),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            ex.current_scores().scores(vocab), explorer_scores[0].scores(vocab), rtol=0, atol=0
+        )
     assert not c["run"].disabled
 
 
 def test_run_button_shows_nthr_and_grpo_delta(explorer_model, explorer_groups, explorer_scores):
-    ex = widgets.threshold_explorer(explorer_groups, scores=explorer_scores, model=explorer_model, lr=1e-2, eta=0.0)
+    ex = widgets.threshold_explorer(
+        explorer_groups, scores=explorer_scores, model=explorer_model, lr=1e-2, eta=0.0
+    )
     c = ex.controls
     c["beta"].value = round(interior_beta(explorer_scores[0]), 2)
     st = ex.state()
@@ -167,8 +201,15 @@ def test_run_button_shows_nthr_and_grpo_delta(explorer_model, explorer_groups, e
     assert not c["run"].disabled and ex.outputs["progress"].value == 2
     result = ex.outputs["result"].value
     assert "Δ(x)" in result and "GRPO" in result, ex.outputs["status"].value
-    ref_nthr = lld.one_step_displacement(explorer_model, explorer_groups[0], update="nthr", lr=1e-2, eta=0.0, beta=st.beta,
-                                         selected=st.selected)
+    ref_nthr = lld.one_step_displacement(
+        explorer_model,
+        explorer_groups[0],
+        update="nthr",
+        lr=1e-2,
+        eta=0.0,
+        beta=st.beta,
+        selected=st.selected,
+    )
     ref_grpo = lld.one_step_displacement(explorer_model, explorer_groups[0], update="grpo", lr=1e-2)
     assert f"<b>{ref_nthr.delta:+.4g}</b>" in result
     assert f"<b>{ref_grpo.delta:+.4g}</b>" in result
@@ -188,8 +229,15 @@ def test_snapshot_shows_the_same_counts(explorer_groups, explorer_scores):
     assert _n_selected_spans(snap.data) == _n_selected_spans(ex.view_html) == max(st.n_selected)
     assert f'data-n-selected-group="{st.n_selected_group}"' in snap.data
     assert f'data-tau="{st.tau!r}"' in snap.data
-    neg = widgets.explorer_snapshot(explorer_groups, beta=-math.inf, eta=0.0, scores=explorer_scores,
-                                    question="q1", response=3, vocab="full")
+    neg = widgets.explorer_snapshot(
+        explorer_groups,
+        beta=-math.inf,
+        eta=0.0,
+        scores=explorer_scores,
+        question="q1",
+        response=3,
+        vocab="full",
+    )
     assert _n_selected_spans(neg.data) == 2 and 'data-tau="-inf"' in neg.data
 
 
@@ -204,14 +252,19 @@ def test_explorer_errors_are_clear(explorer_groups, explorer_scores, explorer_mo
         widgets.explorer_snapshot(explorer_groups, scores=explorer_scores, response=0)
     with pytest.raises(ValueError, match="not a mixed question"):
         widgets.explorer_snapshot(explorer_groups, scores=explorer_scores, question="q2")
-    wrong = explorer.GroupScores.from_group(explorer_groups[2],
-                                            {"generated": explorer_scores[1].scores("generated")})
+    wrong = explorer.GroupScores.from_group(
+        explorer_groups[2], {"generated": explorer_scores[1].scores("generated")}
+    )
     with pytest.raises(ValueError, match="does not match"):
-        widgets.threshold_explorer(explorer_groups, scores=[explorer_scores[0], wrong.__class__(
-            **{**wrong.__dict__, "question_id": "q0"})])
+        widgets.threshold_explorer(
+            explorer_groups,
+            scores=[explorer_scores[0], wrong.__class__(**{**wrong.__dict__, "question_id": "q0"})],
+        )
     # precomputed generated scores only, no model: the full view says what is missing
-    only_gen = [explorer.GroupScores.from_group(g, {"generated": s.scores("generated")})
-                for g, s in zip([explorer_groups[0], explorer_groups[2]], explorer_scores)]
+    only_gen = [
+        explorer.GroupScores.from_group(g, {"generated": s.scores("generated")})
+        for g, s in zip([explorer_groups[0], explorer_groups[2]], explorer_scores)
+    ]
     ex = widgets.threshold_explorer(explorer_groups, scores=only_gen)
     ex.controls["anchor"].value = "no_self_token"  # scores given without anchor pairs
     assert "no 'generated' scores with 'no_self_token' pairs" in ex.view_html

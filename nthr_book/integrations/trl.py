@@ -113,8 +113,15 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         "nthr_book.integrations.trl needs TRL (tested with trl==1.16.0): pip install -e '.[trl]'"
     ) from err
 
-__all__ = ["LLDCallback", "NTHRConfig", "NTHRGRPOTrainer", "low_precision_logits",
-           "math_answer_reward", "prompt_dataset", "trl_runs_old_pass"]
+__all__ = [
+    "LLDCallback",
+    "NTHRConfig",
+    "NTHRGRPOTrainer",
+    "low_precision_logits",
+    "math_answer_reward",
+    "prompt_dataset",
+    "trl_runs_old_pass",
+]
 
 # Keys this trainer adds to TRL's batch dict (tensors with a leading batch dim, or 0-d; TRL's
 # shuffle and split pass them through): global row id, reward, TRL's (B,) advantages, two 0-d flags.
@@ -153,8 +160,10 @@ def _raise_on_any_process(accelerator: Any, error: BaseException | None) -> None
         flag = torch.tensor([float(error is not None)], device=accelerator.device)
         failed = float(accelerator.reduce(flag, reduction="sum").item())
         if error is None and failed > 0:
-            raise RuntimeError(f"NTHRGRPOTrainer: {failed:g} other process(es) failed a check "
-                               "here; their error says why")
+            raise RuntimeError(
+                f"NTHRGRPOTrainer: {failed:g} other process(es) failed a check "
+                "here; their error says why"
+            )
     if error is not None:
         raise error
 
@@ -215,8 +224,9 @@ class LLDCallback(TrainerCallback):
         rows = batch.correct.nonzero().squeeze(-1)  # (n,) local correct rows
         error = None
         if bool(batch.old_seq[rows].isnan().any()):
-            error = RuntimeError("LLDCallback: old log-probs of a generation batch were never "
-                                 "recorded")
+            error = RuntimeError(
+                "LLDCallback: old log-probs of a generation batch were never recorded"
+            )
         _raise_on_any_process(acc, error)  # before the gather and the forward (ZeRO-3 collectives)
         # Every process runs the same number of forward calls (ZeRO-3 gathers parameters per call).
         n_max = int(acc.gather(torch.tensor([rows.numel()], device=acc.device)).max())
@@ -228,8 +238,12 @@ class LLDCallback(TrainerCallback):
         ckpt_kwargs = trainer.args.gradient_checkpointing_kwargs
         with disable_gradient_checkpointing(trainer.model, ckpt_kwargs):
             logps, _, _ = trainer._get_per_token_logps_and_entropies(
-                trainer.model, batch.input_ids[idx], batch.attention_mask[idx], T,
-                batch_size=trainer.args.per_device_train_batch_size)
+                trainer.model,
+                batch.input_ids[idx],
+                batch.attention_mask[idx],
+                T,
+                batch_size=trainer.args.per_device_train_batch_size,
+            )
         mask = batch.completion_mask[idx].to(logps.dtype)
         new_seq = (logps * mask).sum(-1)[: rows.numel()]  # (n,)
         delta = new_seq.float() - batch.old_seq[rows]
@@ -256,11 +270,20 @@ class NTHRGRPOTrainer(GRPOTrainer):
     local tensors in ``self.nthr_record`` on CPU, for tests).
     """
 
-    def __init__(self, *args: Any, nthr: NTHRConfig | None = None, track_lld: bool = True,
-                 lld_eps: float = 0.0, correct_threshold: float = 0.5,
-                 correct_reward: str | int | None = None, score_dtype: torch.dtype = torch.float32,
-                 chunk_size: int | None = None, scores_from_logps: bool | None = None,
-                 record_nthr: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        nthr: NTHRConfig | None = None,
+        track_lld: bool = True,
+        lld_eps: float = 0.0,
+        correct_threshold: float = 0.5,
+        correct_reward: str | int | None = None,
+        score_dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+        scores_from_logps: bool | None = None,
+        record_nthr: bool = False,
+        **kwargs: Any,
+    ):
         if nthr is not None and not isinstance(nthr, NTHRConfig):
             raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
         is_correct(0.0, correct_threshold)  # validates the threshold (NaN refused)
@@ -296,12 +319,16 @@ class NTHRGRPOTrainer(GRPOTrainer):
         names = list(self.reward_func_names)
         if isinstance(correct_reward, str):
             if correct_reward not in names:
-                raise ValueError(f"correct_reward={correct_reward!r}: not a reward function name, "
-                                 f"expected one of {names}")
+                raise ValueError(
+                    f"correct_reward={correct_reward!r}: not a reward function name, "
+                    f"expected one of {names}"
+                )
             return names.index(correct_reward)
         if not 0 <= int(correct_reward) < len(names):
-            raise ValueError(f"correct_reward={correct_reward}: index out of range for "
-                             f"{len(names)} reward functions")
+            raise ValueError(
+                f"correct_reward={correct_reward}: index out of range for "
+                f"{len(names)} reward functions"
+            )
         return int(correct_reward)
 
     def _unwrapped(self):
@@ -309,7 +336,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
         return model.get_base_model() if is_peft_model(model) else model
 
     def _softcap(self) -> float | None:
-        """The model's final logit soft-cap c (Gemma), which NTHR's logits apply too; None if unset."""
+        """The model's final logit soft-cap c (Gemma), which NTHR's logits apply too; None if
+        unset."""
         return lm_head(self._unwrapped()).softcap
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any):
@@ -324,9 +352,12 @@ class NTHRGRPOTrainer(GRPOTrainer):
         model = self._unwrapped()
         own = model.generation_config
         model.generation_config = generation_config(
-            max_new_tokens=self.max_completion_length, temperature=float(self.temperature or 1.0),
-            eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id,
-            bos_token_id=own.bos_token_id)
+            max_new_tokens=self.max_completion_length,
+            temperature=float(self.temperature or 1.0),
+            eos_token_id=own.eos_token_id,
+            pad_token_id=own.pad_token_id,
+            bos_token_id=own.bos_token_id,
+        )
         try:
             return super()._generate_single_turn(*args, **kwargs)
         finally:
@@ -334,13 +365,14 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     def _check_plain_lm_head(self) -> None:
         cfg = self._unwrapped().config.get_text_config()
-        for name in ("logit_scale", "output_multiplier",
-                     "lm_head_multiplier", "logits_scaling"):
+        for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
             value = getattr(cfg, name, None)
             if value is not None and value != 1.0:
-                raise ValueError(f"NTHRGRPOTrainer: the model config sets {name}={value}; NTHR "
-                                 "scores read the plain LM head (hidden @ W.T + b) / temperature "
-                                 "and would not match TRL's log-probs")
+                raise ValueError(
+                    f"NTHRGRPOTrainer: the model config sets {name}={value}; NTHR "
+                    "scores read the plain LM head (hidden @ W.T + b) / temperature "
+                    "and would not match TRL's log-probs"
+                )
 
     # ---- interception of TRL's passes ----------------------------------------------------------
     def _is_policy(self, model) -> bool:
@@ -348,34 +380,39 @@ class NTHRGRPOTrainer(GRPOTrainer):
         same = model is self.model or model is self.model_wrapped
         return same or unwrap(model) is unwrap(self.model)
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                           *args, **kwargs):
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    ):
         cap = self._capture
         if cap is None or not self._is_policy(model):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-                                                              logits_to_keep, *args, **kwargs)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
         self._capture = None  # exactly one pass: the next call (PEFT's reference pass) is TRL's
         handle = None
         if cap.want_hidden:
+
             def hook(module, hook_args, output):
                 h = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
                 # TRL's fused head scores last_hidden_state[:, :-1] against labels[:, 1:] and
                 # keeps the last logits_to_keep positions: states L-1-T .. L-2 predict the T
                 # completion tokens.
-                cap.chunks.append(h[:, -logits_to_keep - 1:-1].detach())
+                cap.chunks.append(h[:, -logits_to_keep - 1 : -1].detach())
 
             handle = self._unwrapped().base_model.register_forward_hook(hook)
         try:
-            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-                                                             logits_to_keep, *args, **kwargs)
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
         finally:
             if handle is not None:
                 handle.remove()
         cap.logps = out[0].detach()
         if cap.want_hidden:
             if not cap.chunks:
-                raise RuntimeError("NTHRGRPOTrainer: the backbone forward hook did not fire "
-                                   "during the policy pass")
+                raise RuntimeError(
+                    "NTHRGRPOTrainer: the backbone forward hook did not fire during the policy pass"
+                )
             cap.hidden = torch.cat(cap.chunks)  # (B, T, d)
             cap.chunks = []
         if cap.on_done is not None:
@@ -383,8 +420,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
-                                                      completion_ids_list)
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
         self._rewards_per_func = rewards_per_func  # (B_global, n_funcs), gathered by TRL
         return rewards_per_func
 
@@ -402,8 +440,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         if not (self.model.training and self._active()):
             return super()._generate_and_score_completions(inputs)
-        old_pass = trl_runs_old_pass(self.args, self.use_vllm,
-                                     self.vllm_importance_sampling_correction)
+        old_pass = trl_runs_old_pass(
+            self.args, self.use_vllm, self.vllm_importance_sampling_correction
+        )
         cap = _Capture(want_hidden=self.nthr is not None) if old_pass else None
         self._capture = cap
         try:
@@ -412,8 +451,10 @@ class NTHRGRPOTrainer(GRPOTrainer):
             self._capture = None
         # Decided by the config alone, so every process raises here or none does.
         if old_pass != ("old_per_token_logps" in out) or (cap is not None and cap.logps is None):
-            raise RuntimeError("NTHRGRPOTrainer: TRL's old-policy pass is not where trl==1.16.0 "
-                               "has it; this integration is tested with trl==1.16.0")
+            raise RuntimeError(
+                "NTHRGRPOTrainer: TRL's old-policy pass is not where trl==1.16.0 "
+                "has it; this integration is tested with trl==1.16.0"
+            )
         device = out["prompt_ids"].device
         b = out["prompt_ids"].shape[0]
         rows = self.accelerator.process_index * b + torch.arange(b, device=device)  # global row ids
@@ -436,18 +477,25 @@ class NTHRGRPOTrainer(GRPOTrainer):
     def _extra_old_pass(self, out: dict) -> _Capture:
         """One no-grad policy pass over the local generation batch, for its hidden states."""
         if "pixel_values" in out:  # the same on every process (a multimodal model's batches)
-            raise NotImplementedError("NTHRGRPOTrainer: multimodal batches need TRL's "
-                                      "old-policy pass; set steps_per_generation=1 or "
-                                      "gradient_accumulation_steps so that TRL runs it")
+            raise NotImplementedError(
+                "NTHRGRPOTrainer: multimodal batches need TRL's "
+                "old-policy pass; set steps_per_generation=1 or "
+                "gradient_accumulation_steps so that TRL runs it"
+            )
         cap = self._capture = _Capture(want_hidden=True)
         input_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
         attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
         try:
-            with disable_gradient_checkpointing(self.model,
-                                                self.args.gradient_checkpointing_kwargs):
+            with disable_gradient_checkpointing(
+                self.model, self.args.gradient_checkpointing_kwargs
+            ):
                 self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, out["completion_ids"].shape[1],
-                    batch_size=self.args.per_device_train_batch_size)
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    out["completion_ids"].shape[1],
+                    batch_size=self.args.per_device_train_batch_size,
+                )
         finally:
             self._capture = None
         return cap
@@ -468,11 +516,17 @@ class NTHRGRPOTrainer(GRPOTrainer):
         # A response TRL masks out whole has ln π = 0 before and after: no displacement to measure.
         correct = is_correct(out[_REWARD], self.correct_threshold) & mask.bool().any(-1)  # (b,)
         generate_every = self.args.steps_per_generation * self.num_iterations
-        self._lld_pending.append(_LLDBatch(
-            batch_id=self._batch_counter, end_step=self._step + generate_every,
-            input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
-            attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
-            completion_mask=mask, correct=correct, old_seq=old_seq))
+        self._lld_pending.append(
+            _LLDBatch(
+                batch_id=self._batch_counter,
+                end_step=self._step + generate_every,
+                input_ids=torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1),
+                attention_mask=torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1),
+                completion_mask=mask,
+                correct=correct,
+                old_seq=old_seq,
+            )
+        )
 
     # ---- the loss --------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -490,8 +544,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
                         lld.old_seq[inputs[_ROW] - offset] = seq
                     if fused:
                         with torch.no_grad():
-                            inputs["advantages"] = self._nthr_advantages(inputs, cap.hidden,
-                                                                         cap.logps)
+                            inputs["advantages"] = self._nthr_advantages(
+                                inputs, cap.hidden, cap.logps
+                            )
                         inputs[_FUSED] = torch.tensor(False, device=inputs[_FUSED].device)
 
                 self._capture = _Capture(want_hidden=fused, on_done=on_done)
@@ -501,18 +556,27 @@ class NTHRGRPOTrainer(GRPOTrainer):
             self._capture = None
 
     # ---- NTHR on a generation batch --------------------------------------------------------------
-    def _local_error(self, rows: Tensor, seq_adv: Tensor, hidden: Tensor, logps: Tensor, T: int,
-                     gathered: bool) -> Exception | None:
+    def _local_error(
+        self, rows: Tensor, seq_adv: Tensor, hidden: Tensor, logps: Tensor, T: int, gathered: bool
+    ) -> Exception | None:
         """What is wrong with this process's part of the batch (None: nothing), collective-free."""
         b = rows.numel()
-        if tuple(seq_adv.shape) != (b,) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (b, T) \
-                or tuple(logps.shape) != (b, T):
-            return ValueError(f"NTHR expects (b,) sequence advantages, (b, T, d) hidden states and "
-                              f"(b, T) log-probs with (b, T) = {(b, T)}, got {tuple(seq_adv.shape)}"
-                              f", {tuple(hidden.shape)} and {tuple(logps.shape)}")
+        if (
+            tuple(seq_adv.shape) != (b,)
+            or hidden.dim() != 3
+            or tuple(hidden.shape[:2]) != (b, T)
+            or tuple(logps.shape) != (b, T)
+        ):
+            return ValueError(
+                f"NTHR expects (b,) sequence advantages, (b, T, d) hidden states and "
+                f"(b, T) log-probs with (b, T) = {(b, T)}, got {tuple(seq_adv.shape)}"
+                f", {tuple(hidden.shape)} and {tuple(logps.shape)}"
+            )
         base, G = int(rows.min()), self.num_generations
-        if not gathered and (base % G or not torch.equal(rows.sort().values - base,
-                                                         torch.arange(b, device=rows.device))):
+        if not gathered and (
+            base % G
+            or not torch.equal(rows.sort().values - base, torch.arange(b, device=rows.device))
+        ):
             return RuntimeError(f"NTHR: local rows {rows.tolist()} do not hold whole groups of {G}")
         return None
 
@@ -530,24 +594,33 @@ class NTHRGRPOTrainer(GRPOTrainer):
             pad_id = self._tokenizer.pad_token_id or 0
             all_rows = acc.gather(rows)
             order = all_rows.argsort()
-            group = {"hidden": acc.gather(acc.pad_across_processes(hidden, dim=1))[order],
-                     "ids": acc.gather(acc.pad_across_processes(ids, dim=1,
-                                                                pad_index=pad_id))[order],
-                     "mask": acc.gather(acc.pad_across_processes(mask, dim=1))[order],
-                     "logps": acc.gather(acc.pad_across_processes(logps.float(), dim=1))[order],
-                     "rewards": acc.gather(rewards)[order], "adv": acc.gather(seq_adv)[order]}
+            group = {
+                "hidden": acc.gather(acc.pad_across_processes(hidden, dim=1))[order],
+                "ids": acc.gather(acc.pad_across_processes(ids, dim=1, pad_index=pad_id))[order],
+                "mask": acc.gather(acc.pad_across_processes(mask, dim=1))[order],
+                "logps": acc.gather(acc.pad_across_processes(logps.float(), dim=1))[order],
+                "rewards": acc.gather(rewards)[order],
+                "adv": acc.gather(seq_adv)[order],
+            }
             base = 0
         else:
             order = rows.argsort()
-            group = {"hidden": hidden[order], "ids": ids[order], "mask": mask[order],
-                     "logps": logps.float()[order], "rewards": rewards[order],
-                     "adv": seq_adv[order]}
+            group = {
+                "hidden": hidden[order],
+                "ids": ids[order],
+                "mask": mask[order],
+                "logps": logps.float()[order],
+                "rewards": rewards[order],
+                "adv": seq_adv[order],
+            }
             base = int(rows.min())
         try:
-            if gathered and not torch.equal(all_rows[order], torch.arange(all_rows.numel(),
-                                                                          device=rows.device)):
-                raise RuntimeError("NTHR: the gathered rows are not the whole generation batch "
-                                   "0..N-1")
+            if gathered and not torch.equal(
+                all_rows[order], torch.arange(all_rows.numel(), device=rows.device)
+            ):
+                raise RuntimeError(
+                    "NTHR: the gathered rows are not the whole generation batch 0..N-1"
+                )
             selected, token_adv, sums, scored = self._select(rows, base, group, T)
             error = None
         except Exception as err:  # raised on every process below, before the metrics' all-reduce
@@ -556,17 +629,23 @@ class NTHRGRPOTrainer(GRPOTrainer):
         self._log_nthr(sums)
         if self.record_nthr:
             self.nthr_record = {
-                "rows": rows.cpu(), "prompt_ids": batch["prompt_ids"].cpu(),
-                "prompt_mask": batch["prompt_mask"].cpu(), "completion_ids": ids.cpu(),
-                "completion_mask": mask.cpu(), "rewards": rewards.cpu(),
-                "seq_advantages": seq_adv.cpu(), "advantages": token_adv.cpu(),
-                "selected": selected.cpu(), "hidden": hidden.float().cpu(),
+                "rows": rows.cpu(),
+                "prompt_ids": batch["prompt_ids"].cpu(),
+                "prompt_mask": batch["prompt_mask"].cpu(),
+                "completion_ids": ids.cpu(),
+                "completion_mask": mask.cpu(),
+                "rewards": rewards.cpu(),
+                "seq_advantages": seq_adv.cpu(),
+                "advantages": token_adv.cpu(),
+                "selected": selected.cpu(),
+                "hidden": hidden.float().cpu(),
                 "groups_scored": torch.tensor(scored, dtype=torch.long),
             }
         return token_adv
 
-    def _select(self, rows: Tensor, base: int, group: dict,
-                T: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    def _select(
+        self, rows: Tensor, base: int, group: dict, T: int
+    ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         """NTHR on the groups that touch the local rows (``group`` holds rows base, base+1, ...).
 
         Returns the (b, T) selected local tokens, the (b, T) advantages of the local rows (TRL's
@@ -592,17 +671,34 @@ class NTHRGRPOTrainer(GRPOTrainer):
                     continue  # homogeneous group: untouched
                 # (G,) sequence advantages: eta·A only where A < 0 (the rule of apply_to_group)
                 res = apply_to_group(
-                    group["hidden"][sl], weight.detach(), group["ids"][sl],
-                    group["mask"][sl].bool(), correct, group["adv"][sl], cfg,
+                    group["hidden"][sl],
+                    weight.detach(),
+                    group["ids"][sl],
+                    group["mask"][sl].bool(),
+                    correct,
+                    group["adv"][sl],
+                    cfg,
                     temperature=self.temperature,
                     lm_head_bias=None if bias is None else bias.detach(),
                     logps=group["logps"][sl] if self.scores_from_logps else None,
-                    softcap=self._softcap(), dtype=self.score_dtype, chunk_size=self.chunk_size)
+                    softcap=self._softcap(),
+                    dtype=self.score_dtype,
+                    chunk_size=self.chunk_size,
+                )
                 results[g] = res
                 if g * G in local:  # count each group once, on the process holding its first row
                     st = res.stats  # incorrect tokens inside TRL's loss mask
-                    sums += torch.tensor([st["n_selected"], st["n_incorrect_tokens"], res.tau,
-                                          res.eta, st["score_sum"], 1.0], dtype=torch.float64)
+                    sums += torch.tensor(
+                        [
+                            st["n_selected"],
+                            st["n_incorrect_tokens"],
+                            res.tau,
+                            res.eta,
+                            st["score_sum"],
+                            1.0,
+                        ],
+                        dtype=torch.float64,
+                    )
         selected = torch.zeros(b, T, dtype=torch.bool, device=rows.device)
         seq_adv = group["adv"][[r - base for r in local]]  # (b,) local rows, in local order
         token_adv = seq_adv[:, None].expand(b, T).clone()  # (b, T): TRL's broadcast
@@ -610,8 +706,9 @@ class NTHRGRPOTrainer(GRPOTrainer):
             if r // G in results:
                 res = results[r // G]
                 if bool(res.selected[r % G, T:].any()):
-                    raise RuntimeError("NTHR: a token beyond the local completion width was "
-                                       "selected")
+                    raise RuntimeError(
+                        "NTHR: a token beyond the local completion width was selected"
+                    )
                 selected[i] = res.selected[r % G, :T]
                 token_adv[i] = res.new_advantages[r % G, :T]
         return selected, token_adv, sums, sorted(results)
@@ -619,7 +716,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
     def _log_nthr(self, sums: Tensor) -> None:
         acc = self.accelerator
         n_sel, n_neg, tau_sum, eta_sum, score_sum, n_mixed = acc.reduce(
-            sums.to(device=acc.device, dtype=torch.float32), reduction="sum").tolist()
+            sums.to(device=acc.device, dtype=torch.float32), reduction="sum"
+        ).tolist()
         metrics = self._metrics["train"]
         metrics["nthr/selected_frac"].append(n_sel / n_neg if n_neg else math.nan)
         metrics["nthr/tau_mean"].append(tau_sum / n_mixed if n_mixed else math.nan)
@@ -636,8 +734,7 @@ def prompt_dataset(problems: list[dict], tokenizer, template: str):
     from nthr_book.data import build_prompt
 
     prompts = [build_prompt(tokenizer, p["problem"], template) for p in problems]
-    return Dataset.from_dict({"prompt": prompts,
-                              "answer": [str(p["answer"]) for p in problems]})
+    return Dataset.from_dict({"prompt": prompts, "answer": [str(p["answer"]) for p in problems]})
 
 
 def math_answer_reward(completions, answer, *, require_boxed: bool = True, **kwargs) -> list[float]:
