@@ -17,6 +17,7 @@ generated tokens up to and including EOS.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -187,6 +188,82 @@ def last_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     return out.hidden_states[-1]
 
 
+def shared_prompt_hidden(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    group_size: int,
+) -> Tensor:
+    """(N, T, d) last hidden states predicting each completion token, each group's prompt run once.
+
+    Rows are group-major: rows [g·G, (g+1)·G) share one prompt (G = ``group_size``). Stages:
+    1. each group's prompt goes through the backbone once (N/G rows), keeping its key/value cache;
+    2. the cache is repeated G times, one copy per completion;
+    3. the G completions run on top of it, attending to the prompt's keys and values.
+    The state at the prompt's last position predicts the first completion token; the completion
+    pass gives the rest. Exact: attention is causal, so a prompt position's states depend only on
+    the prompt, and the G copies an unshared pass computes are the same numbers. Gradients flow
+    through the repeated cache back into the one prompt pass (summing the G copies' gradients).
+    Position ids and padding are those of ``last_hidden_states`` on cat(prompt, completion).
+    Notebook 01 explains it; ``per_token_logps(group_size=...)`` uses it.
+    """
+    N, P = prompt_ids.shape
+    full_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P+T)
+    position_ids = position_ids_from_mask(full_mask)  # (N, P+T), as the unshared pass has them
+    backbone, key = _backbone_with_cache(model)
+    # 1. one prompt per group: (N/G, P)
+    out = backbone(
+        input_ids=prompt_ids[::group_size],
+        attention_mask=prompt_mask[::group_size].long(),
+        position_ids=position_ids[::group_size, :P],
+        use_cache=True,
+    )
+    cache = out[key] if key in out else out.past_key_values
+    # 2. G copies of each group's keys and values (a differentiable repeat)
+    cache.batch_repeat_interleave(group_size)
+    # 3. the completions on top: (N, T)
+    out_c = backbone(
+        input_ids=completion_ids,
+        attention_mask=full_mask,
+        position_ids=position_ids[:, P:],
+        use_cache=True,
+        **{key: cache},
+    )
+    first = out.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)  # (N, 1, d)
+    return torch.cat([first, out_c.last_hidden_state[:, :-1]], dim=1)  # (N, T, d)
+
+
+def _backbone_with_cache(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model's backbone and the name of its cache argument ("cache" from transformers 5.2x)."""
+    backbone = getattr(model, "base_model", model)
+    params = inspect.signature(backbone.forward).parameters
+    return backbone, "cache" if "cache" in params else "past_key_values"
+
+
+def can_share_prompt(
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int | None
+) -> bool:
+    """Whether ``shared_prompt_hidden`` applies: groups of ``group_size`` > 1 rows with one prompt
+    each, a backbone that returns a key/value cache, and no gradient checkpointing in training mode
+    (transformers drops the cache there)."""
+    N = prompt_ids.shape[0]
+    if (
+        group_size is None
+        or group_size < 2
+        or N % group_size
+        or getattr(model, "base_model", model) is model
+    ):
+        return False
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return False
+    ng = N // group_size
+    same = prompt_ids.view(ng, group_size, -1).eq(prompt_ids[::group_size, None]).all()
+    same &= prompt_mask.view(ng, group_size, -1).eq(prompt_mask[::group_size, None]).all()
+    return bool(same)
+
+
 def _scaled_logits(
     hidden: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
 ) -> Tensor:
@@ -260,6 +337,7 @@ def per_token_logps(
     temperature: float = 1.0,
     return_hidden: bool = False,
     chunk_size: int = 512,
+    group_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Completion-token log-probs (N, T) from logits/temperature, 0 where masked; optionally hidden
     (N, T, d).
@@ -268,6 +346,8 @@ def per_token_logps(
     right-padded; ``attention_mask`` is (N, P+T); ``completion_mask`` is (N, T). The LM head runs
     only on valid completion tokens, ``chunk_size`` tokens at a time. ``hidden[:, t]`` is the state
     that predicts completion token t (left unmasked at padded positions). Gradients flow.
+    ``group_size`` G: rows [g·G, (g+1)·G) share one prompt, which then runs once per group
+    (``shared_prompt_hidden``, where ``can_share_prompt`` says it applies); None: every row whole.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must have shape (N, P+T), got {tuple(input_ids.shape)}")
@@ -292,11 +372,20 @@ def per_token_logps(
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}")
 
-    hidden_all = last_hidden_states(model, input_ids, attention_mask)  # (N, P+T, d)
-    hidden = hidden_all[
-        :, prompt_len - 1 : total_len - 1
-    ]  # (N, T, d): state at i predicts token i+1
     completion_ids = input_ids[:, prompt_len:]  # (N, T)
+    prompt_ids, prompt_mask = input_ids[:, :prompt_len], attention_mask[:, :prompt_len]
+    if can_share_prompt(model, prompt_ids, prompt_mask, group_size):
+        hidden = shared_prompt_hidden(
+            model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            attention_mask[:, prompt_len:],
+            group_size,
+        )  # (N, T, d)
+    else:
+        hidden_all = last_hidden_states(model, input_ids, attention_mask)  # (N, P+T, d)
+        hidden = hidden_all[:, prompt_len - 1 : total_len - 1]  # (N, T, d): state i predicts i+1
 
     mask = completion_mask.bool()
     flat_idx = mask.reshape(-1).nonzero().squeeze(-1)  # (n_valid,) indices into N*T
@@ -358,13 +447,15 @@ def group_token_logps(
     temperature: float = 1.0,
     batch_size: int | None = None,
     return_hidden: bool = False,
+    share_prompt: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """(N, T) float32 ``per_token_logps`` of a batch (a group), ``batch_size`` rows at a time, each
     micro-batch trimmed of its right padding; with ``return_hidden`` also the (N, T, d) hidden
     states (zeros after a micro-batch's last valid token). Gradients flow as in per_token_logps.
 
     The one forward pass of a group: Δ(x) (``lld``), the explorer's scores (``explorer``) and
-    notebook 03 call it (prompt_ids (N, P) left-padded, completion_ids (N, T) right-padded).
+    notebook 03 call it (prompt_ids (N, P) left-padded, completion_ids (N, T) right-padded). With
+    ``share_prompt`` the rows of a micro-batch that share one prompt (a group's) compute it once.
     """
     N, T = completion_ids.shape
     logps = torch.zeros(N, T, dtype=torch.float32, device=prompt_ids.device)
@@ -372,8 +463,15 @@ def group_token_logps(
     for rows, t_b, ids, att, cm in micro_batches(
         prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
     ):
+        n = cm.shape[0]
         out = per_token_logps(
-            model, ids, att, cm, temperature=temperature, return_hidden=return_hidden
+            model,
+            ids,
+            att,
+            cm,
+            temperature=temperature,
+            return_hidden=return_hidden,
+            group_size=n if share_prompt else None,
         )
         lp, h = out if return_hidden else (out, None)
         if h is not None:

@@ -286,6 +286,7 @@ def one_step_displacement(
     selected: Tensor | None = None,
     old_logps: Tensor | None = None,
     batch_size: int | None = None,
+    share_prompt: bool = True,
 ) -> QuestionDisplacement:
     """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit
     for bit.
@@ -296,7 +297,9 @@ def one_step_displacement(
     the rules that need one (``rules.Rule.needs_hidden``); their draws use
     ``question_seed(seed, question_id)``. ``old_logps`` (G, T): the initial per-token log-probs when
     already computed (``initial_token_logps``), saving a forward pass. Model modes, stored gradients
-    and the global RNG state are left as they were. Introduced in notebook 02.
+    and the global RNG state are left as they were. ``share_prompt``: every pass computes the
+    group's prompt once (``grpo.shared_prompt_hidden``; False runs each row whole). Introduced in
+    notebook 02.
     """
     rule, qid = _check_displacement_args(
         group, update, optimizer, vocab, steps, lr, question_id, selected, old_logps
@@ -304,7 +307,7 @@ def one_step_displacement(
     device = _model_device(model)
     r = group.rollouts.to(device)
     mask, correct = r.completion_mask.bool(), group.correct.to(device)  # (G, T), (G,)
-    fwd = dict(temperature=temperature, batch_size=batch_size)
+    fwd = dict(temperature=temperature, batch_size=batch_size, share_prompt=share_prompt)
     extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), eval_mode(model):
@@ -437,6 +440,7 @@ def _initial_pass(
     *,
     temperature: float,
     batch_size: int | None,
+    share_prompt: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states; given log-probs
     are reused when no hidden states are needed (a pass for them recomputes both)."""
@@ -451,6 +455,7 @@ def _initial_pass(
         return_hidden=need_hidden,
         temperature=temperature,
         batch_size=batch_size,
+        share_prompt=share_prompt,
     )
     return out if need_hidden else (out, None)
 
@@ -535,6 +540,7 @@ def _update(
     steps: int,
     temperature: float,
     batch_size: int | None,
+    share_prompt: bool,
 ) -> dict[str, list[float]]:
     """``steps`` optimizer steps on the group's clipped loss; the per-step loss, clip fraction,
     grad norm."""
@@ -555,6 +561,7 @@ def _update(
             advantages,
             temperature=temperature,
             batch_size=batch_size,
+            share_prompt=share_prompt,
         )
         stats["loss"].append(loss)
         stats["clip_frac"].append(clip_frac)
@@ -570,6 +577,7 @@ def initial_token_logps(
     temperature: float = 1.0,
     batch_size: int | None = None,
     return_hidden: bool = False,
+    share_prompt: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G,
     T, d) hidden)."""
@@ -585,6 +593,7 @@ def initial_token_logps(
             temperature=temperature,
             batch_size=batch_size,
             return_hidden=return_hidden,
+            share_prompt=share_prompt,
         )
 
 
@@ -636,6 +645,7 @@ def _backward(
     *,
     temperature: float,
     batch_size: int | None,
+    share_prompt: bool = True,
 ) -> tuple[float, float]:
     """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss,
     clip_frac)."""
@@ -647,7 +657,10 @@ def _backward(
         n_rows_tokens = float(cm.sum())
         if n_rows_tokens == 0:
             continue
-        logps = grpo.per_token_logps(model, ids, att, cm, temperature=temperature)  # (n, t_b)
+        group_size = cm.shape[0] if share_prompt else None  # the rows of one group share a prompt
+        logps = grpo.per_token_logps(
+            model, ids, att, cm, temperature=temperature, group_size=group_size
+        )  # (n, t_b)
         loss, metrics = grpo.policy_loss(
             logps,
             old_logps[rows, :t_b],
@@ -698,6 +711,7 @@ def lld_experiment(
     batch_size: int | None = None,
     balance: int | None = None,
     progress: bool = True,
+    share_prompt: bool = True,
 ):
     """Δ(x) per mixed question and method on the same sampled groups, as a DataFrame (notebook 02).
 
@@ -784,7 +798,12 @@ def lld_experiment(
 
     for g in tqdm(mixed, desc="LLD questions", disable=not progress):
         out = initial_token_logps(
-            model, g, temperature=temperature, batch_size=batch_size, return_hidden=need_selection
+            model,
+            g,
+            temperature=temperature,
+            batch_size=batch_size,
+            return_hidden=need_selection,
+            share_prompt=share_prompt,
         )
         old_logps, hidden = out if need_selection else (out, None)
         selected = tau = None
@@ -809,6 +828,7 @@ def lld_experiment(
                 selected=selected if _rules.get(m).needs_hidden else None,
                 old_logps=old_logps,
                 batch_size=batch_size,
+                share_prompt=share_prompt,
             )
             tau_m = tau if _rules.get(m).needs_hidden else None
             rows.append(res.to_row() | {"tau": tau_m, "seed": seed, "lr": lr})
@@ -824,6 +844,7 @@ def lld_experiment(
         "steps": steps,
         "vocab": vocab,
         "balance": balance,
+        "share_prompt": share_prompt,
         "groups_path": None if groups_path is None else str(groups_path),
     }
     return df

@@ -200,6 +200,9 @@ class TrainConfig:
     """bf16 autocast for forward passes (CUDA only)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (CUDA runs of long completions)."""
+    share_prompt: bool = True
+    """Run each group's prompt once in every pass (``grpo.shared_prompt_hidden``); exact. Not with
+    gradient checkpointing, where transformers drops the key/value cache: then rows run whole."""
     generation_batch_size: int | None = None
     """Sequences per generate call; None = all at once."""
 
@@ -585,6 +588,7 @@ class GRPOTrainer:
                 ro.completion_mask,
                 temperature=self.cfg.temperature,
                 return_hidden=hidden,
+                group_size=ro.group_size if self.cfg.share_prompt else None,
             )
 
     def _apply_hook(

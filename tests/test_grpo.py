@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from nthr_book import grpo
 from nthr_book.grpo import (
     chunked_token_logps,
     dynamic_sampling_filter,
@@ -598,3 +599,123 @@ def test_head_logits_is_the_distribution_per_token_logps_reads(tiny_llama):
         tiny_llama.config.final_logit_softcapping = None
     want = torch.tanh(z / 2.0) * 2.0 / 0.5  # |want| <= 4: float32 rounding of a few operations
     assert_close(capped.double(), want, rtol=0.0, atol=8 * EPS32 * 4.0)
+
+
+# ------------------------------------------------------------------ the shared prompt of a group
+
+
+def _groups_batch(G: int = 3):
+    """2 groups of G rows: left-padded prompts of different lengths (P=5), completions right-padded
+    after an EOS inside the row (T=6); group-major."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    completions = [[20, 21, 2], [22, 23, 24, 25, 26, 27], [28], [30, 31, 32, 2], [33, 2], [34, 35]]
+    P, T = 5, 6
+    prompt_ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts]).repeat_interleave(G, 0)
+    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    prompt_mask = prompt_mask.repeat_interleave(G, 0)
+    completion_ids = torch.tensor([c + [PAD] * (T - len(c)) for c in completions[: 2 * G]])
+    completion_mask = torch.tensor(
+        [[1] * len(c) + [0] * (T - len(c)) for c in completions[: 2 * G]]
+    )
+    return prompt_ids, prompt_mask, completion_ids, completion_mask.bool()
+
+
+def _shared_tol(model, scale: float) -> float:
+    # Llama's RMSNorm computes in float32 even in a float64 model: each of the 2L + 1 norms rounds
+    # at float32 eps, and the error reaches an output through sums of at most d + P + T terms.
+    cfg = model.config
+    n_norms = 2 * cfg.num_hidden_layers + 1
+    return n_norms * (cfg.hidden_size + 11) * torch.finfo(torch.float32).eps * scale
+
+
+def test_shared_prompt_gives_the_same_logps_hidden_and_gradients(tiny_llama):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _groups_batch()
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    att = torch.cat([prompt_mask, completion_mask.long()], 1)
+    assert grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 3)
+    out = {}
+    for name, group_size in (("whole", None), ("shared", 3)):
+        tiny_llama.zero_grad()
+        logps, hidden = per_token_logps(
+            tiny_llama, ids, att, completion_mask, return_hidden=True, group_size=group_size
+        )
+        (logps * completion_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in tiny_llama.parameters()])
+        out[name] = (logps, hidden[completion_mask], grads)
+    tiny_llama.zero_grad()
+    for a, b in zip(out["whole"], out["shared"]):
+        tol = _shared_tol(tiny_llama, float(a.abs().max()))
+        torch.testing.assert_close(b, a, rtol=0, atol=tol)
+    assert (
+        out["whole"][0][~completion_mask].eq(0).all()
+        and out["shared"][0][~completion_mask].eq(0).all()
+    )
+
+
+def test_shared_prompt_in_micro_batches_that_split_a_group(tiny_llama):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = _groups_batch()
+    one = prompt_ids[:3], prompt_mask[:3], completion_ids[:3], completion_mask[:3]  # one group
+    whole = grpo.group_token_logps(tiny_llama, *one, share_prompt=False)
+    for batch_size in (1, 2, 3):  # 2: micro-batches of 2 rows and 1 row of the same group
+        split = grpo.group_token_logps(tiny_llama, *one, batch_size=batch_size)
+        tol = _shared_tol(tiny_llama, float(whole.abs().max()))
+        torch.testing.assert_close(split, whole, rtol=0, atol=tol)
+
+
+def test_can_share_prompt_only_for_groups_with_one_prompt_and_a_cache(tiny_llama):
+    prompt_ids, prompt_mask, _, _ = _groups_batch()
+    assert grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 3)
+    assert not grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, None)
+    assert not grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 1)
+    assert not grpo.can_share_prompt(
+        tiny_llama, prompt_ids, prompt_mask, 4
+    )  # 6 rows: no groups of 4
+    assert not grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 6)  # two prompts in one
+    tiny_llama.gradient_checkpointing_enable()
+    try:
+        tiny_llama.train()  # transformers drops the cache under checkpointing in training mode
+        assert not grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 3)
+        tiny_llama.eval()
+        assert grpo.can_share_prompt(tiny_llama, prompt_ids, prompt_mask, 3)
+    finally:
+        tiny_llama.gradient_checkpointing_disable()
+        tiny_llama.eval()
+
+
+def test_shared_prompt_on_the_embedded_model_matches_whole_rows():
+    """The arithmetic task's real prompts (161 tokens, two groups left-padded to one width), EOS
+    inside the completions, float32: log-probs and gradients within float32 rounding."""
+    from nthr_book.data import arithmetic_problems, build_prompt
+    from nthr_book.models import load_policy
+
+    model, tok = load_policy("smollm2-135m")
+    model.train()
+    prompts = [
+        build_prompt(tok, p["problem"], "arithmetic") for p in arithmetic_problems(2, seed=0)
+    ]
+    enc = tok(prompts, padding=True, return_tensors="pt", padding_side="left")
+    G = 3
+    texts = ["So the answer is \\boxed{12}.", "\\boxed{7}", "I think it is 40, so \\boxed{40}."] * 2
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    T = max(map(len, rows))
+    completion_ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    completion_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows]).bool()
+    prompt_ids = enc.input_ids.repeat_interleave(G, 0)
+    prompt_mask = enc.attention_mask.repeat_interleave(G, 0)
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    att = torch.cat([prompt_mask, completion_mask.long()], 1)
+    head = model.get_output_embeddings().weight  # (V, d): its gradient sums every token's
+    out = {}
+    for name, group_size in (("whole", None), ("shared", G)):
+        model.zero_grad()
+        logps = per_token_logps(model, ids, att, completion_mask, group_size=group_size)
+        (logps * completion_mask).sum().backward()
+        out[name] = (logps.detach(), head.grad.clone())
+    model.zero_grad()
+    # float32 kernels of different shapes (one prompt row vs G, T queries vs P + T) round
+    # differently: at each of the L layers the error of a sum of up to d + P + T terms.
+    cfg = model.config
+    n_terms = cfg.num_hidden_layers * (cfg.hidden_size + ids.shape[1])
+    for a, b in zip(out["whole"], out["shared"]):
+        tol = n_terms * torch.finfo(torch.float32).eps * float(a.abs().max())
+        torch.testing.assert_close(b, a, rtol=0, atol=tol)
