@@ -8,7 +8,10 @@ tracking are off on our side unless asked, since TRL does neither. Both generate
 ``--max-new-tokens`` tokens (``min_new_tokens``; ``--natural-length`` lets them stop at EOS), and
 the mean completion length of each is reported. Timings: ``--warmup`` untimed steps, then
 ``--steps`` timed steps each; the median ratio is ours / TRL. Method of arXiv 2505.18830 (``--method
-nthr`` times NTHR in both).
+nthr`` times NTHR in both). Ours runs twice, with each group's prompt computed once
+(``TrainConfig.share_prompt``, the default) and without, so the bench prints both ratios, the share
+of token positions the shared passes compute, the phase split and each run's peak RSS (Linux: the
+peak is reset between runs through ``/proc/self/clear_refs``).
 
     python bench/grpo_step.py                   # embedded SmolLM2-135M, 4 prompts x 8 x 32 tokens
     python bench/grpo_step.py --micro-batch 8   # the same, one group per forward/backward (less
@@ -79,7 +82,40 @@ def length_parity(completions, *args, **kwargs) -> list[float]:
     return [float(len(t) % 2) for t in texts]
 
 
-def run_ours(args, model, tokenizer, device) -> dict:
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux; a no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory since the last reset, GiB (NaN off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def positions_share(tokenizer, template: str, problems: list[str], args) -> float:
+    """Token positions a shared pass computes over those of an unshared one, over the timed steps:
+    per step, groups·P + N·T against N·(P + T), P the left-padded prompt width, T the budget."""
+    from nthr_book.data import build_prompt
+
+    n, G, T = args.prompts, args.group_size, args.max_new_tokens
+    shared = whole = 0
+    for step in range(args.warmup, args.warmup + args.steps):
+        batch = problems[step * n : (step + 1) * n]
+        P = max(len(tokenizer(build_prompt(tokenizer, q, template))["input_ids"]) for q in batch)
+        shared, whole = shared + n * P + n * G * T, whole + n * G * (P + T)
+    return shared / whole
+
+
+def run_ours(args, model, tokenizer, device, share: bool = True) -> dict:
     """Time nthr_book.trainer.GRPOTrainer.train_step; returns per-step rows."""
     from nthr_book.trainer import GRPOTrainer, TrainConfig
 
@@ -102,6 +138,7 @@ def run_ours(args, model, tokenizer, device) -> dict:
         if args.micro_batch is None
         else args.micro_batch // args.group_size,
         min_new_tokens=0 if args.natural_length else args.max_new_tokens,
+        share_prompt=share,
         output_dir=tempfile.mkdtemp(prefix="bench_ours_"),
     )
     trainer = GRPOTrainer(
@@ -119,7 +156,8 @@ def run_ours(args, model, tokenizer, device) -> dict:
         rows.append(row)
         split = ", ".join(f"{k} {row['time_' + k]:.2f}" for k in PHASES if row.get("time_" + k))
         print(
-            f"  ours step {step}{' (warm-up)' if step < args.warmup else ''}: "
+            f"  ours{'' if share else ' (unshared)'} step {step}"
+            f"{' (warm-up)' if step < args.warmup else ''}: "
             f"{row['wall']:.2f} s, completion length {row['completion_length']:.1f}, {split}",
             flush=True,
         )
@@ -284,17 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     trl_model, _ = load_policy(args.model, device="cpu")  # TRL's Trainer moves it to its device
     problems_and_template: dict = {}
 
-    def ours():
-        result = run_ours(args, ours_model, tokenizer, device)
+    def ours(share: bool):
+        result = run_ours(args, ours_model, tokenizer, device, share=share)
         problems_and_template.update(prompts=result["prompts"], template=result["template"])
         return result
 
-    order = ["ours", "trl"] if args.order == "ours-first" else ["trl", "ours"]
-    results = {}
+    order = (
+        ["ours", "unshared", "trl"] if args.order == "ours-first" else ["trl", "ours", "unshared"]
+    )
+    results, peak = {}, {}
     for name in order:
         print(f"{name}:", flush=True)
-        if name == "ours":
-            results["ours"] = ours()
+        reset_peak_rss()
+        if name in ("ours", "unshared"):
+            results[name] = ours(share=name == "ours")
         else:
             if (
                 not problems_and_template
@@ -318,17 +359,20 @@ def main(argv: list[str] | None = None) -> int:
                 problems_and_template["template"],
             )
 
+        peak[name] = peak_rss_gib()
+
     timed = {k: [r["wall"] for r in v["rows"][args.warmup :]] for k, v in results.items()}
     med = {k: statistics.median(v) for k, v in timed.items()}
     length = {
         k: statistics.mean(r["completion_length"] for r in v["rows"]) for k, v in results.items()
     }
-    ours_split = {
-        p: statistics.median(
-            r.get("time_" + p, 0.0) for r in results["ours"]["rows"][args.warmup :]
-        )
-        for p in PHASES
-    }
+    ours_split, unshared_split = (
+        {
+            p: statistics.median(r.get("time_" + p, 0.0) for r in results[k]["rows"][args.warmup :])
+            for p in PHASES
+        }
+        for k in ("ours", "unshared")
+    )
     trl_keys = [k for k in results["trl"]["rows"][-1] if k not in ("wall", "completion_length")]
     trl_split = {
         k: statistics.median(r.get(k, 0.0) for r in results["trl"]["rows"][args.warmup :])
@@ -339,10 +383,26 @@ def main(argv: list[str] | None = None) -> int:
         f"{[round(t, 2) for t in timed['trl']]}"
     )
     print("ours per phase (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in ours_split.items()))
+    print(
+        "ours unshared per phase (median s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in unshared_split.items())
+    )
     print("TRL per phase (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in trl_split.items()))
     print(f"mean completion length: ours {length['ours']:.1f}, TRL {length['trl']:.1f} tokens")
     ratio = med["ours"] / med["trl"]
-    print(f"median step: nthr_book {med['ours']:.2f} s, TRL {med['trl']:.2f} s, ratio {ratio:.2f}")
+    share = positions_share(
+        tokenizer, problems_and_template["template"], problems_and_template["prompts"], args
+    )
+    print(
+        "peak RSS (GiB, this process, each run's own window): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in peak.items())
+    )
+    print(f"token positions computed with the shared prompt: {share:.0%} of unshared")
+    print(
+        f"median step: nthr_book {med['ours']:.2f} s (unshared {med['unshared']:.2f} s), TRL "
+        f"{med['trl']:.2f} s; ratio {ratio:.2f} (unshared {med['unshared'] / med['trl']:.2f}), "
+        f"sharing speed-up {med['unshared'] / med['ours']:.2f}x"
+    )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -352,8 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                     "versions": versions(),
                     "median": med,
                     "ratio": ratio,
+                    "ratio_unshared": med["unshared"] / med["trl"],
+                    "positions_share": share,
+                    "peak_rss_gib": peak,
                     "completion_length": length,
                     "ours_split": ours_split,
+                    "unshared_split": unshared_split,
                     "trl_split": trl_split,
                     "ours_rows": results["ours"]["rows"],
                     "trl_rows": results["trl"]["rows"],

@@ -118,3 +118,27 @@ def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
     assert lengths[True] < 5  # the EOS bias works: free completions stop early
     assert lengths[False] == 5  # exact length, as TRL's min_new_tokens gives on the other side
     assert trainer_module.generate_groups is before  # the trainer's sampling is put back
+
+
+def test_lld_step_smoke_times_both_modes(tmp_path):
+    bench = _load_bench("lld_step")
+    out = tmp_path / "lld_step.json"
+    summary = bench.main(
+        [
+            "--model",
+            "tiny-random",
+            "--sample",
+            "1",
+            "--questions",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
+        + ["--json", str(out)]
+    )
+    assert summary["median_s_shared"] > 0 and summary["median_s_unshared"] > 0
+    # arithmetic prompt of 161 tokens, G = 8, 48 tokens: (161 + 8·48) / (8·(161 + 48))
+    assert summary["positions_computed"] == (161 + 8 * 48) / (8 * (161 + 48))
+    assert out.is_file()
