@@ -9,8 +9,8 @@ checkpointing. Random weights never emit EOS, so every completion is exactly ``-
 long (the worst case); rewards are a seeded coin flip per completion so that groups are mixed and
 NTHR has work to do.
 
-    python bench/gpu_step.py                       # 32 x 8 x 1024 new tokens, 1 warm-up + 2 steps
-    per method python bench/gpu_step.py --max-new-tokens 2500 --steps 1   # the paper's budget
+    python bench/gpu_step.py             # 32 x 8 x 1024 new tokens, 1 warm-up + 2 steps per method
+    python bench/gpu_step.py --max-new-tokens 2500 --steps 1   # the paper's budget
 
 Needs only torch and transformers (the GPU machine has neither datasets nor math-verify).
 """

@@ -3,11 +3,11 @@
 A thin command line over ``nthr_book.evaluate`` (greedy pass@1 by default, resumable JSONL records:
 a killed run picks up at the next problem).
 
-    python scripts/evaluate_benchmarks.py --limit 20                       # the embedded model, 20
-    per benchmark python scripts/evaluate_benchmarks.py --model
-    runs/grpo_vs_nthr_fast/nthr/seed0/model --label nthr --limit 20 python
-    scripts/evaluate_benchmarks.py --model Qwen/Qwen2.5-0.5B-Instruct --max-new-tokens 2500 --batch
-    64
+    python scripts/evaluate_benchmarks.py --limit 20   # the embedded model, 20 per benchmark
+    python scripts/evaluate_benchmarks.py --model runs/grpo_vs_nthr_fast/nthr/seed0/model \
+        --label nthr --limit 20
+    python scripts/evaluate_benchmarks.py --model Qwen/Qwen2.5-0.5B-Instruct \
+        --max-new-tokens 2500 --batch 64
 
 ``--limit N`` keeps the first N problems of each file (the benchmark files' own order). Writes
 ``<out>/<label>/<benchmark>.jsonl`` (records), ``<out>/results-<label>.csv`` and

@@ -6,10 +6,9 @@ A thin command line over ``nthr_book.experiments.run_experiment`` (arXiv 2505.18
 atomically (a killed run resumes) and is evaluated greedily on held-out questions disjoint from the
 pool.
 
-    python scripts/grpo_vs_nthr.py                                   # fast preset, 3 seeds, 12
-    steps python scripts/grpo_vs_nthr.py --seeds 3 4 --steps 4 --n-eval 32 # other seeds, shorter
-    python scripts/grpo_vs_nthr.py --preset paper --n-eval 0         # the paper's Qwen2.5-0.5B run
-    (GPU)
+    python scripts/grpo_vs_nthr.py                          # fast preset, 3 seeds, 12 steps
+    python scripts/grpo_vs_nthr.py --seeds 3 4 --steps 4 --n-eval 32  # other seeds, shorter
+    python scripts/grpo_vs_nthr.py --preset paper --n-eval 0  # the paper's 0.5B run (GPU)
 
 Prints, per run, the mean training reward over the first and the last 5 steps, the mean LLD rate,
 the selection fraction and the held-out accuracy with its Wilson interval; then, per method, the
