@@ -12,6 +12,10 @@ NTHR has work to do.
     python bench/gpu_step.py             # 32 x 8 x 1024 new tokens, 1 warm-up + 2 steps per method
     python bench/gpu_step.py --max-new-tokens 2500 --steps 1   # the paper's budget
 
+With gradient checkpointing (the paper's setting) every row runs whole; ``--no-checkpointing
+--methods grpo,grpo/unshared`` measures the shared prompt (``TrainConfig.share_prompt``) against
+whole rows, and its peak memory.
+
 Needs only torch and transformers (the GPU machine has neither datasets nor math-verify).
 """
 
@@ -85,7 +89,8 @@ class SyntheticTrainer(GRPOTrainer):
         return ro, rewards.to(dev), []
 
 
-def run(method: str, args) -> list[dict]:
+def run(label: str, args) -> list[dict]:
+    method, _, variant = label.partition("/")  # "nthr" or "nthr/unshared"
     cfg = TrainConfig.paper_qwen_0_5b(
         model="qwen2.5-0.5b-random",
         method=method,
@@ -100,7 +105,8 @@ def run(method: str, args) -> list[dict]:
         task="arithmetic",
         num_problems=64,
         bf16=not args.smoke,
-        gradient_checkpointing=not args.smoke,
+        gradient_checkpointing=not (args.smoke or args.no_checkpointing),
+        share_prompt=variant != "unshared",
     )
     if args.smoke:  # a CPU check of the code path with a tiny model
         model = tiny_random_model()
@@ -126,7 +132,7 @@ def run(method: str, args) -> list[dict]:
         )
         tag = "warm-up" if step < args.warmup else "timed"
         print(
-            f"{method:5s} step {step} ({tag}): "
+            f"{label:5s} step {step} ({tag}): "
             + ", ".join(f"{p} {row[f'time_{p}']:.1f}s" for p in PHASES)
             + f", total {row['time_step']:.1f}s, peak {row['peak_gib']:.1f} GiB, "
             f"selected {row.get('nthr/selected_frac', float('nan')):.3f}",
@@ -150,7 +156,17 @@ def main() -> None:
     parser.add_argument("--gen-batch", type=int, default=256, help="sequences per generate call")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--methods", default="grpo,nthr")
+    parser.add_argument(
+        "--methods",
+        default="grpo,nthr",
+        help="trainer methods; 'nthr/unshared' runs one without the shared prompt",
+    )
+    parser.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="no gradient checkpointing: the shared prompt needs it off (transformers drops the "
+        "key/value cache under checkpointing), at the cost of activation memory",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model on the CPU: check the code path only"
     )

@@ -17,7 +17,7 @@ The embedded SmolLM2-135M cannot solve any of these, so the fast runs use
 embedded model's per-question success rate inside (0, 1) (measured by
 ``bench/arithmetic_difficulty.py``; notebook 00).
 
-Why one module of ~640 lines: one converter per benchmark source (each a few lines) and the
+Why one long module: one converter per benchmark source (each a few lines) and the
 search order they share; no formula of the method lives here.
 """
 

@@ -25,7 +25,7 @@ With ``temperature > 0`` each batch is seeded with ``seed + position of its firs
 fresh run is reproducible; a resumed run is statistically, not bitwise, equal to an uninterrupted
 one.
 
-Why one module of ~520 lines: the records' resume rules and the intervals are what make a table
+Why one long module: the records' resume rules and the intervals are what make a table
 trustworthy, and they are read together.
 """
 

@@ -15,6 +15,9 @@ Optimization"): pure functions and frozen data, no widgets and no HTML.
   (``lld``)
 
 ``explorer_html`` draws an ``ExplorerState``; ``widgets`` wires both to ipywidgets controls.
+
+Why one long module: the two dataclasses carry the validation of every setting the explorer can
+take, next to the state they describe.
 """
 
 from __future__ import annotations

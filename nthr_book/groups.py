@@ -7,6 +7,9 @@ notebooks get them: it loads a saved file when its sampling settings match, else
 and saves atomically, so every update rule is compared on the same answers. Two constructions build
 the groups of controlled experiments: ``near_miss_group`` (docs/method.md §5: each wrong answer
 replaced by a correct one with its final number changed) and ``balanced_group`` (k right, k wrong).
+
+Why one long module: the Group type, its file format and the constructions that make new groups
+from old ones must agree on the same fields; each function is short.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ with group-relative advantages ``A_i = (r_i - mean(r)) / (std(r) + eps)`` and th
 Batch layout (shared by all modules): ``num_groups * group_size`` sequences, group-major
 (rows ``[g*G:(g+1)*G]`` are the G completions of prompt g); ``completion_mask`` (N, T) is True on
 generated tokens up to and including EOS.
+
+Why one long module: the loss and the log-probs it needs share the batch layout above; the forward
+passes (whole rows, or each group's prompt once: ``shared_prompt_hidden``) sit beside the loss they
+feed.
 """
 
 from __future__ import annotations

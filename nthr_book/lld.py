@@ -23,7 +23,8 @@ every question, so memory stays flat over a whole experiment; ``release_snapshot
 Reading order: ``one_step_displacement`` (Δ(x), one screen: initial pass, the rule's advantages, the
 update, the new pass), then ``lld_experiment`` (many questions, several rules, the same groups) and
 the summaries of its table (``lld_rate``, ``displacement_summary``, ``paired_comparison``). Groups
-themselves live in ``nthr_book.groups``.
+themselves live in ``nthr_book.groups``. Why one long module: the experiment's table is made of
+``QuestionDisplacement`` rows, and the summaries read exactly those columns.
 """
 
 from __future__ import annotations

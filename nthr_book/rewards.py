@@ -28,7 +28,7 @@ The worker is a plain ``python -c`` child that runs this file with ``runpy`` (no
 ``multiprocessing``), so it never re-imports the caller's ``__main__``, torch or the rest of the
 package; it exits when its stdin closes.
 
-Why one module of ~650 lines: the worker runs this very file, so the reward, its fast path and the
+Why one long module: the worker runs this very file, so the reward, its fast path and the
 worker protocol must live together; the formula itself is ``math_rewards`` and ``is_correct``.
 """
 

@@ -16,7 +16,7 @@ model) and ``model/`` (the final weights, loadable with ``load_policy``). A fini
 ``model/`` and drops ``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook series
 leaves one copy of weights per run.
 
-Why one module of ~800 lines: config, step, checkpoint/resume and the metrics file are one loop's
+Why one long module: config, step, checkpoint/resume and the metrics file are one loop's
 parts and change together; each function is one stage of the step and short on its own.
 """
 

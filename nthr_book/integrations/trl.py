@@ -82,7 +82,7 @@ masks out whole (``mask_truncated_completions``) are left out. NTHR logs ``nthr/
 metrics. Models whose config scales the LM head's logits (``logit_scale`` and the like) are
 refused; Gemma's soft-capping is applied, as in TRL's log-probs.
 
-Why one module of ~650 lines: TRL's trainer is subclassed in one place, and the hooks into its
+Why one long module: TRL's trainer is subclassed in one place, and the hooks into its
 passes, the multi-process gathering and the metrics depend on each other's layout.
 """
 
