@@ -727,6 +727,8 @@ def lld_experiment(
     measures each mixed group on its first k correct and k incorrect responses only
     (``balanced_group``, the balanced 4+/4- probe of docs/results.md; sample a larger ``group_size``
     so that enough groups qualify); groups with fewer go to ``df.attrs["dropped"]["unbalanced"]``.
+    Groups come from ``groups.load_or_sample_groups``; ``share_prompt`` as in
+    ``one_step_displacement``.
     """
     import pandas as pd
 
