@@ -15,8 +15,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 .PHONY: demo test unit notebooks browser lab model lint clean help space
 
 help:
-	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 16 min on 2 CPU cores)"
-	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 21 min on 2 CPU cores, install included)"
+	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 13 min on 2 CPU cores)"
+	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 17 min on 2 CPU cores, install included)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 
 # The venv (2 GB), the model cache (0.5 GB) and the series' runs (4 GB, 1.6 GB more while a run checkpoints)
@@ -48,7 +48,7 @@ lint: $(STAMP)
 unit: $(STAMP) model
 	$(PY) -m pytest tests -q -m "not browser"
 
-# The whole series in order (02 saves the groups that 03 and 04 reuse); fast mode, about 16 min on 2 cores.
+# The whole series in order (02 saves the groups that 03 and 04 reuse); fast mode, about 13 min on 2 cores.
 notebooks: $(STAMP) model
 	$(PY) -m pytest --nbmake --nbmake-timeout=1800 -q --durations=0 $(NOTEBOOKS)
 
