@@ -2,12 +2,13 @@
 
 ``lld.one_step_displacement`` runs three passes over a group of G answers (the initial log-probs,
 the update's forward and backward, the new log-probs). With ``share_prompt`` each pass computes the
-group's prompt once (``grpo.shared_prompt_hidden``) instead of G times. This bench samples the
-notebook series' groups (``config.GroupsPreset.fast()``: the arithmetic task's 161-token few-shot
-prompt, up to 48 new tokens), takes the first ``--questions`` mixed ones and times each measurement
-alternately with sharing on and off (``--repeats`` times, after ``--warmup`` untimed rounds), then
-prints the median seconds of each, their ratio, the share of token positions computed and the
-largest difference of Δ(x) between the two (they must agree to float32 rounding).
+group's prompt once (``grpo.shared_prompt_hidden``) instead of G times. This bench reuses (or
+samples and saves) the notebook series' groups (``config.GroupsPreset.fast()``: the arithmetic
+task's 161-token few-shot prompt, up to 48 new tokens), takes the first ``--questions`` mixed ones
+and times each measurement alternately with sharing on and off (``--repeats`` times, after
+``--warmup`` untimed rounds), then prints the median seconds of each, their ratio, the share of
+token positions computed and the largest difference of Δ(x) between the two (they must agree to
+float32 rounding).
 
     python bench/lld_step.py                      # 3 questions x 3 repeats, ~3 min on 2 cores
     python bench/lld_step.py --model tiny-random  # smoke run (rewards alternate: mixed groups)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from nthr_book.config import GroupsPreset
     from nthr_book.env import versions
-    from nthr_book.groups import sample_groups
+    from nthr_book.groups import load_or_sample_groups
     from nthr_book.lld import one_step_displacement
     from nthr_book.models import load_policy
 
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     preset = GroupsPreset.fast()
     model, tokenizer = load_policy(args.model, device="cpu")
     problems = preset.problems()[: args.sample]
-    groups = sample_groups(model, tokenizer, problems, **preset.sampling())
+    # the series' saved groups (notebook 02) when the whole preset is wanted on the embedded model
+    path = preset.groups_path if args.sample is None and args.model == preset.model else None
+    groups, _, _ = load_or_sample_groups(path, model, tokenizer, problems, **preset.sampling())
     if args.model == "tiny-random":  # a random model answers nothing right: alternate the rewards
         for g in groups:
             g.rewards = torch.arange(g.group_size).remainder(2).float()
