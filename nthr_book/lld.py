@@ -316,7 +316,7 @@ def one_step_displacement(
         # selection
         with torch.no_grad():
             old_logps, hidden = _initial_pass(
-                model, r, old_logps, rule.needs_hidden and selected is None, **fwd
+                model, group, old_logps, rule.needs_hidden and selected is None, **fwd
             )
             logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
             # 2. per-token advantages (G, T) of the rule
@@ -434,30 +434,13 @@ def _check_displacement_args(
 
 
 def _initial_pass(
-    model: nn.Module,
-    r,
-    old_logps: Tensor | None,
-    need_hidden: bool,
-    *,
-    temperature: float,
-    batch_size: int | None,
-    share_prompt: bool,
+    model: nn.Module, group: Group, old_logps: Tensor | None, need_hidden: bool, **fwd: Any
 ) -> tuple[Tensor, Tensor | None]:
-    """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states; given log-probs
-    are reused when no hidden states are needed (a pass for them recomputes both)."""
+    """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states
+    (``initial_token_logps``); given log-probs are reused when no hidden states are needed."""
     if old_logps is not None and not need_hidden:
-        return old_logps.detach().to(device=r.completion_ids.device, dtype=torch.float32), None
-    out = grpo.group_token_logps(
-        model,
-        r.prompt_ids,
-        r.prompt_mask,
-        r.completion_ids,
-        r.completion_mask.bool(),
-        return_hidden=need_hidden,
-        temperature=temperature,
-        batch_size=batch_size,
-        share_prompt=share_prompt,
-    )
+        return old_logps.detach().to(device=_model_device(model), dtype=torch.float32), None
+    out = initial_token_logps(model, group, return_hidden=need_hidden, **fwd)
     return out if need_hidden else (out, None)
 
 
