@@ -623,36 +623,16 @@ def group_selection(
     mask: Tensor,
     correct: Tensor,
     config: NTHRConfig,
-    *,
-    temperature: float = 1.0,
-    lm_head_bias: Tensor | None = None,
-    softcap: float | None = None,
-    logps: Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-    chunk_size: int | None = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, float, Tensor]:
     """(G, T) token_scores, tau and (G, T) selection of one group under an NTHRConfig (notebook 03).
 
-    ``apply_to_group`` with the advantages' signs of binary rewards (every incorrect response
-    negative), so the selection is every incorrect token with s_t > tau.
+    ``apply_to_group`` (same keyword arguments) with the advantages' signs of binary rewards (every
+    incorrect response negative), so the selection is every incorrect token with s_t > tau.
     """
     mask_b, correct_b = check_group(hidden, tokens, mask, correct)
     signs = torch.where(correct_b, 1.0, -1.0)  # (G,) the sign of a binary reward's advantage
-    res = apply_to_group(
-        hidden,
-        lm_head_weight,
-        tokens,
-        mask_b,
-        correct_b,
-        signs,
-        config,
-        temperature=temperature,
-        lm_head_bias=lm_head_bias,
-        softcap=softcap,
-        logps=logps,
-        dtype=dtype,
-        chunk_size=chunk_size,
-    )
+    res = apply_to_group(hidden, lm_head_weight, tokens, mask_b, correct_b, signs, config, **kwargs)
     return res.scores, res.tau, res.selected
 
 
