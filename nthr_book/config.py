@@ -131,8 +131,9 @@ class GroupsPreset:
 
     def sampling(self) -> dict:
         """The keyword arguments of ``groups.load_or_sample_groups`` and ``lld.lld_experiment``."""
-        keys = ("group_size", "max_new_tokens", "temperature", "seed", "template", "require_boxed")
-        return {k: v for k, v in asdict(self).items() if k in keys}
+        from nthr_book.groups import SAMPLING_KEYS  # what a saved groups file must match
+
+        return {k: v for k, v in asdict(self).items() if k in SAMPLING_KEYS}
 
     def problems(self) -> list[dict]:
         """The questions: seeded arithmetic ones (fast) or the first MATH500 ones of levels 3-5."""

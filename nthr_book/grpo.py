@@ -213,7 +213,7 @@ def shared_prompt_hidden(
     Position ids and padding are those of ``last_hidden_states`` on cat(prompt, completion).
     Notebook 01 explains it; ``per_token_logps(group_size=...)`` uses it.
     """
-    N, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     full_mask = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (N, P+T)
     position_ids = position_ids_from_mask(full_mask)  # (N, P+T), as the unshared pass has them
     backbone, key = _backbone_with_cache(model)
