@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from nthr_book.models import lm_head
+from nthr_book.rewards import is_correct
 
 __all__ = [
     "AGG_MODES",
@@ -40,19 +41,25 @@ __all__ = [
     "group_advantages",
     "group_token_logps",
     "head_logits",
+    "high_entropy_mask",
     "k3_kl",
+    "llds_penalty",
     "last_hidden_states",
     "micro_batches",
     "mixed_group_mask",
+    "neg_only",
+    "negative_sample_advantages",
     "per_token_logps",
     "policy_loss",
     "pos_only",
     "position_ids_from_mask",
     "sequence_logprob",
+    "weighted_reinforce_advantages",
 ]
 
 STD_MODES = ("population", "sample", "none")
 AGG_MODES = ("token", "seq_mean", "dr_grpo")
+LLDS_GATES = ("response", "token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +117,51 @@ def group_advantages(rewards: Tensor, *, std: str = "population", eps: float = 1
 def pos_only(advantages: Tensor) -> Tensor:
     """The "Pos Only" baseline: negative advantages set to 0 (group or per-token advantages)."""
     return advantages.clamp(min=0)
+
+
+def neg_only(advantages: Tensor) -> Tensor:
+    """Pos Only's mirror, "Neg Only": positive advantages set to 0 (group or per-token advantages).
+
+    GRPO's negative term alone, group-normalised: a wrong response of a mixed group keeps
+    A = -p/sqrt(p(1-p)). ``negative_sample_advantages`` is the paper's NSR (-1, no baseline).
+    """
+    return advantages.clamp(max=0)
+
+
+def negative_sample_advantages(rewards: Tensor) -> Tensor:
+    """NSR's per-response advantages: -1 for a wrong response, 0 for a correct one (num_groups, G).
+
+    Zhu et al., "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning" (arXiv
+    2506.01347): REINFORCE on rewards r in {+1, -1} split into PSR (the r = +1 samples) and NSR
+    (the r = -1 samples). Their code (https://github.com/TianHongZXY/RLVR-Decomposed, the
+    ``core_algos`` module of its verl trainer: ``compute_psr_nsr_outcome_advantage``,
+    ``advantage="negative"``)
+    gives every token the advantage r - 1 with r in {0, 1}: no group mean, no std, so a group whose
+    responses are all wrong still pushes them down. Correct means ``rewards.is_correct``.
+    """
+    rewards = _check_rewards(rewards)  # (num_groups, G), floating point
+    return torch.where(is_correct(rewards), rewards.new_tensor(0.0), rewards.new_tensor(-1.0))
+
+
+W_REINFORCE_POSITIVE_WEIGHT = 0.1  # λ of arXiv 2506.01347 (and its run script)
+
+
+def weighted_reinforce_advantages(
+    rewards: Tensor, positive_weight: float = W_REINFORCE_POSITIVE_WEIGHT
+) -> Tensor:
+    """W-REINFORCE's per-response advantages: λ for a correct response, -1 for a wrong one.
+
+    arXiv 2506.01347: the objective λ·L_PSR + L_NSR, with λ = 0.1 recommended. Their code
+    (``compute_psr_nsr_outcome_advantage``, ``advantage="weighted"``, run script
+    ``run_qwen2.5-math-7b_psr_nsr.sh``: ``positive_advantage_weight=0.1``) sets the advantage of a
+    correct response (r = 1) to λ·r = λ and of a wrong one (r = 0) to r - 1 = -1, unnormalised, for
+    every group (num_groups, G). Correct means ``rewards.is_correct``.
+    """
+    if not (isinstance(positive_weight, (int, float)) and math.isfinite(positive_weight)):
+        raise ValueError(f"`positive_weight` must be a finite number, got {positive_weight!r}")
+    rewards = _check_rewards(rewards)  # (num_groups, G), floating point
+    positive, negative = rewards.new_tensor(float(positive_weight)), rewards.new_tensor(-1.0)
+    return torch.where(is_correct(rewards), positive, negative)  # in the rewards' dtype
 
 
 def mixed_group_mask(rewards: Tensor) -> Tensor:
@@ -286,13 +338,32 @@ def head_logits(model: nn.Module, hidden: Tensor, *, temperature: float = 1.0) -
 
 
 def _chunk_logps(
-    hidden: Tensor, targets: Tensor, lm_head: nn.Module, temperature: float, softcap: float | None
+    hidden: Tensor,
+    targets: Tensor,
+    lm_head: nn.Module,
+    temperature: float,
+    softcap: float | None,
+    with_entropy: bool = False,
 ):
     """log softmax(lm_head(hidden)/temperature)[targets] for one chunk: (n, d), (n,) -> (n,)
-    float32."""
+    float32; with ``with_entropy`` also the (n,) entropies of those distributions (no gradient)."""
     logits = _scaled_logits(hidden, lm_head, temperature, softcap)  # (n, V)
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
-    return target_logits - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    if not with_entropy:
+        return target_logits - lse
+    with torch.no_grad():  # a statistic of the distribution, never differentiated
+        entropy = _entropy_from_logits(logits.detach(), lse.detach())
+    return target_logits - lse, entropy
+
+
+def _entropy_from_logits(logits: Tensor, lse: Tensor) -> Tensor:
+    """(n,) entropy H = -Σ_v q_v ln q_v = lse - Σ_v q_v z_v of q = softmax(z), z = logits (n, V).
+
+    One (n, V) temporary (q, multiplied by z in place), beside the logits the chunk already holds.
+    """
+    q = (logits - lse[:, None]).exp_()  # (n, V), exponentiated in place
+    return lse - q.mul_(logits).sum(-1)
 
 
 def chunked_token_logps(
@@ -303,12 +374,15 @@ def chunked_token_logps(
     temperature: float = 1.0,
     chunk_size: int = 512,
     softcap: float | None = None,
-) -> Tensor:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs of `targets` (n,) under softmax(lm_head(hidden)/temperature), chunk_size rows at a
     time.
 
     With gradients enabled each chunk is checkpointed, so backward also holds one (chunk_size, V)
-    logit block at a time instead of (n, V). Returns float32 (n,).
+    logit block at a time instead of (n, V). Returns float32 (n,); with ``return_entropy`` also the
+    (n,) float32 entropies of the same distributions, read off each chunk's logits (detached; in
+    backward the checkpoint recomputes them with the chunk).
     """
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
@@ -321,14 +395,16 @@ def chunked_token_logps(
             hidden[start : start + chunk_size],
             targets[start : start + chunk_size],
         )  # (n_c, d), (n_c,)
+        args = (h, y, lm_head, temperature, softcap, return_entropy)
         if needs_grad:
-            pieces.append(
-                checkpoint(_chunk_logps, h, y, lm_head, temperature, softcap, use_reentrant=False)
-            )
+            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(h, y, lm_head, temperature, softcap))
+            pieces.append(_chunk_logps(*args))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
+    if return_entropy:
+        return torch.cat([lp for lp, _ in pieces]), torch.cat([e for _, e in pieces])
     return torch.cat(pieces)
 
 
@@ -342,9 +418,11 @@ def per_token_logps(
     return_hidden: bool = False,
     chunk_size: int = 512,
     group_size: int | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Completion-token log-probs (N, T) from logits/temperature, 0 where masked; optionally hidden
-    (N, T, d).
+    (N, T, d) and the entropies (N, T) of the same distributions (detached, 0 where masked): the
+    tuple (logps, [hidden], [entropy]) holds the ones asked for, in this order.
 
     ``input_ids`` = cat(prompt_ids, completion_ids) (N, P+T), prompts left-padded, completions
     right-padded; ``attention_mask`` is (N, P+T); ``completion_mask`` is (N, T). The LM head runs
@@ -398,19 +476,27 @@ def per_token_logps(
     )  # (n_valid, d)
     flat_targets = completion_ids.reshape(-1).index_select(0, flat_idx)  # (n_valid,)
     head = lm_head(model)
-    valid_logps = chunked_token_logps(
+    out = chunked_token_logps(
         flat_hidden,
         head.module,
         flat_targets,
         temperature=temperature,
         chunk_size=chunk_size,
         softcap=head.softcap,
-    )  # (n_valid,) float32
-    logps = torch.zeros(n_rows * completion_len, dtype=valid_logps.dtype, device=valid_logps.device)
-    logps = logps.index_copy(0, flat_idx, valid_logps).view(n_rows, completion_len)  # (N, T)
+        return_entropy=return_entropy,
+    )  # (n_valid,) float32 (and (n_valid,) entropies)
+    valid_logps, valid_entropy = out if return_entropy else (out, None)
+
+    def scatter(values: Tensor) -> Tensor:  # (n_valid,) -> (N, T), 0 on masked positions
+        full = torch.zeros(n_rows * completion_len, dtype=values.dtype, device=values.device)
+        return full.index_copy(0, flat_idx, values).view(n_rows, completion_len)
+
+    outputs = [scatter(valid_logps)]
     if return_hidden:
-        return logps, hidden
-    return logps
+        outputs.append(hidden)
+    if return_entropy:
+        outputs.append(scatter(valid_entropy))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def micro_batches(
@@ -452,10 +538,13 @@ def group_token_logps(
     batch_size: int | None = None,
     return_hidden: bool = False,
     share_prompt: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """(N, T) float32 ``per_token_logps`` of a batch (a group), ``batch_size`` rows at a time, each
     micro-batch trimmed of its right padding; with ``return_hidden`` also the (N, T, d) hidden
-    states (zeros after a micro-batch's last valid token). Gradients flow as in per_token_logps.
+    states (zeros after a micro-batch's last valid token), with ``return_entropy`` the (N, T)
+    entropies (``per_token_logps``'s order: logps, [hidden], [entropy]). Gradients flow as in
+    per_token_logps.
 
     The one forward pass of a group: Δ(x) (``lld``), the explorer's scores (``explorer``) and
     notebook 03 call it (prompt_ids (N, P) left-padded, completion_ids (N, T) right-padded). With
@@ -463,6 +552,7 @@ def group_token_logps(
     """
     N, T = completion_ids.shape
     logps = torch.zeros(N, T, dtype=torch.float32, device=prompt_ids.device)
+    entropy = torch.zeros_like(logps) if return_entropy else None  # (N, T)
     hidden = None
     for rows, t_b, ids, att, cm in micro_batches(
         prompt_ids, prompt_mask, completion_ids, completion_mask, batch_size
@@ -476,14 +566,19 @@ def group_token_logps(
             temperature=temperature,
             return_hidden=return_hidden,
             group_size=n if share_prompt else None,
+            return_entropy=return_entropy,
         )
-        lp, h = out if return_hidden else (out, None)
-        if h is not None:
+        out = list(out) if isinstance(out, tuple) else [out]
+        logps[rows, :t_b] = out.pop(0)
+        if return_hidden:
+            h = out.pop(0)
             if hidden is None:
                 hidden = h.new_zeros(N, T, h.shape[-1])  # (N, T, d)
             hidden[rows, :t_b] = h
-        logps[rows, :t_b] = lp
-    return (logps, hidden) if return_hidden else logps
+        if return_entropy:
+            entropy[rows, :t_b] = out.pop(0)
+    outputs = [logps] + ([hidden] if return_hidden else []) + ([entropy] if return_entropy else [])
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +590,87 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(π_θ || π_ref): exp(ref - logp) - (ref - logp) - 1."""
     delta = ref_logps - logps
     return torch.exp(delta) - delta - 1
+
+
+def high_entropy_mask(entropy: Tensor, completion_mask: Tensor, top_quantile: float) -> Tensor:
+    """(N, T) bool: the valid tokens whose entropy is at least the (1 - ρ)-quantile of all valid
+    tokens' entropies, ρ = ``top_quantile`` (ρ = 0.2: the top 20%, ties kept; none when no token is
+    valid).
+
+    Wang et al., "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement
+    Learning for LLM Reasoning" (arXiv 2506.01939): the policy gradient only on the top 20% tokens
+    of a batch by entropy. As TRL's ``GRPOTrainer.get_high_entropy_mask`` (trl 1.16,
+    ``GRPOConfig.top_entropy_quantile``) on one process: ``torch.quantile`` (linear interpolation)
+    over the valid tokens of the batch it is given, then ``entropy >= threshold`` inside the mask.
+    """
+    if not 0.0 <= float(top_quantile) <= 1.0:
+        raise ValueError(f"`top_quantile` must lie in [0, 1], got {top_quantile!r}")
+    if entropy.shape != completion_mask.shape:
+        raise ValueError(
+            f"`entropy` {tuple(entropy.shape)} and `completion_mask` "
+            f"{tuple(completion_mask.shape)} must match"
+        )
+    mask = completion_mask.bool()  # (N, T)
+    valid = entropy[mask].float()  # (n_valid,)
+    if valid.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(valid, 1.0 - float(top_quantile))
+    return (entropy >= threshold) & mask
+
+
+LLDS_WEIGHT = 0.2  # λ of the LLDS release script (train_grpo_nqhot.sh: NO_REDUCE_LAMBDA=0.2)
+
+
+def llds_penalty(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    weight: float = LLDS_WEIGHT,
+    gate: str = "response",
+) -> Tensor:
+    """(N, T) LLDS's per-token penalty λ·max(0, ln π_old(y_t) - ln π_θ(y_t)), added to the loss, on
+    the tokens of responses with A >= 0 (the "preserving set") where their likelihood fell.
+
+    Deng et al., "On Group Relative Policy Optimization Collapse in Agent Search: The Lazy
+    Likelihood-Displacement" (arXiv 2512.04220); code:
+    https://github.com/vengdeng/LLDS-On-Group-Relative-Policy-Optimization-Collapse-in-Search-R1,
+    the ``dp_actor`` module of its verl workers (``update_policy``),
+    λ = ``no_reduce_lambda`` = 0.2 in ``train_grpo_nqhot.sh``. ``gate``:
+
+    - ``"response"`` (their R-gate, ``chunk_noreduce=False``): a response's tokens count only when
+      its log-likelihood over the preserving set fell, Σ_t (ln π_old - ln π_θ) > 0; each counted
+      token adds its own max(0, ln π_old - ln π_θ). Their A-gate (``chunk_noreduce=True``) gates
+      each contiguous run of loss-mask tokens (one agent action between tool observations); a
+      single-turn completion is one run, so there it is the R-gate.
+    - ``"token"``: the finest gate, each token its own action: every preserving-set token whose own
+      log-prob fell.
+
+    The gate and max(0, ·) pass a gradient only where the drop is strictly positive: at ratio 1
+    (old = current policy) the penalty is 0 with zero gradient (their ``torch.maximum`` would give
+    half a gradient at an exact tie; the R-gate is closed there anyway). ``advantages`` (N, T) or
+    (N,); ``old_logps`` is detached. Aggregated by the caller like the policy term
+    (``policy_loss(penalty=...)``; their code: a token mean, as ``agg="token"``).
+    """
+    if gate not in LLDS_GATES:
+        raise ValueError(f"`gate` must be one of {LLDS_GATES}, got {gate!r}")
+    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"`weight` must be a finite number >= 0, got {weight!r}")
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (N, 1) broadcasts over tokens
+    if old_logps.shape != logps.shape or completion_mask.shape != logps.shape:
+        raise ValueError(
+            f"`old_logps` {tuple(old_logps.shape)} and `completion_mask` "
+            f"{tuple(completion_mask.shape)} must match `logps` {tuple(logps.shape)}"
+        )
+    zeros = torch.zeros_like(logps)
+    preserving = completion_mask.bool() & (advantages >= 0)  # (N, T)
+    drop = torch.where(preserving, old_logps.detach() - logps, zeros)  # (N, T) ln π_old - ln π_θ
+    fell = drop.detach() > 0  # (N, T) token gate
+    if gate == "response":
+        fell = fell & (drop.detach().sum(-1, keepdim=True) > 0)  # ln π_θ(y) < ln π_old(y)
+    return torch.where(fell, weight * drop, zeros)
 
 
 def policy_loss(
@@ -509,16 +685,19 @@ def policy_loss(
     kl_coef: float = 0.0,
     agg: str = "token",
     max_completion_length: int | None = None,
+    penalty: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Clipped GRPO loss (minimised) and float metrics; agg in "token", "seq_mean", "dr_grpo" (nb
     01).
 
-    ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). Metrics:
-    clip_frac_low, clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none),
-    and kl if ref_logps given.
+    ``advantages`` is per token (N, T) (a per-sequence (N,) tensor is broadcast). ``penalty``: an
+    update rule's extra (N, T) per-token loss term (``rules.Rule.penalty``, e.g. LLDS's), added to
+    each token's loss beside the KL term and aggregated with it. Metrics: clip_frac_low,
+    clip_frac_high, clip_frac, ratio_mean/min/max over valid tokens (NaN if none), kl if ref_logps
+    given, and penalty (its mean over valid tokens) if one is given.
     """
     advantages = _check_policy_inputs(
-        logps, old_logps, advantages, completion_mask, ref_logps, kl_coef=kl_coef, agg=agg
+        logps, old_logps, advantages, completion_mask, ref_logps, penalty, kl_coef=kl_coef, agg=agg
     )
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -536,6 +715,8 @@ def policy_loss(
         kl = torch.where(mask, k3_kl(logps, ref_logps.detach()), zeros)  # (N, T)
         if kl_coef != 0.0:
             per_token = per_token - kl_coef * kl
+    if penalty is not None:
+        per_token = per_token - penalty  # the rule's extra loss term (the objective's minus)
     per_token = torch.where(mask, per_token, zeros)
 
     maskf = mask.to(per_token.dtype)
@@ -569,6 +750,9 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = float(kl.detach().sum() / denom) if has_tokens else math.nan
+        if penalty is not None:
+            pen = torch.where(mask, penalty.detach(), zeros)
+            metrics["penalty"] = float(pen.sum() / denom) if has_tokens else math.nan
     return loss, metrics
 
 
@@ -578,6 +762,7 @@ def _check_policy_inputs(
     advantages: Tensor,
     completion_mask: Tensor,
     ref_logps: Tensor | None,
+    penalty: Tensor | None,
     *,
     kl_coef: float,
     agg: str,
@@ -591,6 +776,7 @@ def _check_policy_inputs(
         ("old_logps", old_logps),
         ("completion_mask", completion_mask),
         ("ref_logps", ref_logps),
+        ("penalty", penalty),
     ):
         if tensor is not None and tensor.shape != logps.shape:
             raise ValueError(

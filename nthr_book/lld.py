@@ -11,9 +11,11 @@ where ``ln π(y|x)`` is the *sum* of the response's token log-probabilities. LLD
 rules compared on the same groups: ``"grpo"`` (group advantages), ``"pos_only"`` (negative
 advantages set to 0), ``"nthr"`` (NTHR-selected tokens of the wrong responses get η·A, η = 0 by
 default, the paper's diagnostic) and ``"random"`` (as many tokens per wrong response as NTHR picks,
-chosen uniformly, advantage η·A). Random's positions are drawn with
-``question_seed(seed, question_id)``, a stable hash of the experiment seed and the question id: two
-questions of the same shape get different positions, and a rerun of a question gets the same ones.
+chosen uniformly, advantage η·A), and every other rule of ``nthr_book.rules`` (NSR, W-REINFORCE,
+Clip-Higher, Dr. GRPO, LLDS, ...: its advantages, entropy mask, loss settings and penalty). Random's
+positions are drawn with ``question_seed(seed, question_id)``, a stable hash of the experiment seed
+and the question id: two questions of the same shape get different positions, and a rerun of a
+question gets the same ones.
 
 After each measurement the weights are restored **bit for bit** by copying back a snapshot of the
 trainable parameters. The snapshot buffers are allocated once per model (one copy of the trainable
@@ -54,6 +56,7 @@ __all__ = [
     "ROW_COLUMNS",
     "QuestionDisplacement",
     "displacement_summary",
+    "displacement_table",
     "initial_token_logps",
     "lld_experiment",
     "lld_rate",
@@ -288,35 +291,51 @@ def one_step_displacement(
     old_logps: Tensor | None = None,
     batch_size: int | None = None,
     share_prompt: bool = True,
+    entropy: Tensor | None = None,
 ) -> QuestionDisplacement:
     """Δ(x) after ``steps`` updates on ``group`` alone with rule ``update``; weights restored bit
     for bit.
 
-    Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, no KL) with old_logps = the initial
-    log-probs. ``optimizer``: "sgd" (no momentum) or "adam" (AdamW, fresh state, weight_decay 0: the
-    displacement comes from the gradient alone). ``selected`` (G, T) overrides NTHR's selection for
-    the rules that need one (``rules.Rule.needs_hidden``); their draws use
+    Loss: ``grpo.policy_loss`` (token aggregation, clip 0.2, population-std advantages, no KL)
+    with old_logps = the initial log-probs, unless the rule's settings say otherwise
+    (``rules.Rule.resolve_settings``: Clip-Higher's ε_high, Dr. GRPO's aggregation and std, the
+    β of NTHR at β = -∞, which replaces ``beta``), plus the rule's penalty term (LLDS's). Dr.
+    GRPO's constant normaliser is G·T, T the group's completion width. The rule's stages run in
+    ``rules``' order: advantages, selection, entropy mask (entropies of the initial pass: a
+    TRL-style quantile over the group's valid tokens), loss. At ``steps=1`` every ratio is 1, so
+    Clip-Higher and LLDS are exactly GRPO there; they differ from the second step on (see
+    ``nthr_book.rules``). ``optimizer``: "sgd" (no momentum) or "adam" (AdamW, fresh state,
+    weight_decay 0: the displacement comes from the gradient alone). ``selected`` (G, T) overrides
+    NTHR's selection for the rules that need one (``rules.Rule.needs_hidden``); their draws use
     ``question_seed(seed, question_id)``. ``old_logps`` (G, T): the initial per-token log-probs when
-    already computed (``initial_token_logps``), saving a forward pass. Model modes, stored gradients
-    and the global RNG state are left as they were. ``share_prompt``: every pass computes the
-    group's prompt once (``grpo.shared_prompt_hidden``; False runs each row whole). Introduced in
-    notebook 02.
+    already computed (``initial_token_logps``), saving a forward pass; ``entropy`` (G, T): their
+    entropies likewise, for the rules with an entropy mask. Model modes, stored gradients and the
+    global RNG state are left as they were. ``share_prompt``: every pass computes the group's
+    prompt once (``grpo.shared_prompt_hidden``; False runs each row whole). Introduced in notebook
+    02.
     """
-    rule, qid = _check_displacement_args(
-        group, update, optimizer, vocab, steps, lr, question_id, selected, old_logps
+    rule, qid, settings = _check_displacement_args(
+        group, update, optimizer, vocab, steps, lr, question_id, selected, old_logps, entropy, beta
     )
     device = _model_device(model)
     r = group.rollouts.to(device)
     mask, correct = r.completion_mask.bool(), group.correct.to(device)  # (G, T), (G,)
     fwd = dict(temperature=temperature, batch_size=batch_size, share_prompt=share_prompt)
     extras: dict[str, Any] = {"optimizer": optimizer, "steps": steps, "lr": lr}
+    extras.update(settings=settings)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), eval_mode(model):
         # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR's
-        # selection
+        # selection, entropies for an entropy mask
         with torch.no_grad():
-            old_logps, hidden = _initial_pass(
-                model, group, old_logps, rule.needs_hidden and selected is None, **fwd
+            old_logps, hidden, entropy = _initial_pass(
+                model,
+                group,
+                old_logps,
+                rule.needs_hidden and selected is None,
+                entropy if rule.needs_entropy else None,
+                rule.needs_entropy,
+                **fwd,
             )
             logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
             # 2. per-token advantages (G, T) of the rule
@@ -327,15 +346,18 @@ def one_step_displacement(
                 mask,
                 hidden,
                 selected,
+                entropy,
                 extras,
-                beta=beta,
+                beta=settings["nthr_beta"],
                 eta=eta,
                 vocab=vocab,
                 temperature=temperature,
                 seed=seed,
                 question_id=qid,
+                adv_std=settings["adv_std"],
             )
-            del hidden
+            del hidden, entropy
+            extras["advantages"] = advantages.cpu()  # (G, T) the rule's, as the update used them
         # 3. the update(s) from a snapshot of the weights; 4. ln π after them; weights copied back
         with _restored_weights(model) as params:
             extras.update(
@@ -346,6 +368,8 @@ def one_step_displacement(
                     mask,
                     old_logps,
                     advantages,
+                    rule,
+                    settings,
                     optimizer=optimizer,
                     lr=lr,
                     steps=steps,
@@ -391,11 +415,20 @@ def _check_displacement_args(
     question_id: str | None,
     selected: Tensor | None,
     old_logps: Tensor | None,
-) -> tuple[_rules.Rule, str]:
-    """The rule and question id of a ``one_step_displacement`` call; ValueError naming a bad
-    argument."""
+    entropy: Tensor | None,
+    beta: float,
+) -> tuple[_rules.Rule, str, dict[str, Any]]:
+    """The rule, question id and loss settings of a ``one_step_displacement`` call; ValueError
+    naming a bad argument."""
     _check_choice("update", update, _rules.names())
     rule = _rules.get(update)
+    given = _DISPLACEMENT_SETTINGS | {"nthr_beta": beta}
+    settings = rule.resolve_settings(
+        given,
+        _DISPLACEMENT_SETTINGS,
+        owner="one_step_displacement: ",
+        arg_names={"nthr_beta": "beta"},
+    )
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("vocab", vocab, _nthr.VOCAB_MODES)
     if not isinstance(group, Group):
@@ -426,22 +459,47 @@ def _check_displacement_args(
             raise ValueError(
                 "`selected` marks tokens outside the incorrect responses' completion_mask"
             )
-    if old_logps is not None and tuple(old_logps.shape) != shape:
-        raise ValueError(
-            f"`old_logps` must have shape (G, T) = {shape}, got {tuple(old_logps.shape)}"
-        )
-    return rule, qid
+    for name, tensor in (("old_logps", old_logps), ("entropy", entropy)):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"`{name}` must have shape (G, T) = {shape}, got {tuple(tensor.shape)}"
+            )
+    return rule, qid, settings
+
+
+# The loss settings of Δ(x) before a rule's own (rules.SETTINGS; nthr_beta: the ``beta`` argument).
+_DISPLACEMENT_SETTINGS = {
+    "clip_eps_high": None,
+    "agg": "token",
+    "adv_std": "population",
+    "nthr_beta": 1.0,
+}
 
 
 def _initial_pass(
-    model: nn.Module, group: Group, old_logps: Tensor | None, need_hidden: bool, **fwd: Any
-) -> tuple[Tensor, Tensor | None]:
-    """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states
-    (``initial_token_logps``); given log-probs are reused when no hidden states are needed."""
-    if old_logps is not None and not need_hidden:
-        return old_logps.detach().to(device=_model_device(model), dtype=torch.float32), None
-    out = initial_token_logps(model, group, return_hidden=need_hidden, **fwd)
-    return out if need_hidden else (out, None)
+    model: nn.Module,
+    group: Group,
+    old_logps: Tensor | None,
+    need_hidden: bool,
+    entropy: Tensor | None,
+    need_entropy: bool,
+    **fwd: Any,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(G, T) float32 initial log-probs and, when needed, (G, T, d) hidden states and (G, T)
+    entropies (``initial_token_logps``); given log-probs and entropies are reused when the pass
+    would give nothing else."""
+    device = _model_device(model)
+    given = lambda t: None if t is None else t.detach().to(device=device, dtype=torch.float32)
+    need_entropy = need_entropy and entropy is None
+    if old_logps is not None and not need_hidden and not need_entropy:
+        return given(old_logps), None, given(entropy)
+    out = initial_token_logps(
+        model, group, return_hidden=need_hidden, return_entropy=need_entropy, **fwd
+    )
+    out = list(out) if isinstance(out, tuple) else [out]
+    logps = out.pop(0)
+    hidden = out.pop(0) if need_hidden else None
+    return logps, hidden, out.pop(0) if need_entropy else given(entropy)
 
 
 def _rule_advantages(
@@ -451,6 +509,7 @@ def _rule_advantages(
     mask: Tensor,
     hidden: Tensor | None,
     selected: Tensor | None,
+    entropy: Tensor | None,
     extras: dict,
     *,
     beta: float,
@@ -459,12 +518,18 @@ def _rule_advantages(
     temperature: float,
     seed: int,
     question_id: str,
+    adv_std: str,
 ) -> tuple[Tensor, Tensor | None]:
     """(G, T) advantages of ``rule`` on the group (and its (G, T) selection, for the rules with
-    one)."""
+    one): ``rules``' stages 1-3."""
     device = mask.device
-    group_adv = grpo.group_advantages(group.rewards[None].to(device))  # (1, G)
+    # 1. per-response advantages (1, G) of the rule, broadcast to the tokens
+    group_adv = rule.sequence_advantages(group.rewards[None].to(device), std=adv_std)
     advantages = grpo.expand_advantages(group_adv, mask)  # (G, T)
+    # 3. (it commutes with 2.) the entropy mask: 0 outside the top-ρ tokens
+    advantages, kept = rule.entropy_masked(advantages, entropy, mask)
+    if kept is not None:
+        extras.update(entropy_kept=kept.cpu(), entropy_quantile=rule.entropy_quantile)
     if rule.needs_hidden and selected is None:  # NTHR's selection, from the GRPO advantages
         res = _nthr_apply(
             model,
@@ -479,7 +544,6 @@ def _rule_advantages(
             vocab=vocab,
         )
         selected, extras["tau"] = res.selected, res.tau
-    advantages = rule.transform(advantages)
     if not rule.needs_hidden:
         return advantages, selected
     selected = selected.to(device).bool()
@@ -518,6 +582,8 @@ def _update(
     mask: Tensor,
     old_logps: Tensor,
     advantages: Tensor,
+    rule: _rules.Rule,
+    settings: dict[str, Any],
     *,
     optimizer: str,
     lr: float,
@@ -526,16 +592,18 @@ def _update(
     batch_size: int | None,
     share_prompt: bool,
 ) -> dict[str, list[float]]:
-    """``steps`` optimizer steps on the group's clipped loss; the per-step loss, clip fraction,
-    grad norm."""
+    """``steps`` optimizer steps on the group's clipped loss (the rule's settings and penalty); the
+    per-step loss, clip fraction, grad norm (and the penalty's token mean, for a rule with one)."""
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.0)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     stats: dict[str, list[float]] = {"loss": [], "clip_frac": [], "grad_norm": []}
+    if rule.penalty is not None:
+        stats["penalty"] = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss, clip_frac = _backward(
+        loss, clip_frac, penalty = _backward(
             model,
             r.prompt_ids,
             r.prompt_mask,
@@ -543,12 +611,16 @@ def _update(
             mask,
             old_logps,
             advantages,
+            rule,
+            settings,
             temperature=temperature,
             batch_size=batch_size,
             share_prompt=share_prompt,
         )
         stats["loss"].append(loss)
         stats["clip_frac"].append(clip_frac)
+        if rule.penalty is not None:
+            stats["penalty"].append(penalty)
         stats["grad_norm"].append(_grad_norm(params))
         opt.step()
     return stats
@@ -562,9 +634,10 @@ def initial_token_logps(
     batch_size: int | None = None,
     return_hidden: bool = False,
     share_prompt: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """(G, T) initial per-token log-probs of ``group`` as one_step_displacement makes them (+ (G,
-    T, d) hidden)."""
+    T, d) hidden, + (G, T) entropies: ``grpo.group_token_logps``' order)."""
     device = _model_device(model)
     r = group.rollouts.to(device)
     with torch.no_grad(), eval_mode(model):
@@ -578,6 +651,7 @@ def initial_token_logps(
             batch_size=batch_size,
             return_hidden=return_hidden,
             share_prompt=share_prompt,
+            return_entropy=return_entropy,
         )
 
 
@@ -626,15 +700,18 @@ def _backward(
     mask: Tensor,
     old_logps: Tensor,
     advantages: Tensor,
+    rule: _rules.Rule,
+    settings: dict[str, Any],
     *,
     temperature: float,
     batch_size: int | None,
     share_prompt: bool = True,
-) -> tuple[float, float]:
-    """Accumulate the gradient of the token-aggregated clipped loss over micro-batches; (loss,
-    clip_frac)."""
-    n_total = float(mask.sum())
-    loss_total, clipped = 0.0, 0.0
+) -> tuple[float, float, float]:
+    """Accumulate the gradient of the clipped loss (the rule's aggregation, ε_high and penalty)
+    over micro-batches, as one loss over the whole group; (loss, clip_frac, the penalty's token
+    mean: 0 without one)."""
+    n_total, n_rows_total = float(mask.sum()), mask.shape[0]
+    loss_total, clipped, penalty = 0.0, 0.0, 0.0
     for rows, t_b, ids, att, cm in grpo.micro_batches(
         prompt_ids, prompt_mask, completion_ids, mask, batch_size
     ):
@@ -645,21 +722,29 @@ def _backward(
         logps = grpo.per_token_logps(
             model, ids, att, cm, temperature=temperature, group_size=group_size
         )  # (n, t_b)
+        old, adv = old_logps[rows, :t_b], advantages[rows, :t_b]
         loss, metrics = grpo.policy_loss(
             logps,
-            old_logps[rows, :t_b],
-            advantages[rows, :t_b],
+            old,
+            adv,
             cm,
             clip_eps=0.2,
+            clip_eps_high=settings["clip_eps_high"],
             kl_coef=0.0,
-            agg="token",
+            agg=settings["agg"],
+            max_completion_length=mask.shape[1],  # dr_grpo: the group's width, not the batch's
+            penalty=rule.loss_penalty(logps, old, adv, cm),
         )
-        # token aggregation over the whole group: each micro-batch's mean weighted by its share of
-        # tokens
-        (loss * (n_rows_tokens / n_total)).backward()
-        loss_total += float(loss.detach()) * n_rows_tokens / n_total
+        # one loss over the whole group: each micro-batch's loss weighted by its share of the
+        # tokens (token mean) or of the rows (seq_mean, dr_grpo)
+        share = (
+            n_rows_tokens / n_total if settings["agg"] == "token" else cm.shape[0] / n_rows_total
+        )
+        (loss * share).backward()
+        loss_total += float(loss.detach()) * share
         clipped += metrics["clip_frac"] * n_rows_tokens / n_total
-    return loss_total, clipped
+        penalty += metrics.get("penalty", 0.0) * n_rows_tokens / n_total
+    return loss_total, clipped, penalty
 
 
 def _grad_norm(params: Sequence[Tensor]) -> float:
@@ -703,17 +788,18 @@ def lld_experiment(
     ``groups_path`` when that file exists (it is written after sampling, so a rerun compares methods
     on the same rollouts). Homogeneous groups are dropped: ``df.attrs["dropped"]`` maps
     "all_correct"/"all_wrong" to question ids. Columns: id, method, n_correct, group_size, p, delta,
-    per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for
-    grpo/pos_only), seed, lr; ``df.attrs["settings"]`` records the rest. One initial forward pass
-    per question is shared by all methods; "random" spares as many tokens per wrong response as
-    NTHR, at positions drawn with ``question_seed(seed, id)`` (one draw per question). ``balance=k``
-    measures each mixed group on its first k correct and k incorrect responses only
+    per_response_delta, n_selected, n_incorrect_tokens, tau (NTHR's threshold; None for the rules
+    without a selection), seed, lr; ``df.attrs["settings"]`` records the rest (``rule_settings``:
+    each method's own). One initial forward pass per question is shared by all methods (with the
+    entropies when a rule masks by entropy); NTHR's selection is computed once per β (``beta``, or
+    a rule's own: nthr_all's -inf); "random" spares as many tokens per wrong response as NTHR at
+    ``beta``, at positions drawn with ``question_seed(seed, id)`` (one draw per question).
+    ``balance=k`` measures each mixed group on its first k correct and k incorrect responses only
     (``balanced_group``, the balanced 4+/4- probe of docs/results.md; sample a larger ``group_size``
     so that enough groups qualify); groups with fewer go to ``df.attrs["dropped"]["unbalanced"]``.
     Groups come from ``groups.load_or_sample_groups``; ``share_prompt`` as in
     ``one_step_displacement``.
     """
-    import pandas as pd
 
     methods = tuple(methods)
     if isinstance(methods, str) or not methods:
@@ -775,54 +861,27 @@ def lld_experiment(
         f"{len(dropped['all_correct'])} all correct, {len(dropped['all_wrong'])} all wrong"
     )
 
-    # One initial pass per question, shared by every method; NTHR's selection, when needed, is
-    # computed once from it, so Random spares exactly as many tokens per wrong response as NTHR
-    # does.
-    need_selection = any(_rules.get(m).needs_hidden for m in methods)
-    rows = []
-    from tqdm.auto import tqdm
-
-    for g in tqdm(mixed, desc="LLD questions", disable=not progress):
-        out = initial_token_logps(
-            model,
-            g,
-            temperature=temperature,
-            batch_size=batch_size,
-            return_hidden=need_selection,
-            share_prompt=share_prompt,
-        )
-        old_logps, hidden = out if need_selection else (out, None)
-        selected = tau = None
-        if need_selection:
-            selected, tau = nthr_selection(
-                model, g, beta=beta, temperature=temperature, vocab=vocab, hidden=hidden
-            )
-            del hidden
-        for m in methods:
-            res = one_step_displacement(
-                model,
-                g,
-                update=m,
-                lr=lr,
-                optimizer=optimizer,
-                steps=steps,
-                beta=beta,
-                eta=eta,
-                seed=seed,
-                temperature=temperature,
-                vocab=vocab,
-                selected=selected if _rules.get(m).needs_hidden else None,
-                old_logps=old_logps,
-                batch_size=batch_size,
-                share_prompt=share_prompt,
-            )
-            tau_m = tau if _rules.get(m).needs_hidden else None
-            rows.append(res.to_row() | {"tau": tau_m, "seed": seed, "lr": lr})
-    df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    df = displacement_table(
+        model,
+        mixed,
+        methods=methods,
+        lr=lr,
+        seed=seed,
+        temperature=temperature,
+        beta=beta,
+        eta=eta,
+        optimizer=optimizer,
+        steps=steps,
+        vocab=vocab,
+        batch_size=batch_size,
+        share_prompt=share_prompt,
+        progress=progress,
+    )
     df.attrs["dropped"] = dropped
     df.attrs["n_sampled"] = len(groups)
     df.attrs["settings"] = sampling | {
         "methods": list(methods),
+        "rule_settings": {m: _rules.get(m).settings() for m in methods},
         "lr": lr,
         "beta": beta,
         "eta": eta,
@@ -834,6 +893,90 @@ def lld_experiment(
         "groups_path": None if groups_path is None else str(groups_path),
     }
     return df
+
+
+def displacement_table(
+    model: nn.Module,
+    groups: Sequence[Group],
+    *,
+    methods: Sequence[str] = ("grpo", "pos_only"),
+    lr: float,
+    seed: int,
+    temperature: float = 1.0,
+    beta: float = 1.0,
+    eta: float = 0.0,
+    optimizer: str = "sgd",
+    steps: int = 1,
+    vocab: str = "generated",
+    batch_size: int | None = None,
+    share_prompt: bool = True,
+    progress: bool = True,
+    desc: str = "LLD questions",
+):
+    """Δ(x) of every rule in ``methods`` on each of the given mixed ``groups``: the table of
+    ``lld_experiment`` (columns ``ROW_COLUMNS``), for groups built by other means (the regime map's
+    branched and near-miss groups).
+
+    One initial pass per group is shared by every rule; NTHR's selection, when a rule needs it, is
+    computed once from it, so Random spares exactly as many tokens per wrong response as NTHR.
+    """
+    import pandas as pd
+
+    # One initial pass per question, shared by every method; NTHR's selection, when needed, is
+    # computed once from it per β (the experiment's ``beta``, or a rule's own: nthr_all's -inf), so
+    # Random spares exactly as many tokens per wrong response as NTHR does; the entropies of an
+    # entropy-masking rule come from the same pass.
+    betas = {
+        m: _rules.get(m).settings().get("nthr_beta", beta)
+        for m in methods
+        if _rules.get(m).needs_hidden
+    }
+    need_selection = bool(betas)
+    need_entropy = any(_rules.get(m).needs_entropy for m in methods)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for g in tqdm(groups, desc=desc, disable=not progress):
+        out = initial_token_logps(
+            model,
+            g,
+            temperature=temperature,
+            batch_size=batch_size,
+            return_hidden=need_selection,
+            share_prompt=share_prompt,
+            return_entropy=need_entropy,
+        )
+        out = list(out) if isinstance(out, tuple) else [out]
+        old_logps = out.pop(0)
+        hidden = out.pop(0) if need_selection else None
+        entropy = out.pop(0) if need_entropy else None
+        selections = {  # β -> ((G, T) selection, tau)
+            b: nthr_selection(model, g, beta=b, temperature=temperature, vocab=vocab, hidden=hidden)
+            for b in set(betas.values())
+        }
+        del hidden
+        for m in methods:
+            selected, tau_m = selections[betas[m]] if m in betas else (None, None)
+            res = one_step_displacement(
+                model,
+                g,
+                update=m,
+                lr=lr,
+                optimizer=optimizer,
+                steps=steps,
+                beta=betas.get(m, beta),
+                eta=eta,
+                seed=seed,
+                temperature=temperature,
+                vocab=vocab,
+                selected=selected,
+                old_logps=old_logps,
+                batch_size=batch_size,
+                share_prompt=share_prompt,
+                entropy=entropy,
+            )
+            rows.append(res.to_row() | {"tau": tau_m, "seed": seed, "lr": lr})
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -873,9 +1016,11 @@ def lld_rate(delta_per_response: Any, eps: float = 0.0) -> float:
 
 
 def displacement_summary(df):
-    """Per method (in first-seen order): n_questions, median_delta, mean_delta, frac_delta_le_0,
-    lld_rate."""
+    """Per method (in first-seen order): n_questions, median_delta with its 95% bootstrap interval
+    over questions (median_low, median_high), mean_delta, frac_delta_le_0, lld_rate."""
     import pandas as pd
+
+    from nthr_book.experiments import bootstrap_interval  # experiments imports lld (via trainer)
 
     missing = [c for c in ("method", "delta") if c not in df.columns]
     if missing:
@@ -884,17 +1029,21 @@ def displacement_summary(df):
     for method in pd.unique(df["method"]):
         part = df[df["method"] == method]
         delta = part["delta"].astype(float)
+        median, low, high = bootstrap_interval(delta.to_numpy())
         row = {
             "method": method,
             "n_questions": int(len(part)),
-            "median_delta": float(delta.median()),
+            "median_delta": median,
+            "median_low": low,
+            "median_high": high,
             "mean_delta": float(delta.mean()),
             "frac_delta_le_0": float((delta <= 0).mean()),
         }
         if "per_response_delta" in part.columns:
             row["lld_rate"] = lld_rate(part["per_response_delta"])
         rows.append(row)
-    columns = ["method", "n_questions", "median_delta", "mean_delta", "frac_delta_le_0"]
+    columns = ["method", "n_questions", "median_delta", "median_low", "median_high", "mean_delta"]
+    columns.append("frac_delta_le_0")
     if "per_response_delta" in df.columns:
         columns.append("lld_rate")
     return pd.DataFrame(rows, columns=columns).set_index("method")

@@ -47,7 +47,6 @@ from nthr_book.grpo import (
     STD_MODES,
     chunked_token_logps,
     expand_advantages,
-    group_advantages,
     mixed_group_mask,
     per_token_logps,
     policy_loss,
@@ -129,8 +128,9 @@ class TrainConfig:
     require_boxed: bool | None = None
     """Reward needs \\boxed{}; None: the task's default."""
     method: str = "grpo"
-    """"grpo", "nthr" (NTHR hook from the nthr_* fields) or "pos_only" (negative advantages set
-    to 0)."""
+    """A trainable rule of ``nthr_book.rules``: "grpo", "nthr" (NTHR hook from the nthr_* fields),
+    "pos_only", "nsr", "clip_higher", "llds", ... A rule's settings (``rules.SETTINGS``) replace the
+    defaults of the fields of the same name (``rule_settings``)."""
     steps: int = 20
     """Number of rollout batches (optimizer steps when mini_batch_prompts == prompts_per_step)."""
     prompts_per_step: int = 4
@@ -214,6 +214,7 @@ class TrainConfig:
             bad("task", "expected 'arithmetic' or 'math'")
         if self.method not in rules.names(trainable=True):
             bad("method", f"expected one of {rules.names(trainable=True)} (nthr_book.rules)")
+        self.rule_settings()  # a field that contradicts the method's rule is refused, named
         if self.group_size < 2:
             bad("group_size", "GRPO needs at least 2 completions per prompt to compare")
         for name in ("steps", "prompts_per_step", "num_iterations", "max_new_tokens"):
@@ -313,6 +314,14 @@ class TrainConfig:
             generation_batch_size=128,
         )
         return cls(**(base | overrides))
+
+    def rule_settings(self) -> dict[str, Any]:
+        """clip_eps_high, agg, adv_std and nthr_beta as the run uses them: the method's rule's
+        settings in place of these fields' defaults (``rules.Rule.resolve_settings``; a field set
+        to another value than the rule's is an error naming it)."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in rules.SETTINGS}
+        values = {k: getattr(self, k) for k in rules.SETTINGS}
+        return rules.get(self.method).resolve_settings(values, defaults, owner="TrainConfig.")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again)."""
@@ -469,12 +478,14 @@ def default_reward_fn(require_boxed: bool) -> Callable[[list[str], list[str]], l
 
 
 def make_advantage_fn(cfg: TrainConfig):
-    """The hook a config's ``method`` implies: NTHR's for a rule with a selection, else None."""
+    """The hook a config's ``method`` implies: NTHR's for a rule with a selection (its β from
+    ``rule_settings``: the rule's own, or ``nthr_beta``), else None."""
     if not rules.get(cfg.method).needs_hidden:
         return None
     from nthr_book.nthr import nthr_advantage_fn
 
-    return nthr_advantage_fn(cfg.nthr_beta, cfg.nthr_eta, cfg.nthr_vocab, anchor=cfg.nthr_anchor)
+    beta = cfg.rule_settings()["nthr_beta"]
+    return nthr_advantage_fn(beta, cfg.nthr_eta, cfg.nthr_vocab, anchor=cfg.nthr_anchor)
 
 
 # ---- metrics I/O ---------------------------------------------------------------------------------
@@ -579,7 +590,7 @@ class GRPOTrainer:
         size = self.cfg.micro_batch_groups or len(group_ids)
         return [list(group_ids[i : i + size]) for i in range(0, len(group_ids), size)]
 
-    def _logps(self, model, ro: Rollouts, *, hidden: bool = False):
+    def _logps(self, model, ro: Rollouts, *, hidden: bool = False, entropy: bool = False):
         with self._autocast():
             return per_token_logps(
                 model,
@@ -589,7 +600,15 @@ class GRPOTrainer:
                 temperature=self.cfg.temperature,
                 return_hidden=hidden,
                 group_size=ro.group_size if self.cfg.share_prompt else None,
+                return_entropy=entropy,
             )
+
+    def _policy_pass(self, ro: Rollouts, *, hidden: bool, entropy: bool):
+        """(logps (N, T), hidden (N, T, d) or None, entropy (N, T) or None) of the policy."""
+        out = self._logps(self.model, ro, hidden=hidden, entropy=entropy)
+        out = list(out) if isinstance(out, tuple) else [out]
+        logps = out.pop(0)
+        return logps, out.pop(0) if hidden else None, out.pop(0) if entropy else None
 
     def _apply_hook(
         self, ro: Rollouts, rewards, advantages, old_logps, hidden
@@ -716,8 +735,9 @@ class GRPOTrainer:
 
     def _update(self, ro: Rollouts, rewards: torch.Tensor, row: dict, times: dict) -> None:
         cfg = self.cfg
-        group_adv = group_advantages(rewards, std=cfg.adv_std)  # (num_groups, G)
-        group_adv = rules.get(cfg.method).transform(group_adv)  # e.g. Pos Only: negatives to 0
+        rule, settings = rules.get(cfg.method), cfg.rule_settings()
+        # (num_groups, G): GRPO's, or the rule's (Pos Only: negatives to 0; NSR: -1 on wrong ones)
+        group_adv = rule.sequence_advantages(rewards, std=settings["adv_std"])
         advantages = expand_advantages(group_adv, ro.completion_mask)  # (N, T)
         num_groups, G = rewards.shape
         n_mini = cfg.prompts_per_step // (cfg.mini_batch_prompts or cfg.prompts_per_step)
@@ -729,6 +749,14 @@ class GRPOTrainer:
         old_logps = torch.zeros_like(advantages)
         ref_logps = torch.zeros_like(advantages) if self.ref_model is not None else None
         hook_metrics: list[dict] = []
+        # the entropy mask (rules.Rule.entropy_quantile), per micro-batch of the old-policy pass
+        want_entropy, kept_counts = rule.needs_entropy, [0, 0]  # kept tokens, valid tokens
+
+        def entropy_mask(r, entropy, mask) -> None:
+            advantages[r], kept = rule.entropy_masked(advantages[r], entropy, mask)
+            if kept is not None:
+                kept_counts[0] += int(kept.sum())
+                kept_counts[1] += int(mask.sum())
 
         self.model.train()
         if not fused:  # old-policy pass (and the hook on its hidden states), no gradient
@@ -736,8 +764,9 @@ class GRPOTrainer:
                 for micro in self._micro_batches(range(num_groups)):
                     sub, r = ro.select_groups(micro), rows_of(micro)
                     t0 = time.perf_counter()
-                    out = self._logps(self.model, sub, hidden=self._needs_hidden())
-                    logps, hidden = out if self._needs_hidden() else (out, None)
+                    logps, hidden, entropy = self._policy_pass(
+                        sub, hidden=self._needs_hidden(), entropy=want_entropy
+                    )
                     old_logps[r] = logps.float()
                     times["old_logps"] += time.perf_counter() - t0
                     if self.advantage_fn is not None:
@@ -747,7 +776,8 @@ class GRPOTrainer:
                         )
                         hook_metrics.append(m)
                         times["nthr"] += time.perf_counter() - t0
-                    del hidden
+                    entropy_mask(r, entropy, sub.completion_mask)
+                    del hidden, entropy
 
         step_metrics: list[dict] = []
         grad_norms = []
@@ -764,9 +794,9 @@ class GRPOTrainer:
                         with torch.no_grad():
                             ref_logps[r] = self._logps(self.ref_model, sub).float()
                         times["reference"] += time.perf_counter() - t0
-                    want_hidden = fused and self._needs_hidden()
-                    out = self._logps(self.model, sub, hidden=want_hidden)
-                    logps, hidden = out if want_hidden else (out, None)
+                    logps, hidden, entropy = self._policy_pass(
+                        sub, hidden=fused and self._needs_hidden(), entropy=fused and want_entropy
+                    )
                     if fused:
                         old_logps[r] = logps.detach().float()
                         if self.advantage_fn is not None:
@@ -776,24 +806,27 @@ class GRPOTrainer:
                             )
                             hook_metrics.append(m)
                             times["nthr"] += time.perf_counter() - t0
+                        entropy_mask(r, entropy, sub.completion_mask)
+                    del hidden, entropy
                     mask = sub.completion_mask
+                    logps = logps.float()
                     loss, m = policy_loss(
-                        logps.float(),
+                        logps,
                         old_logps[r],
                         advantages[r],
                         mask,
                         ref_logps=None if ref_logps is None else ref_logps[r],
                         clip_eps=cfg.clip_eps,
-                        clip_eps_high=cfg.clip_eps_high,
+                        clip_eps_high=settings["clip_eps_high"],
                         kl_coef=cfg.kl_coef,
-                        agg=cfg.agg,
+                        agg=settings["agg"],
                         max_completion_length=cfg.max_new_tokens,
+                        penalty=rule.loss_penalty(logps, old_logps[r], advantages[r], mask),
                     )
                     # Re-weight micro-batch means into the mini-batch mean (token: by tokens, else
                     # by rows).
-                    scale = (
-                        (mask.sum() / n_tok) if cfg.agg == "token" else (len(r) / len(mini_rows))
-                    )
+                    by_tokens = settings["agg"] == "token"
+                    scale = (mask.sum() / n_tok) if by_tokens else (len(r) / len(mini_rows))
                     (loss * scale).backward()
                     m["loss"] = float(loss.detach()) * float(scale)
                     step_metrics.append(m)
@@ -815,6 +848,11 @@ class GRPOTrainer:
         for key in ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean"):
             vals = [m[key] for m in step_metrics if key in m]
             row[key] = float(np.nanmean(vals)) if vals else math.nan
+        if rule.penalty is not None:  # the rule's extra loss term: its mean per valid token
+            row["rule/penalty"] = float(np.nanmean([m["penalty"] for m in step_metrics]))
+        if rule.needs_entropy:  # the share of valid tokens the entropy mask kept
+            kept, valid = kept_counts
+            row["rule/entropy_kept_frac"] = kept / valid if valid else math.nan
         row["ratio_min"] = min((m["ratio_min"] for m in step_metrics), default=math.nan)
         row["ratio_max"] = max((m["ratio_max"] for m in step_metrics), default=math.nan)
         row["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan

@@ -13,17 +13,21 @@ field (``--model_name_or_path``, ``--dtype``, ``--use_peft``, ...) and this scri
 are in ``script_defaults``.
 
 ``--nthr_beta none`` trains plain GRPO; any number (or ``--nthr_beta=-inf``) trains NTHR with that
-beta. ``--task toy`` rewards the parity of the sum of the completion's token ids (mixed groups on
-any model, for tests); ``--task arithmetic`` uses nthr_book's arithmetic prompts and the boxed math
-reward; ``--task math`` the paper's data (MATH train, levels 3-5, ``data.load_math_train``) with the
-boxed prompt. ``--model_name_or_path``: ``smollm2-135m`` (the embedded model), ``tiny-random``, a
-hub id or a folder. The model is loaded after the config, by TRL, so DeepSpeed ZeRO-3
-initialisation and ``--dtype`` apply. The trained model (and tokenizer) is saved to
-``--output_dir`` at the end, checkpoints every ``--save_steps`` steps (``checkpoint-N``) for
-``--resume_from_checkpoint``. ``--dump_dir`` writes, per process and per step, the NTHR batch
-record (``step{S}_rank{R}.pt``) and, from the main process, ``log_history.json`` (TRL's logged
-metrics), for tests and debugging. See recipes/README.md for the multi-GPU, DeepSpeed and vLLM
-(colocate and server) commands.
+beta. ``--rule NAME`` (``--nthr_beta`` then does not apply) trains another rule of
+``nthr_book.rules`` through the trainer's advantage hook (``nsr``, ``w_reinforce``, ``pos_only``,
+``neg_only``, ``llds``, ``llds_token``; ``clip_higher``, ``dr_grpo`` and ``high_entropy`` check that
+TRL's own options set their knob: ``--epsilon_high 0.28``, ``--loss_type dr_grpo --scale_rewards
+none``, ``--top_entropy_quantile 0.2``). ``--task toy`` rewards the parity of the sum of the
+completion's token ids (mixed groups on any model, for tests); ``--task arithmetic`` uses
+nthr_book's arithmetic prompts and the boxed math reward; ``--task math`` the paper's data (MATH
+train, levels 3-5, ``data.load_math_train``) with the boxed prompt. ``--model_name_or_path``:
+``smollm2-135m`` (the embedded model), ``tiny-random``, a hub id or a folder. The model is loaded
+after the config, by TRL, so DeepSpeed ZeRO-3 initialisation and ``--dtype`` apply. The trained
+model (and tokenizer) is saved to ``--output_dir`` at the end, checkpoints every ``--save_steps``
+steps (``checkpoint-N``) for ``--resume_from_checkpoint``. ``--dump_dir`` writes, per process and
+per step, the NTHR batch record (``step{S}_rank{R}.pt``) and, from the main process,
+``log_history.json`` (TRL's logged metrics), for tests and debugging. See recipes/README.md for the
+multi-GPU, DeepSpeed and vLLM (colocate and server) commands.
 """
 
 import json
@@ -70,6 +74,13 @@ class ScriptArguments:
     nthr_anchor: Literal["all", "other_responses", "no_self_token"] = field(
         default="all", metadata={"help": "which correct tokens count in the self-influence"}
     )
+    rule: str = field(
+        default="none",
+        metadata={
+            "help": "an update rule of nthr_book.rules other than NTHR's (e.g. nsr, w_reinforce, "
+            "llds), instead of --nthr_beta; 'none': GRPO or NTHR as --nthr_beta says"
+        },
+    )
     track_lld: bool = field(
         default=True,
         metadata={
@@ -81,12 +92,18 @@ class ScriptArguments:
         default=None, metadata={"help": "per-step NTHR records, for tests"}
     )
 
+    def method(self) -> str:
+        """The run's name: the rule, or ``grpo`` / ``nthr`` as --nthr_beta says."""
+        if self.rule != "none":
+            return self.rule
+        return "grpo" if self.nthr_config() is None else "nthr"
+
     def nthr_config(self):
         """The ``NTHRConfig`` these options describe, or None for plain GRPO."""
         from nthr_book.nthr import NTHRConfig
 
-        if self.nthr_beta.strip().lower() == "none":
-            return None
+        if self.nthr_beta.strip().lower() == "none" or self.rule != "none":
+            return None  # plain GRPO, or another rule of the registry
         try:
             eta: str | float = float(self.nthr_eta)
         except ValueError:
@@ -112,7 +129,7 @@ def script_defaults() -> dict:
         # float32 master weights (bf16 compute through autocast)
         model_name_or_path="smollm2-135m",
         dtype="float32",
-        output_dir=str(book_config.runs_dir() / "trl" / "{method}"),  # {method}: grpo or nthr
+        output_dir=str(book_config.runs_dir() / "trl" / "{method}"),  # {method}: the rule
         max_steps=20,
         per_device_train_batch_size=8,
         num_generations=8,
@@ -144,8 +161,7 @@ def make_parser():
 def parse_args(argv: list[str] | None = None):
     """``(script_args, training_args, model_args)`` from the command line (or ``--config``)."""
     script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    method = "grpo" if script_args.nthr_config() is None else "nthr"
-    training_args.output_dir = training_args.output_dir.replace("{method}", method)
+    training_args.output_dir = training_args.output_dir.replace("{method}", script_args.method())
     if training_args.resume_from_checkpoint in ("last", "true", "True"):
         training_args.resume_from_checkpoint = True  # the newest checkpoint-N in output_dir
     return script_args, training_args, model_args
@@ -212,7 +228,7 @@ def run(argv: list[str] | None = None):
     if os.environ.get("OMP_NUM_THREADS") is None and not torch.cuda.is_available():
         torch.set_num_threads(1)
     nthr = script_args.nthr_config()
-    method = "grpo" if nthr is None else "nthr"
+    method = script_args.method()
     output_dir = Path(training_args.output_dir)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
@@ -228,6 +244,7 @@ def run(argv: list[str] | None = None):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         nthr=nthr,
+        rule=None if script_args.rule == "none" else script_args.rule,
         track_lld=script_args.track_lld,
         lld_eps=script_args.lld_eps,
         record_nthr=script_args.dump_dir is not None,

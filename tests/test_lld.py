@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import nthr_book.rewards as rewards_mod
 import nthr_book.rollout as rollout_mod
-from nthr_book import lld
+from nthr_book import lld, rules
 from nthr_book.groups import Group, balanced_group, load_groups
 from nthr_book.lld import (
     QuestionDisplacement,
@@ -650,6 +650,11 @@ def test_displacement_summary_hand_values():
     )
     s = displacement_summary(df)
     assert s.index.tolist() == ["grpo", "pos_only"]
+    # the median's bootstrap interval is experiments.bootstrap_interval's (tested there); it holds
+    # the median and lies within the values
+    assert (s.median_low <= s.median_delta).all() and (s.median_delta <= s.median_high).all()
+    assert s.loc["grpo", "median_low"] >= -0.2 and s.loc["pos_only", "median_high"] <= 0.5
+    s = s.drop(columns=["median_low", "median_high"])
     tol = 4 * EPS64  # float64 means of 3 values below 1: 3 additions and a division, 4 roundings
     assert s.loc["grpo"].to_dict() == pytest.approx(
         {
@@ -777,3 +782,215 @@ def test_lld_experiment_balance_drops_groups_short_of_k(tiny_policy, monkeypatch
     )
     assert df["id"].tolist() == ["a"] and df.attrs["dropped"]["unbalanced"] == ["c"]
     assert "1 more dropped with fewer than 2 right or wrong" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- the family of rules (nthr_book.rules)
+
+FOUR = dict(
+    completions=[[10, 11, 12], [10, 11, 14, 15, 16], [10, 20], [11, 12, 13, 14]],
+    rewards=[1.0, 0.0, 0.0, 1.0],
+)
+# y+ and its near copies: GRPO's step lowers ln π(y+) here (LLD), so LLDS's gate opens
+REPEAT4 = dict(
+    completions=[
+        [10, 11, 12, 13],
+        [10, 11, 12, 13, 10, 11, 12, 13],
+        [10, 11, 12, 13, 14],
+        [10, 11, 12, 20],
+    ],
+    rewards=[1.0, 0.0, 1.0, 0.0],
+)
+RATIO_ONE_RULES = ("clip_higher", "llds", "llds_token")  # exactly GRPO when every ratio is 1
+
+
+@pytest.mark.parametrize("update", rules.names())
+def test_every_rule_runs_in_one_step_displacement(update):
+    """Each registered rule measures Δ(x); at steps=1 (ratio 1) Clip-Higher and LLDS are GRPO."""
+    model, group = _small_model(1), _group(**FOUR)
+    res = one_step_displacement(model, group, update=update, lr=0.1, eta=0.5, temperature=0.7)
+    assert res.method == update and all(math.isfinite(d) for d in res.per_response_delta)
+    assert res.extras["settings"] == (
+        {"clip_eps_high": None, "agg": "token", "adv_std": "population", "nthr_beta": 1.0}
+        | rules.get(update).settings()
+    )
+    grpo_res = one_step_displacement(model, group, update="grpo", lr=0.1, temperature=0.7)
+    same = res.per_response_delta == grpo_res.per_response_delta
+    assert same == (update in ("grpo", "nthr", "random") + RATIO_ONE_RULES), update
+    if update == "nthr_all":  # β = -inf: every wrong token selected
+        assert res.n_selected_tokens == res.n_incorrect_tokens == 7
+        assert res.extras["tau"] == -math.inf
+    if rules.get(update).penalty is not None:
+        assert res.extras["penalty"] == [0.0]  # 0 at ratio 1, with zero gradient
+    # the (G, T) advantages the update used: Pos Only's are GRPO's with the negative ones at 0
+    if update == "pos_only":
+        grpo_adv = grpo_res.extras["advantages"]
+        assert torch.equal(res.extras["advantages"], grpo_adv.clamp(min=0))
+        wrong_tokens = (~group.correct)[:, None] & group.rollouts.completion_mask.bool()
+        assert (grpo_adv[wrong_tokens] < 0).all() and (
+            res.extras["advantages"][wrong_tokens] == 0
+        ).all()
+
+
+def _hand_token_entropies(model64, completions, temperature):
+    """List of (T_i,) float64 entropies of softmax(logits / T), one unpadded forward each."""
+    out = []
+    for c in completions:
+        ids = torch.cat([PROMPT, torch.tensor(c)])[None]
+        with torch.no_grad():
+            logits = model64(input_ids=ids).logits[0, len(PROMPT) - 1 : -1] / temperature
+        out.append(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1))
+    return out
+
+
+def _hand_rule_update(
+    model, completions, advantages, temperature, lr, steps, *, eps_high, weight, llds
+):
+    """``steps`` SGD steps of the clipped loss written out per response in float64, with an upper
+    clip ``eps_high``, the normaliser ``weight`` and LLDS's term (λ = 0.2, gate ``llds``/None)."""
+    m = copy.deepcopy(model).double()
+    old = [lp.detach() for lp in _hand_token_logps(m, PROMPT, completions, temperature)]
+    for _ in range(steps):
+        for p in m.parameters():
+            p.grad = None
+        objective = 0.0
+        for lp, lp_old, adv in zip(
+            _hand_token_logps(m, PROMPT, completions, temperature), old, advantages
+        ):
+            adv = adv.double()
+            ratio = torch.exp(lp - lp_old)
+            objective = (
+                objective + torch.minimum(ratio * adv, ratio.clamp(0.8, 1 + eps_high) * adv).sum()
+            )
+            if llds is not None and bool((adv >= 0).all()):  # the preserving set: A >= 0
+                drop = lp_old - lp  # ln π_old - ln π_θ per token
+                fell = drop.detach() > 0
+                if llds == "response":
+                    fell = fell & (drop.detach().sum() > 0)
+                objective = objective - (0.2 * drop * fell).sum()
+        (-objective * weight).backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= lr * p.grad
+    return m
+
+
+@pytest.mark.parametrize(
+    "update,case,lr",
+    [
+        ("neg_only", "four", 0.1),
+        ("nsr", "four", 0.1),
+        ("w_reinforce", "four", 0.1),
+        ("high_entropy", "four", 0.1),
+        ("dr_grpo", "four", 0.1),
+        ("nthr_all", "four", 0.1),
+        ("llds_token", "four", 0.1),  # the token gate fires where the response gate does not
+        ("clip_higher", "repeat4", 0.2),  # some A > 0 ratios land in (1.2, 1.28] at step 2
+        ("llds", "repeat4", 0.2),  # step 1 lowers ln π(y+): the response gate opens at step 2
+    ],
+)
+def test_family_delta_equals_independent_recomputation(update, case, lr):
+    """Two SGD steps of each rule against the papers' formulas written out by hand in float64."""
+    temperature, eta, steps = 0.7, 0.5, 2
+    spec = FOUR if case == "four" else REPEAT4
+    completions, rewards = spec["completions"], spec["rewards"]
+    model, group = _small_model(1), _group(completions, rewards)
+    res = one_step_displacement(
+        model, group, update=update, lr=lr, steps=steps, temperature=temperature, eta=eta
+    )
+    # advantages by hand (p = 1/2 in both groups)
+    correct = [r > 0.5 for r in rewards]
+    grpo_a = [(r - 0.5) / (0.5 + 1e-6) for r in rewards]  # population std 1/2, eps 1e-6
+    seq = {
+        "neg_only": [min(a, 0.0) for a in grpo_a],
+        "nsr": [0.0 if c else -1.0 for c in correct],
+        "w_reinforce": [0.1 if c else -1.0 for c in correct],
+        "dr_grpo": [r - 0.5 for r in rewards],
+        "nthr_all": [a if c else eta * a for a, c in zip(grpo_a, correct)],
+    }.get(update, grpo_a)
+    advantages = [torch.full((len(c),), a, dtype=torch.float64) for c, a in zip(completions, seq)]
+    if update == "high_entropy":  # the top 20% tokens by the initial policy's entropy keep A
+        ents = _hand_token_entropies(copy.deepcopy(model).double(), completions, temperature)
+        flat = torch.cat(ents)
+        s, pos = flat.sort().values.tolist(), 0.8 * (len(flat) - 1)
+        lo = math.floor(pos)
+        threshold = s[lo] + (pos - lo) * (s[lo + 1] - s[lo])  # linear interpolation
+        # float32 entropies cannot flip a token across it: every token is either tied with it
+        # (the first tokens: one shared prompt state, the same numbers in both computations) or
+        # further from it than the float32 entropy error, EPS32·(2V + 8)·max|z| < 2e-5 here
+        gap = (flat - threshold).abs()
+        assert bool(((gap == 0) | (gap > 1e-4)).all())
+        advantages = [torch.where(e >= threshold, a, 0.0) for e, a in zip(ents, advantages)]
+        assert 0 < sum(int((a != 0).sum()) for a in advantages) < len(flat)
+    n_tokens, width = sum(map(len, completions)), max(map(len, completions))
+    new_model = _hand_rule_update(
+        model,
+        completions,
+        advantages,
+        temperature,
+        lr,
+        steps,
+        eps_high=0.28 if update == "clip_higher" else 0.2,
+        weight=1 / (len(completions) * width) if update == "dr_grpo" else 1 / n_tokens,
+        llds={"llds": "response", "llds_token": "token"}.get(update),
+    )
+    model64 = copy.deepcopy(model).double()
+    on = [i for i, c in enumerate(correct) if c]
+    init = [float(_hand_logprob(model64, PROMPT, completions[i], temperature)) for i in on]
+    per = [
+        float(_hand_logprob(new_model, PROMPT, completions[i], temperature)) - init[k]
+        for k, i in enumerate(on)
+    ]
+    scale = max(abs(v) for v in init)
+    rtol, atol = _delta_tol(model, completions, scale, steps)
+    assert_close(res.per_response_delta, per, rtol=rtol, atol=atol)
+    # each case exercises what makes the rule differ from GRPO
+    if update in ("clip_higher", "llds", "llds_token"):
+        grpo_res = one_step_displacement(
+            model, group, update="grpo", lr=lr, steps=steps, temperature=temperature
+        )
+        differs = [abs(a - b) for a, b in zip(res.per_response_delta, grpo_res.per_response_delta)]
+        assert max(differs) > 100 * atol
+    if update in ("llds", "llds_token"):
+        assert res.extras["penalty"][0] == 0.0 and res.extras["penalty"][1] > 0
+    if update == "llds_token":  # the response gate stays closed on this group
+        llds = one_step_displacement(
+            model, group, update="llds", lr=lr, steps=steps, temperature=temperature
+        )
+        assert llds.extras["penalty"] == [0.0, 0.0]
+
+
+def test_given_entropies_and_old_logps_give_identical_results():
+    model, group = _small_model(4), _group(**FOUR)
+    old_logps, entropy = lld.initial_token_logps(model, group, return_entropy=True)
+    alone = one_step_displacement(model, group, update="high_entropy", lr=0.1)
+    shared = one_step_displacement(
+        model, group, update="high_entropy", lr=0.1, old_logps=old_logps, entropy=entropy
+    )
+    assert shared.per_response_delta == alone.per_response_delta
+    assert torch.equal(shared.extras["entropy_kept"], alone.extras["entropy_kept"])
+    with pytest.raises(ValueError, match="entropy"):
+        one_step_displacement(model, group, update="high_entropy", lr=0.1, entropy=entropy[:, :2])
+
+
+def test_lld_experiment_runs_the_family(tiny_policy, monkeypatch):
+    """Rules with their own settings (nthr_all's β) beside the experiment's; entropies shared."""
+    model, tokenizer = tiny_policy
+    monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
+    methods = ("nthr", "nthr_all", "nsr", "high_entropy", "dr_grpo", "llds")
+    df = lld_experiment(
+        model,
+        tokenizer,
+        PROBLEMS,
+        methods=methods,
+        group_size=4,
+        max_new_tokens=5,
+        lr=1e-3,
+        seed=11,
+        beta=0.0,
+        progress=False,
+    )
+    assert df["method"].tolist() == list(methods) * 2 and df["delta"].notna().all()
+    rows = df[df["method"] == "nthr_all"]
+    assert (rows["tau"] == -math.inf).all()
+    assert (rows["n_selected"] == rows["n_incorrect_tokens"]).all()
+    assert df.attrs["settings"]["rule_settings"]["nthr_all"] == {"nthr_beta": -math.inf}

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nthr_book import grpo, nthr
+import nthr_book.trainer as trainer_mod
+from nthr_book import grpo, nthr, rules
 from nthr_book.models import tiny_random_model
 from nthr_book.trainer import (
     METRIC_COLUMNS,
@@ -480,3 +481,115 @@ def test_shared_prompt_switch_gives_the_same_training_run(tmp_path):
         # float32 sums of up to d + P + T terms in each of the 2 layers and the head, over 2 steps
         tol = 2 * 3 * (64 + 64) * F32 * 2 * scale
         assert abs(a - b).max() <= tol, (col, a, b)
+
+
+# ------------------------------------------------------------------ the rules of nthr_book.rules
+
+
+def _one_step_spied(tmp_path, monkeypatch, method, **kw):
+    """One training step of ``method`` on tiny-random; every policy_loss call's inputs, and the
+    rewards of the update with the policy's entropies before it."""
+    calls, updates = [], []
+    real_loss, real_update = trainer_mod.policy_loss, GRPOTrainer._update
+
+    def loss_spy(logps, old_logps, advantages, mask, **kwargs):
+        calls.append(
+            SimpleNamespace(
+                logps=logps.detach().clone(),
+                old=old_logps.clone(),
+                advantages=advantages.clone(),
+                mask=mask.clone(),
+                kwargs={
+                    k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in kwargs.items()
+                },
+            )
+        )
+        return real_loss(logps, old_logps, advantages, mask, **kwargs)
+
+    def update_spy(self, ro, rewards, row, times):
+        with torch.no_grad():  # the entropies of the policy before the update (float32)
+            _, entropy = grpo.per_token_logps(
+                self.model,
+                ro.input_ids,
+                ro.attention_mask,
+                ro.completion_mask,
+                temperature=self.cfg.temperature,
+                group_size=ro.group_size,
+                return_entropy=True,
+            )
+        updates.append(SimpleNamespace(rewards=rewards.clone(), entropy=entropy))
+        return real_update(self, ro, rewards, row, times)
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", loss_spy)
+    monkeypatch.setattr(GRPOTrainer, "_update", update_spy)
+    cfg = tiny(tmp_path, steps=1, method=method, kl_coef=0.0, **kw)
+    row = GRPOTrainer(cfg, reward_fn=parity_reward).train_step(0)
+    return row, calls, updates
+
+
+def _hand_sequence_advantages(method: str, rewards: list[float]) -> list[float]:
+    """One group's per-response advantages as the papers define them (Python floats)."""
+    G = len(rewards)
+    mean = sum(rewards) / G
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / G)
+    grpo_a = [(r - mean) / (std + 1e-6) for r in rewards]
+    p = sum(r > 0.5 for r in rewards) / G
+    return {
+        "pos_only": [max(a, 0.0) for a in grpo_a],
+        "neg_only": [min(a, 0.0) for a in grpo_a],
+        "nsr": [0.0 if r > 0.5 else -1.0 for r in rewards],
+        "w_reinforce": [0.1 if r > 0.5 else -1.0 for r in rewards],
+        "dr_grpo": [r - mean for r in rewards],
+        "nthr_all": [a if r > 0.5 else 2 * abs(0.5 - p) * a for a, r in zip(grpo_a, rewards)],
+    }.get(method, grpo_a)
+
+
+@pytest.mark.parametrize("method", [m for m in rules.names(trainable=True) if m != "nthr"])
+def test_one_trainer_step_of_each_rule(tmp_path, monkeypatch, method):
+    """The advantages, settings and penalty the loss receives are the rule's, by hand."""
+    row, calls, updates = _one_step_spied(tmp_path, monkeypatch, method)
+    assert len(calls) == 1 and len(updates) == 1 and math.isfinite(row["loss"])
+    call, upd = calls[0], updates[0]
+    rule = rules.get(method)
+    assert call.kwargs["clip_eps_high"] == rule.settings().get("clip_eps_high")
+    assert call.kwargs["agg"] == rule.settings().get("agg", "token")
+    mask = call.mask.bool()
+    G = upd.rewards.shape[1]
+    seq = [a for g in upd.rewards.tolist() for a in _hand_sequence_advantages(method, g)]
+    expected = torch.tensor(seq)[:, None].expand(mask.shape) * mask  # (N, T), 0 on padding
+    if method == "high_entropy":  # the top 20% valid tokens by entropy keep theirs
+        # (the entropies' formula is test_rules'; here: TRL's quantile rule on the right pass)
+        flat = upd.entropy[mask].double()
+        s, pos = flat.sort().values.tolist(), 0.8 * (len(flat) - 1)
+        lo = math.floor(pos)
+        threshold = s[lo] + (pos - lo) * (s[lo + 1] - s[lo])  # linear interpolation
+        keep = (upd.entropy.double() >= threshold) & mask
+        expected = torch.where(keep, expected, 0.0)
+        assert row["rule/entropy_kept_frac"] == float(keep.sum()) / float(mask.sum())
+        assert 0.15 < row["rule/entropy_kept_frac"] < 0.3  # about the top 20%
+    # float32 A from the library against float64 by hand: a few roundings of |A| <= 2
+    torch.testing.assert_close(call.advantages, expected.float(), rtol=0, atol=8 * F32 * 2)
+    assert expected.abs().sum() > 0 and G == 4
+    if rule.penalty is not None:  # fused step: the old policy is the current one, ratio 1
+        assert call.kwargs["penalty"].eq(0).all() and row["rule/penalty"] == 0.0
+    else:
+        assert call.kwargs["penalty"] is None
+
+
+def test_llds_acts_once_the_policy_has_moved(tmp_path, monkeypatch):
+    """Two mini-batches: the second one's old log-probs predate the first step, so LLDS's
+    token-gated penalty is nonzero there: λ·max(0, old - logp) on A >= 0 tokens, by hand."""
+    row, calls, _ = _one_step_spied(tmp_path, monkeypatch, "llds_token", mini_batch_prompts=1)
+    assert len(calls) == 2
+    for k, call in enumerate(calls):
+        pen = call.kwargs["penalty"]
+        hand = torch.zeros_like(pen)
+        for i, j in zip(*call.mask.nonzero(as_tuple=True)):
+            drop = float(call.old[i, j]) - float(call.logps[i, j])
+            if call.advantages[i, j] >= 0 and drop > 0:
+                hand[i, j] = 0.2 * drop
+        # the same float32 difference on both sides, times 0.2: one rounding
+        torch.testing.assert_close(pen, hand, rtol=F32 * 2, atol=0)
+        assert (pen.sum() > 0) == (k == 1)  # before the first step nothing has moved
+    assert row["rule/penalty"] > 0

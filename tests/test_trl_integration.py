@@ -11,6 +11,7 @@ number of terms of each sum.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import nthr_book.integrations.trl as trl_integration  # noqa: E402
+from nthr_book import grpo  # noqa: E402
 from nthr_book.grpo import group_advantages  # noqa: E402
 from nthr_book.integrations.trl import (  # noqa: E402
     LLDCallback,
@@ -341,9 +343,9 @@ def test_positive_advantage_keeps_its_advantage(tmp_path, tokenizer):
     )  # two counts, a float32 reduce
 
 
-def _seq_logp(model, rec: dict) -> tuple[torch.Tensor, float]:
-    """(B,) ln π(y|x) in float64 (the model converted to float64, full logits), temperature 1, and
-    the float32 error bound of one of its token log-probs (see ``lld_atol``)."""
+def _seq_logp_tokens(model, rec: dict) -> tuple[torch.Tensor, float]:
+    """(B, T) float64 token log-probs (the model in float64, full logits) and the float32 error
+    bound of one of them."""
     T = rec["completion_ids"].shape[1]
     ids = torch.cat([rec["prompt_ids"], rec["completion_ids"]], 1)
     att = torch.cat([rec["prompt_mask"], rec["completion_mask"]], 1)
@@ -357,6 +359,13 @@ def _seq_logp(model, rec: dict) -> tuple[torch.Tensor, float]:
         + float(logps.abs().max())
         + TINY.num_hidden_layers * TINY.hidden_size * float(logits.abs().max())
     ) * EPS32
+    return logps, per_token
+
+
+def _seq_logp(model, rec: dict) -> tuple[torch.Tensor, float]:
+    """(B,) ln π(y|x) in float64 (the model converted to float64, full logits), temperature 1, and
+    the float32 error bound of one of its token log-probs (see ``lld_atol``)."""
+    logps, per_token = _seq_logp_tokens(model, rec)
     return (logps * rec["completion_mask"]).sum(-1), per_token
 
 
@@ -717,3 +726,139 @@ def test_generation_ignores_the_models_own_generation_config(tmp_path, tokenizer
     before = dirty.generation_config.to_dict()
     assert torch.equal(completions(dirty), completions(tiny_random_model(seed=0)))
     assert dirty.generation_config.to_dict() == before  # set aside for the call, then put back
+
+
+# ------------------------------------------------------------------ update rules (nthr_book.rules)
+
+
+def parity_correct(out: dict) -> torch.Tensor:
+    """(B,) bool: the parity reward, recomputed from the loss-mask tokens (odd sum: correct)."""
+    mask = out["completion_mask"].bool()
+    return (out["completion_ids"] * mask).sum(-1) % 2 == 1
+
+
+@pytest.mark.parametrize("rule,positive", [("nsr", 0.0), ("w_reinforce", 0.1)])
+def test_nsr_and_w_reinforce_replace_trls_advantages(tmp_path, tokenizer, rule, positive):
+    """arXiv 2506.01347: -1 on wrong responses, 0 (NSR) or λ = 0.1 (W-REINFORCE) on correct
+    ones, unnormalised; TRL's loss receives them."""
+    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "fused", rule=rule)
+    out = generate(ours)
+    correct = parity_correct(out)
+    assert bool(correct.any()) and bool((~correct).any())
+    # the rewards are float32, so λ is float32's 0.1 on both sides
+    expected = torch.where(correct, torch.tensor(positive), torch.tensor(-1.0))
+    assert torch.equal(out["advantages"], expected) and torch.equal(out["seq_advantages"], expected)
+
+
+def test_pos_only_clamps_trls_own_advantages(tmp_path, tokenizer):
+    ours = make_trainer(tmp_path / "a", tokenizer, NTHRGRPOTrainer, "fused", rule="pos_only")
+    plain = make_trainer(tmp_path / "b", tokenizer, NTHRGRPOTrainer, "fused")
+    out, ref = generate(ours), generate(plain)
+    assert torch.equal(out["completion_ids"], ref["completion_ids"])  # the same samples
+    assert bool((ref["advantages"] < 0).any())
+    assert torch.equal(out["advantages"], ref["advantages"].clamp(min=0))
+
+
+@pytest.mark.parametrize("rule", ["llds", "llds_token"])
+def test_llds_is_zero_while_the_policy_is_the_old_one(tmp_path, tokenizer, rule):
+    """TRL's default layout skips the old pass: LLDS adds exactly nothing, gradients included."""
+    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "fused", rule=rule)
+    plain = make_trainer(tmp_path, tokenizer, GRPOTrainer, "fused")
+    out = generate(ours)
+    mine, theirs = dict(out), dict(out)
+    loss_ours, loss_plain = (
+        ours.compute_loss(ours.model, mine),
+        plain.compute_loss(plain.model, theirs),
+    )
+    loss_ours.backward()
+    loss_plain.backward()
+    assert torch.equal(loss_ours, loss_plain)
+    for p, q in zip(ours.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert ours._metrics["train"]["rule/penalty"][-1] == 0.0
+
+
+@pytest.mark.parametrize("rule", ["llds", "llds_token"])
+def test_llds_term_in_trls_loss_by_hand(tmp_path, tokenizer, rule):
+    """TRL's old pass (num_iterations=2), then the policy moves: the loss grows by λ times the
+    token mean of max(0, ln π_old - ln π_θ) over gated A >= 0 tokens (arXiv 2512.04220)."""
+    ours = make_trainer(tmp_path, tokenizer, NTHRGRPOTrainer, "old_pass", rule=rule)
+    plain = make_trainer(tmp_path, tokenizer, GRPOTrainer, "old_pass")
+    out = generate(ours)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the same move of both policies (identical initial weights)
+        for p, q in zip(ours.model.parameters(), plain.model.parameters(), strict=True):
+            step = 0.05 * torch.randn(p.shape, generator=gen)
+            p.add_(step)
+            q.add_(step)
+    loss_ours = ours.compute_loss(ours.model, dict(out))
+    loss_plain = plain.compute_loss(plain.model, dict(out))
+    # by hand, in float64: the moved policy's log-probs against TRL's old ones
+    T = out["completion_ids"].shape[1]
+    current, per_token = _seq_logp_tokens(copy.deepcopy(ours.model), out)
+    old, mask, adv = (
+        out["old_per_token_logps"].double(),
+        out["completion_mask"].bool(),
+        out["advantages"],
+    )
+    total = 0.0
+    for i in range(mask.shape[0]):
+        if adv[i] < 0:
+            continue  # only the preserving set, A >= 0
+        drops = [float(old[i, t] - current[i, t]) for t in range(T) if mask[i, t]]
+        # a response's gate cannot flip under float32 rounding of its log-probs
+        assert abs(sum(drops)) > 2 * len(drops) * per_token
+        if rule == "llds" and sum(drops) <= 0:
+            continue  # the response gate: its likelihood did not fall
+        total += sum(0.2 * d for d in drops if d > 0)
+    expected = total / float(mask.sum())  # one micro-batch, no gradient accumulation
+    assert expected > 0
+    # λ·per_token bounds each float32 log-prob's share of the mean; the two float32 losses round
+    # at their size
+    atol = 0.2 * 2 * per_token + 4 * EPS32 * (abs(float(loss_plain.detach())) + expected)
+    assert float((loss_ours - loss_plain).detach()) == pytest.approx(expected, abs=atol)
+    assert ours._metrics["train"]["rule/penalty"][-1] == pytest.approx(expected, abs=atol)
+
+
+def test_rules_with_a_trl_knob_need_it_set(tmp_path, tokenizer):
+    """Clip-Higher, Dr. GRPO and the entropy mask are TRL's own: the rule checks the GRPOConfig."""
+    with pytest.raises(ValueError, match=r"GRPOConfig\(epsilon_high=0.28\)"):
+        make_trainer(tmp_path, tokenizer, rule="clip_higher")
+    assert (
+        make_trainer(
+            tmp_path, tokenizer, rule="clip_higher", config={"epsilon_high": 0.28}
+        ).rule.name
+        == "clip_higher"
+    )
+    with pytest.raises(ValueError, match=r"GRPOConfig\(loss_type='dr_grpo'\)"):
+        make_trainer(tmp_path, tokenizer, rule="dr_grpo")
+    with pytest.raises(ValueError, match=r"GRPOConfig\(scale_rewards='none'\)"):
+        make_trainer(tmp_path, tokenizer, rule="dr_grpo", config={"loss_type": "dr_grpo"})
+    make_trainer(
+        tmp_path,
+        tokenizer,
+        rule="dr_grpo",
+        config={"loss_type": "dr_grpo", "scale_rewards": "none"},
+    )
+    with pytest.raises(ValueError, match=r"GRPOConfig\(top_entropy_quantile=0.2\)"):
+        make_trainer(tmp_path, tokenizer, rule="high_entropy")
+    make_trainer(tmp_path, tokenizer, rule="high_entropy", config={"top_entropy_quantile": 0.2})
+    with pytest.raises(ValueError, match=r"nthr=NTHRConfig\(beta=-inf\)"):
+        make_trainer(tmp_path, tokenizer, rule="nthr_all")
+    with pytest.raises(ValueError, match="together"):
+        make_trainer(tmp_path, tokenizer, rule="nsr", nthr=SELECTIVE)
+    with pytest.raises(ValueError, match="unknown update rule 'ppo'"):
+        make_trainer(tmp_path, tokenizer, rule="ppo")
+
+
+def test_high_entropy_mask_is_trls():
+    """grpo.high_entropy_mask against TRL's GRPOTrainer.get_high_entropy_mask on one process."""
+    gen = torch.Generator().manual_seed(0)
+    entropy = torch.randint(0, 6, (5, 7), generator=gen).float() / 2  # many ties
+    mask = torch.rand(5, 7, generator=gen) > 0.3
+    one_process = SimpleNamespace(
+        accelerator=SimpleNamespace(pad_across_processes=lambda t, **kw: t, gather=lambda t: t)
+    )
+    for rho in (0.0, 0.2, 0.5, 1.0):  # TRL's argument is the quantile 1 - ρ
+        theirs = GRPOTrainer.get_high_entropy_mask(one_process, entropy, mask, 1 - rho)
+        assert torch.equal(grpo.high_entropy_mask(entropy, mask, rho), theirs), rho

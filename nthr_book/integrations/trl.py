@@ -82,6 +82,19 @@ masks out whole (``mask_truncated_completions``) are left out. NTHR logs ``nthr/
 metrics. Models whose config scales the LM head's logits (``logit_scale`` and the like) are
 refused; Gemma's soft-capping is applied, as in TRL's log-probs.
 
+Update rules of ``nthr_book.rules`` (``rule="nsr"``, ...): the trainer's advantage hook replaces
+TRL's (B,) advantages by the rule's per-response ones (``rules.Rule.sequence_advantages``: NSR's and
+W-REINFORCE's from the rewards of the whole generation batch, Pos Only's and Neg Only's elementwise
+from TRL's own), and adds the rule's extra loss term (LLDS's ``grpo.llds_penalty``) to TRL's loss,
+read off the training forward's log-probs: its mean over the micro-batch's loss-mask tokens, divided
+by the gradient accumulation steps (as TRL scales its entropy bonus; the LLDS code's masked token
+mean). The old log-probs are TRL's ``old_per_token_logps``, or the forward's own, detached, when TRL
+skips its old-policy pass: then the penalty is 0 (the policy has not moved), as LLDS's own code
+notes (its README: mini-batches smaller than the generation batch keep the two apart). Where TRL has
+the knob itself the rule only checks that the GRPOConfig sets it: Clip-Higher is
+``epsilon_high=0.28``, Dr. GRPO ``loss_type="dr_grpo", scale_rewards="none"``, the high-entropy rule
+``top_entropy_quantile=0.2`` (TRL's own mask); NTHR (also at β = -∞) is ``nthr=NTHRConfig(...)``.
+
 Why one long module: TRL's trainer is subclassed in one place, and the hooks into its
 passes, the multi-process gathering and the metrics depend on each other's layout.
 """
@@ -96,6 +109,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nthr_book import rules
 from nthr_book.lld import lld_rate
 from nthr_book.models import lm_head
 from nthr_book.nthr import NTHRConfig, apply_to_group
@@ -174,7 +188,9 @@ class _Capture:
 
     want_hidden: bool
     on_done: Callable[[_Capture], None] | None = None
+    keep_graph: bool = False  # also keep the log-probs with their graph (an extra loss term)
     logps: Tensor | None = None  # (B, T) detached
+    logps_graph: Tensor | None = None  # (B, T), differentiable (keep_graph)
     hidden: Tensor | None = None  # (B, T, d) detached: hidden[:, t] predicts completion token t
     chunks: list[Tensor] = field(default_factory=list)
 
@@ -267,7 +283,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
     vocabulary then multiplies only the |V*| rows of the LM head, lse_t = z_t[y_t] - logp_t; False:
     full-vocabulary log-sum-exp; None: True unless ``low_precision_logits``, since bf16/fp16
     log-probs carry the low-precision logits' rounding), ``record_nthr`` (keep the last batch's
-    local tensors in ``self.nthr_record`` on CPU, for tests).
+    local tensors in ``self.nthr_record`` on CPU, for tests), ``rule`` (the name of an update rule
+    of ``nthr_book.rules``: its advantages and extra loss term; see the module docstring).
     """
 
     def __init__(
@@ -282,12 +299,17 @@ class NTHRGRPOTrainer(GRPOTrainer):
         chunk_size: int | None = None,
         scores_from_logps: bool | None = None,
         record_nthr: bool = False,
+        rule: str | None = None,
         **kwargs: Any,
     ):
         if nthr is not None and not isinstance(nthr, NTHRConfig):
             raise TypeError(f"nthr must be an NTHRConfig or None, got {type(nthr).__name__}")
         is_correct(0.0, correct_threshold)  # validates the threshold (NaN refused)
+        the_rule = None if rule is None else _trl_rule(rule, nthr)
         super().__init__(*args, **kwargs)
+        self.rule = the_rule
+        if the_rule is not None:
+            _check_trl_knobs(the_rule, self.args)
         self.nthr = nthr
         self.correct_threshold = float(correct_threshold)
         self.score_dtype, self.chunk_size = score_dtype, chunk_size
@@ -408,6 +430,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
             if handle is not None:
                 handle.remove()
         cap.logps = out[0].detach()
+        if cap.keep_graph:
+            cap.logps_graph = out[0]
         if cap.want_hidden:
             if not cap.chunks:
                 raise RuntimeError(
@@ -435,7 +459,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     # ---- generation batch ----------------------------------------------------------------------
     def _active(self) -> bool:
-        return self.nthr is not None or self._track_lld
+        return self.nthr is not None or self._track_lld or self.rule is not None
 
     def _generate_and_score_completions(self, inputs):
         if not (self.model.training and self._active()):
@@ -459,6 +483,8 @@ class NTHRGRPOTrainer(GRPOTrainer):
         b = out["prompt_ids"].shape[0]
         rows = self.accelerator.process_index * b + torch.arange(b, device=device)  # global row ids
         rewards = self._global_rewards().to(device)[rows]  # (b,)
+        if self.rule is not None:  # the rule's advantage hook
+            out["advantages"] = self._rule_advantages(out["advantages"], rows)
         self._batch_counter += 1
         out[_ROW], out[_REWARD], out[_SEQ_ADV] = rows, rewards, out["advantages"]
         out[_BATCH] = torch.tensor(self._batch_counter, device=device)
@@ -500,6 +526,32 @@ class NTHRGRPOTrainer(GRPOTrainer):
             self._capture = None
         return cap
 
+    @torch.no_grad()
+    def _rule_advantages(self, advantages: Tensor, rows: Tensor) -> Tensor:
+        """(b,) the rule's per-response advantages of the local rows (``Rule.sequence_advantages``):
+        from the rewards of the whole generation batch (num_groups, G) when the rule has its own,
+        else from TRL's advantages (elementwise)."""
+        rule, G = self.rule, self.num_generations
+        if rule.from_rewards is not None:
+            rewards = self._global_rewards().to(advantages.device).view(-1, G)  # (B/G, G)
+            return rule.sequence_advantages(rewards).reshape(-1)[rows].to(advantages.dtype)
+        rewards = self._global_rewards().to(advantages.device)[rows]  # (b,)
+        return rule.sequence_advantages(rewards[None], group_advantages=advantages[None])[0]
+
+    def _rule_penalty(self, inputs: dict, logps: Tensor) -> Tensor:
+        """The rule's extra loss term on this micro-batch: its mean over the loss-mask tokens,
+        divided by the gradient accumulation steps (as TRL's entropy bonus); logs rule/penalty."""
+        mask = self._loss_mask(inputs).to(torch.float32)  # (B, T)
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old  # TRL's rule: no old pass, the policy is old
+        advantages = inputs["advantages"]  # (B,) or (B, T)
+        penalty = self.rule.loss_penalty(logps.float(), old.float(), advantages, mask)  # (B, T)
+        total, count = (penalty * mask).sum(), mask.sum()
+        term = total / count.clamp(min=1.0) / self.current_gradient_accumulation_steps
+        sums = self.accelerator.reduce(torch.stack([total.detach(), count]), reduction="sum")
+        self._metrics["train"]["rule/penalty"].append(float(sums[0] / sums[1].clamp(min=1.0)))
+        return term
+
     def _loss_mask(self, batch: dict) -> Tensor:
         """(b, T) TRL's loss mask: completion_mask (zero rows when truncated completions are masked)
         times tool_mask."""
@@ -530,13 +582,16 @@ class NTHRGRPOTrainer(GRPOTrainer):
 
     # ---- the loss --------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
+        cap = None
         if self.model.training and _BATCH in inputs:
             fused = bool(inputs[_FUSED])
             lld = next((b for b in self._lld_pending if b.batch_id == int(inputs[_BATCH])), None)
             lld_missing = lld is not None and bool(lld.old_seq.isnan().any())
-            if fused or lld_missing:
-                # The policy has not moved since generation here (TRL skipped the old pass), so the
-                # training forward is the old policy's pass: read it, then let TRL compute its loss.
+            penalty = self.rule is not None and self.rule.penalty is not None
+            if fused or lld_missing or penalty:
+                # Read the training forward, then let TRL compute its loss. When TRL skipped the
+                # old pass the policy has not moved since generation, so this forward is the old
+                # policy's pass (NTHR, LLD); a rule's penalty reads its log-probs with their graph.
                 def on_done(cap: _Capture) -> None:
                     if lld_missing:
                         offset = self.accelerator.process_index * lld.old_seq.numel()
@@ -549,9 +604,14 @@ class NTHRGRPOTrainer(GRPOTrainer):
                             )
                         inputs[_FUSED] = torch.tensor(False, device=inputs[_FUSED].device)
 
-                self._capture = _Capture(want_hidden=fused, on_done=on_done)
+                cap = self._capture = _Capture(
+                    want_hidden=fused, on_done=on_done, keep_graph=penalty
+                )
         try:
-            return super()._compute_loss(model, inputs)
+            loss = super()._compute_loss(model, inputs)
+            if cap is not None and cap.logps_graph is not None:
+                loss = loss + self._rule_penalty(inputs, cap.logps_graph)
+            return loss
         finally:
             self._capture = None
 
@@ -724,6 +784,49 @@ class NTHRGRPOTrainer(GRPOTrainer):
         metrics["nthr/eta_mean"].append(eta_sum / n_mixed if n_mixed else math.nan)
         metrics["nthr/score_mean"].append(score_sum / n_neg if n_neg else math.nan)
         metrics["nthr/mixed_groups"].append(n_mixed)
+
+
+# ---- update rules of nthr_book.rules in TRL ------------------------------------------------------
+def _trl_rule(name: str, nthr: NTHRConfig | None) -> rules.Rule:
+    """The registered rule ``name`` for ``NTHRGRPOTrainer(rule=...)``; ValueError for NTHR's rules
+    (use ``nthr=``) and for a rule together with ``nthr``."""
+    rule = rules.get(name)
+    if rule.needs_hidden:
+        beta = rule.settings().get("nthr_beta", 1.0)
+        raise ValueError(
+            f"rule={name!r} is NTHR's token selection: pass nthr=NTHRConfig(beta={beta}) instead"
+        )
+    if nthr is not None and name != "grpo":
+        raise ValueError(f"rule={name!r} and nthr=... together: pass one of them")
+    return rule
+
+
+# A rule's setting -> (the GRPOConfig field that is TRL's knob for it, the values that match; none:
+# TRL cannot do it, e.g. the population std).
+_TRL_KNOBS: dict[str, Callable[[Any], tuple[str, tuple[Any, ...]]]] = {
+    "clip_eps_high": lambda v: ("epsilon_high", (v,)),
+    "agg": lambda v: ("loss_type", {"token": ("dapo", "bnpo"), "seq_mean": ("grpo",)}.get(v, (v,))),
+    "adv_std": lambda v: ("scale_rewards", {"none": ("none",), "sample": ("group",)}.get(v, ())),
+    "entropy_quantile": lambda v: ("top_entropy_quantile", (v,)),
+}
+
+
+def _check_trl_knobs(rule: rules.Rule, args: Any) -> None:
+    """ValueError unless ``args`` (a GRPOConfig) already sets TRL's own knob for each of the
+    rule's settings and its entropy mask (``_TRL_KNOBS``)."""
+    wanted = rule.settings() | (
+        {"entropy_quantile": rule.entropy_quantile} if rule.needs_entropy else {}
+    )
+    for key, value in wanted.items():
+        field_name, accepted = _TRL_KNOBS[key](value)
+        got = getattr(args, field_name, None)
+        if not accepted:
+            raise ValueError(f"rule={rule.name!r} sets {key}={value!r}, which TRL cannot do")
+        if got not in accepted:
+            raise ValueError(
+                f"rule={rule.name!r} sets {key}={value!r}, which TRL does itself: pass "
+                f"GRPOConfig({field_name}={accepted[0]!r}) (got {got!r})"
+            )
 
 
 # ---- data and reward in TRL's shapes (notebook 07, scripts/train_trl.py) -------------------------
