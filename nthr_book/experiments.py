@@ -34,11 +34,14 @@ def __getattr__(name: str) -> Any:
 
 
 def method_overrides(label: str) -> dict[str, Any]:
-    """TrainConfig overrides for a method label: "grpo", "nthr", "pos_only", or ablations like
-    "nthr_beta=-inf", "nthr_beta=0.1", "nthr_eta=p", "nthr_beta=0_eta=one_minus_p"."""
+    """TrainConfig overrides for a method label: a trainable rule of ``nthr_book.rules`` ("grpo",
+    "nthr", "pos_only", "nsr", "clip_higher", ...; with the settings the rule carries, e.g.
+    {"method": "clip_higher", "clip_eps_high": 0.28}, so that the run's config.json shows them),
+    or ablations like "nthr_beta=-inf", "nthr_beta=0.1", "nthr_eta=p",
+    "nthr_beta=0_eta=one_minus_p"."""
     presets = __getattr__("METHOD_PRESETS")
     if label in presets:
-        return dict(presets[label])
+        return dict(presets[label]) | rules.get(label).settings()
     match = re.fullmatch(r"nthr(?:_beta=(?P<beta>[^_]+))?(?:_eta=(?P<eta>.+))?", label)
     if match is None or label == "nthr_":
         raise ValueError(
@@ -109,6 +112,41 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
     std = float(x.std(ddof=1))
     half = t975(len(x) - 1) * std / math.sqrt(len(x))
     return mean, std, mean - half, mean + half
+
+
+def bootstrap_interval(
+    values: Sequence[float],
+    statistic=None,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(estimate, low, high): the statistic (default: the median) and its percentile-bootstrap
+    interval over the values (questions, the unit of resampling), seeded so a rerun gives the same.
+
+    Each of ``n_boot`` resamples draws ``len(values)`` values with replacement; the interval is the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the statistic over the resamples.
+    ``values`` may be (n, k): paired measurements of n questions, resampled by row (e.g. the ratio
+    of two methods' medians); ``statistic(x, axis)`` reduces the sample axis of (..., n) or
+    (..., n, k) to one number per resample.
+    """
+    import numpy as np
+
+    stat = statistic or (lambda x, axis: np.median(x, axis=axis))
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim not in (1, 2) or len(x) == 0:
+        raise ValueError(f"bootstrap_interval: values must be non-empty, (n,) or (n, k): {x.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_interval: level={level} must lie in (0, 1)")
+    estimate = float(stat(x, axis=0))
+    if len(x) < 2:
+        return estimate, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    resamples = x[rng.integers(0, len(x), size=(n_boot, len(x)))]  # (n_boot, n[, k]) by row
+    stats = stat(resamples, axis=1)  # (n_boot,)
+    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return estimate, float(low), float(high)
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:

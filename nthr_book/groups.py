@@ -4,9 +4,11 @@ Every experiment on one question (Δ(x) in ``nthr_book.lld``, token scores in no
 threshold explorer in notebook 04) starts from a ``Group``: a single-group ``Rollouts`` of G rows,
 the rewards (G,), the question id and gold answer. ``load_or_sample_groups`` is the one way the
 notebooks get them: it loads a saved file when its sampling settings match, else samples, grades
-and saves atomically, so every update rule is compared on the same answers. Two constructions build
-the groups of controlled experiments: ``near_miss_group`` (docs/method.md §5: each wrong answer
-replaced by a correct one with its final number changed) and ``balanced_group`` (k right, k wrong).
+and saves atomically, so every update rule is compared on the same answers. Three constructions
+build the groups of controlled experiments: ``near_miss_group`` (docs/method.md §5: each wrong
+answer replaced by a correct one with its final number changed), ``branched_group`` (each wrong
+answer replaced by the model's own wrong continuation of a correct answer's first fraction f) and
+``balanced_group`` (k right, k wrong).
 
 Why one long module: the Group type, its file format and the constructions that make new groups
 from old ones must agree on the same fields; each function is short.
@@ -14,7 +16,9 @@ from old ones must agree on the same fields; each function is short.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -34,6 +38,9 @@ __all__ = [
     "SAMPLING_KEYS",
     "Group",
     "balanced_group",
+    "branch_prefix_length",
+    "branched_group",
+    "branched_groups",
     "groups_from_rollouts",
     "load_groups",
     "load_or_sample_groups",
@@ -153,12 +160,7 @@ class Group:
         ``kwargs`` go to ``from_tensors`` (question_id, answer, problem, texts, truncated)."""
         if not completions or any(len(c) == 0 for c in completions):
             raise ValueError("`completions` must be G >= 1 non-empty token-id lists")
-        G, T = len(completions), max(len(c) for c in completions)
-        ids = torch.full((G, T), pad_id, dtype=torch.long)  # (G, T) right-padded
-        mask = torch.zeros(G, T, dtype=torch.bool)
-        for i, c in enumerate(completions):
-            ids[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-            mask[i, : len(c)] = True
+        ids, mask = _right_padded(completions, pad_id)
         return cls.from_tensors(
             torch.as_tensor(prompt_ids, dtype=torch.long), ids, mask, rewards, **kwargs
         )
@@ -191,6 +193,23 @@ class Group:
         if self.n_correct == self.group_size:
             return "all_correct"
         return "mixed"
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(ids, mask): token-id lists as a (G, T) long tensor right-padded with ``pad_id`` and its
+    (G, T) bool mask, True on the listed tokens."""
+    G, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((G, T), pad_id, dtype=torch.long)  # (G, T) right-padded
+    mask = torch.zeros((G, T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 def _trim(r: Rollouts) -> Rollouts:
@@ -409,13 +428,7 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         rows.append(ids)
         texts.append(text)
         sources.append(source)
-    width = max(len(r) for r in rows)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    completion_ids = torch.full((G, width), pad, dtype=torch.long)  # (G, T) right-padded
-    completion_mask = torch.zeros((G, width), dtype=torch.bool)
-    for i, ids in enumerate(rows):
-        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        completion_mask[i, : len(ids)] = True
+    completion_ids, completion_mask = _right_padded(rows, _pad_id(tokenizer))  # (G, T)
     device = ro.completion_ids.device
     return Group.from_tensors(
         ro.prompt_ids,
@@ -429,6 +442,222 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         texts=texts,
         truncated=ro.truncated.cpu()[sources],
     )
+
+
+def branch_prefix_length(fraction: float, length: int) -> int:
+    """floor(f·L), the tokens a branched answer copies from its correct source of L tokens.
+
+    The 1e-9 absorbs the float rounding of f·L (0.29·100 = 28.999999999999996 is 29 tokens); a
+    product that is truly within 1e-9 below an integer would need L > 1e8 for a 2-decimal f.
+    """
+    return math.floor(fraction * length + 1e-9)
+
+
+def _branch_seed(seed: int, question_id: str, try_index: int) -> int:
+    """The seed of one try round of ``branched_group``: a 63-bit hash of (seed, question id, try),
+    so groups and rounds draw different numbers while the fraction shares them (common random
+    numbers across f)."""
+    digest = hashlib.sha256(f"{seed}/{question_id}/{try_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _source_answer(ro: Rollouts, row: int, eos_ids: set[int]) -> list[int]:
+    """Row ``row``'s answer tokens without its trailing EOS (a truncated row has none)."""
+    ids = ro.completion_ids[row][ro.completion_mask[row].bool()].tolist()
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+def branched_group(
+    group: Group,
+    model: nn.Module,
+    tokenizer,
+    fraction: float,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    max_tries: int = 4,
+    require_boxed: bool = True,
+    partial: bool = True,
+) -> Group | None:
+    """Branching negatives, a knob between natural and near-miss ones (docs/method.md §5): keep the
+    correct responses, replace each wrong one by the model's own continuation of a correct prefix.
+
+    Wrong slot k (in row order) copies the first floor(f·L) tokens of the (k mod N+)-th correct
+    response (``branch_prefix_length``; L counts its tokens without the trailing EOS) and lets the
+    model continue from prompt + prefix at ``temperature`` for at most ``max_new_tokens`` - prefix
+    new tokens (``rollout.continue_ids``: the library's sampling). The whole answer is graded like
+    ``sample_groups`` grades (``rewards.math_rewards`` against ``group.answer``; pass the
+    ``require_boxed`` the group was graded with) and kept when wrong. Up to ``max_tries`` rounds:
+    round t samples every slot still unfilled in one ``generate`` call, seeded from (``seed``, the
+    question id, t), so a slot's sample also depends on which slots share its round. A slot still
+    unfilled after ``max_tries`` rounds (the model completed its correct start correctly every
+    time) is dropped from the group with ``partial=True`` (G shrinks; ``meta["branched"]
+    ["dropped_rows"]`` names them), and makes the result None with ``partial=False``; None too when
+    no slot is filled. f = 0 returns ``group`` itself (natural negatives); f = 1 continues after a
+    whole correct answer.
+
+    The correct rows keep their ids, masks, rewards, texts and truncation; ``rollouts.meta
+    ["branched"]`` records the settings and, per wrong slot, its row, source row, prefix length,
+    tries used and round seed (saved by ``save_groups``). Question id: ``"<id>/branch0.50"``.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError(f"`fraction` must be a number in [0, 1], got {type(fraction).__name__}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"`fraction` must be in [0, 1], got {fraction}")
+    if fraction == 0:
+        return group
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("max_tries", max_tries, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}")
+    if group.status != "mixed":
+        raise ValueError(
+            f"Group {group.question_id!r} is {group.status}: branched negatives need a mixed group"
+        )
+    if not group.answer.strip():
+        raise ValueError(
+            f"Group {group.question_id!r} has no answer: branched negatives are graded against it"
+        )
+    ro, G = group.rollouts, group.group_size
+    right = [i for i in range(G) if bool(group.correct[i])]
+    wrong = [i for i in range(G) if not bool(group.correct[i])]
+    eos_ids = set(_rollout._eos_ids(model, tokenizer))
+    prompt = ro.prompt_ids[0][ro.prompt_mask[0].bool()].tolist()  # (P,) the shared prompt
+    # Per wrong slot k: its source correct row, the prefix it copies and its budget of new tokens.
+    sources = [right[k % len(right)] for k in range(len(wrong))]
+    prefixes = []
+    for source in sources:
+        answer = _source_answer(ro, source, eos_ids)
+        prefixes.append(answer[: branch_prefix_length(fraction, len(answer))])
+    budgets = [max_new_tokens - len(p) for p in prefixes]
+    if min(budgets) < 0:
+        k = budgets.index(min(budgets))
+        raise ValueError(
+            f"Group {group.question_id!r}: `max_new_tokens`={max_new_tokens} is shorter than the "
+            f"{len(prefixes[k])}-token prefix of correct response {sources[k]}; pass the "
+            "max_new_tokens the group was sampled with"
+        )
+
+    kept: dict[int, tuple[list[int], float, int, int]] = {}  # slot -> (ids, reward, tries, seed)
+    for t in range(max_tries):
+        todo = [k for k in range(len(wrong)) if k not in kept]  # slots of this round, in order
+        if not todo:
+            break
+        round_seed = _branch_seed(seed, group.question_id, t)
+        continuations = _rollout.continue_ids(
+            model,
+            tokenizer,
+            [prompt + prefixes[k] for k in todo],
+            max_new_tokens=[budgets[k] for k in todo],
+            temperature=temperature,
+            seed=round_seed,
+        )
+        answers = [prefixes[k] + c for k, c in zip(todo, continuations)]
+        texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+        scores = _rewards.math_rewards(
+            texts, [group.answer] * len(todo), require_boxed=require_boxed
+        )
+        for k, ids, score in zip(todo, answers, scores):
+            if not _rewards.is_correct(score):
+                kept[k] = (ids, float(score), t + 1, round_seed)
+    if not kept or (not partial and len(kept) < len(wrong)):
+        return None
+
+    # rows of the new group: every correct one, and each wrong slot that was filled (in row order)
+    filled = sorted(kept)  # wrong-slot indices k
+    replacement = {wrong[k]: kept[k] for k in filled}  # row -> (ids, reward, tries, seed)
+    keep_rows = [i for i in range(G) if bool(group.correct[i]) or i in replacement]
+    rows, texts, truncated, rewards = [], [], [], []
+    for i in keep_rows:
+        if i in replacement:
+            ids, score = replacement[i][0], replacement[i][1]
+            rows.append(ids)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            truncated.append(not (ids and ids[-1] in eos_ids))
+            rewards.append(score)
+        else:
+            rows.append(ro.completion_ids[i][ro.completion_mask[i].bool()].tolist())
+            texts.append(ro.texts[i])
+            truncated.append(bool(ro.truncated[i]))
+            rewards.append(float(group.rewards[i]))
+    completion_ids, completion_mask = _right_padded(rows, _pad_id(tokenizer))  # (G', T)
+    device = ro.completion_ids.device
+    index = torch.tensor(keep_rows, device=ro.prompt_ids.device)
+    out = Group.from_tensors(
+        ro.prompt_ids[index],
+        completion_ids.to(device),
+        completion_mask.to(device),
+        torch.tensor(rewards, dtype=group.rewards.dtype),
+        prompt_mask=ro.prompt_mask[index],
+        question_id=f"{group.question_id}/branch{fraction:.2f}",
+        answer=group.answer,
+        problem=group.problem,
+        texts=texts,
+        truncated=torch.tensor(truncated),
+    )
+    out.rollouts.meta = dict(ro.meta) | {
+        "branched": {
+            "fraction": float(fraction),
+            "temperature": float(temperature),
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+            "max_tries": max_tries,
+            "require_boxed": require_boxed,
+            "partial": partial,
+            "rows": [wrong[k] for k in filled],
+            "sources": [sources[k] for k in filled],
+            "prefix_lengths": [len(prefixes[k]) for k in filled],
+            "tries": [kept[k][2] for k in filled],
+            "seeds": [kept[k][3] for k in filled],
+            "dropped_rows": [wrong[k] for k in range(len(wrong)) if k not in kept],
+        }
+    }
+    return out
+
+
+def branched_groups(
+    groups: Iterable[Group],
+    model: nn.Module,
+    tokenizer,
+    fraction: float,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    max_tries: int = 4,
+    require_boxed: bool = True,
+    partial: bool = True,
+    progress: bool = False,
+) -> tuple[list[Group], int]:
+    """(branched, n_unfilled): ``branched_group`` of each (mixed) group with the same settings, the
+    groups it returned None for left out and counted. Each group's rounds are seeded from ``seed``
+    and its own question id, so a group's result does not depend on the others."""
+    groups = list(groups)
+    if progress:
+        from tqdm.auto import tqdm
+
+        groups = tqdm(groups, desc=f"branch f={fraction:.2f}", leave=False)
+    out, n_unfilled = [], 0
+    for group in groups:
+        branched = branched_group(
+            group,
+            model,
+            tokenizer,
+            fraction,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            max_tries=max_tries,
+            require_boxed=require_boxed,
+            partial=partial,
+        )
+        if branched is None:
+            n_unfilled += 1
+        else:
+            out.append(branched)
+    return out, n_unfilled
 
 
 def balanced_group(group: Group, k: int) -> Group | None:

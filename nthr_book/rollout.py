@@ -299,6 +299,73 @@ def completion_mask_from_eos(
 
 
 @torch.no_grad()
+def continue_ids(
+    model,
+    tokenizer,
+    sequences: list[list[int]],
+    *,
+    max_new_tokens: int | list[int],
+    temperature: float = 1.0,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """Sample one continuation of each token-id sequence, all in one seeded ``generate`` call under
+    :func:`generation_config` (the sampling of :func:`generate_groups`); ``groups.branched_group``.
+
+    Rows are left-padded with the pad id (as ``generate_groups`` pads prompts); ``max_new_tokens``
+    is one budget for all rows or one per row (0: no new token). Returns each row's new tokens up to
+    and including its first EOS, cut at its own budget (the tokens a call with that budget would
+    give: sampling is causal). A row's sample depends on the whole batch, which shares one RNG.
+    """
+    budgets = (
+        [max_new_tokens] * len(sequences)
+        if isinstance(max_new_tokens, int)
+        else list(max_new_tokens)
+    )
+    if len(budgets) != len(sequences):
+        raise ValueError(
+            f"max_new_tokens has {len(budgets)} budgets for {len(sequences)} sequences"
+        )
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in budgets):
+        raise ValueError(f"max_new_tokens must be ints >= 0, got {budgets}")
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("`sequences` must be non-empty token-id lists")
+    out: list[list[int]] = [[] for _ in sequences]
+    live = [i for i, b in enumerate(budgets) if b > 0]  # rows that get new tokens
+    if not live:
+        return out
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    config = generation_config(
+        max_new_tokens=max(budgets),
+        temperature=temperature,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None),
+    )
+    width = max(len(sequences[i]) for i in live)
+    ids = torch.full((len(live), width), pad_id, dtype=torch.long)  # (n, P) left-padded
+    att = torch.zeros((len(live), width), dtype=torch.long)
+    for row, i in enumerate(live):
+        ids[row, width - len(sequences[i]) :] = torch.as_tensor(sequences[i], dtype=torch.long)
+        att[row, width - len(sequences[i]) :] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            new = generate(model, config, input_ids=ids.to(device), attention_mask=att.to(device))
+    finally:
+        model.train(was_training)
+    new = new[:, width:].cpu()  # (n, T) the sampled tokens, pad after a row's EOS
+    mask, _ = completion_mask_from_eos(new, eos_ids)
+    for row, i in enumerate(live):
+        out[i] = new[row][mask[row]][: budgets[i]].tolist()
+    return out
+
+
+@torch.no_grad()
 def generate_groups(
     model,
     tokenizer,

@@ -8,6 +8,8 @@ Table 1, which ranks questions by GWHES (``gwhes_question``, larger means lazier
 random ranking's expectation (``random_topk_overlap_expectation``). GWHES sums NTHR's token-pair
 terms <g_t,g_k><h_t,h_k> against two buckets of tokens, the correct and the wrong responses, with
 ``score_kernel`` (as ``nthr.token_scores`` does with one). Notebook 03 compares the rankings.
+``shared_prefix_share`` is the plainest measure of resemblance: how much of a wrong answer repeats a
+right one from its start (the regime map, ``nthr_book.regime``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from torch import Tensor
 
 from nthr_book.score_kernel import LogitsSource, check_group, check_logits, group_pairs
 
-__all__ = ["gwhes", "gwhes_question", "random_topk_overlap_expectation", "topk_overlap"]
+__all__ = [
+    "gwhes",
+    "gwhes_question",
+    "random_topk_overlap_expectation",
+    "shared_prefix_share",
+    "topk_overlap",
+]
 
 
 def gwhes(
@@ -114,3 +122,31 @@ def random_topk_overlap_expectation(n: int, k: int) -> float:
     if not 1 <= k <= n:
         raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
     return k / n
+
+
+def shared_prefix_share(tokens: Tensor, mask: Tensor, correct: Tensor) -> float:
+    """Mean over the wrong responses of (the longest common prefix with any correct response) /
+    (the wrong response's length), in tokens: 0 for answers that differ from the first token, near
+    1 for a correct answer with only its end changed. NaN for homogeneous groups.
+
+    ``tokens``/``mask`` (G, T) right-padded completions, ``correct`` (G,) bool.
+    """
+    if tokens.shape != mask.shape or correct.shape != tokens.shape[:1]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)}, mask {tuple(mask.shape)} and correct "
+            f"{tuple(correct.shape)} must be (G, T), (G, T) and (G,)"
+        )
+    shares = []
+    rows = [tokens[i][mask[i].bool()].tolist() for i in range(tokens.shape[0])]
+    right = [rows[i] for i in range(len(rows)) if bool(correct[i])]
+    for i, wrong in enumerate(rows):
+        if bool(correct[i]) or not right:
+            continue
+        longest = 0
+        for other in right:  # the common prefix with each correct response
+            n = 0
+            while n < min(len(wrong), len(other)) and wrong[n] == other[n]:
+                n += 1
+            longest = max(longest, n)
+        shares.append(longest / len(wrong) if wrong else 0.0)
+    return sum(shares) / len(shares) if shares and right else math.nan

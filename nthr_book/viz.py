@@ -720,16 +720,84 @@ def load_metrics(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def plot_regime_map(
+    summary: pd.DataFrame,
+    methods: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    *,
+    baseline: str = "pos_only",
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Axes:
+    """The regime map (notebooks 02, 03): per condition, median Δ_rule / median Δ_baseline with its
+    bootstrap interval, one line per rule; on a second axis the median share of a wrong answer that
+    repeats a right one (``shared_prefix``); each condition's median GWHES under its tick.
+
+    ``summary`` is ``regime.regime_summary``'s table (conditions in map order). A ratio of 1 is the
+    baseline's rise (Pos Only: no negative gradient); below 1 the negative gradient cost the correct
+    answers part of their rise, below 0 it made them fall.
+    """
+    ratio = f"ratio_to_{baseline}"
+    _require_columns(summary, ("negatives", "method", ratio, "ratio_low", "ratio_high"))
+    present = list(dict.fromkeys(summary["method"].astype(str)))
+    methods = [m for m in (methods or present) if m != baseline]
+    missing = [m for m in methods if m not in present]
+    if missing:
+        raise ValueError(f"method(s) {missing} not in summary['method'] (present: {present})")
+    conditions = list(dict.fromkeys(summary["negatives"]))
+    x = np.arange(len(conditions))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.3 * len(conditions) + 3, 3.6), layout="constrained")
+    for j, method in enumerate(methods):
+        rows = summary[summary["method"] == method].set_index("negatives").reindex(conditions)
+        y = rows[ratio].to_numpy(dtype=float)
+        err = np.abs(np.vstack([y - rows["ratio_low"], rows["ratio_high"] - y]).astype(float))
+        ax.errorbar(
+            x + 0.06 * (j - (len(methods) - 1) / 2),
+            y,
+            yerr=err,
+            color=method_color(method, j),
+            linestyle=_LINESTYLES[j % len(_LINESTYLES)],
+            marker="o",
+            capsize=3,
+            label=method_label(method),
+        )
+    ax.axhline(1.0, color="0.5", linewidth=0.8)
+    ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+    per_condition = summary.drop_duplicates("negatives").set_index("negatives").reindex(conditions)
+    labels = [f"{c}\nGWHES {g:.3g}" for c, g in zip(conditions, per_condition["gwhes"])]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel(f"median Δ / median Δ {method_label(baseline)}")
+    ax.set_xlabel("wrong answers: branched at fraction f of a right one, then near-miss")
+    twin = ax.twinx()
+    twin.plot(x, per_condition["shared_prefix"], color="0.4", linestyle="--", marker="s")
+    twin.set_ylim(0, 1.02)
+    twin.set_ylabel("shared prefix of a wrong answer (grey)", color="0.4")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title or "The regime map: what the negative gradient costs as negatives near")
+    _save(ax.figure, save)
+    return ax
+
+
 def _per_step(
-    df: pd.DataFrame, metric: str, hue: str | None, seed_col: str | None, step_col: str
+    df: pd.DataFrame,
+    metric: str,
+    hue: str | None,
+    seed_col: str | None,
+    step_col: str,
+    smooth: int = 1,
 ) -> pd.DataFrame:
     """Per (hue, step): mean, sd, min, max over seeds of the per-seed mean of ``metric``, and
-    n_seeds."""
+    n_seeds; with ``smooth`` > 1 each run is first a trailing mean over its last ``smooth`` logged
+    steps."""
     keys = [k for k in (hue, seed_col) if k is not None]
     data = df[keys + [step_col, metric]].dropna(subset=[metric])
     per_seed = (
         data.groupby(keys + [step_col], sort=True)[metric].mean().reset_index()
-    )  # one value per run
+    )  # one value per run and step
+    if smooth > 1:
+        runs = per_seed.groupby(keys, sort=False)[metric] if keys else per_seed[metric]
+        per_seed[metric] = runs.transform(lambda v: v.rolling(smooth, min_periods=1).mean())
     outer = [hue, step_col] if hue is not None else [step_col]
     return (
         per_seed.groupby(outer, sort=True)[metric]
@@ -752,13 +820,16 @@ def plot_training_curves(
     seed_col: str | None = "seed",
     step_col: str = "step",
     band: str | None = "sd",
+    smooth: int = 1,
     axes: Sequence[Axes] | np.ndarray | None = None,
     ncols: int = 3,
     save: str | Path | None = None,
 ) -> np.ndarray:
     """One panel per metric: mean over seeds per step and a band, a colour per ``hue`` (nb 01, 05).
 
-    Each run is first averaged per step (rows repeated after a resume count once), then
+    Each run is first averaged per step (rows repeated after a resume count once) and, with
+    ``smooth`` > 1, replaced by its trailing mean over ``smooth`` steps (one step's reward of a few
+    groups is noisy); then
     ``band="sd"`` shades mean ± sd over seeds (none with a single seed), ``"minmax"`` the range over
     seeds, ``None`` nothing. A metric name matches its column with "_" or "/" after the prefix
     ("lld_rate" finds the trainer's "lld/rate"). Metrics without a column, or with only NaN, are
@@ -768,6 +839,8 @@ def plot_training_curves(
     _require_columns(df, needed)
     if band not in ("sd", "minmax", None):
         raise ValueError(f"band={band!r}: expected 'sd', 'minmax' or None")
+    if smooth < 1:
+        raise ValueError(f"smooth={smooth}: expected a window of at least 1 step")
     present, skipped = [], []
     for m in metrics:
         col = _metric_column(df, m)
@@ -793,7 +866,7 @@ def plot_training_curves(
         axes = axes[: len(present)]
     levels = list(dict.fromkeys(df[hue])) if hue is not None else [None]
     for ax, metric in zip(axes, present):
-        stats = _per_step(df, metric, hue, seed_col, step_col)
+        stats = _per_step(df, metric, hue, seed_col, step_col, smooth)
         for j, level in enumerate(levels):
             rows = stats[stats[hue] == level] if hue is not None else stats
             if rows.empty:
@@ -833,6 +906,7 @@ def plot_training_curves(
         "minmax": "mean, min-max over seeds",
         None: "mean over seeds",
     }[band]
+    what += f", each run a trailing mean over {smooth} steps" if smooth > 1 else ""
     note = f"{what}" + (f"; not logged, skipped: {', '.join(skipped)}" if skipped else "")
     fig.suptitle(note, fontsize=9)
     _save(fig, save)

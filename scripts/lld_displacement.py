@@ -7,6 +7,8 @@ the same weights and records Δ(x), the change of the mean log-likelihood of tha
 responses.
 
     python scripts/lld_displacement.py       # seeds 0 1, 60 questions each, ~15 min CPU
+    # the regime map (notebook 02 §4) on the first 16 mixed questions of each seed, too:
+    python scripts/lld_displacement.py --map 16 --fractions 0 0.25 0.5 0.75 0.9
     python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random  # smoke run
     # the balanced 4+/4- probe (docs/results.md):
     python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 \
@@ -19,6 +21,10 @@ reused on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a fi
 skipped on a rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate,
 over all seeds), ``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: the share of questions
 where its Δ beats GRPO's, and the median difference) and ``settings.json`` (arguments and versions).
+With ``--map N``: ``map-seed<k>.jsonl`` (the regime map of the seed's first N mixed questions by
+id: GRPO, Pos Only, NTHR and Random on branched and near-miss negatives; reused on a rerun),
+``map_summary.csv`` (``regime.regime_summary`` over all seeds) and ``map_ranking.json`` (the paper's
+Table 1 on the map's groups, ``regime.gwhes_ranking``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nthr_book import config, data, env, lld, models
+from nthr_book import config, data, env, lld, models, regime
 from nthr_book.io import atomic_write_text, write_json
 
 
@@ -79,6 +85,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--out", type=Path, default=None, help="output folder (default: <runs>/lld_sweep)"
+    )
+    p.add_argument(
+        "--map",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the regime map on the first N mixed questions of each seed (0: no)",
+    )
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(regime.DEFAULT_FRACTIONS),
+        help="the map's branching fractions f",
     )
     args = p.parse_args(argv)
     try:
@@ -132,6 +152,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         )
         atomic_write_text(csv, df.to_csv(index=False))
         tables.append(df)
+    maps = [_seed_map(args, out, seed, model, tokenizer) for seed in args.seeds] if args.map else []
     table = pd.concat(tables, ignore_index=True)
     if table.empty:
         raise SystemExit(
@@ -153,8 +174,46 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"all seeds {args.seeds}:\n{summary.round(4).to_string()}\n")
         if paired is not None:
             print(f"paired with GRPO on the same questions:\n{paired.round(4).to_string()}")
+    if maps:
+        both = pd.concat(maps, ignore_index=True)
+        map_summary = regime.regime_summary(both)
+        ranking = regime.gwhes_ranking(both)
+        atomic_write_text(out / "map_summary.csv", map_summary.to_csv(index=False))
+        write_json(out / "map_ranking.json", ranking)
+        with pd.option_context("display.width", 160):
+            shown = ["negatives", "method", "n_questions", "median_delta", "ratio_to_pos_only"]
+            shown += ["ratio_low", "ratio_high", "lld_rate", "spared_share", "shared_prefix"]
+            print(f"regime map, seeds {args.seeds}:\n{map_summary[shown].round(4).to_string()}")
+            print(f"GWHES ranking (Table 1) on the map's groups: {ranking}")
     print(f"wrote {out}")
     return summary
+
+
+def _seed_map(args, out: Path, seed: int, model, tokenizer) -> pd.DataFrame:
+    """The regime map of one seed's first ``args.map`` mixed questions (saved and reused), with
+    the question ids made unique across seeds."""
+    from nthr_book.groups import load_groups
+
+    mixed = sorted(
+        (g for g in load_groups(out / f"groups-seed{seed}.pt") if g.status == "mixed"),
+        key=lambda g: g.question_id,
+    )[: args.map]
+    df = regime.regime_map(
+        model,
+        tokenizer,
+        mixed,
+        methods=regime.MAP_METHODS,
+        fractions=args.fractions,
+        lr=args.lr,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=seed,
+        beta=args.beta,
+        eta=args.eta,
+        require_boxed=args.require_boxed,
+        path=out / f"map-seed{seed}.jsonl",
+    )
+    return df.assign(question=f"s{seed}/" + df["question"], seed=seed)
 
 
 if __name__ == "__main__":

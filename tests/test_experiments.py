@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from nthr_book import experiments
 from nthr_book.experiments import (
     ablation_methods,
+    bootstrap_interval,
     method_overrides,
     run_experiment,
     summarize,
@@ -19,6 +22,8 @@ from nthr_book.experiments import (
     t_interval,
 )
 from nthr_book.trainer import TrainConfig
+
+EPS64 = float(np.finfo(np.float64).eps)  # n additions and a division: within n·eps·Σ|x| / n
 
 
 @pytest.mark.parametrize(
@@ -149,6 +154,44 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         progress=False,
     )
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    # Seven distinct values: the exact bootstrap distribution of the median enumerates all 7^7
+    # resamples. The seeded percentile interval must sit on the exact quantiles; we first check
+    # that each quantile is far (> 5 Monte Carlo sd) from a jump of the exact CDF, so the check is
+    # not luck.
+    import itertools
+
+    values = [0.3, -1.0, 2.5, 0.0, 4.0, 1.2, -0.4]
+    n, n_boot = len(values), 4000
+    counts = Counter(
+        sorted(values[i] for i in idx)[n // 2] for idx in itertools.product(range(n), repeat=n)
+    )
+    support = sorted(counts)
+    cdf = np.cumsum([counts[v] for v in support]) / n**n
+    exact = []
+    for q in (0.025, 0.975):
+        k = int(np.searchsorted(cdf, q))  # the smallest value whose CDF reaches q
+        mc_sd = math.sqrt(q * (1 - q) / n_boot)
+        assert min(abs(cdf[k] - q), abs(q - (cdf[k - 1] if k else 0.0))) > 5 * mc_sd  # margin
+        exact.append(support[k])
+    median, low, high = bootstrap_interval(values, n_boot=n_boot, seed=3)
+    assert median == float(np.median(values)) and [low, high] == exact
+    # a statistic of one's own, and the input checks
+    mean, low, high = bootstrap_interval(values, lambda x, axis: x.mean(axis=axis))
+    assert low < mean < high
+    assert mean == pytest.approx(sum(values) / n, abs=EPS64 * sum(map(abs, values)))
+    # paired values are resampled by row: with b = 2a on every row, every resample's ratio of
+    # medians is exactly 1/2 (resampling the columns apart would scatter it)
+    a = np.array(values) + 5.0  # positive: no median of 0 in a resample
+    ratio = lambda x, axis: np.median(x[..., 0], axis=axis) / np.median(x[..., 1], axis=axis)  # noqa: E731
+    assert bootstrap_interval(np.stack([a, 2 * a], 1), ratio) == (0.5, 0.5, 0.5)
+    assert math.isnan(bootstrap_interval([1.0])[1])
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval([])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(values, level=1.5)
 
 
 def test_t_interval_hand_values():

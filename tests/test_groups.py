@@ -1,15 +1,22 @@
-"""Tests of nthr_book.groups: the Group type, save/load, and the near-miss and balanced
+"""Tests of nthr_book.groups: the Group type, save/load, and the near-miss, branched and balanced
 constructions."""
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 import nthr_book.rewards as rewards_mod
+from nthr_book import rollout as rollout_mod
 from nthr_book.groups import (
     Group,
     balanced_group,
+    branch_prefix_length,
+    branched_group,
+    branched_groups,
     groups_from_rollouts,
     load_groups,
     load_or_sample_groups,
@@ -17,7 +24,7 @@ from nthr_book.groups import (
     near_miss_text,
     save_groups,
 )
-from nthr_book.models import load_tokenizer
+from nthr_book.models import load_policy, load_tokenizer
 from nthr_book.rollout import Rollouts
 
 PROMPT = torch.tensor([5, 6, 7])
@@ -241,3 +248,267 @@ def test_load_or_sample_groups_samples_once_then_loads_and_refuses_other_setting
         load_or_sample_groups(None, None, None, [problems[0], {"id": "c"}], **kw)
     _, _, source = load_or_sample_groups(None, None, None, problems, **kw)
     assert source == "sampled" and len(calls) == 2
+
+
+# ------------------------------------------------------------------ branched negatives
+# The tiny random policy over the embedded tokenizer's vocabulary: its continuations are garbage,
+# so a branched answer that stops before the boxed answer is graded wrong.
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    return load_policy("tiny-random", device="cpu")
+
+
+def _enc(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+CORRECT_A = "2 + 3 = 5. The answer is \\boxed{5}."  # ends with EOS
+CORRECT_B = "So \\boxed{5}"  # truncated: no EOS
+
+
+def _mixed_group(tok, wrong_rows=(1, 3, 4), question_id: str = "q", answer: str = "5") -> Group:
+    """G = 2 + len(wrong_rows): correct A (with EOS) and B (truncated) in the first two free rows,
+    in that order; wrong answers at ``wrong_rows``."""
+    eos = tok.eos_token_id
+    G = 2 + len(wrong_rows)
+    correct = iter([(_enc(tok, CORRECT_A) + [eos], False), (_enc(tok, CORRECT_B), True)])
+    wrong = iter([(_enc(tok, t) + [eos], False) for t in ("no idea", "\\boxed{6}", "it is 7")])
+    rows, truncated, rewards = [], [], []
+    for i in range(G):
+        ids, trunc = next(wrong) if i in wrong_rows else next(correct)
+        rows.append(ids)
+        truncated.append(trunc)
+        rewards.append(0.0 if i in wrong_rows else 1.0)
+    return Group.from_token_lists(
+        _enc(tok, "What is 2 + 3?"),
+        rows,
+        rewards,
+        pad_id=tok.pad_token_id,
+        question_id=question_id,
+        answer=answer,
+        texts=[tok.decode(r, skip_special_tokens=True) for r in rows],
+        truncated=truncated,
+    )
+
+
+def _row(group: Group, i: int) -> list[int]:
+    ro = group.rollouts
+    return ro.completion_ids[i][ro.completion_mask[i]].tolist()
+
+
+def _sample_by_hand(model, tok, sequences, budgets, temperature, seed) -> list[list[int]]:
+    """The library's sampling (rollout.generate under rollout.generation_config) on left-padded
+    token-id rows, each row cut after its first EOS and at its own budget."""
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    width = max(map(len, sequences))
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])  # (n, P) left-padded
+    att = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+    config = rollout_mod.generation_config(
+        max_new_tokens=max(budgets), temperature=temperature, eos_token_id=[eos], pad_token_id=pad
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = rollout_mod.generate(model, config, input_ids=ids, attention_mask=att)[:, width:]
+    out = []
+    for row, budget in zip(new.tolist(), budgets):
+        cut = row[: row.index(eos) + 1] if eos in row else row
+        out.append(cut[:budget])
+    return out
+
+
+def test_branch_prefix_length_is_the_exact_floor_of_f_times_l():
+    assert [branch_prefix_length(f, n) for f, n in [(0.5, 7), (0.29, 100), (1.0, 9), (0.0, 9)]] == [
+        3,
+        29,  # 0.29 * 100 = 28.999999999999996 in floats
+        9,
+        0,
+    ]
+    # Brute force against exact rational arithmetic for two-decimal fractions.
+    for hundredths in range(101):
+        f = hundredths / 100
+        for n in range(300):
+            assert branch_prefix_length(f, n) == math.floor(Fraction(hundredths, 100) * n), (f, n)
+
+
+def test_branched_group_shares_the_prefix_and_samples_the_models_continuation(tiny_policy):
+    model, tok = tiny_policy
+    group = _mixed_group(tok)  # rows: A, wrong, B, wrong, wrong
+    kw = dict(temperature=1.0, max_new_tokens=24, seed=3)
+    out = branched_group(group, model, tok, 0.5, **kw)
+
+    meta = out.rollouts.meta["branched"]
+    answer_a, answer_b = _enc(tok, CORRECT_A), _enc(tok, CORRECT_B)  # without EOS
+    assert meta["rows"] == [1, 3, 4] and meta["sources"] == [0, 2, 0]  # round robin over A, B
+    sources = [answer_a, answer_b, answer_a]
+    assert meta["prefix_lengths"] == [len(s) // 2 for s in sources]  # floor(L / 2)
+    assert meta["tries"] == [1, 1, 1]  # garbage after half an answer: wrong at once
+    prefixes = [s[: len(s) // 2] for s in sources]
+    rows = [_row(out, i) for i in meta["rows"]]
+    for row, prefix in zip(rows, prefixes):
+        assert row[: len(prefix)] == prefix and len(row) > len(prefix)
+    # The continuations are the model's: one seeded call on the three left-padded rows.
+    prompt = _enc(tok, "What is 2 + 3?")
+    assert len(set(meta["seeds"])) == 1
+    expected = _sample_by_hand(
+        model,
+        tok,
+        [prompt + p for p in prefixes],
+        [24 - len(p) for p in prefixes],
+        1.0,
+        meta["seeds"][0],
+    )
+    assert [row[len(p) :] for row, p in zip(rows, prefixes)] == expected
+    eos = tok.eos_token_id
+    assert out.rollouts.truncated[meta["rows"]].tolist() == [r[-1] != eos for r in rows]
+    # Every branched answer is graded wrong; the correct answers are untouched.
+    texts = [tok.decode(r, skip_special_tokens=True) for r in rows]
+    assert [out.rollouts.texts[i] for i in meta["rows"]] == texts
+    assert rewards_mod.math_rewards(texts, ["5"] * 3, require_boxed=True) == [0.0] * 3
+    assert out.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    for i in (0, 2):
+        assert _row(out, i) == _row(group, i) and out.rollouts.texts[i] == group.rollouts.texts[i]
+        assert bool(out.rollouts.truncated[i]) == bool(group.rollouts.truncated[i])
+    assert torch.equal(out.rollouts.prompt_ids, group.rollouts.prompt_ids)
+    assert torch.equal(out.rollouts.prompt_mask, group.rollouts.prompt_mask)
+    assert out.question_id == "q/branch0.50" and out.answer == "5"
+
+
+def test_branched_group_retries_unfilled_slots_in_later_rounds(tiny_policy, monkeypatch):
+    """A slot graded correct is sampled again in the next round, alone when it is the only one
+    left: its kept continuation is then a plain one-row sample under the round's seed."""
+    model, tok = tiny_policy
+    real = rewards_mod.math_rewards
+    calls = []
+
+    def first_accepted_once(texts, golds, **kwargs):
+        calls.append(len(texts))
+        scores = real(texts, golds, **kwargs)
+        return [1.0] + scores[1:] if len(calls) == 1 else scores
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", first_accepted_once)
+    group = _mixed_group(tok)
+    out = branched_group(group, model, tok, 0.25, temperature=1.0, max_new_tokens=20, seed=5)
+    meta = out.rollouts.meta["branched"]
+    assert calls == [3, 1] and meta["tries"] == [2, 1, 1]
+    assert meta["seeds"][0] != meta["seeds"][1] == meta["seeds"][2]
+    prefix = _enc(tok, CORRECT_A)[: len(_enc(tok, CORRECT_A)) // 4]
+    assert meta["prefix_lengths"][0] == len(prefix)
+    # One row, no padding: the reference is a single seeded generate call on prompt + prefix.
+    prompt = _enc(tok, "What is 2 + 3?")
+    eos, budget = tok.eos_token_id, 20 - len(prefix)
+    config = rollout_mod.generation_config(
+        max_new_tokens=budget, temperature=1.0, eos_token_id=[eos], pad_token_id=eos
+    )
+    ids = torch.tensor([prompt + prefix])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(meta["seeds"][0])
+        new = rollout_mod.generate(
+            model, config, input_ids=ids, attention_mask=torch.ones_like(ids)
+        )
+    new = new[0, ids.shape[1] :].tolist()
+    assert _row(out, 1) == prefix + (new[: new.index(eos) + 1] if eos in new else new)
+
+
+def test_branched_group_drops_a_slot_the_model_never_gets_wrong(tiny_policy, monkeypatch):
+    """The first remaining slot of every round is graded correct, so wrong slot 0 (row 1) is never
+    filled: partial=True drops its row (G 5 -> 4), partial=False gives None."""
+    model, tok = tiny_policy
+    real = rewards_mod.math_rewards
+
+    def first_always_accepted(texts, golds, **kwargs):
+        return [1.0] + real(texts, golds, **kwargs)[1:]
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", first_always_accepted)
+    group = _mixed_group(tok)  # rows: A, wrong, B, wrong, wrong
+    kw = dict(temperature=1.0, max_new_tokens=20, seed=5, max_tries=3)
+    out = branched_group(group, model, tok, 0.5, **kw)
+    meta = out.rollouts.meta["branched"]
+    assert meta["dropped_rows"] == [1] and meta["rows"] == [3, 4] and meta["tries"] == [1, 1]
+    assert out.group_size == 4 and out.rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    for new_row, old_row in ((0, 0), (1, 2)):  # the correct answers, unchanged
+        assert _row(out, new_row) == _row(group, old_row)
+    assert branched_group(group, model, tok, 0.5, partial=False, **kw) is None
+
+
+def test_branched_group_is_none_when_no_try_is_wrong(tiny_policy, monkeypatch):
+    model, tok = tiny_policy
+    group = _mixed_group(tok)
+    kw = dict(temperature=1.0, max_new_tokens=24, seed=0)
+    # f = 1: a whole boxed answer then garbage still grades correct, in every round.
+    assert branched_group(group, model, tok, 1.0, **kw) is None
+    calls = []
+
+    def accept_all(texts, golds, **kwargs):
+        calls.append(len(texts))
+        return [1.0] * len(texts)
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", accept_all)
+    assert branched_group(group, model, tok, 0.5, max_tries=3, **kw) is None
+    assert calls == [3, 3, 3]  # three rounds of the three wrong slots, then given up
+
+
+def test_branched_group_is_seeded_and_saved_with_its_record(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    group = _mixed_group(tok)
+    kw = dict(temperature=1.0, max_new_tokens=16)
+    a = branched_group(group, model, tok, 0.5, seed=11, **kw)
+    b = branched_group(group, model, tok, 0.5, seed=11, **kw)
+    other = branched_group(group, model, tok, 0.5, seed=12, **kw)
+    assert torch.equal(a.rollouts.completion_ids, b.rollouts.completion_ids)
+    assert a.rollouts.meta == b.rollouts.meta and a.rollouts.texts == b.rollouts.texts
+    assert [_row(a, i) for i in (1, 3, 4)] != [_row(other, i) for i in (1, 3, 4)]
+    (loaded,) = load_groups(save_groups(tmp_path / "b.pt", [a]))
+    assert loaded.rollouts.meta == a.rollouts.meta and loaded.question_id == "q/branch0.50"
+    assert torch.equal(loaded.rollouts.completion_ids, a.rollouts.completion_ids)
+
+
+def test_branched_group_f0_and_bad_input(tiny_policy):
+    model, tok = tiny_policy
+    group = _mixed_group(tok)
+    kw = dict(temperature=1.0, max_new_tokens=24, seed=0)
+    assert branched_group(group, model, tok, 0.0, **kw) is group  # natural negatives
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="`fraction`"):
+            branched_group(group, model, tok, bad, **kw)
+    with pytest.raises(TypeError, match="`fraction`"):
+        branched_group(group, model, tok, True, **kw)
+    with pytest.raises(ValueError, match="`max_tries`"):
+        branched_group(group, model, tok, 0.5, max_tries=0, **kw)
+    with pytest.raises(ValueError, match="`max_new_tokens`=4 is shorter"):
+        branched_group(group, model, tok, 0.5, **(kw | {"max_new_tokens": 4}))
+    right = _mixed_group(tok, wrong_rows=())
+    with pytest.raises(ValueError, match="all_correct.*mixed"):
+        branched_group(right, model, tok, 0.5, **kw)
+    with pytest.raises(ValueError, match="no answer"):
+        branched_group(_mixed_group(tok, answer=""), model, tok, 0.5, **kw)
+
+
+def test_branched_groups_counts_the_groups_it_cannot_fill(tiny_policy, monkeypatch):
+    model, tok = tiny_policy
+    real = rewards_mod.math_rewards
+
+    def accept_gold_7(texts, golds, **kwargs):
+        return [1.0] * len(texts) if golds[0] == "7" else real(texts, golds, **kwargs)
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", accept_gold_7)
+    fillable = _mixed_group(tok, wrong_rows=(1,), question_id="a")
+    unfillable = _mixed_group(tok, wrong_rows=(0,), question_id="b", answer="7")
+    kw = dict(temperature=1.0, max_new_tokens=24, seed=2, max_tries=2)
+    out, n_unfilled = branched_groups([unfillable, fillable], model, tok, 0.5, **kw)
+    assert n_unfilled == 1 and [g.question_id for g in out] == ["a/branch0.50"]
+    alone = branched_group(fillable, model, tok, 0.5, **kw)  # the other group changes nothing
+    assert torch.equal(out[0].rollouts.completion_ids, alone.rollouts.completion_ids)
+
+
+def test_continue_ids_cuts_each_row_at_its_own_budget(tiny_policy):
+    model, tok = tiny_policy
+    rows = [_enc(tok, "What is 2 + 3?"), _enc(tok, "So")]
+    full = rollout_mod.continue_ids(model, tok, rows, max_new_tokens=8, temperature=1.0, seed=4)
+    cut = rollout_mod.continue_ids(model, tok, rows, max_new_tokens=[3, 8], temperature=1.0, seed=4)
+    assert cut == [full[0][:3], full[1]]
+    none = rollout_mod.continue_ids(model, tok, rows, max_new_tokens=[0, 0], seed=4)
+    assert none == [[], []]
+    with pytest.raises(ValueError, match="max_new_tokens has 1"):
+        rollout_mod.continue_ids(model, tok, rows, max_new_tokens=[3])

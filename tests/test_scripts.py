@@ -4,6 +4,7 @@ reused."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -74,6 +75,62 @@ def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatc
     again = script.main(args)
     assert len(calls) == 2
     pd.testing.assert_frame_equal(summary, again)
+
+
+def test_lld_displacement_map_measures_the_first_mixed_questions_of_each_seed(
+    tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from nthr_book import groups as groups_mod
+
+    script = load_script("lld_displacement")
+    monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
+    monkeypatch.setattr(
+        script.lld, "lld_experiment", lambda model, tok, problems, **kw: fake_lld_table(kw["seed"])
+    )
+    statuses = {"q3": "mixed", "q1": "mixed", "q2": "all_wrong", "q0": "mixed"}
+    fake_groups = [SimpleNamespace(question_id=q, status=s) for q, s in statuses.items()]
+    monkeypatch.setattr(groups_mod, "load_groups", lambda path: fake_groups)
+    seen = []
+
+    def fake_map(model, tok, mixed, **kw):
+        seen.append(([g.question_id for g in mixed], kw["seed"], kw["path"].name))
+        rows = [
+            {
+                "id": g.question_id,
+                "question": g.question_id,
+                "negatives": cond,
+                "fraction": 0.0,
+                "method": m,
+                "delta": d,
+                "per_response_delta": [d],
+                "n_selected": None,
+                "n_incorrect_tokens": 4,
+                "group_size": 8,
+                "gwhes": 1.0 + i,
+                "shared_prefix": 0.5,
+            }
+            for i, g in enumerate(mixed)
+            for cond in ("f=0.00", "near-miss")
+            for m, d in (("grpo", 0.1 * (i + 1)), ("pos_only", 0.2))
+        ]
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(script.regime, "regime_map", fake_map)
+    args = ["--seeds", "0", "1", "--n-questions", "4", "--map", "2", "--out", str(tmp_path)]
+    script.main(args)
+    # the first two mixed questions by id, per seed, each seed's map in its own file
+    assert seen == [(["q0", "q1"], 0, "map-seed0.jsonl"), (["q0", "q1"], 1, "map-seed1.jsonl")]
+    summary = pd.read_csv(tmp_path / "map_summary.csv")
+    # the seeds' questions stay apart: 2 questions × 2 seeds per condition and rule
+    assert (summary.n_questions == 4).all()
+    grpo = summary[(summary.negatives == "f=0.00") & (summary.method == "grpo")].iloc[0]
+    # GRPO's Δ over the 4 groups: 0.1, 0.2, 0.1, 0.2 -> median 0.15; Pos Only 0.2 -> ratio 0.75
+    assert grpo.median_delta == pytest.approx(0.15) and grpo.ratio_to_pos_only == pytest.approx(
+        0.75
+    )
+    assert json.loads((tmp_path / "map_ranking.json").read_text())["n_groups"] == 8
 
 
 def test_lld_displacement_rejects_bad_arguments():
@@ -250,6 +307,10 @@ def test_train_trl_parses_trl_options_and_nthr_config():
     assert grpo.report_to == [] and grpo.save_strategy == "steps"  # script defaults: no tracker
     with pytest.raises(SystemExit):
         script.parse_args(["--nthr_anchor", "mine"])
+    # another rule of the registry: its name is the run's folder
+    args, grpo, _ = script.parse_args(["--rule", "w_reinforce"])
+    assert args.method() == "w_reinforce" and grpo.output_dir.endswith("w_reinforce")
+    assert args.nthr_config() is None  # --rule replaces NTHR's --nthr_beta
 
 
 def test_train_trl_leaves_model_loading_to_trl_after_the_config():

@@ -383,6 +383,24 @@ def test_plot_training_curves_repeated_steps_count_once_and_nan_skipped():
     np.testing.assert_array_equal(line.get_ydata(), [6.0, 12.5])  # exact in binary
 
 
+def test_plot_training_curves_smooth_is_a_trailing_mean_per_run():
+    df = pd.DataFrame(
+        {
+            "step": [0, 1, 2, 3] * 2,
+            "method": ["grpo"] * 8,
+            "seed": [0] * 4 + [1] * 4,
+            "reward_mean": [0.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0],
+        }
+    )
+    axes = viz.plot_training_curves(df, metrics=("reward_mean",), smooth=2)
+    # seed 0 trailing means over 2 steps: 0, .5, .5, .5; seed 1: .5, .5, .75, .5 (by hand), then
+    # the mean over the two seeds; every number is a short sum of halves and quarters: exact
+    np.testing.assert_array_equal(axes[0].lines[0].get_ydata(), [0.25, 0.5, 0.625, 0.5])
+    assert "trailing mean over 2 steps" in axes[0].figure._suptitle.get_text()
+    with pytest.raises(ValueError, match="smooth=0"):
+        viz.plot_training_curves(df, metrics=("reward_mean",), smooth=0)
+
+
 def test_plot_training_curves_trainer_column_names_and_all_nan_columns():
     df = _metrics_df()
     df["lld/rate"] = np.arange(len(df), dtype=float)

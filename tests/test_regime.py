@@ -1,0 +1,209 @@
+"""Tests of the regime map (nthr_book.regime) and its resemblance measures: hand values on tiny
+tables, and one small map on a tiny random model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from nthr_book import regime
+from nthr_book.groups import Group
+from nthr_book.similarity import shared_prefix_share
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def test_shared_prefix_share_by_hand():
+    rows = [[1, 2, 3, 4], [1, 2, 9], [1, 2, 3, 7], [5, 6]]  # right, right, wrong, wrong
+    ids = torch.tensor([r + [0] * (4 - len(r)) for r in rows])  # (4, 4) right-padded
+    mask = torch.tensor([[1] * len(r) + [0] * (4 - len(r)) for r in rows]).bool()
+    correct = torch.tensor([True, True, False, False])
+    # wrong 1: 3 tokens shared with the first right answer of its 4 -> 3/4; wrong 2: none -> 0
+    assert shared_prefix_share(ids, mask, correct) == (3 / 4 + 0) / 2
+    assert math.isnan(shared_prefix_share(ids, mask, torch.ones(4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="must be"):
+        shared_prefix_share(ids, mask[:, :2], correct)
+
+
+def _average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of theirs, by sorting (independent of the library)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def test_spearman_is_pearson_of_average_ranks():
+    a = [0.3, 0.1, 0.1, 0.9, 0.5, 0.5, 0.5]
+    b = [2.0, 1.0, 3.0, 7.0, 7.0, 0.0, 4.0]
+    ra, rb = np.array(_average_ranks(a)), np.array(_average_ranks(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    by_hand = float((ra * rb).sum() / math.sqrt((ra**2).sum() * (rb**2).sum()))
+    got = float(regime.spearman(np.stack([a, b], 1), axis=0))
+    # sums of 7 products of ranks <= 7: a few dozen roundings at the scale of the sums (< 100)
+    assert got == pytest.approx(by_hand, abs=64 * EPS64 * 100)
+    batch = regime.spearman(np.stack([np.stack([a, b], 1)] * 3), axis=1)  # (3,) the same thrice
+    np.testing.assert_array_equal(batch, [got] * 3)
+    assert float(regime.spearman(np.stack([a, a], 1), axis=0)) == pytest.approx(1.0, abs=8 * EPS64)
+
+
+def _map_table() -> pd.DataFrame:
+    """Two conditions, three questions, three rules; Δ values chosen by hand."""
+    rows = []
+    deltas = {
+        ("f=0.00", "grpo"): [0.4, 0.2, 0.6],
+        ("f=0.00", "pos_only"): [0.2, 0.1, 0.4],
+        ("f=0.00", "nthr"): [0.5, 0.3, 0.6],
+        ("near-miss", "grpo"): [0.1, -0.1, 0.05],
+        ("near-miss", "pos_only"): [0.2, 0.1, 0.4],
+        ("near-miss", "nthr"): [0.3, 0.0, 0.2],
+    }
+    gwhes = {"f=0.00": [1.0, 2.0, 3.0], "near-miss": [5.0, 9.0, 7.0]}
+    for (cond, method), values in deltas.items():
+        for q, d in enumerate(values):
+            rows.append(
+                {
+                    "id": f"q{q}" if cond == "f=0.00" else f"q{q}/near-miss",
+                    "question": f"q{q}",
+                    "negatives": cond,
+                    "fraction": 0.0 if cond == "f=0.00" else math.nan,
+                    "method": method,
+                    "delta": d,
+                    "per_response_delta": [d, d - 0.15],
+                    "n_selected": 2 if method == "nthr" else None,
+                    "n_incorrect_tokens": 8,
+                    "group_size": 4 if cond == "f=0.00" else 3 + q % 2,
+                    "gwhes": gwhes[cond][q],
+                    "shared_prefix": 0.1 if cond == "f=0.00" else 0.9,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_regime_summary_by_hand():
+    s = regime.regime_summary(_map_table()).set_index(["negatives", "method"])
+    near = s.loc[("near-miss", "grpo")]
+    assert near.n_questions == 3 and near.median_delta == 0.05
+    assert near.mean_group_size == (3 + 4 + 3) / 3  # group sizes 3, 4, 3: one slot dropped twice
+    assert near.median_low <= 0.05 <= near.median_high
+    # ratio of medians to Pos Only on the same questions: 0.05 / 0.2 (one division)
+    assert near.ratio_to_pos_only == pytest.approx(0.05 / 0.2, rel=2 * EPS64)
+    assert near.frac_delta_le_0 == 1 / 3
+    # per-response Δ: (0.1, -0.05), (-0.1, -0.25), (0.05, -0.1): 4 of 6 are <= 0
+    assert near.lld_rate == 4 / 6
+    assert s.loc[("near-miss", "nthr")].spared_share == 6 / 24  # 3 groups × 2 of 8 tokens
+    assert math.isnan(near.spared_share)  # GRPO spares nothing by construction
+    assert s.loc[("f=0.00", "pos_only")].ratio_to_pos_only == 1.0
+    assert near.gwhes == 7.0 and near.shared_prefix == 0.9
+    assert list(s.index.get_level_values(0).unique()) == ["f=0.00", "near-miss"]  # map order
+
+
+def test_gwhes_ranking_by_hand():
+    table = _map_table()
+    out = regime.gwhes_ranking(table, k=2)
+    # six groups: gap = Δ_GRPO − Δ_PosOnly and GWHES per group
+    # (the differences in float64, as the table's: 0.6 - 0.4 is not 0.4 - 0.2 to the bit)
+    gap = [0.4 - 0.2, 0.2 - 0.1, 0.6 - 0.4, 0.1 - 0.2, -0.1 - 0.1, 0.05 - 0.4]
+    score = [1.0, 2.0, 3.0, 5.0, 9.0, 7.0]
+    rg, rs = np.array(_average_ranks(gap)), np.array(_average_ranks(score))
+    rg, rs = rg - rg.mean(), rs - rs.mean()
+    rho = float((rg * rs).sum() / math.sqrt((rg**2).sum() * (rs**2).sum()))
+    assert out["n_groups"] == 6 and out["k"] == 2
+    assert out["spearman"] == pytest.approx(rho, abs=64 * EPS64 * 100)
+    assert out["spearman_low"] <= out["spearman"] <= out["spearman_high"]
+    # lazy = −gap: top 2 are the near-miss q2 (0.35) and q1 (0.2); GWHES's top 2: q1 (9), q2 (7)
+    assert out["topk_overlap"] == 1.0 and out["random_overlap"] == 2 / 6
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from nthr_book.models import load_policy
+
+    return load_policy("tiny-random", device="cpu")
+
+
+def _mixed_group(tok, question_id: str) -> Group:
+    def enc(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    answers = ["2 + 3 = 5. So \\boxed{5}.", "no idea", "It is \\boxed{5}.", "\\boxed{6}"]
+    return Group.from_token_lists(
+        enc("What is 2 + 3?"),
+        [enc(a) for a in answers],
+        [1.0, 0.0, 1.0, 0.0],
+        pad_id=tok.pad_token_id,
+        question_id=question_id,
+        answer="5",
+        problem="What is 2 + 3?",
+        texts=answers,
+    )
+
+
+def test_regime_map_runs_every_condition_on_the_same_questions(tiny_policy):
+    model, tok = tiny_policy
+    mixed = [_mixed_group(tok, "q0"), _mixed_group(tok, "q1")]
+    kw = dict(lr=1e-3, temperature=1.0, max_new_tokens=24, seed=0, progress=False)
+    df = regime.regime_map(
+        model, tok, mixed, methods=("grpo", "pos_only"), fractions=(0.0, 0.5), **kw
+    )
+    assert list(pd.unique(df.negatives)) == ["f=0.00", "f=0.50", "near-miss"]
+    assert df.attrs["unfilled"] == {"f=0.00": 0, "f=0.50": 0, "near-miss": 0}
+    assert len(df) == 3 * 2 * 2  # conditions × questions × rules
+    assert set(df.question) == {"q0", "q1"} and df.fraction.isna().sum() == 4
+    # the resemblance rises along the map: natural wrong answers share no prefix here, near-miss
+    # ones all but their final number
+    by_cond = df.groupby("negatives").shared_prefix.mean()
+    assert by_cond["f=0.00"] == 0.0 and by_cond["near-miss"] > 0.5
+    assert df.gwhes.notna().all() and np.isfinite(df.delta).all()
+    # the same groups measured again (reused columns) give the same Δ to the bit
+    columns, _ = regime.regime_groups(
+        mixed,
+        model,
+        tok,
+        fractions=(0.5,),
+        near_miss=False,
+        **{k: kw[k] for k in ("temperature", "max_new_tokens", "seed")},
+        progress=False,
+    )
+    again = regime.regime_map(model, tok, mixed, methods=("grpo",), columns=columns, **kw)
+    first = df[(df.negatives == "f=0.50") & (df.method == "grpo")].delta.to_numpy()
+    np.testing.assert_array_equal(again.delta.to_numpy(), first)
+
+
+def test_plot_regime_map_draws_each_rule_against_the_baseline(tmp_path):
+    from nthr_book import viz
+
+    summary = regime.regime_summary(_map_table())
+    ax = viz.plot_regime_map(summary, save=tmp_path / "map.png")
+    assert (tmp_path / "map.png").is_file()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "GRPO + NTHR"]
+    # the GRPO line's y values are the summary's ratios, in map order
+    grpo = summary[summary.method == "grpo"]["ratio_to_pos_only"].to_numpy()
+    np.testing.assert_array_equal(ax.containers[0].lines[0].get_ydata(), grpo)
+    assert ax.get_xticklabels()[1].get_text() == "near-miss\nGWHES 7"
+    with pytest.raises(ValueError, match="dpo"):
+        viz.plot_regime_map(summary, methods=("dpo",))
+
+
+def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path):
+    model, tok = tiny_policy
+    mixed = [_mixed_group(tok, "q0")]
+    kw = dict(lr=1e-3, temperature=1.0, max_new_tokens=24, seed=0, progress=False)
+    path = tmp_path / "map.jsonl"
+    first = regime.regime_map(model, tok, mixed, fractions=(0.5,), path=path, **kw)
+    again = regime.regime_map(model, tok, mixed, fractions=(0.5,), path=path, **kw)
+    pd.testing.assert_frame_equal(first, again)
+    assert again.attrs["unfilled"] == first.attrs["unfilled"]
+    with pytest.raises(ValueError, match="fractions"):
+        regime.regime_map(model, tok, mixed, fractions=(0.25,), path=path, **kw)
