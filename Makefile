@@ -1,12 +1,14 @@
-# nthr_book: two commands do all set-up.  `make demo` runs the notebook series (fast mode, embedded
-# model) and writes build/; `make test` runs the unit tests and executes the notebooks (nbmake).
+# nthr_book: two commands do all set-up.  `make demo` runs the notebook series at the laptop size
+# (embedded model, 2 CPU cores) and writes build/; `make test` runs the unit tests and executes the
+# notebooks at the ci size (nbmake).  Sizes: NTHR_BOOK_SIZE=ci|laptop|paper (nthr_book/config.py).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-export NTHR_BOOK_FAST ?= 1
+DEMO_SIZE ?= laptop
+TEST_SIZE ?= ci
 export MPLBACKEND ?= Agg
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
@@ -15,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 .PHONY: demo test unit notebooks browser lab model lint clean help space
 
 help:
-	@echo "make demo   - set up .venv, run the notebook series in fast mode, write build/ (about 13 min on 2 CPU cores)"
+	@echo "make demo   - set up .venv, run the notebook series at the laptop size, write build/SUMMARY.md (about 55 min on 2 CPU cores; resumable)"
 	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 17 min on 2 CPU cores, install included)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 
@@ -46,21 +48,22 @@ lint: $(STAMP)
 	$(PY) tests/check_notebooks.py
 
 unit: $(STAMP) model
-	$(PY) -m pytest tests -q -m "not browser"
+	NTHR_BOOK_SIZE=$(TEST_SIZE) $(PY) -m pytest tests -q -m "not browser"
 
-# The whole series in order (02 saves the groups that 03 and 04 reuse); fast mode, about 13 min on 2 cores.
+# The whole series in order (02 saves the groups that 03 and 04 reuse) at the ci size.
 notebooks: $(STAMP) model
-	$(PY) -m pytest --nbmake --nbmake-timeout=1800 -q --durations=0 $(NOTEBOOKS)
+	NTHR_BOOK_SIZE=$(TEST_SIZE) $(PY) -m pytest --nbmake --nbmake-timeout=1800 -q --durations=0 $(NOTEBOOKS)
 
 # A real browser: JupyterLab + Debian's chromium driven by Playwright (installs both if missing).
 browser: $(STAMP) model
 	bash tests/browser_setup.sh
-	NTHR_BOOK_BROWSER_REQUIRED=1 $(PY) -m pytest tests/test_browser.py -m browser -q -s
+	NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_BROWSER_REQUIRED=1 $(PY) -m pytest tests/test_browser.py -m browser -q -s
 
 test: lint unit notebooks browser
 
+# Resumable: a second `make demo` skips the notebooks that finished (python -m nthr_book.demo --force reruns).
 demo: $(STAMP) model
-	$(PY) -m nthr_book.demo
+	NTHR_BOOK_SIZE=$(DEMO_SIZE) $(PY) -m nthr_book.demo
 
 lab: $(STAMP) model
 	$(VENV)/bin/jupyter lab notebooks

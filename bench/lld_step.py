@@ -3,7 +3,7 @@
 ``lld.one_step_displacement`` runs three passes over a group of G answers (the initial log-probs,
 the update's forward and backward, the new log-probs). With ``share_prompt`` each pass computes the
 group's prompt once (``grpo.shared_prompt_hidden``) instead of G times. This bench reuses (or
-samples and saves) the notebook series' groups (``config.GroupsPreset.fast()``: the arithmetic
+samples and saves) the notebook series' groups (``config.GroupsPreset.ci()``: the arithmetic
 task's 161-token few-shot prompt, up to 48 new tokens), takes the first ``--questions`` mixed ones
 and times each measurement alternately with sharing on and off (``--repeats`` times, after
 ``--warmup`` untimed rounds), then prints the median seconds of each, their ratio, the share of
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = GroupsPreset.fast()
+    preset = GroupsPreset.ci()
     model, tokenizer = load_policy(args.model, device="cpu")
     problems = preset.problems()[: args.sample]
     # the series' saved groups (notebook 02) when the whole preset is wanted on the embedded model

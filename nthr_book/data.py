@@ -12,7 +12,7 @@ Where the files come from, first hit wins (see ``data/README.md``):
 4. ``../shared/data/eval`` beside the project (``config.shared_eval_dir()``), each as
 ``<folder>/<name>.jsonl``; 5. the Hugging Face hub (``HUB_SOURCES``), only when it can be reached.
 
-The embedded SmolLM2-135M cannot solve any of these, so the fast runs use
+The embedded SmolLM2-135M cannot solve any of these, so the CPU run sizes use
 :func:`arithmetic_problems`, a synthetic family with difficulty knobs whose defaults put the
 embedded model's per-question success rate inside (0, 1) (measured by
 ``bench/arithmetic_difficulty.py``; notebook 00).
@@ -541,7 +541,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None):
 
 
 def load_math_train(levels: Sequence[int] = (3, 4, 5), data_dir: str | Path | None = None):
-    """The MATH train split restricted to ``levels``: the paper's training data (nb 05, full run).
+    """The MATH train split restricted to ``levels``: the paper's training data (nb 05, paper size).
 
     A local ``math_train.jsonl`` (MATH records: problem, solution, level, type) in the benchmark
     search folders wins; otherwise the seven subject configs of ``EleutherAI/hendrycks_math`` are

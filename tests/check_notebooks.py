@@ -136,12 +136,14 @@ def problems(path: Path) -> list[str]:
     if not code or "env.report()" not in "".join(code[0]["source"]):
         out.append(f"{path.name}: the first code cell must call nthr_book.env.report()")
     if not any(
-        "config.fast_mode()" in "".join(c["source"]) and "mode_name()" in "".join(c["source"])
-        for c in code
+        "config.announce_size(" in source
+        and ("config.by_size(" in source or "GroupsPreset.current()" in source)
+        for source in ("".join(c["source"]) for c in code)
     ):
         out.append(
-            f"{path.name}: no parameters cell reading config.fast_mode() and printing "
-            "config.mode_name()"
+            f"{path.name}: no parameters cell that prints the run size and its cost "
+            "(config.announce_size) and picks parameters by size (config.by_size or "
+            "GroupsPreset.current())"
         )
     first = "".join(nb["cells"][0]["source"]) if nb["cells"] else ""
     if nb["cells"] and (nb["cells"][0]["cell_type"] != "markdown" or not first.startswith("# ")):

@@ -1,0 +1,105 @@
+"""Tests of the reader's report: notebook headlines (nthr_book.report) and the resumable
+``make demo`` (nthr_book.demo), with the notebook execution replaced by a recorder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nthr_book import demo, report
+
+
+def test_headline_round_trip_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTHR_BOOK_SIZE", "laptop")
+    (tmp_path / "curve.png").write_bytes(b"png")
+    report.save_headline(
+        tmp_path,
+        title="GRPO vs NTHR",
+        numbers={"held-out, grpo": "0.641 [0.573, 0.708]"},
+        figure=tmp_path / "curve.png",
+        seeds=(0, 1, 2),
+    )
+    saved = report.load_headline(tmp_path)
+    assert saved["numbers"] == {"held-out, grpo": "0.641 [0.573, 0.708]"}
+    assert saved["figure"] == "curve.png" and saved["seeds"] == [0, 1, 2]
+    assert saved["size"] == "laptop" and "torch" in saved["versions"]
+    text = report.headline_markdown("05_training", saved)
+    assert "**GRPO vs NTHR**" in text and "Seeds 0, 1, 2; run size laptop." in text
+    assert "- held-out, grpo: 0.641 [0.573, 0.708]" in text
+    assert "![05_training](05_training/curve.png)" in text
+    assert report.load_headline(tmp_path / "nothing") is None
+
+
+def test_headline_refuses_a_missing_figure_and_no_numbers(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        report.save_headline(tmp_path, title="t", numbers={"a": "1"}, figure="missing.png")
+    with pytest.raises(ValueError, match="numbers is empty"):
+        report.save_headline(tmp_path, title="t", numbers={})
+    (tmp_path / report.HEADLINE_FILE).write_text("{torn")
+    with pytest.raises(ValueError, match="headline.json"):
+        report.load_headline(tmp_path)
+
+
+def _fake_series(tmp_path: Path, names=("00_a", "01_b", "02_c")) -> list[Path]:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    paths = []
+    for name in names:
+        cells = [{"cell_type": "code", "source": [f"print('{name}')"], "outputs": []}]
+        path = folder / f"{name}.ipynb"
+        path.write_text(json.dumps({"cells": cells}))
+        paths.append(path)
+    return paths
+
+
+def test_demo_skips_finished_notebooks_and_reruns_changed_or_failed_ones(tmp_path, monkeypatch):
+    paths = _fake_series(tmp_path)
+    build = tmp_path / "build"
+    monkeypatch.setenv("NTHR_BOOK_BUILD", str(build))
+    monkeypatch.setenv("NTHR_BOOK_SIZE", "ci")
+    monkeypatch.setattr(
+        demo, "notebooks", lambda only=None: [p for p in paths if not only or p.name[:2] in only]
+    )
+    calls, fail = [], {"01_b"}
+
+    def fake_run(path, out_dir, timeout):
+        calls.append(path.stem)
+        if path.stem == "00_a":  # a notebook that saves a headline
+            (build / path.stem).mkdir(parents=True, exist_ok=True)
+            report.save_headline(build / path.stem, title="first", numbers={"x": "1.0 [0.9, 1.1]"})
+        ok = path.stem not in fail
+        return ok, 60.0, "" if ok else "ValueError: boom"
+
+    monkeypatch.setattr(demo, "run_notebook", fake_run)
+    assert demo.main([]) == 1  # 01_b failed
+    assert calls == ["00_a", "01_b", "02_c"]
+    summary = (build / "SUMMARY.md").read_text()
+    assert "| total | | 3.0 |" in summary and "FAILED: ValueError: boom" in summary
+    assert "**first**" in summary and "- x: 1.0 [0.9, 1.1]" in summary
+
+    # killed and run again: the finished notebooks are skipped, the failed one runs again
+    calls.clear()
+    fail.clear()
+    assert demo.main([]) == 0 and calls == ["01_b"]
+    # an edited notebook and another run size both count as not finished
+    calls.clear()
+    cells = json.loads(paths[2].read_text())
+    cells["cells"][0]["source"] = ["print('edited')"]
+    paths[2].write_text(json.dumps(cells))
+    assert demo.main([]) == 0 and calls == ["02_c"]
+    calls.clear()
+    monkeypatch.setenv("NTHR_BOOK_SIZE", "laptop")
+    assert demo.main(["--only", "00"]) == 0 and calls == ["00_a"]
+    calls.clear()
+    assert demo.main(["--only", "00", "--force"]) == 0 and calls == ["00_a"]
+
+
+def test_source_hash_ignores_outputs(tmp_path):
+    path = _fake_series(tmp_path, names=("00_a",))[0]
+    before = demo.source_hash(path)
+    nb = json.loads(path.read_text())
+    nb["cells"][0]["outputs"] = [{"output_type": "stream", "text": "00_a"}]
+    path.write_text(json.dumps(nb))
+    assert demo.source_hash(path) == before
