@@ -93,11 +93,10 @@ def run_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, float, 
     return not error, seconds, error
 
 
-def _results_section(stem: str, max_rows: int = 12) -> str:
-    """Markdown of the small CSV/JSON results a notebook saved under build/<stem>/."""
+def _results_section(folder: Path, max_rows: int = 12) -> str:
+    """Markdown of the small CSV/JSON results a notebook saved in ``folder`` (build/<stem>/)."""
     import pandas as pd
 
-    folder = config.build_dir() / stem
     parts = []
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
         try:
@@ -152,7 +151,7 @@ def summary_markdown(paths: list[Path], state: dict, build: Path) -> str:
             part
             for part in (
                 headline_markdown(path.stem, headline) if headline else "",
-                _results_section(path.stem),
+                _results_section(build / path.stem),
             )
             if part
         )

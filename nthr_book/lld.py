@@ -917,15 +917,12 @@ def displacement_table(
     ``lld_experiment`` (columns ``ROW_COLUMNS``), for groups built by other means (the regime map's
     branched and near-miss groups).
 
-    One initial pass per group is shared by every rule; NTHR's selection, when a rule needs it, is
-    computed once from it, so Random spares exactly as many tokens per wrong response as NTHR.
+    One initial pass per group is shared by every rule: NTHR's selection is computed once from it
+    per β (the experiment's ``beta``, or a rule's own: nthr_all's -inf), so Random spares exactly as
+    many tokens per wrong response as NTHR, and an entropy-masking rule's entropies come from it.
     """
     import pandas as pd
 
-    # One initial pass per question, shared by every method; NTHR's selection, when needed, is
-    # computed once from it per β (the experiment's ``beta``, or a rule's own: nthr_all's -inf), so
-    # Random spares exactly as many tokens per wrong response as NTHR does; the entropies of an
-    # entropy-masking rule come from the same pass.
     betas = {
         m: _rules.get(m).settings().get("nthr_beta", beta)
         for m in methods
