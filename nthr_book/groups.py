@@ -49,6 +49,7 @@ __all__ = [
     "near_miss_text",
     "sample_groups",
     "save_groups",
+    "source_question_id",
 ]
 
 # The format tag saved files carry (its text predates this module; files written before it still
@@ -430,7 +431,7 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         sources.append(source)
     completion_ids, completion_mask = _right_padded(rows, _pad_id(tokenizer))  # (G, T)
     device = ro.completion_ids.device
-    return Group.from_tensors(
+    out = Group.from_tensors(
         ro.prompt_ids,
         completion_ids.to(device),
         completion_mask.to(device),
@@ -442,6 +443,14 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         texts=texts,
         truncated=ro.truncated.cpu()[sources],
     )
+    out.rollouts.meta = dict(ro.meta) | {"source_question_id": source_question_id(group)}
+    return out
+
+
+def source_question_id(group: Group) -> str:
+    """The id of the sampled question a constructed group (near-miss, branched) was built from;
+    the group's own id for a sampled group."""
+    return group.rollouts.meta.get("source_question_id", group.question_id)
 
 
 def branch_prefix_length(fraction: float, length: int) -> int:
@@ -598,6 +607,7 @@ def branched_group(
         truncated=torch.tensor(truncated),
     )
     out.rollouts.meta = dict(ro.meta) | {
+        "source_question_id": source_question_id(group),
         "branched": {
             "fraction": float(fraction),
             "temperature": float(temperature),
@@ -612,7 +622,7 @@ def branched_group(
             "tries": [kept[k][2] for k in filled],
             "seeds": [kept[k][3] for k in filled],
             "dropped_rows": [wrong[k] for k in range(len(wrong)) if k not in kept],
-        }
+        },
     }
     return out
 

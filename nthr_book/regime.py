@@ -203,17 +203,14 @@ def regime_map(
         )
         similarity = pd.DataFrame(
             [
-                {"id": g.question_id} | group_similarity(model, g, temperature=temperature)
+                {"id": g.question_id, "question": _groups.source_question_id(g)}
+                | group_similarity(model, g, temperature=temperature)
                 for g in column
             ]
         )
         fraction = math.nan if condition == NEAR_MISS else float(condition.removeprefix("f="))
         parts.append(
-            table.merge(similarity, on="id").assign(
-                negatives=condition,
-                fraction=fraction,
-                question=lambda d: d.id.str.replace(r"/(branch[0-9.]+|near-miss)$", "", regex=True),
-            )
+            table.merge(similarity, on="id").assign(negatives=condition, fraction=fraction)
         )
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     df.attrs["unfilled"] = unfilled
