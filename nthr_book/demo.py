@@ -1,10 +1,18 @@
 """``make demo``: execute the notebook series in order and write executed copies and a summary to
 build/.
 
-Usage: ``python -m nthr_book.demo [--only 00,01] [--timeout 3600] [--force]``. Each notebook runs in
-``notebooks/`` (as in JupyterLab and nbmake) at the run size of ``NTHR_BOOK_SIZE`` (``make demo``
-sets ``laptop``); its executed copy goes to ``build/notebooks/<name>.ipynb`` and ``.html``; the data
-each notebook saves lands in ``build/<name>/``.
+Usage: ``python -m nthr_book.demo [--only 00,01] [--timeout 3600] [--force] [--jobs 2] [--nbmake]``.
+Each notebook runs in ``notebooks/`` (as in JupyterLab and nbmake) at the run size of
+``NTHR_BOOK_SIZE`` (``make demo`` sets ``laptop``), in a process of its own whose output goes to
+``build/logs/<name>.log``; its executed copy goes to ``build/notebooks/<name>.ipynb`` and ``.html``;
+the data each notebook saves lands in ``build/<name>/``.
+
+Two notebooks run at a time on a CPU (``--jobs``; one with CUDA), each with half the cores: most of
+the series is small matrix products and token-by-token generation, which two single-threaded
+processes get through faster than one process with two threads. A notebook starts once those it
+reads from have finished (``NEEDS``), the longest first (``PRIORITY``). ``--nbmake`` checks each
+notebook with ``pytest --nbmake`` instead (``make notebooks``, CI): the same schedule, nothing
+written to build/ but the logs.
 
 The demo is resumable: ``build/demo_state.json`` records every notebook that finished, with the
 run size and a hash of the notebook's source, and a second ``make demo`` skips those (``--force``
@@ -18,7 +26,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from nthr_book import config
@@ -26,6 +39,13 @@ from nthr_book.io import atomic_write_text, write_json
 from nthr_book.report import HEADLINE_FILE, headline_markdown, load_headline
 
 STATE_FILE = "demo_state.json"
+# What a notebook reads from another one's run: it starts after that one has finished. 03 reads
+# 02's Δ(x) table; 06 evaluates 05's trained models. (04 and 08 reuse the groups 02 samples; the
+# lock in groups.load_or_sample_groups lets whichever comes first sample them and the others wait.)
+NEEDS = {"03": ("02",), "06": ("05",)}
+# The longest first, as measured at the laptop size: a free worker takes the first ready one.
+PRIORITY = ("05", "02", "08", "06", "07", "01", "04", "03", "00")
+RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -64,9 +84,9 @@ def is_finished(state: dict, path: Path, size: str) -> bool:
     )
 
 
-def run_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, float, str]:
-    """Execute one notebook; write the executed copy (.ipynb and .html). Returns (ok, seconds,
-    error)."""
+def execute_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, str]:
+    """Execute one notebook in this process's kernel client; write the executed copy (.ipynb and
+    .html). Returns (ok, error)."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -79,18 +99,105 @@ def run_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, float, 
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    t0 = time.perf_counter()
     error = ""
     try:
         client.execute()
     except CellExecutionError as exc:
         error = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-    seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out_dir / path.name)
     html, _ = HTMLExporter().from_notebook_node(nb)
     atomic_write_text(out_dir / path.with_suffix(".html").name, html)
-    return not error, seconds, error
+    return not error, error
+
+
+def default_jobs() -> int:
+    """Notebooks run at a time: 2 on a CPU with 2 or more cores, 1 with CUDA or a single core
+    (two training runs would share one GPU's memory)."""
+    return 1 if config.run_size() == "paper" or (os.cpu_count() or 1) < 2 else 2
+
+
+def _run_logged(command: Sequence[str], log: Path, jobs: int) -> tuple[int, float, str]:
+    """Run ``command`` with its output in ``log`` and ``cpu_count // jobs`` threads (unless the
+    environment already says); (return code, seconds, the log's last line)."""
+    env = dict(os.environ)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return code, time.perf_counter() - t0, lines[-1] if lines else ""
+
+
+def run_notebook(path: Path, out_dir: Path, timeout: int, jobs: int = 1) -> tuple[bool, float, str]:
+    """Execute one notebook in a process of its own (``execute_notebook``), its output in
+    build/logs/<name>.log. Returns (ok, seconds, error)."""
+    command = [sys.executable, "-m", "nthr_book.demo", "--execute", str(path)]
+    command += ["--out", str(out_dir), "--timeout", str(timeout)]
+    log = config.build_dir() / "logs" / f"{path.stem}.log"
+    code, seconds, last = _run_logged(command, log, jobs)
+    if last.startswith(RESULT_PREFIX):
+        result = json.loads(last[len(RESULT_PREFIX) :])
+        return result["ok"], seconds, result["error"]
+    return False, seconds, f"exit status {code}, see {log}: {last[:300]}"
+
+
+def check_with_nbmake(path: Path, timeout: int, jobs: int = 1) -> tuple[bool, float, str]:
+    """Execute one notebook with ``pytest --nbmake`` (CI's check), its output in
+    build/logs/<name>.log. Returns (ok, seconds, the last line of pytest's report)."""
+    command = [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={timeout}", "-q"]
+    command += ["-p", "no:cacheprovider", str(path)]
+    log = config.build_dir() / "logs" / f"{path.stem}.log"
+    code, seconds, last = _run_logged(command, log, jobs)
+    if code:
+        tail = log.read_text(errors="replace").splitlines()[-60:]
+        print(f"--- {log} (last {len(tail)} lines)\n" + "\n".join(tail), flush=True)
+    return code == 0, seconds, "" if code == 0 else last
+
+
+def run_scheduled(
+    paths: Sequence[Path],
+    run_one: Callable[[Path], tuple[bool, float, str]],
+    jobs: int,
+    on_done: Callable[[Path, tuple[bool, float, str]], None],
+) -> None:
+    """Run every path with ``run_one`` on ``jobs`` workers. A notebook starts once the notebooks it
+    ``NEEDS`` among ``paths`` have finished (those not in ``paths`` count as finished), and is not
+    run when one of them failed; of the ready ones, the first in ``PRIORITY`` starts first.
+    ``on_done(path, (ok, seconds, error))`` after each, in the order they finish."""
+    rank = {number: i for i, number in enumerate(PRIORITY)}
+    pending = sorted(paths, key=lambda p: (rank.get(p.name[:2], len(rank)), p.name))
+    in_series, finished = {p.name[:2] for p in paths}, {}  # number -> ok
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        running: dict = {}  # future -> path
+        while pending or running:
+            for path in list(pending):
+                if len(running) >= jobs:
+                    break
+                needs = [n for n in NEEDS.get(path.name[:2], ()) if n in in_series]
+                if any(n not in finished for n in needs):
+                    continue  # waits for them
+                pending.remove(path)
+                failed = [n for n in needs if not finished[n]]
+                if failed:
+                    finished[path.name[:2]] = False
+                    on_done(
+                        path, (False, 0.0, f"not run: it reads notebook {failed[0]}, which failed")
+                    )
+                    continue
+                print(f"{path.stem}: running ...", flush=True)
+                running[pool.submit(run_one, path)] = path
+            if not running:
+                continue  # only skipped notebooks were ready: look again
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                path = running.pop(future)
+                result = future.result()
+                finished[path.name[:2]] = result[0]
+                on_done(path, result)
 
 
 def _results_section(folder: Path, max_rows: int = 12) -> str:
@@ -168,22 +275,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 00,01")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--force", action="store_true", help="rerun notebooks that finished")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="notebooks at a time (default: 2 on a CPU)"
+    )
+    parser.add_argument("--nbmake", action="store_true", help="check with pytest --nbmake (CI)")
+    parser.add_argument("--execute", default=None, help=argparse.SUPPRESS)  # one notebook, here
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.execute:  # the process of one notebook (run_notebook)
+        ok, error = execute_notebook(Path(args.execute), Path(args.out), args.timeout)
+        print(RESULT_PREFIX + json.dumps({"ok": ok, "error": error}), flush=True)
+        return 0 if ok else 1
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {jobs}")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     build, size = config.build_dir(), config.run_size()
     build.mkdir(parents=True, exist_ok=True)
-    state, paths = load_state(build), notebooks(only)
-    print(f"run size {config.mode_name()}; {len(paths)} notebooks; results in {build}", flush=True)
-    t_start, failed = time.perf_counter(), 0
-    for i, path in enumerate(paths, 1):
-        prefix = f"[{i}/{len(paths)}] {path.stem}"
+    paths = notebooks(only)
+    if args.nbmake:
+        return _check_series(paths, args.timeout, jobs)
+    state = load_state(build)
+    print(
+        f"run size {config.mode_name()}; {len(paths)} notebooks, {jobs} at a time; results in "
+        f"{build}, each notebook's output in {build / 'logs'}",
+        flush=True,
+    )
+    t_start, todo = time.perf_counter(), []
+    for path in paths:
         if not args.force and is_finished(state, path, size):
             minutes = state[path.stem]["seconds"] / 60
-            print(f"{prefix}: finished earlier ({minutes:.1f} min), skipped", flush=True)
-            continue
-        print(f"{prefix}: running ...", flush=True)
-        ok, seconds, error = run_notebook(path, build / "notebooks", args.timeout)
-        failed += not ok
+            print(f"{path.stem}: finished earlier ({minutes:.1f} min), skipped", flush=True)
+        else:
+            todo.append(path)
+    failed, finished = [], []
+
+    def record(path: Path, result: tuple[bool, float, str]) -> None:
+        ok, seconds, error = result
         state[path.stem] = {
             "ok": ok,
             "seconds": round(seconds, 1),
@@ -191,14 +319,53 @@ def main(argv: list[str] | None = None) -> int:
             "source": source_hash(path),
             "error": error,
         }
-        write_json(build / STATE_FILE, state)  # after every notebook: a kill loses only the one
-        print(f"{prefix}: {'ok' if ok else 'FAILED: ' + error[:200]} in {seconds / 60:.1f} min")
+        write_json(build / STATE_FILE, state)  # after every notebook: a kill loses only the running
+        finished.append(path.stem)
+        failed.extend([] if ok else [path.stem])
+        status = "ok" if ok else "FAILED: " + error[:200]
+        print(
+            f"[{len(finished)}/{len(todo)}] {path.stem}: {status} in {seconds / 60:.1f} min "
+            f"({(time.perf_counter() - t_start) / 60:.1f} min so far)",
+            flush=True,
+        )
+
+    run_scheduled(
+        todo, lambda p: run_notebook(p, build / "notebooks", args.timeout, jobs), jobs, record
+    )
     atomic_write_text(build / "SUMMARY.md", summary_markdown(notebooks(only), state, build))
     elapsed = (time.perf_counter() - t_start) / 60
     series = sum(state[p.stem]["seconds"] for p in paths if p.stem in state) / 60
     print(
-        f"total: {elapsed:.1f} min in this call; the series' notebooks took {series:.1f} min in "
-        f"all. Wrote {build / 'SUMMARY.md'} and executed notebooks in {build / 'notebooks'}",
+        f"total: {elapsed:.1f} min in this call ({jobs} at a time); the notebooks' own run times "
+        f"add up to {series:.1f} min. Wrote {build / 'SUMMARY.md'} and executed notebooks in "
+        f"{build / 'notebooks'}",
+        flush=True,
+    )
+    return 1 if failed else 0
+
+
+def _check_series(paths: list[Path], timeout: int, jobs: int) -> int:
+    """``--nbmake``: every notebook through ``pytest --nbmake`` on the schedule; 1 if any failed."""
+    t_start, results = time.perf_counter(), {}
+
+    def record(path: Path, result: tuple[bool, float, str]) -> None:
+        results[path.stem] = result
+        ok, seconds, error = result
+        print(
+            f"[{len(results)}/{len(paths)}] {path.stem}: {'passed' if ok else 'FAILED: ' + error} "
+            f"in {seconds / 60:.1f} min",
+            flush=True,
+        )
+
+    print(
+        f"nbmake at size {config.mode_name()}: {len(paths)} notebooks, {jobs} at a time", flush=True
+    )
+    run_scheduled(paths, lambda p: check_with_nbmake(p, timeout, jobs), jobs, record)
+    failed = [stem for stem, (ok, _, _) in results.items() if not ok]
+    listed = ": " + ", ".join(failed) if failed else ""
+    print(
+        f"{len(paths) - len(failed)} passed, {len(failed)} failed{listed} in "
+        f"{(time.perf_counter() - t_start) / 60:.1f} min",
         flush=True,
     )
     return 1 if failed else 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import Tensor, nn
 
 from nthr_book import rewards as _rewards
@@ -800,7 +801,8 @@ def load_or_sample_groups(
     ``lld.lld_experiment``: the series samples one file and reuses it.
 
     A file sampled with other settings raises ``ValueError`` naming the settings that differ, rather
-    than being overwritten. ``path=None`` samples without saving.
+    than being overwritten. ``path=None`` samples without saving. A lock file beside ``path``
+    (``<path>.lock``) makes callers in other processes wait while one samples, then load its file.
     """
     problems = list(problems)
     ids, _, _ = _problem_fields(problems)
@@ -813,23 +815,32 @@ def load_or_sample_groups(
         "template": template,
         "require_boxed": require_boxed,
     }
-    path = None if path is None else Path(path)
-    if path is not None and path.exists():
-        groups, saved = load_groups(path, return_settings=True)
-        _check_same_sampling(path, saved, _jsonable(sampling))
-        return groups, saved, f"loaded from {path}"
+    if path is None:
+        return _sample_and_save(None, model, tokenizer, problems, sampling, batch_size, progress)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one process samples, the others wait and load (make demo runs two notebooks at a time)
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            groups, saved = load_groups(path, return_settings=True)
+            _check_same_sampling(path, saved, _jsonable(sampling))
+            return groups, saved, f"loaded from {path}"
+        return _sample_and_save(path, model, tokenizer, problems, sampling, batch_size, progress)
+
+
+def _sample_and_save(
+    path: Path | None,
+    model: nn.Module,
+    tokenizer,
+    problems: list[dict],
+    sampling: dict,
+    batch_size: int | None,
+    progress: bool,
+) -> tuple[list[Group], dict, str]:
+    """``load_or_sample_groups``' sampling: the groups, their settings, and where they went."""
+    options = {name: value for name, value in sampling.items() if name != "problem_ids"}
     groups = sample_groups(
-        model,
-        tokenizer,
-        problems,
-        group_size=group_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        template=template,
-        require_boxed=require_boxed,
-        batch_size=batch_size,
-        progress=progress,
+        model, tokenizer, problems, **options, batch_size=batch_size, progress=progress
     )
     settings = sampling | {
         "model": str(getattr(getattr(model, "config", None), "_name_or_path", ""))

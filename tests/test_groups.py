@@ -4,6 +4,7 @@ constructions."""
 from __future__ import annotations
 
 import math
+import time
 from fractions import Fraction
 
 import pytest
@@ -213,6 +214,38 @@ def test_balanced_group_keeps_the_first_k_of_each_in_order():
     assert balanced_group(group, 4) is None  # only three right answers
     with pytest.raises(ValueError, match="k"):
         balanced_group(group, 0)
+
+
+def test_load_or_sample_groups_lets_one_caller_sample_while_the_others_wait(tmp_path, monkeypatch):
+    import threading
+
+    import nthr_book.groups as groups_mod
+
+    calls, sampling = [], threading.Event()
+
+    def slow_sample(model, tokenizer, problems, **kwargs):
+        calls.append(kwargs)
+        sampling.set()
+        time.sleep(1.0)  # the second caller arrives while the first samples
+        return [_group([[10, 11], [12]], [1.0, 0.0], question_id=p["id"]) for p in problems]
+
+    monkeypatch.setattr(groups_mod, "sample_groups", slow_sample)
+    problems = [{"id": "a", "problem": "1+1", "answer": "2"}]
+    kw = dict(group_size=2, max_new_tokens=8, temperature=1.0, seed=3, template="arithmetic")
+    path, sources = tmp_path / "groups.pt", {}
+
+    def call(name: str) -> None:
+        sources[name] = load_or_sample_groups(path, None, None, problems, **kw)[2]
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    assert sampling.wait(timeout=60)
+    second = threading.Thread(target=call, args=("second",))  # the file does not exist yet
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert len(calls) == 1  # without the lock the second caller would sample too
+    assert sources == {"first": f"sampled, saved to {path}", "second": f"loaded from {path}"}
 
 
 def test_load_or_sample_groups_samples_once_then_loads_and_refuses_other_settings(

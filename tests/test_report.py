@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def test_demo_skips_finished_notebooks_and_reruns_changed_or_failed_ones(tmp_pat
     )
     calls, fail = [], {"01_b"}
 
-    def fake_run(path, out_dir, timeout):
+    def fake_run(path, out_dir, timeout, jobs=1):
         calls.append(path.stem)
         if path.stem == "00_a":  # a notebook that saves a headline
             (build / path.stem).mkdir(parents=True, exist_ok=True)
@@ -73,8 +75,8 @@ def test_demo_skips_finished_notebooks_and_reruns_changed_or_failed_ones(tmp_pat
         return ok, 60.0, "" if ok else "ValueError: boom"
 
     monkeypatch.setattr(demo, "run_notebook", fake_run)
-    assert demo.main([]) == 1  # 01_b failed
-    assert calls == ["00_a", "01_b", "02_c"]
+    assert demo.main(["--jobs", "1"]) == 1  # 01_b failed
+    assert sorted(calls) == ["00_a", "01_b", "02_c"]
     summary = (build / "SUMMARY.md").read_text()
     assert "| total | | 3.0 |" in summary and "FAILED: ValueError: boom" in summary
     assert "**first**" in summary and "- x: 1.0 [0.9, 1.1]" in summary
@@ -103,3 +105,33 @@ def test_source_hash_ignores_outputs(tmp_path):
     nb["cells"][0]["outputs"] = [{"output_type": "stream", "text": "00_a"}]
     path.write_text(json.dumps(nb))
     assert demo.source_hash(path) == before
+
+
+def test_schedule_waits_for_needs_runs_the_longest_first_and_skips_after_a_failure(monkeypatch):
+    names = ("00_a", "02_b", "03_c", "05_d", "06_e")
+    paths = [Path(f"notebooks/{name}.ipynb") for name in names]
+    monkeypatch.setattr(demo, "NEEDS", {"03": ("02",), "06": ("05",)})
+    monkeypatch.setattr(demo, "PRIORITY", ("05", "02", "06", "03", "00"))
+    events, lock = [], threading.Lock()
+
+    def run_one(path):
+        with lock:
+            events.append(("start", path.name[:2]))
+        time.sleep(0.05)
+        with lock:
+            events.append(("end", path.name[:2]))
+        return path.name[:2] != "05", 0.05, "" if path.name[:2] != "05" else "boom"
+
+    done = []
+    demo.run_scheduled(paths, run_one, 2, lambda path, result: done.append((path.name[:2], result)))
+    starts = [n for kind, n in events if kind == "start"]
+    assert starts[:2] == ["05", "02"]  # the two longest first
+    assert events.index(("start", "03")) > events.index(("end", "02"))  # 03 reads 02's results
+    assert "06" not in starts  # 05 failed, so 06 did not run
+    assert dict(done)["06"] == (False, 0.0, "not run: it reads notebook 05, which failed")
+    assert sorted(n for n, _ in done) == ["00", "02", "03", "05", "06"]
+    # one worker: strictly one at a time, in the order of PRIORITY where the needs allow
+    events.clear()
+    demo.run_scheduled(paths[:3], run_one, 1, lambda path, result: None)
+    assert [n for kind, n in events if kind == "start"] == ["02", "03", "00"]
+    assert all(events[2 * i][0] == "start" and events[2 * i + 1][0] == "end" for i in range(3))
