@@ -1,5 +1,5 @@
-"""``make demo``: execute the notebook series in order and write executed copies and a summary to
-build/.
+"""``make demo``: execute the notebook series (two at a time on a CPU) and write executed copies
+and a summary to build/.
 
 Usage: ``python -m nthr_book.demo [--only 00,01] [--timeout 3600] [--force] [--jobs 2] [--nbmake]``.
 Each notebook runs in ``notebooks/`` (as in JupyterLab and nbmake) at the run size of
