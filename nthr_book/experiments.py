@@ -198,8 +198,8 @@ def run_experiment(
     Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
     resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
     ``seed`` and ``output_dir`` are set per run. Held-out evaluation is on arithmetic for the
-    arithmetic task (greedy); for the MATH task use ``nthr_book.evaluate`` on the benchmarks
-    (notebook 06).
+    arithmetic task (greedy) on ``n_eval`` questions (0: none, and no accuracy columns); for the
+    MATH task use ``nthr_book.evaluate`` on the benchmarks (notebook 06).
     """
     import torch
 
@@ -211,10 +211,12 @@ def run_experiment(
         raise ValueError(f"name={name!r}: a non-empty folder name without '/'")
     if not seeds:
         raise ValueError("seeds must not be empty")
+    if isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 0:
+        raise ValueError(f"n_eval must be an int >= 0, got {n_eval!r}")
     overrides = {label: method_overrides(label) for label in methods}  # validate every label first
     root = book_config.runs_dir() / name
     template, require_boxed = task_defaults(cfg)
-    held = heldout_problems(cfg, n_eval) if cfg.task == "arithmetic" else None
+    held = heldout_problems(cfg, n_eval) if cfg.task == "arithmetic" and n_eval else None
     max_new = eval_max_new_tokens or cfg.max_new_tokens
 
     def eval_model(model, tokenizer, label: str):

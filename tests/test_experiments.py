@@ -154,6 +154,13 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         progress=False,
     )
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
+    # n_eval=0: the same finished runs, no evaluation at all (no base row, no accuracy column)
+    unevaluated = run_experiment(
+        "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, progress=False
+    )
+    assert list(unevaluated["method"]) == ["grpo"] and "accuracy" not in unevaluated
+    with pytest.raises(ValueError, match="n_eval must be an int >= 0"):
+        run_experiment("tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=-1)
 
 
 def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
