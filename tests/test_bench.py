@@ -4,6 +4,7 @@ tested)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -142,3 +143,19 @@ def test_lld_step_smoke_times_both_modes(tmp_path):
     # arithmetic prompt of 161 tokens, G = 8, 48 tokens: (161 + 8·48) / (8·(161 + 48))
     assert summary["positions_computed"] == (161 + 8 * 48) / (8 * (161 + 48))
     assert out.is_file()
+
+
+def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "bench/two_at_a_time.py", "--model", "tiny-random", "--repeats", "1"]
+        + ["--questions", "1", "--tokens", "2", "--json", str(tmp_path / "t.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "one at a time" in out.stdout and "ratio" in out.stdout
+    summary = json.loads((tmp_path / "t.json").read_text())
+    assert summary["median_s_one_at_a_time"] > 0 and summary["median_s_two_at_a_time"] > 0
+    assert summary["ratio"] == summary["median_s_one_at_a_time"] / summary["median_s_two_at_a_time"]
