@@ -180,6 +180,35 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def paired_differences(
+    results: pd.DataFrame, baseline: str = "grpo", value: str = "accuracy"
+) -> pd.DataFrame:
+    """Per method other than ``baseline``: the mean over seeds of (method − baseline) on ``value``,
+    paired by seed (same data order and sampling seed), with its 95% Student-t interval and
+    ``resolved``: whether the interval excludes 0. Seeds that only one of the two ran are left out.
+    """
+    table = results[results["method"] != "base"].pivot(index="seed", columns="method", values=value)
+    if baseline not in table:
+        raise ValueError(f"paired_differences: no {baseline!r} runs among {list(table.columns)}")
+    rows = []
+    for method in [m for m in table.columns if m != baseline]:
+        diff = (table[method] - table[baseline]).dropna()  # (seeds run by both,)
+        mean, std, low, high = t_interval(diff.tolist()) if len(diff) else (math.nan,) * 4
+        rows.append(
+            {
+                "method": method,
+                "baseline": baseline,
+                "seeds": len(diff),
+                "diff_mean": mean,
+                "diff_std": std,
+                "t95_low": low,
+                "t95_high": high,
+                "resolved": bool(low > 0 or high < 0),  # False when the interval is NaN
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def run_experiment(
     name: str,
     methods: Sequence[str] = ("grpo", "nthr"),
@@ -265,6 +294,13 @@ def run_experiment(
             row["train_reward_last5"] = float(metrics["reward_mean"].tail(5).mean())
             row["lld_rate_mean"] = float(metrics["lld/rate"].mean())
             row["selected_frac_mean"] = float(metrics["nthr/selected_frac"].mean())
+            # how near the wrong answers were to the right ones, and how many were replaced
+            for column, key in (
+                ("negatives/shared_prefix", "shared_prefix_mean"),
+                ("negatives/replaced", "replaced_mean"),
+            ):
+                if column in metrics:
+                    row[key] = float(metrics[column].mean())
             if held is not None:
                 model, tokenizer = load_policy(str(Path(run_dir) / "model"))
                 res = eval_model(model, tokenizer, f"{label}/seed{seed}")

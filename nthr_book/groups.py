@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -489,6 +489,8 @@ def branched_group(
     max_tries: int = 4,
     require_boxed: bool = True,
     partial: bool = True,
+    keep_unfilled: bool = False,
+    reward_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
 ) -> Group | None:
     """Branching negatives, a knob between natural and near-miss ones (docs/method.md §5): keep the
     correct responses, replace each wrong one by the model's own continuation of a correct prefix.
@@ -498,14 +500,17 @@ def branched_group(
     model continue from prompt + prefix at ``temperature`` for at most ``max_new_tokens`` - prefix
     new tokens (``rollout.continue_ids``: the library's sampling). The whole answer is graded like
     ``sample_groups`` grades (``rewards.math_rewards`` against ``group.answer``; pass the
-    ``require_boxed`` the group was graded with) and kept when wrong. Up to ``max_tries`` rounds:
+    ``require_boxed`` the group was graded with, or the ``reward_fn(texts, answers)`` it was graded
+    by) and kept when wrong. Up to ``max_tries`` rounds:
     round t samples every slot still unfilled in one ``generate`` call, seeded from (``seed``, the
     question id, t), so a slot's sample also depends on which slots share its round. A slot still
     unfilled after ``max_tries`` rounds (the model completed its correct start correctly every
     time) is dropped from the group with ``partial=True`` (G shrinks; ``meta["branched"]
     ["dropped_rows"]`` names them), and makes the result None with ``partial=False``; None too when
-    no slot is filled. f = 0 returns ``group`` itself (natural negatives); f = 1 continues after a
-    whole correct answer.
+    no slot is filled. With ``keep_unfilled=True`` (the trainer's ``negatives="branched"``) such a
+    slot keeps the group's own wrong response instead, so G stays and the result is never None.
+    f = 0 returns ``group`` itself (natural negatives); f = 1 continues after a whole correct
+    answer.
 
     The correct rows keep their ids, masks, rewards, texts and truncation; ``rollouts.meta
     ["branched"]`` records the settings and, per wrong slot, its row, source row, prefix length,
@@ -566,19 +571,21 @@ def branched_group(
         )
         answers = [prefixes[k] + c for k, c in zip(todo, continuations)]
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        scores = _rewards.math_rewards(
-            texts, [group.answer] * len(todo), require_boxed=require_boxed
-        )
+        golds = [group.answer] * len(todo)
+        if reward_fn is None:
+            scores = _rewards.math_rewards(texts, golds, require_boxed=require_boxed)
+        else:
+            scores = [float(x) for x in reward_fn(texts, golds)]
         for k, ids, score in zip(todo, answers, scores):
             if not _rewards.is_correct(score):
                 kept[k] = (ids, float(score), t + 1, round_seed)
-    if not kept or (not partial and len(kept) < len(wrong)):
+    if not keep_unfilled and (not kept or (not partial and len(kept) < len(wrong))):
         return None
 
     # rows of the new group: every correct one, and each wrong slot that was filled (in row order)
     filled = sorted(kept)  # wrong-slot indices k
     replacement = {wrong[k]: kept[k] for k in filled}  # row -> (ids, reward, tries, seed)
-    keep_rows = [i for i in range(G) if bool(group.correct[i]) or i in replacement]
+    keep_rows = [i for i in range(G) if keep_unfilled or bool(group.correct[i]) or i in replacement]
     rows, texts, truncated, rewards = [], [], [], []
     for i in keep_rows:
         if i in replacement:
@@ -617,12 +624,19 @@ def branched_group(
             "max_tries": max_tries,
             "require_boxed": require_boxed,
             "partial": partial,
+            "keep_unfilled": keep_unfilled,
             "rows": [wrong[k] for k in filled],
             "sources": [sources[k] for k in filled],
             "prefix_lengths": [len(prefixes[k]) for k in filled],
             "tries": [kept[k][2] for k in filled],
             "seeds": [kept[k][3] for k in filled],
-            "dropped_rows": [wrong[k] for k in range(len(wrong)) if k not in kept],
+            # unfilled slots: dropped, or kept with their own answer (``keep_unfilled``)
+            "dropped_rows": []
+            if keep_unfilled
+            else [wrong[k] for k in range(len(wrong)) if k not in kept],
+            "kept_rows": [wrong[k] for k in range(len(wrong)) if k not in kept]
+            if keep_unfilled
+            else [],
         },
     }
     return out

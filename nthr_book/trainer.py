@@ -67,6 +67,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+NEGATIVES = ("sampled", "branched", "near_miss")  # TrainConfig.negatives
+
 TRAIN_POOL_SEED = (
     10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
 )
@@ -81,6 +83,8 @@ METRIC_COLUMNS = (
     "sampling/prompts",
     "sampling/mixed",
     "sampling/refill_rounds",
+    "negatives/replaced",
+    "negatives/shared_prefix",
     "completion_length",
     "truncation_rate",
     "loss",
@@ -175,6 +179,16 @@ class TrainConfig:
     refill_max_rounds: int = 0
     """DAPO's refill for dynamic sampling: up to this many extra rounds of prompts_per_step new
     prompts until prompts_per_step mixed groups are kept (0: off, the update gets fewer groups)."""
+    negatives: str = "sampled"
+    """The wrong answers a mixed group trains on: "sampled" (the policy's own), "branched" (each
+    replaced by the policy's continuation of a correct answer's first branch_fraction of tokens,
+    kept when graded wrong: ``groups.branched_group``; a slot still right after branch_max_tries
+    keeps its sampled answer) or "near_miss" (a correct answer with its final number changed:
+    ``groups.near_miss_group``). Notebook 05 §5: training where the negatives are near."""
+    branch_fraction: float = 0.5
+    """f of negatives="branched": the share of a correct answer's tokens a wrong one starts with."""
+    branch_max_tries: int = 2
+    """Sampling rounds per step for the branched slots still unfilled (negatives="branched")."""
     nthr_beta: float = 1.0
     """NTHR threshold scale beta (method == "nthr"); -inf selects every incorrect token."""
     nthr_eta: str | float = "two_abs"
@@ -266,6 +280,14 @@ class TrainConfig:
             )
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0")
+        if self.negatives not in NEGATIVES:
+            bad("negatives", f"expected one of {NEGATIVES}")
+        if not 0 < self.branch_fraction <= 1:
+            bad("branch_fraction", "must be in (0, 1] (0 is negatives='sampled')")
+        if isinstance(self.branch_max_tries, bool) or not (
+            isinstance(self.branch_max_tries, int) and self.branch_max_tries >= 1
+        ):
+            bad("branch_max_tries", "must be an int >= 1")
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
@@ -690,18 +712,19 @@ class GRPOTrainer:
             dict.fromkeys(("generation", "old_logps", "reference", "nthr", "update", "lld"), 0.0),
         )
         t_step = time.perf_counter()
-        ro, rewards, _ = self.sample(step)
+        ro, rewards, problems = self.sample(step)
         # DAPO's refill: more rounds of prompts while fewer than prompts_per_step groups are mixed
-        parts, rounds = [(ro, rewards)], 0
+        parts, rounds = [(ro, rewards, problems)], 0
         while (
             rounds < cfg.refill_max_rounds
-            and sum(int(mixed_group_mask(r).sum()) for _, r in parts) < cfg.prompts_per_step
+            and sum(int(mixed_group_mask(r).sum()) for _, r, _ in parts) < cfg.prompts_per_step
         ):
             rounds += 1
-            parts.append(self.sample(step, rounds)[:2])
+            parts.append(self.sample(step, rounds))
         if rounds:
-            ro = Rollouts.concat([p for p, _ in parts], pad_id=self.tokenizer.pad_token_id)
-            rewards = torch.cat([r for _, r in parts])  # (num_groups of all rounds, G)
+            ro = Rollouts.concat([p for p, _, _ in parts], pad_id=self.tokenizer.pad_token_id)
+            rewards = torch.cat([r for _, r, _ in parts])  # (num_groups of all rounds, G)
+            problems = [q for _, _, qs in parts for q in qs]
         times["generation"] = time.perf_counter() - t_step
         row: dict[str, float] = {
             "step": step,
@@ -728,10 +751,64 @@ class GRPOTrainer:
             }
         )
         if keep:
-            self._update(ro.select_groups(keep), rewards[keep], row, times)
+            ro, rewards = ro.select_groups(keep), rewards[keep]
+            if cfg.negatives != "sampled":
+                t0 = time.perf_counter()
+                ro, rewards, row["negatives/replaced"] = self.near_negatives(
+                    step, ro, rewards, [problems[g] for g in keep]
+                )
+                times["generation"] += time.perf_counter() - t0
+            row["negatives/shared_prefix"] = _shared_prefix(ro, rewards)
+            self._update(ro, rewards, row, times)
         row.update({f"time_{k}": v for k, v in times.items()})
         row["time_step"] = time.perf_counter() - t_step
         return row
+
+    def near_negatives(
+        self, step: int, ro: Rollouts, rewards: torch.Tensor, problems: list[dict]
+    ) -> tuple[Rollouts, torch.Tensor, float]:
+        """(rollouts, rewards (num_groups, G), replaced share): each mixed group's wrong answers
+        replaced as ``cfg.negatives`` says, G unchanged, every row graded again by the reward
+        function; the share is of the wrong answers that were replaced. Homogeneous groups pass
+        through. Branching is seeded by (seed, step) and the question id."""
+        from nthr_book import groups as _groups
+
+        cfg, G = self.cfg, ro.group_size
+        ids = [str(p.get("id", f"step{step}/{g}")) for g, p in enumerate(problems)]
+        answers = [str(p["answer"]) for p in problems]
+        out, n_wrong, n_replaced = [], 0, 0
+        for group in _groups.groups_from_rollouts(ro, rewards, ids, answers):
+            if group.status != "mixed":
+                out.append(group.rollouts)
+                continue
+            n_wrong += G - group.n_correct
+            if cfg.negatives == "near_miss":
+                try:
+                    new = _groups.near_miss_group(group, self.tokenizer)
+                    n_replaced += G - group.n_correct
+                except ValueError:  # a correct answer without a number to change: keep the group
+                    new = group
+            else:
+                new = _groups.branched_group(
+                    group,
+                    self.model,
+                    self.tokenizer,
+                    cfg.branch_fraction,
+                    temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=cfg.seed * 1_000_003 + step,
+                    max_tries=cfg.branch_max_tries,
+                    keep_unfilled=True,
+                    reward_fn=self.reward_fn,
+                )
+                n_replaced += len(new.rollouts.meta["branched"]["rows"])
+            out.append(new.rollouts)
+        ro = Rollouts.concat(
+            [part.to(self.device) for part in out], pad_id=self.tokenizer.pad_token_id
+        )
+        golds = [a for a in answers for _ in range(G)]
+        rewards = torch.tensor(self.reward_fn(ro.texts, golds), dtype=torch.float32)
+        return ro, rewards.view(-1, G).to(self.device), n_replaced / n_wrong if n_wrong else 0.0
 
     def _update(self, ro: Rollouts, rewards: torch.Tensor, row: dict, times: dict) -> None:
         cfg = self.cfg
@@ -936,6 +1013,23 @@ class GRPOTrainer:
 
 # Config fields a resumed run may change: they do not alter the steps already taken.
 _RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoint")
+
+
+def _shared_prefix(ro: Rollouts, rewards: torch.Tensor) -> float:
+    """Mean over the mixed groups of ``similarity.shared_prefix_share``: how much of a wrong answer
+    repeats a right one from its start (NaN when no group is mixed)."""
+    from nthr_book.similarity import shared_prefix_share
+
+    G, mixed = ro.group_size, mixed_group_mask(rewards)
+    shares = [
+        shared_prefix_share(
+            ro.completion_ids[g * G : (g + 1) * G].cpu(),
+            ro.completion_mask[g * G : (g + 1) * G].cpu(),
+            is_correct(rewards[g]).cpu(),
+        )
+        for g in mixed.nonzero().squeeze(-1).tolist()
+    ]
+    return float(np.mean(shares)) if shares else math.nan
 
 
 def _steps_done(run_dir: Path) -> int:

@@ -9,10 +9,13 @@ pool.
     python scripts/grpo_vs_nthr.py                          # fast preset, 3 seeds, 12 steps
     python scripts/grpo_vs_nthr.py --seeds 3 4 --steps 4 --n-eval 32  # other seeds, shorter
     python scripts/grpo_vs_nthr.py --preset paper --n-eval 0  # the paper's 0.5B run (GPU)
+    python scripts/grpo_vs_nthr.py --negatives near_miss --steps 20 --prompts-per-step 2
+        # training where the wrong answers are near the right ones (notebook 05 §5)
 
 Prints, per run, the mean training reward over the first and the last 5 steps, the mean LLD rate,
 the selection fraction and the held-out accuracy with its Wilson interval; then, per method, the
-mean accuracy over seeds with a t-interval. Writes ``runs/<name>/results.csv`` and ``summary.csv``.
+mean accuracy over seeds with a t-interval, and each method's paired difference from GRPO with
+its t-interval. Writes ``runs/<name>/results.csv`` and ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import sys
 
 import pandas as pd
 
-from nthr_book.experiments import run_experiment, summarize
-from nthr_book.trainer import TrainConfig
+from nthr_book.experiments import paired_differences, run_experiment, summarize
+from nthr_book.trainer import NEGATIVES, TrainConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +47,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="override the preset's model (e.g. tiny-random)")
     p.add_argument("--n-eval", type=int, default=64, help="held-out arithmetic questions (0: none)")
     p.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
+    p.add_argument(
+        "--negatives",
+        choices=NEGATIVES,
+        default=None,
+        help="the wrong answers a mixed group trains on (TrainConfig.negatives; default: sampled)",
+    )
+    p.add_argument(
+        "--branch-fraction",
+        type=float,
+        default=None,
+        help="f of --negatives branched: the share of a correct answer a wrong one starts with",
+    )
     return p.parse_args(argv)
 
 
@@ -55,6 +70,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             ("steps", args.steps),
             ("prompts_per_step", args.prompts_per_step),
             ("model", args.model),
+            ("negatives", args.negatives),
+            ("branch_fraction", args.branch_fraction),
         )
         if v is not None
     }
@@ -77,6 +94,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "train_reward_last5",
             "lld_rate_mean",
             "selected_frac_mean",
+            "shared_prefix_mean",
+            "replaced_mean",
             "accuracy",
             "ci_low",
             "ci_high",
@@ -94,6 +113,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         )
         if "accuracy" in trained:
             print(summarize(trained).round(4).to_string(index=False))
+            if "grpo" in set(trained["method"]) and trained["method"].nunique() > 1:
+                paired = paired_differences(trained)
+                print(f"\npaired with GRPO by seed:\n{paired.round(4).to_string(index=False)}")
     return results
 
 

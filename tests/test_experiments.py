@@ -16,6 +16,7 @@ from nthr_book.experiments import (
     ablation_methods,
     bootstrap_interval,
     method_overrides,
+    paired_differences,
     run_experiment,
     summarize,
     t975,
@@ -212,3 +213,31 @@ def test_t_interval_hand_values():
     ) <= 16 * 2**-52 * (3.0 + half)
     one = t_interval([0.5])
     assert one[0] == 0.5 and all(math.isnan(v) for v in one[1:])
+
+
+def test_paired_differences_by_hand():
+    """NTHR − GRPO per seed by hand: 0.05, 0.00, 0.10 -> mean 0.05, sd 0.05, half-width
+    t(2) 4.303 · 0.05 / √3 = 0.1242: unresolved. A seed only GRPO ran and the base row are left
+    out; a constant +0.1 with some spread is resolved."""
+    results = pd.DataFrame(
+        {
+            "method": ["base", "grpo", "grpo", "grpo", "grpo", "nthr", "nthr", "nthr"],
+            "seed": [-1, 0, 1, 2, 3, 0, 1, 2],
+            "accuracy": [0.4, 0.5, 0.6, 0.7, 0.9, 0.55, 0.6, 0.8],
+        }
+    )
+    row = paired_differences(results).iloc[0]
+    assert row["method"] == "nthr" and row["baseline"] == "grpo" and row["seeds"] == 3
+    half = 4.302653 * 0.05 / math.sqrt(3)  # t975(2); the library's table keeps 3 decimals:
+    tol = 0.0005 * 0.05 / math.sqrt(3)  # its rounding, carried through the half-width
+    assert row["diff_mean"] == pytest.approx(0.05, abs=1e-12)
+    assert row["diff_std"] == pytest.approx(0.05, abs=1e-12)
+    assert row["t95_low"] == pytest.approx(0.05 - half, abs=tol)
+    assert row["t95_high"] == pytest.approx(0.05 + half, abs=tol)
+    assert not row["resolved"]
+    shifted = results.assign(
+        accuracy=[0.4, 0.5, 0.6, 0.7, 0.9, 0.61, 0.69, 0.81]  # +0.11, +0.09, +0.11
+    )
+    assert paired_differences(shifted).iloc[0]["resolved"]
+    with pytest.raises(ValueError, match="no 'grpo' runs"):
+        paired_differences(results[results.method != "grpo"])

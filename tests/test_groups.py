@@ -465,6 +465,61 @@ def test_branched_group_drops_a_slot_the_model_never_gets_wrong(tiny_policy, mon
     assert branched_group(group, model, tok, 0.5, partial=False, **kw) is None
 
 
+def test_branched_group_keep_unfilled_keeps_the_sampled_wrong_answer(tiny_policy, monkeypatch):
+    """The trainer's mode: the never-filled slot (row 1) keeps its own wrong answer, so G stays 5
+    and the other slots are filled exactly as without the option."""
+    model, tok = tiny_policy
+    real = rewards_mod.math_rewards
+
+    def first_always_accepted(texts, golds, **kwargs):
+        return [1.0] + real(texts, golds, **kwargs)[1:]
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", first_always_accepted)
+    group = _mixed_group(tok)  # rows: A, wrong, B, wrong, wrong
+    kw = dict(temperature=1.0, max_new_tokens=20, seed=5, max_tries=3)
+    dropped = branched_group(group, model, tok, 0.5, **kw)
+    out = branched_group(group, model, tok, 0.5, keep_unfilled=True, **kw)
+    meta = out.rollouts.meta["branched"]
+    assert meta["kept_rows"] == [1] and meta["dropped_rows"] == [] and meta["rows"] == [3, 4]
+    assert out.group_size == 5 and out.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    for i in (0, 1, 2):  # the correct answers and the unfilled slot: the group's own rows
+        assert _row(out, i) == _row(group, i) and out.rollouts.texts[i] == group.rollouts.texts[i]
+    for new_row, old_row in ((3, 2), (4, 3)):  # the filled slots: as in the dropping mode
+        assert _row(out, new_row) == _row(dropped, old_row)
+
+
+def test_branched_group_grades_with_the_reward_fn_it_is_given(tiny_policy, monkeypatch):
+    """``reward_fn(texts, answers)`` replaces math_rewards: one that calls everything right
+    leaves every slot unfilled (kept with keep_unfilled), one that calls everything wrong fills
+    each slot in the first round with the decoded prefix + continuation it was shown."""
+    model, tok = tiny_policy
+
+    def no_math_rewards(*args, **kwargs):
+        raise AssertionError("math_rewards called although reward_fn was given")
+
+    monkeypatch.setattr(rewards_mod, "math_rewards", no_math_rewards)
+    group = _mixed_group(tok)
+    kw = dict(temperature=1.0, max_new_tokens=20, seed=2, max_tries=2, keep_unfilled=True)
+    shown = []
+
+    def all_right(texts, answers):
+        shown.append((list(texts), list(answers)))
+        return [1.0] * len(texts)
+
+    out = branched_group(group, model, tok, 0.5, reward_fn=all_right, **kw)
+    assert [len(t) for t, _ in shown] == [3, 3] and all(a == ["5"] * 3 for _, a in shown)
+    assert out.rollouts.meta["branched"]["kept_rows"] == [1, 3, 4]
+    assert all(_row(out, i) == _row(group, i) for i in range(5))
+
+    shown.clear()
+    out = branched_group(group, model, tok, 0.5, reward_fn=lambda t, a: [0.0] * len(t), **kw)
+    meta = out.rollouts.meta["branched"]
+    assert meta["rows"] == [1, 3, 4] and meta["tries"] == [1, 1, 1] and meta["kept_rows"] == []
+    assert [out.rollouts.texts[i] for i in (1, 3, 4)] == [
+        tok.decode(_row(out, i), skip_special_tokens=True) for i in (1, 3, 4)
+    ]
+
+
 def test_branched_group_is_none_when_no_try_is_wrong(tiny_policy, monkeypatch):
     model, tok = tiny_policy
     group = _mixed_group(tok)

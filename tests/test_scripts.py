@@ -186,6 +186,10 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
             "--n-eval",
             "10",
             "--no-base",
+            "--negatives",
+            "branched",
+            "--branch-fraction",
+            "0.25",
         ]
     )
     cfg = seen["config"]
@@ -194,11 +198,15 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
         "tiny-random",
         4,
     )  # the rest from the fast preset
+    assert (cfg.negatives, cfg.branch_fraction) == ("branched", 0.25)
     assert seen["name"] == "grpo_vs_nthr_fast" and seen["seeds"] == [0, 1] and seen["base"] is False
     out = capsys.readouterr().out
     assert (
         "2/4 runs up" in out
     )  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
+    assert "paired with GRPO by seed" in out  # equal accuracies: a difference of 0, unresolved
+    with pytest.raises(SystemExit):
+        script.main(["--negatives", "mined"])
 
 
 def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monkeypatch, capsys):

@@ -593,3 +593,154 @@ def test_llds_acts_once_the_policy_has_moved(tmp_path, monkeypatch):
         torch.testing.assert_close(pen, hand, rtol=F32 * 2, atol=0)
         assert (pen.sum() > 0) == (k == 1)  # before the first step nothing has moved
     assert row["rule/penalty"] > 0
+
+
+# ---- near negatives: training on wrong answers that resemble the right ones ---------------------
+
+NEAR_A = "2 + 3 = 5. The answer is \\boxed{5}."  # ends with EOS
+NEAR_B = "So \\boxed{5}"  # truncated: no EOS
+
+
+def _near_batch(tok):
+    """(rollouts, rewards (2, 4), problems): a mixed group [A, wrong, B, wrong] and an all-wrong
+    group, as a sampled step would hand them over."""
+    from nthr_book.groups import Group
+    from nthr_book.rollout import Rollouts
+
+    eos = tok.eos_token_id
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt = enc("What is 2 + 3?")
+    mixed = [enc(NEAR_A) + [eos], enc("no idea") + [eos], enc(NEAR_B), enc("\\boxed{6}") + [eos]]
+    wrong = [enc(t) + [eos] for t in ("7", "it is 8", "\\boxed{9}", "none")]
+    groups = [
+        Group.from_token_lists(
+            prompt,
+            rows,
+            rewards,
+            pad_id=tok.pad_token_id,
+            question_id=qid,
+            answer="5",
+            texts=[tok.decode(r, skip_special_tokens=True) for r in rows],
+            truncated=[False, False, rows is mixed, False],
+        )
+        for qid, rows, rewards in (("a", mixed, [1, 0, 1, 0]), ("b", wrong, [0, 0, 0, 0]))
+    ]
+    ro = Rollouts.concat([g.rollouts for g in groups], pad_id=tok.pad_token_id)
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0] * 4])
+    return ro, rewards, [{"id": "a", "answer": "5"}, {"id": "b", "answer": "5"}]
+
+
+def _rows(ro, group: int) -> list[list[int]]:
+    G = ro.group_size
+    return [
+        ro.completion_ids[i][ro.completion_mask[i]].tolist()
+        for i in range(group * G, (group + 1) * G)
+    ]
+
+
+def _prefix_share(wrong: list[int], rights: list[list[int]]) -> float:
+    """By hand: the longest common prefix with any right answer over the wrong answer's length."""
+    best = 0
+    for right in rights:
+        n = next(
+            (k for k, (a, b) in enumerate(zip(wrong, right)) if a != b), min(len(wrong), len(right))
+        )
+        best = max(best, n)
+    return best / len(wrong)
+
+
+def test_near_miss_negatives_replace_each_wrong_answer_of_a_mixed_group(tmp_path):
+    cfg = tiny(tmp_path, negatives="near_miss", group_size=4, kl_coef=0.0)
+    trainer = GRPOTrainer(cfg, device="cpu")  # the default reward: a boxed answer equal to "5"
+    tok = trainer.tokenizer
+    ro, rewards, problems = _near_batch(tok)
+    new, new_rewards, replaced = trainer.near_negatives(0, ro, rewards, problems)
+    assert new.group_size == 4 and new.num_groups == 2 and replaced == 1.0  # 2 of 2 wrong
+    # wrong slot k copies correct answer k mod 2 with its final number changed, by hand: 5 -> 6
+    assert new.texts[:4] == [NEAR_A, NEAR_A.replace("{5}", "{6}"), NEAR_B, "So \\boxed{6}"]
+    assert new.truncated[:4].tolist() == [False, False, True, True]
+    assert new_rewards.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0] * 4]  # graded again
+    before, after = _rows(ro, 0), _rows(new, 0)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1][-1] == tok.eos_token_id and after[3][-1] != tok.eos_token_id
+    assert _rows(new, 1) == _rows(ro, 1)  # the all-wrong group passes through
+    # the metric: the mean over mixed groups of the wrong answers' shared-prefix share
+    shares = [_prefix_share(after[i], [after[0], after[2]]) for i in (1, 3)]
+    assert 0.5 < min(shares) and max(shares) < 1.0
+    assert trainer_mod._shared_prefix(new, new_rewards) == pytest.approx(sum(shares) / 2, abs=1e-12)
+    assert trainer_mod._shared_prefix(ro, rewards) == pytest.approx(
+        sum(_prefix_share(before[i], [before[0], before[2]]) for i in (1, 3)) / 2, abs=1e-12
+    )
+
+
+def test_branched_negatives_are_branched_group_of_the_current_policy(tmp_path):
+    from nthr_book.groups import branched_group, groups_from_rollouts
+
+    cfg = tiny(tmp_path, negatives="branched", branch_fraction=0.5, group_size=4, max_new_tokens=24)
+    trainer = GRPOTrainer(cfg, device="cpu")
+    ro, rewards, problems = _near_batch(trainer.tokenizer)
+    new, new_rewards, replaced = trainer.near_negatives(7, ro, rewards, problems)
+    group = groups_from_rollouts(ro, rewards, ["a", "b"], ["5", "5"])[0]
+    expected = branched_group(
+        group,
+        trainer.model,
+        trainer.tokenizer,
+        0.5,
+        temperature=cfg.temperature,
+        max_new_tokens=24,
+        seed=cfg.seed * 1_000_003 + 7,
+        max_tries=cfg.branch_max_tries,
+        keep_unfilled=True,
+    )
+    filled = expected.rollouts.meta["branched"]["rows"]
+    assert replaced == len(filled) / 2 and _rows(new, 0) == _rows(expected.rollouts, 0)
+    assert new_rewards[0].tolist() == expected.rewards.tolist()
+    assert _rows(new, 1) == _rows(ro, 1)
+
+
+def test_a_step_trains_on_the_near_negatives(tmp_path, monkeypatch):
+    """train_step hands the update the replaced groups and logs how near they were; with sampled
+    negatives it logs only the nearness of the sampled ones."""
+    seen = []
+    real_update = GRPOTrainer._update
+
+    def update_spy(self, ro, rewards, row, times):
+        seen.append((ro, rewards.clone()))
+        return real_update(self, ro, rewards, row, times)
+
+    monkeypatch.setattr(GRPOTrainer, "_update", update_spy)
+    rows = {}
+    for negatives in ("near_miss", "sampled"):
+        cfg = tiny(tmp_path / negatives, negatives=negatives, group_size=4, kl_coef=0.0)
+        trainer = GRPOTrainer(cfg, device="cpu")
+        batch = _near_batch(trainer.tokenizer)
+        trainer.sample = lambda step, refill_round=0, batch=batch: batch
+        rows[negatives] = trainer.train_step(0)
+    (near, near_rewards), (sampled, _) = seen
+    assert near.num_groups == sampled.num_groups == 1  # dynamic sampling kept the mixed group
+    assert near.texts[1] == NEAR_A.replace("{5}", "{6}") and sampled.texts[1] == "no idea"
+    assert near_rewards.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    assert rows["near_miss"]["negatives/replaced"] == 1.0
+    assert "negatives/replaced" not in rows["sampled"]
+    assert rows["near_miss"]["negatives/shared_prefix"] > 0.5
+    assert rows["sampled"]["negatives/shared_prefix"] == trainer_mod._shared_prefix(
+        sampled, torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    )
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("negatives", "mined"),
+        ("branch_fraction", 0.0),
+        ("branch_fraction", 1.5),
+        ("branch_max_tries", 0),
+    ],
+)
+def test_near_negative_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+    old = TrainConfig().to_dict()
+    for key in ("negatives", "branch_fraction", "branch_max_tries"):
+        del old[key]  # a config.json written before the fields existed
+    assert TrainConfig.from_dict(old).negatives == "sampled"
