@@ -293,6 +293,8 @@ def run_experiment(
             row["train_reward_first5"] = float(metrics["reward_mean"].head(5).mean())
             row["train_reward_last5"] = float(metrics["reward_mean"].tail(5).mean())
             row["lld_rate_mean"] = float(metrics["lld/rate"].mean())
+            # the mean change of ln π of a step's correct answers over its update
+            row["lld_delta_mean"] = float(metrics["lld/delta_mean"].mean())
             row["selected_frac_mean"] = float(metrics["nthr/selected_frac"].mean())
             # how near the wrong answers were to the right ones, and how many were replaced
             for column, key in (

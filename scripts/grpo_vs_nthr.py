@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "train_reward_first5",
             "train_reward_last5",
             "lld_rate_mean",
+            "lld_delta_mean",
             "selected_frac_mean",
             "shared_prefix_mean",
             "replaced_mean",
@@ -113,9 +114,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         )
         if "accuracy" in trained:
             print(summarize(trained).round(4).to_string(index=False))
-            if "grpo" in set(trained["method"]) and trained["method"].nunique() > 1:
-                paired = paired_differences(trained)
-                print(f"\npaired with GRPO by seed:\n{paired.round(4).to_string(index=False)}")
+        if "grpo" in set(trained["method"]) and trained["method"].nunique() > 1:
+            # each rule minus GRPO, paired by seed, with its t-interval
+            for value in ("accuracy", "lld_rate_mean", "lld_delta_mean"):
+                if value in trained:
+                    paired = paired_differences(trained, value=value).round(4)
+                    print(f"\n{value}, paired with GRPO by seed:\n{paired.to_string(index=False)}")
     return results
 
 

@@ -139,6 +139,13 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     assert {c.method for c in calls} == {"grpo", "nthr"} and {c.seed for c in calls} == {0, 1}
     assert (tmp_path / "tiny" / "nthr" / "seed1" / "model" / "config.json").exists()
     assert (tmp_path / "tiny" / "summary.csv").exists() and res["accuracy"].between(0, 1).all()
+    # per-run means of the metrics, read back from each run's metrics.csv
+    for run in res[res.method != "base"].itertuples():
+        metrics = pd.read_csv(f"{run.run_dir}/metrics.csv")
+        assert run.lld_rate_mean == pytest.approx(metrics["lld/rate"].mean(), nan_ok=True)
+        assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), nan_ok=True)
+        shared = metrics["negatives/shared_prefix"].mean()
+        assert run.shared_prefix_mean == pytest.approx(shared, nan_ok=True)
     held = experiments.heldout_problems(cfg, 4)
     train_texts = {
         p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))

@@ -204,7 +204,7 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
     assert (
         "2/4 runs up" in out
     )  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
-    assert "paired with GRPO by seed" in out  # equal accuracies: a difference of 0, unresolved
+    assert "accuracy, paired with GRPO by seed" in out  # equal accuracies: 0, unresolved
     with pytest.raises(SystemExit):
         script.main(["--negatives", "mined"])
 
