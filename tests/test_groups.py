@@ -446,7 +446,8 @@ def test_branched_group_retries_unfilled_slots_in_later_rounds(tiny_policy, monk
 
 def test_branched_group_drops_a_slot_the_model_never_gets_wrong(tiny_policy, monkeypatch):
     """The first remaining slot of every round is graded correct, so wrong slot 0 (row 1) is never
-    filled: partial=True drops its row (G 5 -> 4), partial=False gives None."""
+    filled: partial=True drops its row (G 5 -> 4), partial=False gives None, and keep_unfilled=True
+    (the trainer's mode) keeps its own wrong answer, the other slots filled as when dropping."""
     model, tok = tiny_policy
     real = rewards_mod.math_rewards
 
@@ -463,29 +464,15 @@ def test_branched_group_drops_a_slot_the_model_never_gets_wrong(tiny_policy, mon
     for new_row, old_row in ((0, 0), (1, 2)):  # the correct answers, unchanged
         assert _row(out, new_row) == _row(group, old_row)
     assert branched_group(group, model, tok, 0.5, partial=False, **kw) is None
-
-
-def test_branched_group_keep_unfilled_keeps_the_sampled_wrong_answer(tiny_policy, monkeypatch):
-    """The trainer's mode: the never-filled slot (row 1) keeps its own wrong answer, so G stays 5
-    and the other slots are filled exactly as without the option."""
-    model, tok = tiny_policy
-    real = rewards_mod.math_rewards
-
-    def first_always_accepted(texts, golds, **kwargs):
-        return [1.0] + real(texts, golds, **kwargs)[1:]
-
-    monkeypatch.setattr(rewards_mod, "math_rewards", first_always_accepted)
-    group = _mixed_group(tok)  # rows: A, wrong, B, wrong, wrong
-    kw = dict(temperature=1.0, max_new_tokens=20, seed=5, max_tries=3)
-    dropped = branched_group(group, model, tok, 0.5, **kw)
-    out = branched_group(group, model, tok, 0.5, keep_unfilled=True, **kw)
-    meta = out.rollouts.meta["branched"]
+    kept = branched_group(group, model, tok, 0.5, keep_unfilled=True, **kw)
+    meta = kept.rollouts.meta["branched"]
     assert meta["kept_rows"] == [1] and meta["dropped_rows"] == [] and meta["rows"] == [3, 4]
-    assert out.group_size == 5 and out.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert kept.group_size == 5 and kept.rewards.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
     for i in (0, 1, 2):  # the correct answers and the unfilled slot: the group's own rows
-        assert _row(out, i) == _row(group, i) and out.rollouts.texts[i] == group.rollouts.texts[i]
+        assert _row(kept, i) == _row(group, i)
+        assert kept.rollouts.texts[i] == group.rollouts.texts[i]
     for new_row, old_row in ((3, 2), (4, 3)):  # the filled slots: as in the dropping mode
-        assert _row(out, new_row) == _row(dropped, old_row)
+        assert _row(kept, new_row) == _row(out, old_row)
 
 
 def test_branched_group_grades_with_the_reward_fn_it_is_given(tiny_policy, monkeypatch):
