@@ -1081,8 +1081,8 @@ def train(
     ``advantage_fn(ctx: AdvantageContext) -> (advantages, metrics)`` overrides the method's hook.
     ``reward_fn(completions, answers) -> list[float]`` overrides the math reward. ``callbacks`` are
     called as ``cb(step, row)`` after each step. ``resume=True`` continues from ``checkpoint.pt``,
-    returns a finished run as it is, and extends a finished run to more ``steps`` when it kept its
-    checkpoint.
+    returns a finished run of ``steps`` steps as it is, extends a finished run to more ``steps``
+    when it kept its checkpoint, and refuses one of more steps than ``steps``.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -1093,7 +1093,12 @@ def train(
     done = (
         _steps_done(run_dir) if resume and (run_dir / "model").exists() else None
     )  # None: not finished
-    if done is not None and done >= config.steps:
+    if done is not None and done > config.steps:
+        raise ValueError(
+            f"{run_dir}: holds a finished run of {done} steps, more than steps={config.steps}; "
+            "its model is not the shorter run's. Choose another output_dir"
+        )
+    if done is not None and done == config.steps:
         return run_dir  # reuse the finished run: no model load, no checkpoint read
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = GRPOTrainer(

@@ -158,6 +158,9 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
     assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == dropped.run_dir()
     with pytest.raises(ValueError, match="keep_checkpoint=True"):
         train(dropped.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
+    # fewer steps than the finished run: its final model is not the shorter run's, so it is refused
+    with pytest.raises(ValueError, match="finished run of 2 steps, more than steps=1"):
+        train(dropped.replace(steps=1), reward_fn=parity_reward, resume=True, progress=False)
 
 
 def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
