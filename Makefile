@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series at the laptop size, write build/SUMMARY.md (about 42 min on 2 CPU cores; resumable)"
-	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 17-20 min on 2 CPU cores, install included)"
+	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 16-18 min on 2 CPU cores, install included)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 
 # The venv (2 GB), the model cache (0.5 GB) and the series' runs (4 GB, 1.6 GB more while a run checkpoints)
