@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +49,7 @@ from nthr_book.env import versions
 from nthr_book.io import append_jsonl, read_jsonl, write_json, write_jsonl
 from nthr_book.rewards import extract_boxed, is_correct, math_rewards
 from nthr_book.rollout import generate_groups
+from nthr_book.stats import normal_interval, wilson_interval
 
 __all__ = [
     "COMPARED_SETTINGS",
@@ -60,9 +60,7 @@ __all__ = [
     "EvalResult",
     "evaluate",
     "evaluate_suite",
-    "normal_interval",
     "results_table",
-    "wilson_interval",
 ]
 
 PAPER_BENCHMARKS = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")
@@ -123,42 +121,6 @@ PAPER_TABLE2 = _paper_table2()  # greedy accuracy %, one run each (arXiv 2505.18
 # ---------------------------------------------------------------------------------------------
 # Intervals
 # ---------------------------------------------------------------------------------------------
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (95%: z=1.96); notebooks 05, 06."""
-    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
-        raise TypeError(f"k and n must be integers, got k={k!r}, n={n!r}")
-    k, n = int(k), int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, n={n}], got {k}")
-    if z <= 0:
-        raise ValueError(f"z must be > 0, got {z}")
-    p = k / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    # exact endpoints at k=0 and k=n (the formula gives them up to rounding)
-    low = 0.0 if k == 0 else max(0.0, center - half)
-    high = 1.0 if k == n else min(1.0, center + half)
-    return low, high
-
-
-def normal_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float]:
-    """``mean ± z * sd / sqrt(n)`` of per-problem scores (ddof=1), in [0, 1]; notebook 06."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        raise ValueError("values is empty")
-    if n == 1:
-        return 0.0, 1.0  # one problem: no spread estimate, the honest interval is everything
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = z * sd / math.sqrt(n)
-    return max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _interval(per_problem: Sequence[float]) -> tuple[float, float, str]:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from nthr_book import config as book_config
 from nthr_book import rules
+from nthr_book.stats import t_interval, wilson_interval
 from nthr_book.trainer import TrainConfig, read_metrics, task_defaults, train, training_problems
 
 HELDOUT_SEED = (
@@ -86,74 +87,9 @@ def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
     return held
 
 
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..10 (beyond: Cornish-Fisher expansion).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
-def t975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table, then a 3-term
-    expansion)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def t_interval(values: Sequence[float]) -> tuple[float, float, float, float]:
-    """(mean, std, low, high): 95% Student-t interval of the mean over seeds."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, math.nan, math.nan, math.nan
-    std = float(x.std(ddof=1))
-    half = t975(len(x) - 1) * std / math.sqrt(len(x))
-    return mean, std, mean - half, mean + half
-
-
-def bootstrap_interval(
-    values: Sequence[float],
-    statistic=None,
-    *,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """(estimate, low, high): the statistic (default: the median) and its percentile-bootstrap
-    interval over the values (questions, the unit of resampling), seeded so a rerun gives the same.
-
-    Each of ``n_boot`` resamples draws ``len(values)`` values with replacement; the interval is the
-    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the statistic over the resamples.
-    ``values`` may be (n, k): paired measurements of n questions, resampled by row (e.g. the ratio
-    of two methods' medians); ``statistic(x, axis)`` reduces the sample axis of (..., n) or
-    (..., n, k) to one number per resample.
-    """
-    import numpy as np
-
-    stat = statistic or (lambda x, axis: np.median(x, axis=axis))
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim not in (1, 2) or len(x) == 0:
-        raise ValueError(f"bootstrap_interval: values must be non-empty, (n,) or (n, k): {x.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"bootstrap_interval: level={level} must lie in (0, 1)")
-    estimate = float(stat(x, axis=0))
-    if len(x) < 2:
-        return estimate, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    resamples = x[rng.integers(0, len(x), size=(n_boot, len(x)))]  # (n_boot, n[, k]) by row
-    stats = stat(resamples, axis=1)  # (n_boot,)
-    low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return estimate, float(low), float(high)
-
-
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval,
     LLD rate."""
-    from nthr_book.evaluate import wilson_interval
-
     rows = []
     for method, g in results.groupby("method", sort=False):
         mean, std, low, high = t_interval(g["accuracy"].tolist())
@@ -175,35 +111,6 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
                 "train_reward_first5": g["train_reward_first5"].mean(),
                 "lld_rate_mean": g["lld_rate_mean"].mean(),
                 "selected_frac_mean": g["selected_frac_mean"].mean(),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def paired_differences(
-    results: pd.DataFrame, baseline: str = "grpo", value: str = "accuracy"
-) -> pd.DataFrame:
-    """Per method other than ``baseline``: the mean over seeds of (method − baseline) on ``value``,
-    paired by seed (same data order and sampling seed), with its 95% Student-t interval and
-    ``resolved``: whether the interval excludes 0. Seeds that only one of the two ran are left out.
-    """
-    table = results[results["method"] != "base"].pivot(index="seed", columns="method", values=value)
-    if baseline not in table:
-        raise ValueError(f"paired_differences: no {baseline!r} runs among {list(table.columns)}")
-    rows = []
-    for method in [m for m in table.columns if m != baseline]:
-        diff = (table[method] - table[baseline]).dropna()  # (seeds run by both,)
-        mean, std, low, high = t_interval(diff.tolist()) if len(diff) else (math.nan,) * 4
-        rows.append(
-            {
-                "method": method,
-                "baseline": baseline,
-                "seeds": len(diff),
-                "diff_mean": mean,
-                "diff_std": std,
-                "t95_low": low,
-                "t95_high": high,
-                "resolved": bool(low > 0 or high < 0),  # False when the interval is NaN
             }
         )
     return pd.DataFrame(rows)

@@ -326,7 +326,20 @@ def sample_groups(
     return groups_from_rollouts(rollouts, scores, ids, answers, texts)
 
 
-_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?!.*\d)", re.S)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def graded_number_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the number the reward reads: the last number inside the final ``\\boxed{}``
+    when ``text`` has one (``rewards.boxed_span``), else the last number of the text; None when
+    there is none there (a box without a number: changing a number outside it would not change the
+    grade)."""
+    box = _rewards.boxed_span(text)
+    lo, hi = box if box is not None else (0, len(text))
+    last = None
+    for last in _NUMBER.finditer(text, lo, hi):  # noqa: B007 (the last match is the one wanted)
+        pass
+    return None if last is None else last.span()
 
 
 def _changed_number(number: str, answer: str) -> str:
@@ -342,16 +355,17 @@ def _changed_number(number: str, answer: str) -> str:
 
 
 def near_miss_text(text: str, answer: str) -> str:
-    """``text`` with its final number changed (answer + 1 for integers): a nearly-correct wrong
-    answer."""
-    match = _LAST_NUMBER.search(text)
-    if match is None:
-        raise ValueError(f"no number to change in {text[:80]!r}")
-    return text[: match.start()] + _changed_number(match.group(), answer) + text[match.end() :]
+    """``text`` with the number the reward reads changed (``graded_number_span``; answer + 1 for
+    integers): a nearly-correct wrong answer."""
+    span = graded_number_span(text)
+    if span is None:
+        raise ValueError(f"no graded number to change in {text[:80]!r}")
+    a, b = span
+    return text[:a] + _changed_number(text[a:b], answer) + text[b:]
 
 
 def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str) -> list[int]:
-    """``completion_ids`` with only the final number's tokens re-encoded (near_miss_text on ids):
+    """``completion_ids`` with only the graded number's tokens re-encoded (near_miss_text on ids):
     every other token, and the trailing EOS or its absence (truncation), kept. Notebook 02."""
     if isinstance(completion_ids, Tensor):
         completion_ids = completion_ids.tolist()
@@ -366,9 +380,10 @@ def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str
         return tokenizer.decode(tokens, clean_up_tokenization_spaces=False)
 
     text = decode(body)
-    match = _LAST_NUMBER.search(text)
-    if match is None:
-        raise ValueError(f"no number to change in {text[:80]!r}")
+    span = graded_number_span(text)
+    if span is None:
+        raise ValueError(f"no graded number to change in {text[:80]!r}")
+    start, end = span
     # Tokens [a, b) hold the number: body[:b] is the shortest prefix whose text reaches its end,
     # body[:a] the longest that stops at or before its start (prefixes that end inside a multi-byte
     # character do not decode to a prefix of the text and are skipped).
@@ -378,16 +393,16 @@ def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str
         prefix = decode(body[:k])
         if not text.startswith(prefix):
             continue
-        if len(prefix) >= match.end():
+        if len(prefix) >= end:
             b, chars_b = k, len(prefix)
-        elif len(prefix) <= match.start():
+        elif len(prefix) <= start:
             a, chars_a = k, len(prefix)
             break
-    changed = _changed_number(match.group(), answer)
+    changed = _changed_number(text[start:end], answer)
     # what tokens [a, b) become: their text with the number changed
-    piece = text[chars_a : match.start()] + changed + text[match.end() : chars_b]
+    piece = text[chars_a:start] + changed + text[end:chars_b]
     out = body[:a] + list(tokenizer(piece, add_special_tokens=False)["input_ids"]) + body[b:]
-    if decode(out) != text[: match.start()] + changed + text[match.end() :]:
+    if decode(out) != text[:start] + changed + text[end:]:
         raise ValueError(
             f"the tokenizer encodes {piece!r} differently on its own than in context; "
             "near-miss ids need context-free pieces (byte-level BPE, as SmolLM2 and "
@@ -396,14 +411,43 @@ def near_miss_ids(completion_ids: Sequence[int] | Tensor, tokenizer, answer: str
     return out + tail
 
 
-def near_miss_group(group: Group, tokenizer) -> Group:
+def _grade(
+    texts: list[str],
+    answer: str,
+    require_boxed: bool,
+    reward_fn: Callable[[list[str], list[str]], Sequence[float]] | None,
+) -> list[float]:
+    """Rewards of ``texts`` against ``answer``: as ``sample_groups`` grades, or by ``reward_fn``."""
+    if not texts:
+        return []
+    golds = [answer] * len(texts)
+    if reward_fn is None:
+        return _rewards.math_rewards(texts, golds, require_boxed=require_boxed)
+    return [float(x) for x in reward_fn(texts, golds)]
+
+
+def near_miss_group(
+    group: Group,
+    tokenizer,
+    *,
+    require_boxed: bool = True,
+    reward_fn: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+    keep_unfilled: bool = False,
+) -> Group | None:
     """The controlled LLD experiment (docs/method.md §5): keep the correct responses, replace each
-    incorrect one by a copy of a correct response whose final number is changed, so right and wrong
+    incorrect one by a copy of a correct response whose graded number is changed, so right and wrong
     share almost every token.
 
     Built on token ids (``near_miss_ids``): the copy shares every token of its source except those
-    of the final number, and keeps the source's truncation (no EOS when the source had none). The
-    k-th incorrect response copies the (k mod N+)-th correct one. Introduced in notebook 02.
+    of the number the reward reads (inside the final ``\\boxed{}``, ``graded_number_span``), and
+    keeps the source's truncation (no EOS when the source had none). Every copy is graded as the
+    group was (``require_boxed``, or the ``reward_fn(texts, answers)`` it was graded by) and only a
+    copy graded wrong is used: the k-th incorrect slot copies the (k mod N+)-th correct response,
+    or the next one in turn whose copy grades wrong. When no correct response gives such a copy
+    (no number to change, or a copy still graded right), the result is None, or with
+    ``keep_unfilled=True`` (the trainer's ``negatives="near_miss"``) the group itself. Copies carry
+    their own (graded) rewards; ``rollouts.meta["near_miss"]`` records the rows replaced and their
+    sources. Introduced in notebook 02.
     """
     if group.status != "mixed":
         raise ValueError(
@@ -411,40 +455,58 @@ def near_miss_group(group: Group, tokenizer) -> Group:
         )
     ro, G = group.rollouts, group.group_size
     right = [i for i in range(G) if bool(group.correct[i])]
-    rows: list[list[int]] = []
-    texts: list[str] = []
-    sources: list[int] = []  # (G,) the row each new row is built from
+    wrong = [i for i in range(G) if not bool(group.correct[i])]
+    copies: dict[int, list[int]] = {}  # correct row -> its near-miss copy (when it has a number)
+    for source in right:
+        try:
+            ids = ro.completion_ids[source][ro.completion_mask[source].bool()].tolist()
+            copies[source] = near_miss_ids(ids, tokenizer, group.answer)
+        except ValueError:
+            continue
+    texts = {s: tokenizer.decode(ids, skip_special_tokens=True) for s, ids in copies.items()}
+    scores = dict(zip(texts, _grade(list(texts.values()), group.answer, require_boxed, reward_fn)))
+    usable = {s for s, r in scores.items() if not _rewards.is_correct(r)}  # copies graded wrong
+    if not usable:
+        return group if keep_unfilled else None
+    # wrong slot k takes correct row k mod N+, or the next one in turn with a usable copy
+    sources = {}
+    for k, row in enumerate(wrong):
+        order = [right[(k + j) % len(right)] for j in range(len(right))]
+        sources[row] = next(s for s in order if s in usable)
+    rows, row_texts, rewards, origin = [], [], [], []
     for i in range(G):
-        n_wrong_before = i - sum(r < i for r in right)
-        source = i if bool(group.correct[i]) else right[n_wrong_before % len(right)]
-        ids = ro.completion_ids[source][ro.completion_mask[source].bool()].tolist()
-        text = ro.texts[i]
-        if source != i:
-            try:
-                ids = near_miss_ids(ids, tokenizer, group.answer)
-            except ValueError as err:
-                raise ValueError(
-                    f"Group {group.question_id!r}, correct response {source}: {err}"
-                ) from err
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-        rows.append(ids)
-        texts.append(text)
-        sources.append(source)
+        if i in sources:
+            rows.append(copies[sources[i]])
+            row_texts.append(texts[sources[i]])
+            rewards.append(scores[sources[i]])
+        else:
+            rows.append(ro.completion_ids[i][ro.completion_mask[i].bool()].tolist())
+            row_texts.append(ro.texts[i])
+            rewards.append(float(group.rewards[i]))
+        origin.append(sources.get(i, i))
     completion_ids, completion_mask = _right_padded(rows, _pad_id(tokenizer))  # (G, T)
     device = ro.completion_ids.device
     out = Group.from_tensors(
         ro.prompt_ids,
         completion_ids.to(device),
         completion_mask.to(device),
-        group.rewards.clone(),
+        torch.tensor(rewards, dtype=group.rewards.dtype),
         prompt_mask=ro.prompt_mask,
         question_id=f"{group.question_id}/near-miss",
         answer=group.answer,
         problem=group.problem,
-        texts=texts,
-        truncated=ro.truncated.cpu()[sources],
+        texts=row_texts,
+        truncated=ro.truncated.cpu()[origin],
     )
-    out.rollouts.meta = dict(ro.meta) | {"source_question_id": source_question_id(group)}
+    out.rollouts.meta = dict(ro.meta) | {
+        "source_question_id": source_question_id(group),
+        "slot_rows": list(range(G)),
+        "near_miss": {
+            "rows": wrong,
+            "sources": [sources[r] for r in wrong],
+            "unusable_sources": [s for s in right if s not in usable],
+        },
+    }
     return out
 
 
@@ -452,6 +514,41 @@ def source_question_id(group: Group) -> str:
     """The id of the sampled question a constructed group (near-miss, branched) was built from;
     the group's own id for a sampled group."""
     return group.rollouts.meta.get("source_question_id", group.question_id)
+
+
+def slot_rows(group: Group) -> list[int]:
+    """For each row of ``group``, the row of the sampled group whose slot it fills: a constructed
+    group (branched with dropped slots, near-miss) records them; a sampled group's are 0..G-1."""
+    return list(group.rollouts.meta.get("slot_rows", range(group.group_size)))
+
+
+def select_rows(group: Group, rows: Sequence[int]) -> Group:
+    """The sub-group of ``group``'s rows ``rows`` (positions, kept in the order given), with the
+    same question id, answer and meta, and ``meta["slot_rows"]`` narrowed to them."""
+    ro = group.rollouts
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= group.group_size:
+        raise ValueError(
+            f"Group {group.question_id!r}: rows {list(rows)} must be non-empty positions < "
+            f"{group.group_size}"
+        )
+    on = idx.to(ro.completion_ids.device)
+    out = Group.from_tensors(
+        ro.prompt_ids[on],
+        ro.completion_ids[on],
+        ro.completion_mask[on],
+        group.rewards[idx],
+        prompt_mask=ro.prompt_mask[on],
+        question_id=group.question_id,
+        answer=group.answer,
+        problem=group.problem,
+        texts=[ro.texts[i] for i in idx.tolist()],
+    )
+    out.rollouts.truncated = ro.truncated[idx.to(ro.truncated.device)].clone()
+    out.rollouts = _trim(out.rollouts)  # drop completion columns only the left-out rows used
+    slots = slot_rows(group)
+    out.rollouts.meta = dict(ro.meta) | {"slot_rows": [slots[i] for i in idx.tolist()]}
+    return out
 
 
 def branch_prefix_length(fraction: float, length: int) -> int:
@@ -571,11 +668,7 @@ def branched_group(
         )
         answers = [prefixes[k] + c for k, c in zip(todo, continuations)]
         texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-        golds = [group.answer] * len(todo)
-        if reward_fn is None:
-            scores = _rewards.math_rewards(texts, golds, require_boxed=require_boxed)
-        else:
-            scores = [float(x) for x in reward_fn(texts, golds)]
+        scores = _grade(texts, group.answer, require_boxed, reward_fn)
         for k, ids, score in zip(todo, answers, scores):
             if not _rewards.is_correct(score):
                 kept[k] = (ids, float(score), t + 1, round_seed)
@@ -616,6 +709,7 @@ def branched_group(
     )
     out.rollouts.meta = dict(ro.meta) | {
         "source_question_id": source_question_id(group),
+        "slot_rows": keep_rows,
         "branched": {
             "fraction": float(fraction),
             "temperature": float(temperature),
@@ -696,22 +790,7 @@ def balanced_group(group: Group, k: int) -> Group | None:
     if len(right) < k or len(wrong) < k:
         return None
     rows = torch.cat([right, wrong]).sort().values  # (2k,) row indices, sampling order kept
-    ro = group.rollouts
-    idx = rows.to(ro.completion_ids.device)
-    out = Group.from_tensors(
-        ro.prompt_ids[idx],
-        ro.completion_ids[idx],
-        ro.completion_mask[idx],
-        group.rewards[rows],
-        prompt_mask=ro.prompt_mask[idx],
-        question_id=group.question_id,
-        answer=group.answer,
-        problem=group.problem,
-        texts=[ro.texts[i] for i in rows.tolist()],
-    )
-    out.rollouts.truncated = ro.truncated[idx].clone()
-    out.rollouts = _trim(out.rollouts)  # drop completion columns only the left-out responses used
-    return out
+    return select_rows(group, rows.tolist())
 
 
 def save_groups(path: str | Path, groups: Sequence[Group], *, settings: dict | None = None) -> Path:

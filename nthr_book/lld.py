@@ -49,6 +49,7 @@ from nthr_book import nthr as _nthr
 from nthr_book import rules as _rules
 from nthr_book.groups import Group
 from nthr_book.models import eval_mode, lm_head
+from nthr_book.stats import bootstrap_interval
 
 __all__ = [
     "METHODS",  # noqa: F822 (module __getattr__: read live from nthr_book.rules)
@@ -82,6 +83,7 @@ ROW_COLUMNS = (
     "tau",
     "seed",
     "lr",
+    "grad_norm",
 )
 
 
@@ -221,6 +223,8 @@ class QuestionDisplacement:
             "per_response_delta": list(self.per_response_delta),
             "n_selected": self.n_selected_tokens,
             "n_incorrect_tokens": self.n_incorrect_tokens,
+            # the first step's gradient norm: Δ / (lr · grad_norm) compares rules per unit of step
+            "grad_norm": self.extras.get("grad_norm", [math.nan])[0],
         }
 
 
@@ -1016,8 +1020,6 @@ def displacement_summary(df):
     """Per method (in first-seen order): n_questions, median_delta with its 95% bootstrap interval
     over questions (median_low, median_high), mean_delta, frac_delta_le_0, lld_rate."""
     import pandas as pd
-
-    from nthr_book.experiments import bootstrap_interval  # experiments imports lld (via trainer)
 
     missing = [c for c in ("method", "delta") if c not in df.columns]
     if missing:

@@ -18,17 +18,37 @@ runs it at full size.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from nthr_book import groups as _groups
 from nthr_book import lld
+from nthr_book.env import versions
 from nthr_book.groups import Group
+from nthr_book.grpo import head_logits
+from nthr_book.io import read_jsonl, write_json, write_jsonl
+from nthr_book.similarity import (
+    gwhes_question,
+    random_topk_overlap_expectation,
+    shared_prefix_share,
+    topk_overlap,
+)
+from nthr_book.stats import (
+    bootstrap_interval,
+    mean,
+    ratio_of_medians,
+    ratio_of_sums,
+    resolved,
+    spearman,
+)
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -39,8 +59,9 @@ __all__ = [
     "group_similarity",
     "regime_groups",
     "regime_map",
+    "common_columns",
+    "regime_shift",
     "regime_summary",
-    "spearman",
 ]
 
 DEFAULT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.9)
@@ -91,9 +112,43 @@ def regime_groups(
             progress=progress,
         )
     if near_miss:
-        columns[NEAR_MISS] = [_groups.near_miss_group(g, tokenizer) for g in mixed]
-        unfilled[NEAR_MISS] = 0
+        near = [_groups.near_miss_group(g, tokenizer, require_boxed=require_boxed) for g in mixed]
+        columns[NEAR_MISS] = [g for g in near if g is not None]
+        unfilled[NEAR_MISS] = len(near) - len(columns[NEAR_MISS])
     return columns, unfilled
+
+
+def common_columns(
+    columns: dict[str, list[Group]],
+) -> tuple[dict[str, list[Group]], dict[str, int]]:
+    """The map's columns on common ground: the source questions filled in every column, each group
+    restricted to its correct answers and the wrong slots filled in every column
+    (``groups.slot_rows``), so that every column holds the same questions with the same G, p,
+    advantages and correct answers, and only what the wrong answers are differs between columns.
+
+    Returns (columns, {column: questions it held before}). A question left with no common wrong
+    slot leaves every column. Notebook 02.
+    """
+    by_column = {c: {_groups.source_question_id(g): g for g in col} for c, col in columns.items()}
+    held = {c: len(v) for c, v in by_column.items()}
+    order = next(iter(by_column.values()), {})  # the first column's question order
+    out: dict[str, list[Group]] = {c: [] for c in columns}
+    for q in order:
+        if not all(q in v for v in by_column.values()):
+            continue
+        groups = {c: by_column[c][q] for c in columns}
+        wrong = [  # the slots each column's group filled with a wrong answer
+            {s for s, ok in zip(_groups.slot_rows(g), g.correct.tolist()) if not ok}
+            for g in groups.values()
+        ]
+        common = set.intersection(*wrong)
+        if not common:
+            continue
+        for c, g in groups.items():
+            slots, right = _groups.slot_rows(g), g.correct.tolist()
+            keep = [i for i, s in enumerate(slots) if right[i] or s in common]
+            out[c].append(g if len(keep) == g.group_size else _groups.select_rows(g, keep))
+    return out, held
 
 
 def group_similarity(
@@ -102,9 +157,6 @@ def group_similarity(
     """How much a group's wrong answers resemble its right ones: ``gwhes`` (the paper's score over
     the full vocabulary, mean over the correct answers) and ``shared_prefix`` (the mean share of a
     wrong answer that repeats a correct one from its start)."""
-    from nthr_book.grpo import head_logits
-    from nthr_book.similarity import gwhes_question, shared_prefix_share
-
     ro = group.rollouts
     mask = ro.completion_mask.bool()
     with torch.no_grad():
@@ -136,6 +188,7 @@ def regime_map(
     require_boxed: bool = True,
     max_tries: int = 4,
     columns: dict[str, list[Group]] | None = None,
+    common: bool = True,
     path: str | Path | None = None,
     progress: bool = True,
 ):
@@ -146,14 +199,16 @@ def regime_map(
     "near-miss"), ``fraction`` (NaN for near-miss), ``question`` (the natural group's id, the same
     in every column) and the group's ``gwhes`` and ``shared_prefix``. Pass ``columns`` (from
     ``regime_groups``) to measure other rules on the same branched groups without sampling them
-    again; ``df.attrs["unfilled"]`` counts the questions each column could not fill.
+    again; ``df.attrs["unfilled"]`` counts the questions each column could not fill. With
+    ``common=True`` (the default) Δ is measured on ``common_columns``: the questions filled in every
+    column, on the wrong slots filled in every column (``df.attrs["held"]`` counts each column's
+    questions before, ``df.attrs["n_common"]`` after), so the columns compare the same questions at
+    the same G; ``common=False`` measures every column on all it holds.
 
     With ``path`` the map is saved there (``<path>`` rows as JSONL, ``<path>.json`` its settings)
     and a later call with the same settings and questions reads it instead of measuring again
     (notebook 03 reads notebook 02's map); other settings raise and name the one that differs.
     """
-    import pandas as pd
-
     settings = {
         "questions": [g.question_id for g in mixed],
         "methods": list(methods),
@@ -167,6 +222,7 @@ def regime_map(
         "eta": eta,
         "max_tries": max_tries,
         "require_boxed": require_boxed,
+        "common": common,
     }
     if path is not None and Path(path).is_file():
         return _read_map(Path(path), settings)
@@ -185,6 +241,9 @@ def regime_map(
             max_tries=max_tries,
             progress=progress,
         )
+    held = {c: len(col) for c, col in columns.items()}
+    if common:
+        columns, held = common_columns(columns)
     parts = []
     for condition, column in columns.items():
         if not column:
@@ -213,14 +272,12 @@ def regime_map(
             table.merge(similarity, on="id").assign(negatives=condition, fraction=fraction)
         )
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    df.attrs["unfilled"] = unfilled
-    df.attrs["settings"] = settings
+    n_common = len(next(iter(columns.values()), []))
+    df.attrs |= {"unfilled": unfilled, "held": held, "n_common": n_common, "settings": settings}
     if path is not None:
-        from nthr_book.env import versions
-        from nthr_book.io import write_json, write_jsonl
-
         write_jsonl(path, df.to_dict("records"))
         meta = {"settings": settings, "unfilled": unfilled, "versions": versions()}
+        meta |= {"held": held, "n_common": n_common}
         write_json(_settings_path(Path(path)), meta)
     return df
 
@@ -232,12 +289,6 @@ def _settings_path(path: Path) -> Path:
 
 def _read_map(path: Path, settings: dict):
     """A saved map, after checking it was measured with ``settings``."""
-    import json
-
-    import pandas as pd
-
-    from nthr_book.io import read_jsonl
-
     meta_path = _settings_path(path)
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: a saved regime map needs its settings file {meta_path}")
@@ -249,103 +300,200 @@ def _read_map(path: Path, settings: dict):
                 "delete it (and its .json) to measure again, or pass another path"
             )
     df = pd.DataFrame(read_jsonl(path))
-    df.attrs["unfilled"], df.attrs["settings"] = meta["unfilled"], meta["settings"]
+    df.attrs |= {k: meta.get(k) for k in ("unfilled", "held", "n_common", "settings")}
     return df
 
 
-def _ratio_of_medians(x: Any, axis: int) -> Any:
-    """median(column 0) / median(column 1) along the sample axis (paired rows)."""
-    import numpy as np
-
-    return np.median(x[..., 0], axis=axis) / np.median(x[..., 1], axis=axis)
+def _keys(df) -> list[str]:
+    """The columns that name one source question: (seed, question) when the table has seeds."""
+    return ["seed", "question"] if "seed" in df.columns else ["question"]
 
 
-def regime_summary(df, *, baseline: str = "pos_only"):
-    """Per condition (in map order) and rule: n_questions, median Δ with its 95% bootstrap interval
-    over questions, the ratio median Δ_rule / median Δ_baseline on the same questions with its
-    interval (questions resampled in pairs), frac_delta_le_0, lld_rate, the share of wrong tokens
-    the rule spares (NTHR, Random) and the median resemblance (gwhes, shared_prefix)."""
-    import pandas as pd
+def _strata(table) -> Any:
+    """The seed of each row of a (seed, question)-indexed table, or None with one seed."""
+    if "seed" not in (table.index.names or []):
+        return None
+    seeds = table.index.get_level_values("seed").to_numpy()
+    return seeds if len(set(seeds.tolist())) > 1 else None
 
-    from nthr_book.experiments import bootstrap_interval
 
+def _paired(part, method: str, baseline: str):
+    """(question × [method, baseline]) Δ on the questions measured for both, indexed by _keys."""
+    wide = part.pivot_table(index=_keys(part), columns="method", values="delta", aggfunc="first")
+    if method not in wide or baseline not in wide:
+        return wide.iloc[:0, :0]
+    return wide[[method, baseline]].dropna()
+
+
+def _lld_counts(rule) -> Any:
+    """(questions, 2): per question, its correct answers whose Δ ≤ 0, and its correct answers."""
+    lists = rule["per_response_delta"].map(lambda v: np.asarray(v, dtype=np.float64))
+    return np.stack([lists.map(lambda v: float((v <= 0).sum())), lists.map(len)], 1).astype(float)
+
+
+def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
+    """Per condition (in map order) and rule, on the questions of that condition (the common ones
+    when the map was measured with ``common=True``):
+
+    - ``n_questions``, ``mean_group_size`` and the median Δ with its bootstrap interval;
+    - the paired test against ``baseline``: ``diff_mean`` = mean over questions of
+      Δ_rule − Δ_baseline with its 95% interval (``diff_low``, ``diff_high``: a bootstrap that
+      resamples source questions within seeds) and ``diff_resolved``; ``frac_below`` the share of
+      questions where Δ_rule < Δ_baseline;
+    - ``ratio_to_<baseline>`` = median Δ_rule / median Δ_baseline on the same questions with its
+      interval: a description, not the test;
+    - the paper's LLD measure: ``lld_rate``, the share of correct answers with Δ ≤ 0, with its
+      interval (``lld_low``, ``lld_high``: questions resampled, their answers kept together), and
+      ``frac_delta_le_0`` of questions;
+    - ``delta_per_step``: the median of Δ / (lr · grad_norm), the rise per unit of step length,
+      which compares rules whose steps differ in size;
+    - the share of wrong tokens the rule spares (NTHR, Random) and the median resemblance (gwhes,
+      shared_prefix).
+    """
     rows = []
     for condition in pd.unique(df["negatives"]):
         part = df[df["negatives"] == condition]
-        wide = part.pivot_table(index="question", columns="method", values="delta", aggfunc="first")
         for method in pd.unique(part["method"]):
-            rule = part[part["method"] == method]
-            median, low, high = bootstrap_interval(rule["delta"].to_numpy())
+            rule = part[part["method"] == method].set_index(_keys(part), drop=False)
+            strata = _strata(rule)
+            median, low, high = bootstrap_interval(rule["delta"].to_numpy(), strata=strata)
+            lld, lld_low, lld_high = bootstrap_interval(
+                _lld_counts(rule), ratio_of_sums, strata=strata, n_boot=n_boot
+            )
             row = {
                 "negatives": condition,
                 "fraction": rule["fraction"].iloc[0],
                 "method": method,
                 "n_questions": len(rule),
+                "mean_group_size": float(rule["group_size"].mean()),
                 "median_delta": median,
                 "median_low": low,
                 "median_high": high,
-                "mean_group_size": float(rule["group_size"].mean()),  # < G: slots left unfilled
                 "frac_delta_le_0": float((rule["delta"] <= 0).mean()),
-                "lld_rate": lld.lld_rate(rule["per_response_delta"]),
+                "lld_rate": lld,
+                "lld_low": lld_low,
+                "lld_high": lld_high,
                 "spared_share": float(rule["n_selected"].sum() / rule["n_incorrect_tokens"].sum())
                 if rule["n_selected"].notna().all()
                 else math.nan,
                 "gwhes": float(rule["gwhes"].median()),
                 "shared_prefix": float(rule["shared_prefix"].median()),
             }
-            ratio = (math.nan,) * 3
-            if baseline in wide.columns:
-                pairs = wide[[method, baseline]].dropna().to_numpy()
-                if len(pairs):
-                    ratio = bootstrap_interval(pairs, _ratio_of_medians)
-            row |= dict(zip(("ratio_to_" + baseline, "ratio_low", "ratio_high"), ratio))
+            if "grad_norm" in rule and "lr" in rule:
+                row["delta_per_step"] = float(
+                    np.median(rule["delta"] / (rule["lr"] * rule["grad_norm"]))
+                )
+            pairs = _paired(part, method, baseline) if method != baseline else []
+            d = ratio = (math.nan,) * 3
+            below = math.nan
+            if len(pairs):
+                diff = (pairs[method] - pairs[baseline]).to_numpy()
+                d = bootstrap_interval(diff, mean, strata=_strata(pairs), n_boot=n_boot)
+                ratio = bootstrap_interval(
+                    pairs.to_numpy(), ratio_of_medians, strata=_strata(pairs), n_boot=n_boot
+                )
+                below = float((diff < 0).mean())
+            row |= {
+                "diff_mean": d[0],
+                "diff_low": d[1],
+                "diff_high": d[2],
+                "diff_resolved": resolved(d[1], d[2]),
+                "frac_below": below,
+                f"ratio_to_{baseline}": 1.0 if method == baseline else ratio[0],
+                "ratio_low": ratio[1],
+                "ratio_high": ratio[2],
+            }
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def spearman(x: Any, axis: int) -> Any:
-    """Spearman's rank correlation of the two columns of (..., n, 2) paired values along the sample
-    ``axis`` (-2 or its positive index): the Pearson correlation of their average ranks (ties, as
-    in a bootstrap resample, share the mean of their ranks)."""
-    import numpy as np
+def regime_shift(
+    df,
+    *,
+    method: str = "grpo",
+    baseline: str = "pos_only",
+    reference: str | None = None,
+    n_boot: int = 2000,
+):
+    """Does ``method``'s position relative to ``baseline`` fall along the map, question by question?
 
-    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -2)  # (..., n, 2)
-    below = (x[..., None, :, :] < x[..., :, None, :]).sum(-2)  # (..., n, 2) values below each
-    equal = (x[..., None, :, :] == x[..., :, None, :]).sum(-2)  # (..., n, 2) itself included
-    ranks = below + (equal + 1) / 2  # (..., n, 2) average 1-based ranks
-    ranks = ranks - ranks.mean(-2, keepdims=True)
-    cov = (ranks[..., 0] * ranks[..., 1]).sum(-1)
-    return cov / np.sqrt((ranks[..., 0] ** 2).sum(-1) * (ranks[..., 1] ** 2).sum(-1))
+    Per question, gap_c = Δ_method − Δ_baseline in column c; for each column other than
+    ``reference`` (default: the map's first, the natural samples), the mean over the questions
+    measured in both of gap_c − gap_reference, with a 95% bootstrap interval over source questions
+    within seeds and ``resolved``, and ``frac_fell``, the share of those questions whose gap fell.
+    A resolved negative shift says the same questions' negative gradient costs their right answers
+    more once the wrong answers resemble them. One row per column.
+    """
+    conditions = list(pd.unique(df["negatives"]))
+    reference = reference or conditions[0]
+    if reference not in conditions:
+        raise ValueError(f"reference={reference!r} is not a column of the map: {conditions}")
+    gaps = {}
+    for c in conditions:
+        pairs = _paired(df[df["negatives"] == c], method, baseline)
+        gaps[c] = pairs[method] - pairs[baseline]
+    rows = []
+    for c in conditions:
+        if c == reference:
+            continue
+        both = pd.concat({"c": gaps[c], "ref": gaps[reference]}, axis=1).dropna()
+        shift = both["c"] - both["ref"]
+        est = (
+            bootstrap_interval(shift.to_numpy(), mean, strata=_strata(both), n_boot=n_boot)
+            if len(shift)
+            else (math.nan,) * 3
+        )
+        rows.append(
+            {
+                "negatives": c,
+                "reference": reference,
+                "method": method,
+                "baseline": baseline,
+                "n_questions": len(shift),
+                "shift_mean": est[0],
+                "shift_low": est[1],
+                "shift_high": est[2],
+                "resolved": resolved(est[1], est[2]),
+                "frac_fell": float((shift < 0).mean()) if len(shift) else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
-def gwhes_ranking(df, *, k: int | None = None, n_boot: int = 2000, seed: int = 0) -> dict:
+def gwhes_ranking(
+    df, *, condition: str | None = None, k: int | None = None, n_boot: int = 2000, seed: int = 0
+) -> dict:
     """The paper's Table 1 on the map's groups: does GWHES rank the lazy groups first?
 
-    Each (condition, question) is one group; its laziness is Δ_PosOnly − Δ_GRPO (how much the
-    negative gradient cost the correct answers). Returns n_groups, k (default n // 3), the top-k
-    overlap of the GWHES and laziness rankings against a random ranking's k/n, and Spearman's rank
-    correlation of GWHES with Δ_GRPO − Δ_PosOnly with a 95% bootstrap interval over groups (the
+    ``condition`` restricts it to one column (the sound reading: across columns the ranking mostly
+    separates the columns, not the questions); None ranks every (column, question) group. Each
+    group's laziness is Δ_PosOnly − Δ_GRPO (how much the negative gradient cost the correct
+    answers). Returns the condition, n_groups, k (default n // 3), the top-k overlap of the GWHES
+    and laziness rankings against a random ranking's k/n, and Spearman's rank correlation of GWHES
+    with Δ_GRPO − Δ_PosOnly with a 95% bootstrap interval over source questions within seeds (the
     theory predicts it negative: more resemblance, a smaller GRPO rise).
     """
-    import numpy as np
-
-    from nthr_book.experiments import bootstrap_interval
-    from nthr_book.similarity import random_topk_overlap_expectation, topk_overlap
-
-    wide = df.pivot_table(
-        index=["negatives", "question"], columns="method", values="delta", aggfunc="first"
-    )
-    gw = df.groupby(["negatives", "question"])["gwhes"].first()
+    if condition is not None:
+        if condition not in set(df["negatives"]):
+            raise ValueError(f"condition={condition!r} is not a column of the map")
+        df = df[df["negatives"] == condition]
+    index = ["negatives", *_keys(df)]
+    wide = df.pivot_table(index=index, columns="method", values="delta", aggfunc="first")
+    gw = df.groupby(index)["gwhes"].first()
     table = wide.join(gw).dropna(subset=["grpo", "pos_only", "gwhes"])
     gap = (table["grpo"] - table["pos_only"]).to_numpy()  # Δ_GRPO − Δ_PosOnly per group
     score = table["gwhes"].to_numpy()
     n = len(table)
     k = k or max(1, n // 3)
-
-    rho, low, high = bootstrap_interval(
-        np.stack([score, gap], 1), spearman, n_boot=n_boot, seed=seed
+    rho, low, high = (
+        bootstrap_interval(
+            np.stack([score, gap], 1), spearman, strata=_strata(table), n_boot=n_boot, seed=seed
+        )
+        if n
+        else (math.nan,) * 3
     )
     return {
+        "condition": condition,
         "n_groups": n,
         "k": k,
         "topk_overlap": topk_overlap(score.tolist(), (-gap).tolist(), k) if n else math.nan,

@@ -54,6 +54,7 @@ __all__ = [
     "MAX_BRACE_DEPTH",
     "MAX_TAIL_CHARS",
     "WORKER_MEMORY_BYTES",
+    "boxed_span",
     "extract_boxed",
     "is_correct",
     "math_reward",
@@ -90,9 +91,9 @@ _BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped char (\{, \},
 _SINGLE_TOKEN_RE = re.compile(r"\\[A-Za-z]+|[^\s${}\\]+")  # the argument of `\boxed 5`
 
 
-def _balanced_group(text: str, open_pos: int, limit: int | None) -> tuple[str | None, bool]:
-    """Content of the brace group opening at ``open_pos``; (None, too_long) when unbalanced or
-    over limit."""
+def _balanced_group(text: str, open_pos: int, limit: int | None) -> tuple[tuple | None, bool]:
+    """((start, end) of the content of the brace group opening at ``open_pos``, too_long); the span
+    is None when the group is unbalanced or over limit."""
     depth = 0
     stop = len(text) if limit is None else min(len(text), open_pos + limit + 2)
     for m in _BRACE_TOKEN_RE.finditer(text, open_pos, stop):
@@ -102,7 +103,7 @@ def _balanced_group(text: str, open_pos: int, limit: int | None) -> tuple[str | 
         elif tok == "}":
             depth -= 1
             if depth == 0:
-                return text[open_pos + 1 : m.start()], False
+                return (open_pos + 1, m.start()), False
     return None, stop < len(text)
 
 
@@ -118,9 +119,9 @@ def _brace_depth(text: str) -> int:
     return deepest
 
 
-def _extract_boxed(text: str, limit: int | None) -> tuple[str | None, bool]:
-    """Last boxed content and whether the scan stopped at ``limit`` characters (see
-    extract_boxed)."""
+def _boxed_span(text: str, limit: int | None) -> tuple[tuple[int, int] | None, bool]:
+    """((start, end) of the last boxed content in ``text``, or None; whether the scan stopped at
+    ``limit`` characters). See extract_boxed."""
     n = len(text)
     end = n
     # last start of each command in text[:end]; each is searched again only after being consumed,
@@ -147,9 +148,24 @@ def _extract_boxed(text: str, limit: int | None) -> tuple[str | None, bool]:
                 if not token.startswith("\\"):
                     token = token.rstrip(".,;:")
                 if token:
-                    return token, False
+                    return (k, k + len(token)), False
         end = i
         pos[cmd] = text.rfind(cmd, 0, end)
+
+
+def _extract_boxed(text: str, limit: int | None) -> tuple[str | None, bool]:
+    """Last boxed content and whether the scan stopped at ``limit`` characters (see
+    extract_boxed)."""
+    span, too_long = _boxed_span(text, limit)
+    return (None if span is None else text[span[0] : span[1]]), too_long
+
+
+def boxed_span(text: str) -> tuple[int, int] | None:
+    """(start, end) of the content of the last ``\\boxed{...}``/``\\fbox{...}`` (or ``\\boxed 5``)
+    in ``text``: the characters the reward grades; None if absent/unbalanced."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return _boxed_span(text, None)[0]
 
 
 def extract_boxed(text: str) -> str | None:

@@ -782,12 +782,11 @@ class GRPOTrainer:
                 out.append(group.rollouts)
                 continue
             n_wrong += G - group.n_correct
-            if cfg.negatives == "near_miss":
-                try:
-                    new = _groups.near_miss_group(group, self.tokenizer)
-                    n_replaced += G - group.n_correct
-                except ValueError:  # a correct answer without a number to change: keep the group
-                    new = group
+            if cfg.negatives == "near_miss":  # a group no copy of which grades wrong is kept
+                new = _groups.near_miss_group(
+                    group, self.tokenizer, reward_fn=self.reward_fn, keep_unfilled=True
+                )
+                n_replaced += len(new.rollouts.meta.get("near_miss", {}).get("rows", []))
             else:
                 new = _groups.branched_group(
                     group,

@@ -25,7 +25,8 @@ import sys
 
 import pandas as pd
 
-from nthr_book.experiments import paired_differences, run_experiment, summarize
+from nthr_book.experiments import run_experiment, summarize
+from nthr_book.stats import paired_differences
 from nthr_book.trainer import NEGATIVES, TrainConfig
 
 

@@ -23,8 +23,12 @@ over all seeds), ``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: th
 where its Δ beats GRPO's, and the median difference) and ``settings.json`` (arguments and versions).
 With ``--map N``: ``map-seed<k>.jsonl`` (the regime map of the seed's first N mixed questions by
 id: GRPO, Pos Only, NTHR and Random on branched and near-miss negatives; reused on a rerun),
-``map_summary.csv`` (``regime.regime_summary`` over all seeds) and ``map_ranking.json`` (the paper's
-Table 1 on the map's groups, ``regime.gwhes_ranking``).
+``map_summary.csv`` (``regime.regime_summary`` over all seeds: on the questions and wrong slots
+filled in every column, each rule's Δ paired with Pos Only's per question, with bootstrap intervals
+over questions within seeds), ``map_shift.csv`` (``regime.regime_shift``: the same questions' GRPO − Pos
+Only gap in each column against the natural one) and ``map_ranking.json`` (the paper's Table 1
+within the natural column, ``regime.gwhes_ranking``). ``--no-sweep`` skips Δ(x) on every mixed
+question and measures the map alone.
 """
 
 from __future__ import annotations
@@ -94,6 +98,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the regime map on the first N mixed questions of each seed (0: no)",
     )
     p.add_argument(
+        "--max-tries",
+        type=int,
+        default=4,
+        help="sampling rounds per wrong slot of a branched column (the map fills more questions "
+        "with more)",
+    )
+    p.add_argument(
+        "--no-sweep",
+        dest="sweep",
+        action="store_false",
+        help="with --map: sample the groups but skip Δ(x) on every mixed question (the map "
+        "measures its own)",
+    )
+    p.add_argument(
         "--fractions",
         type=float,
         nargs="+",
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             continue
         env.set_seed(seed)
         problems = data.arithmetic_problems(args.n_questions, seed=seed)
+        if not args.sweep:  # the map's groups only
+            _sample_groups(args, out, seed, model, tokenizer, problems)
+            continue
         df = lld.lld_experiment(
             model,
             tokenizer,
@@ -153,6 +174,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         atomic_write_text(csv, df.to_csv(index=False))
         tables.append(df)
     maps = [_seed_map(args, out, seed, model, tokenizer) for seed in args.seeds] if args.map else []
+    if maps:
+        _report_map(args, out, pd.concat(maps, ignore_index=True))
+    if not args.sweep:
+        print(f"wrote {out}")
+        return pd.DataFrame()
     table = pd.concat(tables, ignore_index=True)
     if table.empty:
         raise SystemExit(
@@ -174,17 +200,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"all seeds {args.seeds}:\n{summary.round(4).to_string()}\n")
         if paired is not None:
             print(f"paired with GRPO on the same questions:\n{paired.round(4).to_string()}")
-    if maps:
-        both = pd.concat(maps, ignore_index=True)
-        map_summary = regime.regime_summary(both)
-        ranking = regime.gwhes_ranking(both)
-        atomic_write_text(out / "map_summary.csv", map_summary.to_csv(index=False))
-        write_json(out / "map_ranking.json", ranking)
-        with pd.option_context("display.width", 160):
-            shown = ["negatives", "method", "n_questions", "median_delta", "ratio_to_pos_only"]
-            shown += ["ratio_low", "ratio_high", "lld_rate", "spared_share", "shared_prefix"]
-            print(f"regime map, seeds {args.seeds}:\n{map_summary[shown].round(4).to_string()}")
-            print(f"GWHES ranking (Table 1) on the map's groups: {ranking}")
     print(f"wrote {out}")
     return summary
 
@@ -211,9 +226,63 @@ def _seed_map(args, out: Path, seed: int, model, tokenizer) -> pd.DataFrame:
         beta=args.beta,
         eta=args.eta,
         require_boxed=args.require_boxed,
+        max_tries=args.max_tries,
         path=out / f"map-seed{seed}.jsonl",
     )
+    print(
+        f"seed {seed}: questions per column {df.attrs['held']}, common to all "
+        f"{df.attrs['n_common']}"
+    )
     return df.assign(question=f"s{seed}/" + df["question"], seed=seed)
+
+
+def _sample_groups(args, out: Path, seed: int, model, tokenizer, problems) -> None:
+    """The seed's groups at ``groups-seed<k>.pt``, sampled once (the map reads them)."""
+    from nthr_book.groups import load_or_sample_groups
+
+    load_or_sample_groups(
+        out / f"groups-seed{seed}.pt",
+        model,
+        tokenizer,
+        problems,
+        group_size=args.group_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=seed,
+        template=args.template,
+        require_boxed=args.require_boxed,
+    )
+
+
+def _report_map(args, out: Path, both: pd.DataFrame) -> None:
+    """The map's paired statistics over all seeds, saved and printed with their verdicts."""
+    from nthr_book.stats import verdict
+
+    summary = regime.regime_summary(both)
+    shift = regime.regime_shift(both)
+    natural = regime.condition_label(0.0)
+    ranking = regime.gwhes_ranking(
+        both, condition=natural if natural in set(both["negatives"]) else None
+    )
+    atomic_write_text(out / "map_summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out / "map_shift.csv", shift.to_csv(index=False))
+    write_json(out / "map_ranking.json", ranking)
+    with pd.option_context("display.width", 200):
+        shown = ["negatives", "method", "n_questions", "median_delta", "diff_mean", "diff_low"]
+        shown += ["diff_high", "frac_below", "ratio_to_pos_only", "lld_rate", "lld_low"]
+        shown += ["lld_high", "spared_share", "shared_prefix"]
+        print(f"regime map, seeds {args.seeds}:\n{summary[shown].round(4).to_string()}")
+    print("\nΔ_rule − Δ_PosOnly per question (mean, 95% bootstrap over questions within seeds):")
+    for row in summary[summary.method != "pos_only"].itertuples():
+        print(
+            f"  {row.negatives:>10} {row.method:>8}: "
+            + verdict(row.diff_mean, row.diff_low, row.diff_high, digits=4)
+        )
+    print(f"\nthe same questions' GRPO − Pos Only gap against {natural} (within-question):")
+    for row in shift.itertuples():
+        text = verdict(row.shift_mean, row.shift_low, row.shift_high, digits=4)
+        print(f"  {row.negatives:>10}: {text}; fell on {row.frac_fell:.0%} of {row.n_questions}")
+    print(f"\nGWHES ranking (Table 1) within {ranking['condition']}: {ranking}")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ from nthr_book.evaluate import (
     EvalResult,
     evaluate,
     evaluate_suite,
-    normal_interval,
     results_table,
-    wilson_interval,
 )
 from nthr_book.io import read_jsonl
 from nthr_book.models import load_policy
+from nthr_book.stats import normal_interval, wilson_interval
 
 TOKENS = 8  # max_new_tokens for the tiny model
 
@@ -80,60 +79,6 @@ def counting_generate(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Intervals
-# ---------------------------------------------------------------------------------------------
-
-
-def wilson_by_roots(k: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson endpoints as the roots in p of (k/n - p)^2 = z^2 p (1 - p) / n."""
-    ph = k / n
-    a = 1 + z * z / n
-    b = -(2 * ph + z * z / n)
-    c = ph * ph
-    roots = np.sort(np.roots([a, b, c]).real)
-    return float(roots[0]), float(roots[1])
-
-
-def test_wilson_hand_values():
-    # 2/5: p=0.4, centre (0.4 + 0.38416)/1.76832, half 1.96/1.76832 * sqrt(0.048 + 0.038416)
-    centre = (0.4 + 1.96**2 / 10) / (1 + 1.96**2 / 5)
-    half = 1.96 / (1 + 1.96**2 / 5) * math.sqrt(0.4 * 0.6 / 5 + 1.96**2 / 100)
-    assert wilson_interval(2, 5) == pytest.approx((centre - half, centre + half), abs=1e-12)
-    assert wilson_interval(2, 5) == pytest.approx((0.1176, 0.7693), abs=1e-4)
-    # 0/10: upper bound z^2/n / (1 + z^2/n)
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.38416 / 1.38416), abs=1e-12)
-    assert wilson_interval(10, 10) == pytest.approx((1 - 0.38416 / 1.38416, 1.0), abs=1e-12)
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-
-
-@pytest.mark.parametrize(
-    "k,n,z", [(0, 1, 1.96), (1, 3, 1.96), (7, 30, 1.96), (13, 40, 2.576), (250, 500, 1.0)]
-)
-def test_wilson_matches_quadratic_roots(k, n, z):
-    assert wilson_interval(k, n, z) == pytest.approx(wilson_by_roots(k, n, z), abs=1e-9)
-
-
-def test_wilson_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="n must be"):
-        wilson_interval(0, 0)
-    with pytest.raises(ValueError, match="k must be"):
-        wilson_interval(6, 5)
-    with pytest.raises(TypeError):
-        wilson_interval(1.5, 5)
-
-
-def test_normal_interval_hand_values():
-    # per-problem means 0.5, 0.5, 0, 0, 0: mean 0.2, sd sqrt(0.3/4), half 1.96*sd/sqrt(5); low
-    # clipped at 0
-    half = 1.96 * math.sqrt(0.075) / math.sqrt(5)
-    assert normal_interval([0.5, 0.5, 0, 0, 0]) == pytest.approx((0.0, 0.2 + half), abs=1e-12)
-    assert normal_interval([0.25, 0.75]) == pytest.approx(
-        (0.5 - 1.96 * math.sqrt(0.125 / 2), 0.5 + 1.96 * math.sqrt(0.125 / 2)), abs=1e-12
-    )
-    assert normal_interval([0.5]) == (0.0, 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluate: accuracy, records
 # ---------------------------------------------------------------------------------------------
 
 

@@ -192,8 +192,74 @@ def test_near_miss_group_on_token_ids_shares_every_other_token_and_keeps_truncat
         question_id="z",
         answer="19",
     )
-    with pytest.raises(ValueError, match="'z'.*no number"):
-        near_miss_group(no_number, tok)
+    assert near_miss_group(no_number, tok) is None  # no copy to make: the slot is unfilled
+    assert near_miss_group(no_number, tok, keep_unfilled=True) is no_number  # the trainer's mode
+
+
+@pytest.mark.parametrize(
+    "text,gold,expected",
+    [
+        # a number after the box: the grader reads the box, so the box's number changes
+        ("so \\boxed{7}. Question 2: what is 5+1", "7", "so \\boxed{8}. Question 2: what is 5+1"),
+        # two boxes: the last one is graded
+        ("\\boxed{3} or rather \\boxed{7} then 9", "7", "\\boxed{3} or rather \\boxed{8} then 9"),
+        # a box with an expression: its last number
+        ("\\boxed{2 \\times 7 = 14} ok 1", "14", "\\boxed{2 \\times 7 = 15} ok 1"),
+        # no box: the last number of the text (what the unboxed reward reads)
+        ("it is 7 apples, 3 left", "3", "it is 7 apples, 4 left"),
+    ],
+)
+def test_near_miss_text_changes_the_number_the_grader_reads(text, gold, expected):
+    assert near_miss_text(text, gold) == expected
+    boxed = "boxed" in text
+    grade = lambda t: rewards_mod.math_rewards([t], [gold], require_boxed=boxed)  # noqa: E731
+    assert grade(text) == [1.0] and grade(expected) == [0.0]  # right becomes wrong
+
+
+def test_near_miss_text_refuses_a_box_without_a_number():
+    # the box is graded; changing the 5 outside it would leave the grade as it was
+    with pytest.raises(ValueError, match="no graded number"):
+        near_miss_text("5 apples: \\boxed{x}", "x")
+
+
+def test_near_miss_group_regrades_copies_and_takes_another_source():
+    """A copy that still grades right is never used: its slot takes the next correct answer whose
+    copy grades wrong; with none, the group cannot be built (None)."""
+    tok = load_tokenizer()
+    texts = [
+        "\\boxed{5}. Then 5+1",  # correct; its copy is "\\boxed{6}. Then 5+1": wrong
+        "no",
+        "5",  # correct without a box (graded with require_boxed=False); its copy is "6": wrong
+        "x",
+    ]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros((4, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    g = Group.from_tensors(
+        torch.tensor([5]), ids, mask, [1.0, 0.0, 1.0, 0.0], question_id="q", answer="5", texts=texts
+    )
+    calls = []
+
+    def reward_fn(completions, answers):  # right iff the text is the source's copy of row 0
+        calls.append(list(completions))
+        return [float(c == "\\boxed{6}. Then 5+1") for c in completions]
+
+    near = near_miss_group(g, tok, reward_fn=reward_fn)
+    assert calls == [["\\boxed{6}. Then 5+1", "6"]]  # every copy graded once, in one call
+    # slot 0 (row 1) would copy row 0, whose copy grades right: it takes row 2's copy instead
+    assert near.rollouts.texts == ["\\boxed{5}. Then 5+1", "6", "5", "6"]
+    assert near.rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert near.rollouts.meta["near_miss"] == {
+        "rows": [1, 3],
+        "sources": [2, 2],
+        "unusable_sources": [0],
+    }
+    # the library's grader agrees that both copies are wrong (require_boxed=False reads "6")
+    assert rewards_mod.math_rewards(["6"] * 2, ["5"] * 2, require_boxed=False) == [0.0, 0.0]
+    assert near_miss_group(g, tok, reward_fn=lambda c, a: [1.0] * len(c)) is None
 
 
 def test_balanced_group_keeps_the_first_k_of_each_in_order():

@@ -566,6 +566,7 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(
     assert "4 questions" in capsys.readouterr().out
     assert list(df.columns) == list(lld.ROW_COLUMNS)
     assert len(df) == 2 * 4  # two mixed questions x four methods
+    assert (df["grad_norm"] > 0).all()  # every rule took a step of some length
     assert df["id"].tolist() == ["a"] * 4 + ["c"] * 4
     assert (
         df["method"].tolist() == ["random", "grpo", "pos_only", "nthr"] * 2
@@ -728,7 +729,11 @@ def test_question_displacement_row():
         "per_response_delta": [0.25],
         "n_selected": 3,
         "n_incorrect_tokens": 4,
+        "grad_norm": q.to_row()["grad_norm"],
     }
+    assert math.isnan(q.to_row()["grad_norm"])  # no update recorded: no step length
+    q.extras["grad_norm"] = [1.5, 0.5]  # per step: the row reports the first step's
+    assert q.to_row()["grad_norm"] == 1.5
 
 
 def test_lld_experiment_balance_uses_balanced_groups(tiny_policy, tmp_path, monkeypatch, capsys):

@@ -207,3 +207,121 @@ def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path):
     assert again.attrs["unfilled"] == first.attrs["unfilled"]
     with pytest.raises(ValueError, match="fractions"):
         regime.regime_map(model, tok, mixed, fractions=(0.25,), path=path, **kw)
+
+
+def test_regime_summary_paired_difference_by_hand():
+    s = regime.regime_summary(_map_table(), n_boot=4000).set_index(["negatives", "method"])
+    near = s.loc[("near-miss", "grpo")]
+    # Δ_GRPO − Δ_PosOnly on the near-miss questions: −0.1, −0.2, −0.35 → mean −0.65 / 3
+    diffs = [0.1 - 0.2, -0.1 - 0.1, 0.05 - 0.4]
+    assert near.diff_mean == pytest.approx(sum(diffs) / 3, abs=8 * EPS64)
+    # every resample of three negative differences is negative: resolved below 0
+    assert near.diff_high < 0 and near.diff_resolved and near.frac_below == 1.0
+    natural = s.loc[("f=0.00", "grpo")]  # +0.2, +0.1, +0.2: resolved above 0
+    assert natural.diff_low > 0 and natural.diff_resolved and natural.frac_below == 0.0
+    assert math.isnan(s.loc[("f=0.00", "pos_only")].diff_mean)  # the baseline is not tested
+    # the paper's LLD measure with its interval: 4 of 6 answers, resampled by question
+    assert near.lld_rate == 4 / 6 and 0 <= near.lld_low <= 4 / 6 <= near.lld_high <= 1
+
+
+def test_regime_summary_resamples_within_seeds():
+    """Two seeds' questions: seed 0's differences are all +1 and seed 1's all −1, three each.
+    Resampling within seeds keeps three of each in every resample (the mean is always 0), while
+    pooled resampling would scatter it."""
+    rows = []
+    for seed, sign in ((0, 1.0), (1, -1.0)):
+        for q in range(3):
+            for method, delta in (("grpo", 1.0 + sign), ("pos_only", 1.0)):
+                rows.append(
+                    {
+                        "seed": seed,
+                        "question": f"q{q}",
+                        "negatives": "f=0.00",
+                        "fraction": 0.0,
+                        "method": method,
+                        "delta": delta,
+                        "per_response_delta": [delta],
+                        "n_selected": None,
+                        "n_incorrect_tokens": 4,
+                        "group_size": 4,
+                        "gwhes": 0.0,
+                        "shared_prefix": 0.0,
+                    }
+                )
+    row = regime.regime_summary(pd.DataFrame(rows)).set_index("method").loc["grpo"]
+    assert row.n_questions == 6  # (seed, question) pairs: q0 of seed 0 is not q0 of seed 1
+    assert row.diff_mean == row.diff_low == row.diff_high == 0.0
+
+
+def test_regime_shift_by_hand():
+    out = regime.regime_shift(_map_table()).set_index("negatives").loc["near-miss"]
+    # per question, (Δ_GRPO − Δ_PosOnly) near-miss minus natural: −0.3, −0.3, −0.55
+    shifts = [(0.1 - 0.2) - (0.4 - 0.2), (-0.1 - 0.1) - (0.2 - 0.1), (0.05 - 0.4) - (0.6 - 0.4)]
+    assert out.reference == "f=0.00" and out.n_questions == 3
+    assert out.shift_mean == pytest.approx(sum(shifts) / 3, abs=16 * EPS64)
+    assert out.shift_high < 0 and out.resolved and out.frac_fell == 1.0
+    with pytest.raises(ValueError, match="reference"):
+        regime.regime_shift(_map_table(), reference="f=0.50")
+
+
+def test_gwhes_ranking_within_one_column():
+    out = regime.gwhes_ranking(_map_table(), condition="near-miss", k=1)
+    # near-miss: GWHES 5, 9, 7; laziness Δ_PosOnly − Δ_GRPO 0.1, 0.2, 0.35: top-1 9 vs 0.35
+    assert out["condition"] == "near-miss" and out["n_groups"] == 3
+    assert out["topk_overlap"] == 0.0 and out["random_overlap"] == 1 / 3
+    gap = [0.1 - 0.2, -0.1 - 0.1, 0.05 - 0.4]
+    rg, rs = np.array(_average_ranks(gap)), np.array(_average_ranks([5.0, 9.0, 7.0]))
+    rg, rs = rg - rg.mean(), rs - rs.mean()
+    rho = float((rg * rs).sum() / math.sqrt((rg**2).sum() * (rs**2).sum()))
+    assert out["spearman"] == pytest.approx(rho, abs=64 * EPS64 * 10)
+    with pytest.raises(ValueError, match="not a column"):
+        regime.gwhes_ranking(_map_table(), condition="f=0.50")
+
+
+def _slots_group(tok, question_id: str, texts: list[str], rewards: list[float], slots) -> Group:
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    g = Group.from_token_lists(
+        [5, 6],
+        ids,
+        rewards,
+        pad_id=tok.pad_token_id,
+        question_id=question_id,
+        answer="5",
+        texts=texts,
+    )
+    if slots is not None:
+        g.rollouts.meta = {"source_question_id": question_id.split("/")[0], "slot_rows": slots}
+    return g
+
+
+def test_common_columns_keep_the_questions_and_slots_filled_everywhere(tiny_policy):
+    """q0 sampled 2 right (rows 0, 2) and 3 wrong (rows 1, 3, 4); its f = 0.5 column filled only
+    slots 1 and 4 (row 3 dropped), so every column keeps rows {0, 1, 2, 4}: the same G and p. q1
+    could not be filled at f = 0.5 and leaves every column; q2 is in every column."""
+    _, tok = tiny_policy
+    natural = [
+        _slots_group(tok, "q0", ["a", "x", "b", "y", "z"], [1, 0, 1, 0, 0], None),
+        _slots_group(tok, "q1", ["a", "x"], [1, 0], None),
+        _slots_group(tok, "q2", ["a", "x"], [1, 0], None),
+    ]
+    half = [
+        _slots_group(tok, "q0/b", ["a", "x5", "b", "z5"], [1, 0, 1, 0], [0, 1, 2, 4]),
+        _slots_group(tok, "q2/b", ["a", "x5"], [1, 0], [0, 1]),
+    ]
+    near = [
+        _slots_group(tok, f"{g.question_id}/n", g.rollouts.texts, g.rewards.tolist(), None)
+        for g in natural
+    ]
+    for g in near:  # near-miss groups keep every slot of their source
+        g.rollouts.meta = {"source_question_id": g.question_id.split("/")[0]}
+    columns = {"f=0.00": natural, "f=0.50": half, "near-miss": near}
+    out, held = regime.common_columns(columns)
+    assert held == {"f=0.00": 3, "f=0.50": 2, "near-miss": 3}
+    for name, col in out.items():
+        assert [g.question_id.split("/")[0] for g in col] == ["q0", "q2"], name
+        q0 = col[0]
+        assert q0.group_size == 4 and q0.n_correct == 2, name
+    assert out["f=0.00"][0].rollouts.texts == ["a", "x", "b", "z"]  # row 3 ("y") left out
+    assert out["f=0.50"][0].rollouts.texts == ["a", "x5", "b", "z5"]
+    assert out["near-miss"][0].rollouts.meta["slot_rows"] == [0, 1, 2, 4]
+    assert out["f=0.50"][1] is half[1]  # nothing to restrict: the group itself

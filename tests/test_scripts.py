@@ -115,7 +115,9 @@ def test_lld_displacement_map_measures_the_first_mixed_questions_of_each_seed(
             for cond in ("f=0.00", "near-miss")
             for m, d in (("grpo", 0.1 * (i + 1)), ("pos_only", 0.2))
         ]
-        return pd.DataFrame(rows)
+        df = pd.DataFrame(rows)
+        df.attrs |= {"held": {"f=0.00": 2, "near-miss": 2}, "n_common": 2}
+        return df
 
     monkeypatch.setattr(script.regime, "regime_map", fake_map)
     args = ["--seeds", "0", "1", "--n-questions", "4", "--map", "2", "--out", str(tmp_path)]
@@ -130,7 +132,12 @@ def test_lld_displacement_map_measures_the_first_mixed_questions_of_each_seed(
     # a mean of two and a division of numbers below 1: a few roundings, 4·eps in all
     assert grpo.median_delta == pytest.approx(0.15, rel=0, abs=4 * 2.0**-52)
     assert grpo.ratio_to_pos_only == pytest.approx(0.75, rel=0, abs=4 * 2.0**-52)
-    assert json.loads((tmp_path / "map_ranking.json").read_text())["n_groups"] == 8
+    # Table 1 within the natural column: its 2 questions × 2 seeds
+    ranking = json.loads((tmp_path / "map_ranking.json").read_text())
+    assert ranking["condition"] == "f=0.00" and ranking["n_groups"] == 4
+    # the within-question shift: near-miss gaps equal the natural ones here, so 0 on 4 questions
+    shift = pd.read_csv(tmp_path / "map_shift.csv").iloc[0]
+    assert shift.negatives == "near-miss" and shift.n_questions == 4 and shift.shift_mean == 0
 
 
 def test_lld_displacement_rejects_bad_arguments():
