@@ -63,6 +63,8 @@ __all__ = [
     "lld_rate",
     "nthr_selection",
     "one_step_displacement",
+    "FirstOrderDisplacement",
+    "first_order_displacement",
     "paired_comparison",
     "question_seed",
     "release_snapshot",
@@ -406,6 +408,155 @@ def one_step_displacement(
         n_incorrect_tokens=int(((~correct)[:, None] & mask).sum()),
         logp_init=logp_init.cpu()[on].tolist(),
         extras=extras,
+    )
+
+
+@dataclass
+class FirstOrderDisplacement:
+    """Δ(x) to first order in the step (docs/method.md §2): what one SGD step of ``lr`` on a group's
+    loss L does to ln π of each correct answer, ⟨∇ ln π(y+_i), −lr ∇L⟩, split into the part the
+    correct answers' terms of L push (``right``) and the part the wrong answers' terms push
+    (``wrong``); the two add up to the prediction because L is linear in the advantages at the
+    first step (every ratio is 1). Pos Only's prediction is GRPO's ``right`` part."""
+
+    question_id: str
+    method: str
+    predicted: float  # mean over correct answers of right_i + wrong_i: the first-order Δ(x)
+    right: float  # mean over correct answers of the right answers' push
+    wrong: float  # mean over correct answers of the wrong answers' push
+    per_response_right: list[float]  # (N+,) in row order
+    per_response_wrong: list[float]  # (N+,)
+
+    def to_row(self) -> dict[str, Any]:
+        """One table row: id, method, predicted, right, wrong."""
+        return {
+            "id": self.question_id,
+            "method": self.method,
+            "predicted": self.predicted,
+            "right": self.right,
+            "wrong": self.wrong,
+        }
+
+
+def first_order_displacement(
+    model: nn.Module,
+    group: Group,
+    *,
+    update: str = "grpo",
+    lr: float,
+    beta: float = 1.0,
+    eta: float = 0.0,
+    seed: int = 0,
+    temperature: float = 1.0,
+    vocab: str = "generated",
+    selected: Tensor | None = None,
+    batch_size: int | None = None,
+    share_prompt: bool = True,
+) -> FirstOrderDisplacement:
+    """The first-order prediction of ``one_step_displacement`` (same rule, loss and lr, plain SGD):
+    for each correct answer i, Δ_i ≈ ⟨g_i, d⟩ with g_i = ∇ ln π(y+_i) and d = −lr ∇L the step.
+
+    With the token-mean loss at ratio 1, ∇L = −(1/Σ|y|) Σ_j A_j Σ_t ∇ ln π(y_{j,t}) (A_j the rule's
+    advantages, per token), so
+
+        Δ_i ≈ (lr / Σ|y|) Σ_j Σ_t A_{j,t} ⟨∇ ln π(y+_i), ∇ ln π(y_{j,t})⟩,
+
+    and the terms of the correct answers (A > 0 for GRPO) and of the wrong ones (A < 0) are kept
+    apart: the wrong answers lower y+_i exactly when their tokens' gradients point along y+_i's.
+    Computed with autograd: two backward passes give the two parts of d, one more per correct
+    answer gives g_i; inner products in float64. Weights, stored gradients and the RNG are left as
+    they were. Introduced in notebook 02.
+    """
+    rule, qid, settings = _check_displacement_args(
+        group, update, "sgd", vocab, 1, lr, None, selected, None, None, beta
+    )
+    device = _model_device(model)
+    r = group.rollouts.to(device)
+    mask, correct = r.completion_mask.bool(), group.correct.to(device)  # (G, T), (G,)
+    fwd = dict(temperature=temperature, batch_size=batch_size, share_prompt=share_prompt)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), eval_mode(model):
+        with torch.no_grad():
+            old_logps, hidden, entropy = _initial_pass(
+                model,
+                group,
+                None,
+                rule.needs_hidden and selected is None,
+                None,
+                rule.needs_entropy,
+                **fwd,
+            )
+            advantages, _ = _rule_advantages(
+                model,
+                group,
+                rule,
+                mask,
+                hidden,
+                selected,
+                entropy,
+                {},
+                beta=settings["nthr_beta"],
+                eta=eta,
+                vocab=vocab,
+                temperature=temperature,
+                seed=seed,
+                question_id=qid,
+                adv_std=settings["adv_std"],
+            )
+            del hidden, entropy
+        with _restored_weights(model) as params:
+            # 1. the step d = −lr ∇L, from the correct answers' terms and from the wrong ones'
+            steps = {}
+            for part, rows in (("right", correct), ("wrong", ~correct)):
+                for q in params:
+                    q.grad = None
+                _backward(
+                    model,
+                    r.prompt_ids,
+                    r.prompt_mask,
+                    r.completion_ids,
+                    mask,
+                    old_logps,
+                    advantages * rows[:, None],  # (G, T): the other answers' terms set to 0
+                    rule,
+                    settings,
+                    **fwd,
+                )
+                steps[part] = [
+                    None if q.grad is None else -lr * q.grad.detach().double() for q in params
+                ]
+            for q in params:
+                q.grad = None
+            # 2. g_i = ∇ ln π(y+_i) of each correct answer, and its inner product with each part
+            logps = grpo.group_token_logps(
+                model, r.prompt_ids, r.prompt_mask, r.completion_ids, mask, **fwd
+            )  # (G, T) with gradient
+            seq = grpo.sequence_logprob(logps, mask)  # (G,)
+            rows = correct.nonzero().flatten().tolist()
+            push = {"right": [], "wrong": []}
+            for k, i in enumerate(rows):
+                grads = torch.autograd.grad(
+                    seq[i], params, retain_graph=k + 1 < len(rows), allow_unused=True
+                )
+                for part, step in steps.items():
+                    push[part].append(
+                        float(
+                            sum(
+                                (g.double() * d).sum()
+                                for g, d in zip(grads, step)
+                                if g is not None and d is not None
+                            )
+                        )
+                    )
+    right, wrong = push["right"], push["wrong"]
+    return FirstOrderDisplacement(
+        question_id=qid,
+        method=update,
+        predicted=sum(a + b for a, b in zip(right, wrong)) / len(rows),
+        right=sum(right) / len(rows),
+        wrong=sum(wrong) / len(rows),
+        per_response_right=right,
+        per_response_wrong=wrong,
     )
 
 
