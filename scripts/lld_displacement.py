@@ -21,12 +21,12 @@ reused on a rerun), ``delta-seed<k>.csv`` (one row per question and method; a fi
 skipped on a rerun), ``summary.csv`` (per method: questions, median Δ, fraction Δ <= 0, LLD rate,
 over all seeds), ``summary_by_seed.csv``, ``paired_vs_grpo.csv`` (per method: the share of questions
 where its Δ beats GRPO's, and the median difference) and ``settings.json`` (arguments and versions).
-With ``--map N``: ``map-seed<k>.jsonl`` (the regime map of the seed's first N mixed questions by
-id: GRPO, Pos Only, NTHR and Random on branched and near-miss negatives; reused on a rerun),
+With ``--map N``: ``map-seed<k>.jsonl`` (the regime map of the seed's first N mixed questions by id:
+GRPO, Pos Only, NTHR and Random on branched and near-miss negatives; reused on a rerun),
 ``map_summary.csv`` (``regime.regime_summary`` over all seeds: on the questions and wrong slots
 filled in every column, each rule's Δ paired with Pos Only's per question, with bootstrap intervals
-over questions within seeds), ``map_shift.csv`` (``regime.regime_shift``: the same questions' GRPO − Pos
-Only gap in each column against the natural one) and ``map_ranking.json`` (the paper's Table 1
+over questions within seeds), ``map_shift.csv`` (``regime.regime_shift``: the same questions' GRPO −
+Pos Only gap in each column against the natural one) and ``map_ranking.json`` (the paper's Table 1
 within the natural column, ``regime.gwhes_ranking``). ``--no-sweep`` skips Δ(x) on every mixed
 question and measures the map alone.
 """

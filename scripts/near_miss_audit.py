@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="the notebooks' groups of these sizes (config.GroupsPreset), sampled if absent",
     )
     p.add_argument("--no-require-boxed", dest="require_boxed", action="store_false")
-    p.add_argument("--out", type=Path, default=None, help="CSV (default <runs>/near_miss_audit.csv)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="CSV (default <runs>/near_miss_audit.csv)"
+    )
     args = p.parse_args(argv)
     paths = list(args.paths)
     for name in args.preset:
