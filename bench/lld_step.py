@@ -3,7 +3,7 @@
 ``lld.one_step_displacement`` runs three passes over a group of G answers (the initial log-probs,
 the update's forward and backward, the new log-probs). With ``share_prompt`` each pass computes the
 group's prompt once (``grpo.shared_prompt_hidden``) instead of G times. This bench reuses (or
-samples and saves) the notebook series' groups (``config.GroupsPreset.ci()``: the arithmetic
+samples and saves) the notebook series' groups (``presets.GroupsPreset.ci()``: the arithmetic
 task's 161-token few-shot prompt, up to 48 new tokens), takes the first ``--questions`` mixed ones
 and times each measurement alternately with sharing on and off (``--repeats`` times, after
 ``--warmup`` untimed rounds), then prints the median seconds of each, their ratio, the share of
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from nthr_book.config import GroupsPreset
     from nthr_book.env import versions
     from nthr_book.groups import load_or_sample_groups
     from nthr_book.lld import one_step_displacement
     from nthr_book.models import load_policy
+    from nthr_book.presets import GroupsPreset
 
     if args.threads:
         torch.set_num_threads(args.threads)

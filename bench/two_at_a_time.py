@@ -4,7 +4,7 @@
 (``nthr_book.demo``). This bench checks that choice on the series' own work: a *workload* is Δ(x) of
 ``--questions`` mixed groups (``lld.one_step_displacement``, GRPO) plus sampling G answers of
 ``--tokens`` tokens for each (``model.generate``), on the groups notebooks 02-04 use
-(``config.GroupsPreset.ci()``). Side by side, in each round:
+(``presets.GroupsPreset.ci()``). Side by side, in each round:
 
 - one at a time: one process with every core runs the workload twice;
 - two at a time: two processes with half the cores each run it once, started together.
@@ -56,10 +56,10 @@ def worker(args: argparse.Namespace) -> None:
     ``--times`` times and print its seconds."""
     import torch
 
-    from nthr_book.config import GroupsPreset
     from nthr_book.groups import load_or_sample_groups
     from nthr_book.lld import one_step_displacement
     from nthr_book.models import load_policy
+    from nthr_book.presets import GroupsPreset
 
     preset = GroupsPreset.ci()
     model, tokenizer = load_policy(args.model, device="cpu")

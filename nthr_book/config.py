@@ -10,15 +10,16 @@ The switch is the environment variable ``NTHR_BOOK_SIZE``:
 
 Unset, the size follows the hardware: ``paper`` with CUDA, ``laptop`` without. The older switch
 ``NTHR_BOOK_FAST`` still works as an alias (``1`` is ``ci``, ``0`` is ``paper``) when
-``NTHR_BOOK_SIZE`` is unset. ``by_size`` picks a notebook's parameter for the current size and
-``GroupsPreset.current()`` holds the parameters notebooks 02-04 share.
+``NTHR_BOOK_SIZE`` is unset. ``by_size`` picks a notebook's parameter for the current size
+(``presets.GroupsPreset.current()`` holds the parameters notebooks 02-04 share).
+
+This is the bottom layer of the package: it imports nothing of nthr_book.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,113 +127,3 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(frozen=True)
-class GroupsPreset:
-    """The parameters notebooks 02-04 share: one policy, one set of sampled groups, one step size.
-
-    ``ci()`` and ``laptop()`` are the embedded model on the synthetic arithmetic task (16 and 72
-    questions), ``paper()`` the paper's Qwen2.5-0.5B-Instruct on MATH levels 3-5; ``current()``
-    follows ``run_size()``. The groups are saved once at ``groups_path``
-    (``groups.load_or_sample_groups``) and reused by all three notebooks; the regime map
-    (``regime.regime_map``, ``map_settings``) is saved at ``map_path`` by 02 and read by 03.
-    """
-
-    name: str  # the run size: part of the groups file's name
-    model: str  # the policy, a name for models.load_policy
-    template: str  # the prompt format of data.build_prompt
-    require_boxed: bool  # the reward counts only a \boxed{} answer
-    n_questions: int  # questions sampled into groups
-    max_new_tokens: int  # the longest response sampled
-    lr: float  # the step size of Δ(x)'s one plain SGD update
-    n_map: int = 2  # questions on the regime map (the first mixed ones by id)
-    # branching fractions f of the map: an arithmetic answer states its result about halfway, so
-    # beyond f = 0.5 the model's continuation is almost always right (the column cannot be filled)
-    map_fractions: tuple[float, ...] = (0.0, 0.25)
-    group_size: int = 8  # G, responses per question
-    temperature: float = 1.0  # sampling temperature; token log-probs and scores use the same
-    seed: int = 0  # sampling seed (and the experiment seed of Δ(x))
-
-    @classmethod
-    def ci(cls) -> GroupsPreset:
-        """SmolLM2-135M, 16 arithmetic questions (few-shot, boxed), 48 new tokens: the rehearsal."""
-        return cls("ci", "smollm2-135m", "arithmetic", True, 16, max_new_tokens=48, lr=5e-5)
-
-    @classmethod
-    def laptop(cls) -> GroupsPreset:
-        """The same model and task with 72 questions (about 40 mixed groups): minutes on a CPU."""
-        return cls(
-            "laptop",
-            "smollm2-135m",
-            "arithmetic",
-            True,
-            72,
-            max_new_tokens=48,
-            lr=5e-5,
-            n_map=4,
-            map_fractions=(0.0, 0.25, 0.5),
-        )
-
-    @classmethod
-    def paper(cls) -> GroupsPreset:
-        """Qwen2.5-0.5B-Instruct, 160 MATH500 questions of levels 3-5, 2500 new tokens (a GPU)."""
-        return cls(
-            "paper",
-            "Qwen/Qwen2.5-0.5B-Instruct",
-            "boxed",
-            True,
-            n_questions=160,
-            max_new_tokens=2500,
-            lr=1e-5,
-            n_map=40,
-            map_fractions=(0.0, 0.25, 0.5, 0.75, 0.9),
-        )
-
-    @classmethod
-    def current(cls) -> GroupsPreset:
-        """The preset of the current run size (``NTHR_BOOK_SIZE``)."""
-        return by_size(ci=cls.ci, laptop=cls.laptop, paper=cls.paper)()
-
-    @property
-    def groups_path(self) -> Path:
-        """Where the sampled groups are saved: ``<runs>/lld/groups-<name>-seed<seed>.pt``."""
-        return runs_dir() / "lld" / f"groups-{self.name}-seed{self.seed}.pt"
-
-    @property
-    def map_path(self) -> Path:
-        """Where the regime map is saved: ``<runs>/lld/map-<name>-seed<seed>.jsonl``."""
-        return runs_dir() / "lld" / f"map-{self.name}-seed{self.seed}.jsonl"
-
-    def map_settings(self) -> dict:
-        """The keyword arguments of ``regime.regime_map`` (notebooks 02 and 03 share them): the
-        rules, fractions, step size, sampling settings and NTHR's diagnostic β = 1, η = 0."""
-        from nthr_book.regime import MAP_METHODS
-
-        return {
-            "methods": MAP_METHODS,
-            "fractions": self.map_fractions,
-            "lr": self.lr,
-            "temperature": self.temperature,
-            "max_new_tokens": self.max_new_tokens,
-            "seed": self.seed,
-            "beta": 1.0,
-            "eta": 0.0,
-            "require_boxed": self.require_boxed,
-            "path": self.map_path,
-        }
-
-    def sampling(self) -> dict:
-        """The keyword arguments of ``groups.load_or_sample_groups`` and ``lld.lld_experiment``."""
-        from nthr_book.groups import SAMPLING_KEYS  # what a saved groups file must match
-
-        return {k: v for k, v in asdict(self).items() if k in SAMPLING_KEYS}
-
-    def problems(self) -> list[dict]:
-        """The questions: seeded arithmetic ones (fast) or the first MATH500 ones of levels 3-5."""
-        from nthr_book import data
-
-        if self.template == "arithmetic":
-            return data.arithmetic_problems(self.n_questions, seed=self.seed)
-        hard = [dict(row) for row in data.load_benchmark("math500") if row["level"] >= 3]
-        return hard[: self.n_questions]

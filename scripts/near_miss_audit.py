@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nthr_book import config, groups, models, rewards
+from nthr_book import config, groups, models, presets, rewards
 from nthr_book.io import atomic_write_text
 
 _OLD_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?!.*\d)", re.S)  # the first rule: the last number
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         nargs="*",
         default=[],
         choices=["ci", "laptop"],
-        help="the notebooks' groups of these sizes (config.GroupsPreset), sampled if absent",
+        help="the notebooks' groups of these sizes (presets.GroupsPreset), sampled if absent",
     )
     p.add_argument("--no-require-boxed", dest="require_boxed", action="store_false")
     p.add_argument(
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = p.parse_args(argv)
     paths = list(args.paths)
     for name in args.preset:
-        preset = getattr(config.GroupsPreset, name)()
+        preset = getattr(presets.GroupsPreset, name)()
         if not preset.groups_path.is_file():
             model, tokenizer = models.load_policy(preset.model)
             groups.load_or_sample_groups(

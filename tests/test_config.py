@@ -1,4 +1,5 @@
-"""Tests of nthr_book.config: the run-size switch and the preset notebooks 02-04 share."""
+"""Tests of nthr_book.config (the run-size switch) and nthr_book.presets (the preset notebooks 02-04
+share)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import inspect
 
 import pytest
 
-from nthr_book import config, groups, lld
+from nthr_book import config, groups, lld, presets
 
 
 def test_run_size_reads_the_switch_and_its_alias(monkeypatch):
@@ -14,7 +15,7 @@ def test_run_size_reads_the_switch_and_its_alias(monkeypatch):
     for size in config.RUN_SIZES:
         monkeypatch.setenv(config.SIZE_ENV, size)
         assert config.run_size() == size and config.fast_mode() == (size != "paper")
-        assert config.GroupsPreset.current().name == size
+        assert presets.GroupsPreset.current().name == size
         assert config.by_size(ci=1, laptop=2, paper=3) == config.RUN_SIZES.index(size) + 1
     monkeypatch.setenv(config.SIZE_ENV, "huge")
     with pytest.raises(ValueError, match="NTHR_BOOK_SIZE='huge'"):
@@ -22,7 +23,7 @@ def test_run_size_reads_the_switch_and_its_alias(monkeypatch):
     # NTHR_BOOK_FAST is the older switch: 1 is the ci size, 0 the paper size; SIZE wins over it
     monkeypatch.delenv(config.SIZE_ENV)
     monkeypatch.setenv(config.FAST_ENV, "1")
-    assert config.run_size() == "ci" and config.GroupsPreset.current() == config.GroupsPreset.ci()
+    assert config.run_size() == "ci" and presets.GroupsPreset.current() == presets.GroupsPreset.ci()
     monkeypatch.setenv(config.FAST_ENV, "0")
     assert config.run_size() == "paper" and not config.fast_mode()
     assert config.mode_name() == "paper (NTHR_BOOK_FAST=0)"
@@ -47,7 +48,7 @@ def test_announce_size_prints_the_cost_of_every_size(monkeypatch, capsys):
 
 def test_preset_sampling_is_what_the_groups_file_records(monkeypatch, tmp_path):
     monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
-    preset = config.GroupsPreset.ci()
+    preset = presets.GroupsPreset.ci()
     # every sampling setting a groups file must match, except the problem ids, comes from the preset
     assert set(preset.sampling()) == set(groups.SAMPLING_KEYS) - {"problem_ids"}
     for fn in (groups.load_or_sample_groups, lld.lld_experiment):
@@ -55,4 +56,4 @@ def test_preset_sampling_is_what_the_groups_file_records(monkeypatch, tmp_path):
     assert preset.groups_path == tmp_path / "lld" / "groups-ci-seed0.pt"
     problems = preset.problems()
     assert len(problems) == preset.n_questions == len({p["id"] for p in problems})
-    assert problems == config.GroupsPreset.ci().problems()  # seeded: the same questions every time
+    assert problems == presets.GroupsPreset.ci().problems()  # seeded: the same questions every time
