@@ -7,7 +7,9 @@ notebook shows them with ``IPython.display.HTML`` (``explorer_html`` builds the 
 picture from them). The module is long because it is a catalogue of independent, pure draw and
 render functions, one per figure, that share only the colours and the token-display helpers.
 
-- ``plot_displacement``       : the paper's Figure 1, per-question Δ ln π(y+|x) by update rule
+- ``plot_displacement``       : the paper's Figures 1 and 4, per-question Δ ln π(y+|x) by rule
+- ``plot_first_order``        : measured Δ(x) against its first-order prediction, and its two parts
+- ``plot_regime_map``, ``plot_regime_panels``: the regime map (one message per panel)
 - ``render_token_scores_html``: one response's tokens coloured by score, selected tokens outlined
 - ``render_group_html``       : incorrect and correct responses side by side (the paper's Figure 3)
 - ``token_influence_matrix``, ``plot_token_influence``: <g_t,g_k><h_t,h_k> between two responses
@@ -46,6 +48,8 @@ __all__ = [
     "method_label",
     "plot_benchmark_table",
     "plot_displacement",
+    "plot_first_order",
+    "plot_regime_panels",
     "plot_score_histogram",
     "plot_success_histogram",
     "plot_token_influence",
@@ -777,6 +781,122 @@ def plot_regime_map(
     ax.set_title(title or "The regime map: what the negative gradient costs as negatives near")
     _save(ax.figure, save)
     return ax
+
+
+def plot_first_order(
+    table: pd.DataFrame,
+    axes: Sequence[Axes] | None = None,
+    *,
+    title: str | None = None,
+    save: str | Path | None = None,
+) -> Sequence[Axes]:
+    """Δ(x) to first order (notebook 02, ``lld.first_order_displacement``), two panels: measured Δ
+    against the first-order prediction per question (one colour per kind of negatives, the line
+    y = x), and per kind the mean of the prediction's two parts (the right answers' push and the
+    wrong answers' push) as stacked bars.
+
+    ``table`` has one row per question: ``negatives`` (e.g. "f=0.00", "near-miss"), ``measured``,
+    ``predicted``, ``right`` and ``wrong``. The scatter of kind k is ``axes[0].collections[k]``; the
+    bars are ``axes[1].containers`` (right, then wrong).
+    """
+    _require_columns(table, ("negatives", "measured", "predicted", "right", "wrong"), "table")
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
+    kinds = list(dict.fromkeys(table["negatives"]))
+    ax = axes[0]
+    for j, kind in enumerate(kinds):
+        rows = table[table["negatives"] == kind]
+        ax.scatter(rows["predicted"], rows["measured"], s=18, color=_PALETTE[j], label=kind)
+    both = table[["predicted", "measured"]].to_numpy(dtype=float)
+    lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
+    ax.plot([lo, hi], [lo, hi], color="0.4", linewidth=0.8, linestyle="--")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("first-order prediction lr·⟨∇ln π(y+), −∇L⟩")
+    ax.set_ylabel(f"measured {DELTA_LABEL}")
+    ax.legend(fontsize=8, title="wrong answers")
+    means = table.groupby("negatives", sort=False)[["right", "wrong"]].mean().reindex(kinds)
+    x = np.arange(len(kinds))
+    bx = axes[1]
+    bx.bar(x, means["right"], color=_PALETTE[2], label="right answers' push")
+    bx.bar(x, means["wrong"], color=_PALETTE[3], label="wrong answers' push")
+    bx.axhline(0.0, color="black", linewidth=0.6)
+    bx.set_xticks(x, kinds)
+    bx.set_ylabel("mean predicted Δ (two parts)")
+    bx.legend(fontsize=8)
+    axes[0].set_title(title or "The first-order account of Δ(x)")
+    bx.set_title("where the prediction comes from")
+    _save(axes[0].figure, save)
+    return axes
+
+
+def plot_regime_panels(
+    summary: pd.DataFrame,
+    axes: Sequence[Axes] | None = None,
+    *,
+    rules_shown: Sequence[str] = ("nthr", "random"),
+    save: str | Path | None = None,
+) -> Sequence[Axes]:
+    """The regime map in three panels, one message each (notebooks 02, 03): (1) how much of a right
+    answer a wrong one repeats (median shared prefix); (2) GRPO − Pos Only per question, mean with
+    its 95% interval (below 0: the negative gradient costs the right answers part of their rise);
+    (3) the same for ``rules_shown`` (NTHR, Random), each minus Pos Only. Each panel's title states
+    what its numbers show: the columns whose interval lies wholly below (or above) 0.
+
+    ``summary`` is ``regime.regime_summary``'s table. The drawn values are ``axes[0].patches``
+    (heights) and ``axes[k].containers`` (error bars), in column order.
+    """
+    _require_columns(summary, ("negatives", "method", "diff_mean", "diff_low", "diff_high"))
+    conditions = list(dict.fromkeys(summary["negatives"]))
+    x = np.arange(len(conditions))
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    first = summary.drop_duplicates("negatives").set_index("negatives").reindex(conditions)
+    axes[0].bar(x, first["shared_prefix"], color="0.6")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_xticks(x, conditions, fontsize=8)
+    axes[0].set_ylabel("median shared prefix of a wrong answer")
+    axes[0].set_title("1. the wrong answers come to repeat the right ones", fontsize=9)
+
+    def draw(ax: Axes, methods: Sequence[str], caption: str) -> None:
+        below, above = [], []
+        for j, method in enumerate(methods):
+            rows = summary[summary["method"] == method].set_index("negatives").reindex(conditions)
+            y = rows["diff_mean"].to_numpy(dtype=float)
+            err = np.abs(np.vstack([y - rows["diff_low"], rows["diff_high"] - y]).astype(float))
+            ax.errorbar(
+                x + 0.08 * (j - (len(methods) - 1) / 2),
+                y,
+                yerr=err,
+                color=method_color(method, j),
+                marker="o",
+                capsize=3,
+                linestyle=_LINESTYLES[j % len(_LINESTYLES)],
+                label=method_label(method),
+            )
+            below += [
+                f"{method_label(method)} {c}"
+                for c, h in zip(conditions, rows["diff_high"])
+                if h < 0
+            ]
+            above += [
+                f"{method_label(method)} {c}"
+                for c, lo in zip(conditions, rows["diff_low"])
+                if lo > 0
+            ]
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, conditions, fontsize=8)
+        ax.set_ylabel(f"Δ − Δ {method_label('pos_only')} per question")
+        ax.legend(fontsize=8)
+        verdict = (f"below 0: {', '.join(below)}" if below else "no interval wholly below 0") + (
+            f"; above 0: {', '.join(above)}" if above else ""
+        )
+        ax.set_title(f"{caption}\n({verdict})", fontsize=9)
+
+    draw(axes[1], ["grpo"], "2. GRPO against Pos Only")
+    shown = [m for m in rules_shown if m in set(summary["method"])]
+    draw(axes[2], shown, "3. sparing tokens: NTHR and Random against Pos Only")
+    _save(axes[0].figure, save)
+    return axes
 
 
 def _per_step(

@@ -569,3 +569,44 @@ def test_no_plot_function_creates_a_figure_when_given_axes():
     viz.plot_displacement(_displacement_df(), ax=axs[3])
     viz.plot_token_influence(matrix=np.eye(2), ax=axs[4])
     assert plt.get_fignums() == before
+
+
+def test_plot_first_order_scatter_and_parts():
+    table = pd.DataFrame(
+        {
+            "negatives": ["f=0.00", "f=0.00", "near-miss", "near-miss"],
+            "measured": [0.02, 0.03, 0.001, -0.002],
+            "predicted": [0.021, 0.029, 0.002, -0.001],
+            "right": [0.01, 0.02, 0.02, 0.02],
+            "wrong": [0.011, 0.009, -0.018, -0.021],
+        }
+    )
+    axes = viz.plot_first_order(table)
+    natural, near = axes[0].collections[:2]
+    np.testing.assert_array_equal(near.get_offsets(), [[0.002, 0.001], [-0.001, -0.002]])
+    right, wrong = axes[1].containers
+    # mean parts per kind: natural (0.015, 0.01), near-miss (0.02, −0.0195); float64 means of two
+    np.testing.assert_allclose([b.get_height() for b in right], [0.015, 0.02], rtol=2 * EPS64)
+    np.testing.assert_allclose([b.get_height() for b in wrong], [0.01, -0.0195], rtol=2 * EPS64)
+    with pytest.raises(ValueError, match="predicted"):
+        viz.plot_first_order(table.drop(columns="predicted"))
+
+
+def test_plot_regime_panels_titles_state_what_the_intervals_show():
+    rows = []
+    for cond, prefix, diffs in (
+        ("f=0.00", 0.3, {"grpo": (0.01, 0.005, 0.02), "nthr": (0.012, 0.006, 0.02)}),
+        ("near-miss", 0.85, {"grpo": (-0.01, -0.02, -0.004), "nthr": (0.002, -0.001, 0.005)}),
+    ):
+        for method, (d, lo, hi) in diffs.items():
+            rows.append(
+                {"negatives": cond, "method": method, "shared_prefix": prefix, "diff_mean": d}
+                | {"diff_low": lo, "diff_high": hi}
+            )
+    axes = viz.plot_regime_panels(pd.DataFrame(rows), rules_shown=("nthr",))
+    assert [p.get_height() for p in axes[0].patches] == [0.3, 0.85]
+    title = axes[1].get_title()
+    assert "below 0: GRPO near-miss" in title and "above 0: GRPO f=0.00" in title
+    assert "no interval wholly below 0" in axes[2].get_title()
+    line = axes[1].containers[0].lines[0]
+    np.testing.assert_array_equal(line.get_ydata(), [0.01, -0.01])
