@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "with more)",
     )
     p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per generate call when sampling the groups (default: all at once; "
+        "lower it to bound memory: 96 questions x 8 answers at once take about 7 GB)",
+    )
+    p.add_argument(
         "--no-sweep",
         dest="sweep",
         action="store_false",
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             beta=args.beta,
             eta=args.eta,
             balance=args.balance,
+            batch_size=args.batch_size,
             groups_path=out / f"groups-seed{seed}.pt",
         )
         atomic_write_text(csv, df.to_csv(index=False))
@@ -251,6 +259,7 @@ def _sample_groups(args, out: Path, seed: int, model, tokenizer, problems) -> No
         seed=seed,
         template=args.template,
         require_boxed=args.require_boxed,
+        batch_size=args.batch_size,
     )
 
 
