@@ -125,12 +125,20 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, extra):
             raise KeyboardInterrupt
 
     cfg = tiny(tmp_path / "b", **extra)
+    ran: list[int] = []  # the steps each call executes
+    record = lambda step, row: ran.append(step)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, reward_fn=parity_reward, callbacks=[kill_at_step_2], progress=False)
-    resumed = train(cfg, reward_fn=parity_reward, resume=True, progress=False)
+        train(cfg, reward_fn=parity_reward, callbacks=[record, kill_at_step_2], progress=False)
+    assert ran == [0, 1, 2]
+    ran.clear()
+    resumed = train(cfg, reward_fn=parity_reward, resume=True, callbacks=[record], progress=False)
+    # the checkpoint of step 2 (checkpoint_every=2) is read: the resumed call runs steps 2 and 3
+    # only; a resume that restarted from step 0 would run all four, seeded the same way, and
+    # leave the same metrics and weights as the uninterrupted run
+    assert ran == [2, 3]
     a, b = read_metrics(full / "metrics.csv"), read_metrics(resumed / "metrics.csv")
     cols = [c for c in a.columns if not c.startswith("time_")]
-    pd.testing.assert_frame_equal(a[cols], b[cols])
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)  # the same run, bit for bit
     wa, wb = final_weights(full), final_weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -141,13 +149,25 @@ def final_weights(run):
     return load_file(run / "model" / "model.safetensors")
 
 
-def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
+def _no_trainer(*args, **kwargs):
+    raise AssertionError("a finished run is returned as it is: no GRPOTrainer, no model load")
+
+
+def test_finished_run_extends_only_with_its_checkpoint(tmp_path, monkeypatch):
     straight = train(tiny(tmp_path / "a"), reward_fn=parity_reward, progress=False)
     short = tiny(tmp_path / "b", steps=2, keep_checkpoint=True)
     train(short, reward_fn=parity_reward, progress=False)
     assert (short.run_dir() / "checkpoint.pt").exists()
-    extended = train(short.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
-    assert len(read_metrics(extended / "metrics.csv")) == 4
+    ran: list[int] = []
+    extended = train(
+        short.replace(steps=4),
+        reward_fn=parity_reward,
+        resume=True,
+        callbacks=[lambda step, row: ran.append(step)],
+        progress=False,
+    )
+    assert ran == [2, 3], "extending from the checkpoint of step 2 runs steps 2 and 3 only"
+    assert list(read_metrics(extended / "metrics.csv")["step"]) == [0, 1, 2, 3]
     wa, wb = final_weights(straight), final_weights(extended)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), (
         "2 + 2 steps from the checkpoint equal 4 straight steps"
@@ -155,7 +175,11 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
 
     dropped = tiny(tmp_path / "c", steps=2)
     train(dropped, reward_fn=parity_reward, progress=False)
-    assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == dropped.run_dir()
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "GRPOTrainer", _no_trainer)  # reuse builds nothing
+        assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == (
+            dropped.run_dir()
+        )
     with pytest.raises(ValueError, match="keep_checkpoint=True"):
         train(dropped.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
     # fewer steps than the finished run: its final model is not the shorter run's, so it is refused
@@ -317,10 +341,11 @@ def _finished_run(tmp_path, cfg: TrainConfig, drop: tuple[str, ...] = ()) -> Non
     pd.DataFrame({"step": range(cfg.steps)}).to_csv(run / "metrics.csv", index=False)
 
 
-def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path):
+def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, method="nthr", steps=2)
     _finished_run(tmp_path, cfg, drop=("nthr_anchor",))  # older runs did not record the field
-    reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)  # no model load
+    monkeypatch.setattr(trainer_mod, "GRPOTrainer", _no_trainer)  # reuse loads no model
+    reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)
     assert reused == cfg.run_dir()
     with pytest.raises(ValueError, match="nthr_anchor"):
         train(
