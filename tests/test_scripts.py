@@ -359,6 +359,7 @@ def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
     saved = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert all(torch.equal(final[k], saved[k]) for k in final)  # the trained weights
 
+    dump = tmp_path / "dump"  # the resumed call's NTHR records, one file per step it runs
     again = script.run(
         TRL_TINY
         + [
@@ -368,9 +369,14 @@ def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
             str(resumed),
             "--resume_from_checkpoint",
             str(full / "checkpoint-1"),
+            "--dump_dir",
+            str(dump),
         ]
     )
     assert again.state.global_step == 2
+    # only step 2 ran: a resume that restarted from step 0 (seeded the same way) would also write
+    # step1_rank0.pt and end with the same weights
+    assert sorted(p.name for p in dump.glob("step*.pt")) == ["step2_rank0.pt"]
     step1 = load_file(full / "checkpoint-1" / "model.safetensors")
     redone = load_file(resumed / "model.safetensors")
     assert any(not torch.equal(redone[k], step1[k]) for k in step1)  # step 2 trained after resuming
