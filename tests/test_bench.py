@@ -159,3 +159,17 @@ def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     summary = json.loads((tmp_path / "t.json").read_text())
     assert summary["median_s_one_at_a_time"] > 0 and summary["median_s_two_at_a_time"] > 0
     assert summary["ratio"] == summary["median_s_one_at_a_time"] / summary["median_s_two_at_a_time"]
+
+
+def test_rewards_speed_smoke_prints_growth_and_timeout_ratios(tmp_path):
+    bench = _load_bench("rewards_speed")
+    out = tmp_path / "rewards_speed.json"
+    summary = bench.main(["--smoke", "--json", str(out)])
+    shapes = {"deep-nesting", "deep-unbalanced", "many-boxes", "long-prefix", "non-boxes"}
+    assert set(summary["extract_boxed"]) == shapes
+    for row in summary["extract_boxed"].values():
+        assert row["s_n"] > 0 and row["growth_2n_over_n"] == row["s_2n"] / row["s_n"]
+    timeout = summary["timeout_s"]
+    for name, row in summary["math_reward"].items():
+        assert row["ratio_to_timeout"] == row["s"] / timeout, name
+    assert json.loads(out.read_text())["size"] == 20_000
