@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from trl_import import import_trl
 
 from nthr_book import lld
 
@@ -283,7 +284,7 @@ TRL_TINY = [
 
 
 def test_train_trl_parses_trl_options_and_nthr_config():
-    pytest.importorskip("trl")
+    import_trl()
     from nthr_book.nthr import NTHRConfig
 
     script = load_script("train_trl")
@@ -323,7 +324,7 @@ def test_train_trl_parses_trl_options_and_nthr_config():
 
 def test_train_trl_leaves_model_loading_to_trl_after_the_config():
     """A hub id or folder goes to TRL by name with ModelConfig's dtype: loaded after the config."""
-    pytest.importorskip("trl")
+    import_trl()
     script = load_script("train_trl")
     _, grpo, model = script.parse_args(
         [
@@ -344,7 +345,7 @@ def test_train_trl_leaves_model_loading_to_trl_after_the_config():
 def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
     """Two steps save checkpoint-1, checkpoint-2 and the final model; resuming from checkpoint-1
     repeats step 2 exactly (weights, optimizer, RNG and data position come back)."""
-    pytest.importorskip("trl")
+    import_trl()
     import torch
     from safetensors.torch import load_file
 
