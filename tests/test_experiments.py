@@ -151,7 +151,14 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))
     }
     assert not {p["problem"] for p in held} & train_texts
-    # A second call skips the finished runs (train returns at once) and reuses the eval records.
+
+    # A second call skips the finished runs (train returns at once) and reuses the eval records:
+    # building a trainer or generating an answer now raises
+    def no_work(*args, **kwargs):
+        raise AssertionError("a second run_experiment must train and generate nothing")
+
+    monkeypatch.setattr("nthr_book.trainer.GRPOTrainer", no_work)
+    monkeypatch.setattr("nthr_book.evaluate.generate_groups", no_work)
     again = run_experiment(
         "tiny",
         methods=("grpo", "nthr"),
@@ -161,7 +168,7 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         eval_max_new_tokens=4,
         progress=False,
     )
-    pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
+    pd.testing.assert_series_equal(res["accuracy"], again["accuracy"], check_exact=True)
     # n_eval=0: the same finished runs, no evaluation at all (no base row, no accuracy column)
     unevaluated = run_experiment(
         "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, progress=False
