@@ -27,6 +27,7 @@ from nthr_book.io import read_jsonl
 from nthr_book.models import load_policy
 
 TOKENS = 8  # max_new_tokens for the tiny model
+EPS64 = 2.0**-52  # float64 machine epsilon: tolerances below are counts of its roundings
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +98,29 @@ def test_wilson_hand_values():
     # 2/5: p=0.4, centre (0.4 + 0.38416)/1.76832, half 1.96/1.76832 * sqrt(0.048 + 0.038416)
     centre = (0.4 + 1.96**2 / 10) / (1 + 1.96**2 / 5)
     half = 1.96 / (1 + 1.96**2 / 5) * math.sqrt(0.4 * 0.6 / 5 + 1.96**2 / 100)
-    assert wilson_interval(2, 5) == pytest.approx((centre - half, centre + half), abs=1e-12)
-    assert wilson_interval(2, 5) == pytest.approx((0.1176, 0.7693), abs=1e-4)
+    # each side is about ten float64 operations on numbers below 2: 16·eps covers both
+    hand = 16 * EPS64
+    assert wilson_interval(2, 5) == pytest.approx((centre - half, centre + half), abs=hand)
+    printed = 0.5e-4  # the published values carry 4 decimals: half a unit of the last one
+    assert wilson_interval(2, 5) == pytest.approx((0.1176, 0.7693), abs=printed)
     # 0/10: upper bound z^2/n / (1 + z^2/n)
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.38416 / 1.38416), abs=1e-12)
-    assert wilson_interval(10, 10) == pytest.approx((1 - 0.38416 / 1.38416, 1.0), abs=1e-12)
-    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.38416 / 1.38416), abs=hand)
+    assert wilson_interval(10, 10) == pytest.approx((1 - 0.38416 / 1.38416, 1.0), abs=hand)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=printed)
 
 
 @pytest.mark.parametrize(
     "k,n,z", [(0, 1, 1.96), (1, 3, 1.96), (7, 30, 1.96), (13, 40, 2.576), (250, 500, 1.0)]
 )
 def test_wilson_matches_quadratic_roots(k, n, z):
-    assert wilson_interval(k, n, z) == pytest.approx(wilson_by_roots(k, n, z), abs=1e-9)
+    # np.roots is backward stable: its roots are exact for coefficients off by a few eps·max|coef|,
+    # which moves a simple root p by that over |f'(p)| = a·(p2 - p1); the library's closed form adds
+    # a dozen roundings of numbers below 2. 64·eps covers the solver's constant and both sides.
+    low, high = wilson_by_roots(k, n, z)
+    a, ph = 1 + z * z / n, k / n
+    coef = max(a, 2 * ph + z * z / n, ph * ph)
+    tol = 64 * EPS64 * (coef / (a * (high - low)) + 1)
+    assert wilson_interval(k, n, z) == pytest.approx((low, high), abs=tol)
 
 
 def test_wilson_rejects_bad_arguments():
@@ -125,9 +136,10 @@ def test_normal_interval_hand_values():
     # per-problem means 0.5, 0.5, 0, 0, 0: mean 0.2, sd sqrt(0.3/4), half 1.96*sd/sqrt(5); low
     # clipped at 0
     half = 1.96 * math.sqrt(0.075) / math.sqrt(5)
-    assert normal_interval([0.5, 0.5, 0, 0, 0]) == pytest.approx((0.0, 0.2 + half), abs=1e-12)
+    hand = 16 * EPS64  # a mean, a variance and a square root of numbers below 1, on each side
+    assert normal_interval([0.5, 0.5, 0, 0, 0]) == pytest.approx((0.0, 0.2 + half), abs=hand)
     assert normal_interval([0.25, 0.75]) == pytest.approx(
-        (0.5 - 1.96 * math.sqrt(0.125 / 2), 0.5 + 1.96 * math.sqrt(0.125 / 2)), abs=1e-12
+        (0.5 - 1.96 * math.sqrt(0.125 / 2), 0.5 + 1.96 * math.sqrt(0.125 / 2)), abs=hand
     )
     assert normal_interval([0.5]) == (0.0, 1.0)
 
@@ -153,8 +165,9 @@ def test_pass1_accuracy_wilson_and_records(policy, tmp_path, monkeypatch):
         progress=False,
     )
     assert (res.n, res.n_samples, res.metric, res.ci_method) == (5, 1, "pass@1", "wilson")
-    assert res.accuracy == pytest.approx(0.4)
-    assert (res.ci_low, res.ci_high) == pytest.approx(wilson_interval(2, 5))
+    # a count over n, and the same interval function on the same counts: exact
+    assert res.accuracy == 2 / 5
+    assert (res.ci_low, res.ci_high) == wilson_interval(2, 5)
     assert res.per_problem == {"p0": 0.0, "p1": 1.0, "p2": 0.0, "p3": 1.0, "p4": 0.0}
     assert len(grader.calls) == 3  # batches of 2, 2, 1 problems
     assert res.records_path == tmp_path / "base" / "toy.jsonl"
@@ -166,14 +179,14 @@ def test_pass1_accuracy_wilson_and_records(policy, tmp_path, monkeypatch):
     assert all(r["gold"] == str(100 + i) and r["sample"] == 0 for i, r in enumerate(recs))
     assert all("What is" in r["prompt"] and isinstance(r["completion"], str) for r in recs)
     assert 0.0 <= res.truncated <= 1.0
-    assert res.truncated == pytest.approx(sum(r["truncated"] for r in recs) / 5)
+    assert res.truncated == sum(r["truncated"] for r in recs) / 5  # a count over n: exact
     side = json.loads((tmp_path / "base" / "toy.settings.json").read_text())
     assert side["settings"]["max_new_tokens"] == TOKENS and side["settings"]["label"] == "base"
     assert "torch" in side["versions"]
     row = res.as_row()
-    assert row["accuracy_pct"] == pytest.approx(40.0) and row[
-        "points_per_problem"
-    ] == pytest.approx(20.0)
+    # percentages: one product or quotient each, one rounding
+    assert row["accuracy_pct"] == pytest.approx(40.0, rel=EPS64, abs=0.0)
+    assert row["points_per_problem"] == pytest.approx(20.0, rel=EPS64, abs=0.0)
 
 
 def test_correct_means_reward_above_one_half(policy, tmp_path, monkeypatch):
@@ -214,8 +227,9 @@ def test_avg_at_k_per_sample_records_and_normal_interval(policy, tmp_path, monke
         progress=False,
     )
     assert res.metric == "avg@2" and res.ci_method == "normal"
-    assert res.accuracy == pytest.approx(0.2)
-    assert (res.ci_low, res.ci_high) == pytest.approx(normal_interval([0.5, 0.5, 0, 0, 0]))
+    # per-problem means 0.5, 0.5, 0, 0, 0 (exact halves): their mean is 1/5, rounded once
+    assert res.accuracy == 1 / 5
+    assert (res.ci_low, res.ci_high) == normal_interval([0.5, 0.5, 0, 0, 0])
     recs = read_jsonl(res.records_path)
     assert len(recs) == 10
     assert sorted((r["id"], r["sample"]) for r in recs) == [
@@ -239,8 +253,8 @@ def test_avg_at_k_all_or_nothing_uses_wilson(policy, tmp_path, monkeypatch):
         benchmark_name="toy",
         progress=False,
     )
-    assert res.ci_method == "wilson" and res.accuracy == pytest.approx(1 / 3)
-    assert (res.ci_low, res.ci_high) == pytest.approx(wilson_interval(1, 3))
+    assert res.ci_method == "wilson" and res.accuracy == 1 / 3  # a count over n: exact
+    assert (res.ci_low, res.ci_high) == wilson_interval(1, 3)
 
 
 def test_benchmark_by_name_goes_through_load_benchmark(policy, tmp_path, monkeypatch):
@@ -302,7 +316,7 @@ def test_evaluate_suite_loads_each_model_once_and_skips_unreachable(policy, tmp_
     )
     assert loads == ["m0", "m1"]
     assert [(r.label, r.benchmark) for r in results] == [("base", "gsm8k"), ("grpo", "gsm8k")]
-    assert all(r.n == 3 and r.accuracy == pytest.approx(1 / 3) for r in results)
+    assert all(r.n == 3 and r.accuracy == 1 / 3 for r in results)  # a count over n: exact
     assert sum(line.startswith("aime24: skipped") for line in lines) == 1, (
         "said once, not once per model"
     )
@@ -334,7 +348,7 @@ def test_resume_after_interruption_generates_only_missing(policy, tmp_path, monk
     kw = dict(max_new_tokens=TOKENS, batch_size=2, limit=4, benchmark_name="toy", progress=False)
     monkeypatch.setattr(ev, "math_rewards", fake_grader({"100", "103"}))
     full = evaluate(model, tok, problems, out_dir=tmp_path / "full", **kw)
-    assert full.accuracy == pytest.approx(0.5)
+    assert full.accuracy == 2 / 4
 
     # Interrupted run: the grader of the second batch raises, so only batch 1 (p0, p1) is on disk.
     good = fake_grader({"100", "103"})
@@ -374,7 +388,7 @@ def test_resume_after_interruption_generates_only_missing(policy, tmp_path, monk
     evaluate(model, tok, problems, out_dir=tmp_path / "resumed", **kw)
     assert calls == []
     res6 = evaluate(model, tok, problems, out_dir=tmp_path / "resumed", **(kw | {"limit": None}))
-    assert [len(c) for c in calls] == [2] and res6.n == 6 and res6.accuracy == pytest.approx(2 / 6)
+    assert [len(c) for c in calls] == [2] and res6.n == 6 and res6.accuracy == 2 / 6
     assert len(read_jsonl(path)) == 6
 
 
@@ -450,7 +464,12 @@ def test_paper_table2_transcription():
     assert list(PAPER_TABLE2.columns) == ["model", "method", *PAPER_BENCHMARKS, "avg"]
     assert len(PAPER_TABLE2) == 11
     means = PAPER_TABLE2[list(PAPER_BENCHMARKS)].mean(axis=1)
-    np.testing.assert_allclose(means.to_numpy(), PAPER_TABLE2["avg"].to_numpy(), atol=0.01)
+    # the paper's avg is the mean of its five printed values, printed with 2 decimals: half a unit
+    # of the last one (plus the float64 mean's few roundings of numbers below 100)
+    printed = 0.005 + 8 * EPS64 * 100
+    np.testing.assert_allclose(
+        means.to_numpy(), PAPER_TABLE2["avg"].to_numpy(), rtol=0, atol=printed
+    )
     nthr = PAPER_TABLE2[
         (PAPER_TABLE2["model"] == "Qwen2.5-3B") & (PAPER_TABLE2["method"] == "NTHR")
     ]
@@ -490,11 +509,16 @@ def test_results_table_layout_and_numbers():
     assert num.index.names == ["source", "method"]
     # ours: 0/30, 2/40, 8/20, 1/10, 2/8 -> 0, 5, 40, 10, 25 %, avg 16
     grpo = num.loc[("ours", "grpo")]
-    assert grpo[list(PAPER_BENCHMARKS)].tolist() == pytest.approx([0.0, 5.0, 40.0, 10.0, 25.0])
-    assert grpo["avg"] == pytest.approx(16.0) and grpo["gsm8k"] == pytest.approx(25.0)
+    pct = dict(rel=2 * EPS64, abs=0.0)  # 100 · k / n: a quotient and a product, two roundings
+    assert grpo[list(PAPER_BENCHMARKS)].tolist() == pytest.approx(
+        [0.0, 5.0, 40.0, 10.0, 25.0], **pct
+    )
+    # the avg adds 5 such percentages and divides: 8 roundings
+    assert grpo["avg"] == pytest.approx(16.0, rel=8 * EPS64, abs=0.0)
+    assert grpo["gsm8k"] == pytest.approx(25.0, **pct)
     nthr = num.loc[("ours", "nthr")]
     assert (
-        nthr["math500"] == pytest.approx(45.0)
+        nthr["math500"] == pytest.approx(45.0, **pct)
         and math.isnan(nthr["avg"])
         and math.isnan(nthr["aime24"])
     )
@@ -505,8 +529,8 @@ def test_results_table_layout_and_numbers():
     noise = num.loc[("noise", "1 problem = pts")]
     assert noise[
         ["aime24", "amc23", "math500", "minerva_math", "olympiadbench", "gsm8k"]
-    ].tolist() == pytest.approx([100 / 30, 2.5, 5.0, 10.0, 12.5, 25.0])
-    assert num.attrs["points_per_problem"]["amc23"] == pytest.approx(2.5)
+    ].tolist() == [100 / 30, 2.5, 5.0, 10.0, 12.5, 25.0]  # 100 / n: one rounding, as here
+    assert num.attrs["points_per_problem"]["amc23"] == 100 / 40
 
     txt = results_table(results)
     lo, hi = wilson_interval(8, 20)
@@ -522,7 +546,7 @@ def test_results_table_options_and_errors():
     # without our results the noise row uses the full benchmark sizes
     num = results_table([], paper_model="Qwen2.5-Math-1.5B", numeric=True)
     assert [m for s, m in num.index if s == "paper"] == ["base", "GRPO", "Pos Only", "NTHR"]
-    assert num.loc[("noise", "1 problem = pts")]["olympiadbench"] == pytest.approx(100 / 675)
+    assert num.loc[("noise", "1 problem = pts")]["olympiadbench"] == 100 / 675
     only_ours = results_table([fake_result("a", "amc23", 1, 4)], paper_model=None)
     assert list(only_ours.index) == [("ours", "a"), ("noise", "1 problem = pts")]
     with pytest.raises(ValueError, match="not in PAPER_TABLE2"):

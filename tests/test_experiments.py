@@ -140,12 +140,13 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "tiny" / "nthr" / "seed1" / "model" / "config.json").exists()
     assert (tmp_path / "tiny" / "summary.csv").exists() and res["accuracy"].between(0, 1).all()
     # per-run means of the metrics, read back from each run's metrics.csv
+    exact = dict(rel=0.0, abs=0.0, nan_ok=True)  # the same mean of the same column: bit for bit
     for run in res[res.method != "base"].itertuples():
         metrics = pd.read_csv(f"{run.run_dir}/metrics.csv")
-        assert run.lld_rate_mean == pytest.approx(metrics["lld/rate"].mean(), nan_ok=True)
-        assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), nan_ok=True)
+        assert run.lld_rate_mean == pytest.approx(metrics["lld/rate"].mean(), **exact)
+        assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), **exact)
         shared = metrics["negatives/shared_prefix"].mean()
-        assert run.shared_prefix_mean == pytest.approx(shared, nan_ok=True)
+        assert run.shared_prefix_mean == pytest.approx(shared, **exact)
     held = experiments.heldout_problems(cfg, 4)
     train_texts = {
         p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))
@@ -244,8 +245,10 @@ def test_paired_differences_by_hand():
     assert row["method"] == "nthr" and row["baseline"] == "grpo" and row["seeds"] == 3
     half = 4.302653 * 0.05 / math.sqrt(3)  # t975(2); the library's table keeps 3 decimals:
     tol = 0.0005 * 0.05 / math.sqrt(3)  # its rounding, carried through the half-width
-    assert row["diff_mean"] == pytest.approx(0.05, abs=1e-12)
-    assert row["diff_std"] == pytest.approx(0.05, abs=1e-12)
+    # three differences of numbers below 1 (one rounding each), their mean and sample sd: each
+    # within a few roundings of values below 1, 8·eps
+    assert row["diff_mean"] == pytest.approx(0.05, rel=0.0, abs=8 * EPS64)
+    assert row["diff_std"] == pytest.approx(0.05, rel=0.0, abs=8 * EPS64)
     assert row["t95_low"] == pytest.approx(0.05 - half, abs=tol)
     assert row["t95_high"] == pytest.approx(0.05 + half, abs=tol)
     assert not row["resolved"]

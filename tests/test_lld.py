@@ -663,7 +663,7 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(
     monkeypatch.setattr(rollout_mod, "generate_groups", no_sampling)
     again = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
     assert "loaded from" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(again, df)
+    pd.testing.assert_frame_equal(again, df, check_exact=True)  # the same groups, the same steps
     with pytest.raises(ValueError, match="groups file .*group_size"):
         lld_experiment(model, tokenizer, PROBLEMS, **(kwargs | {"group_size": 6}))
 

@@ -1140,10 +1140,12 @@ def test_apply_to_scores_against_a_hand_computation():
     assert res.tau == 3.0
     want_sel = torch.tensor([[0, 0, 0], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
     assert torch.equal(res.selected, want_sel)  # (2,2) 9.0 is padding, (2,1) 3.0 is not > 3
-    assert res.eta == pytest.approx(2 * abs(0.5 - 1 / 3))  # p = 1/3
+    # p = 1/3 and 2|0.5 - p|: a subtraction and a doubling, one rounding of a number below 1
+    assert res.eta == pytest.approx(2 * abs(0.5 - 1 / 3), rel=0.0, abs=F64)
     want_adv = adv[:, None].expand(3, 3).clone()
     want_adv[1, 0] = want_adv[1, 2] = res.eta * -0.7
-    torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=1e-15)
+    # η·A: one float64 product on each side, rounded once, of size below 0.7
+    torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=2 * F64 * 0.7)
     assert res.stats == {
         "n_selected": 2.0,
         "n_incorrect_tokens": 5.0,
