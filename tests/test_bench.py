@@ -11,11 +11,13 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_step_smoke_prints_the_table3_layout():
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -121,6 +123,7 @@ def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
     assert trainer_module.generate_groups is before  # the trainer's sampling is put back
 
 
+@pytest.mark.slow
 def test_lld_step_smoke_times_both_modes(tmp_path):
     bench = _load_bench("lld_step")
     out = tmp_path / "lld_step.json"
@@ -145,6 +148,7 @@ def test_lld_step_smoke_times_both_modes(tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     out = subprocess.run(
         [sys.executable, "bench/two_at_a_time.py", "--model", "tiny-random", "--repeats", "1"]
@@ -161,6 +165,7 @@ def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     assert summary["ratio"] == summary["median_s_one_at_a_time"] / summary["median_s_two_at_a_time"]
 
 
+@pytest.mark.slow
 def test_rewards_speed_smoke_prints_growth_and_timeout_ratios(tmp_path):
     bench = _load_bench("rewards_speed")
     out = tmp_path / "rewards_speed.json"

@@ -104,6 +104,7 @@ def test_summary_by_hand():
     assert (row["pooled_k"], row["pooled_n"]) == (6, 12)
 
 
+@pytest.mark.slow
 def test_run_experiment_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
     monkeypatch.setattr(

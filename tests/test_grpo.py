@@ -685,6 +685,7 @@ def test_can_share_prompt_only_for_groups_with_one_prompt_and_a_cache(tiny_llama
         tiny_llama.eval()
 
 
+@pytest.mark.slow
 def test_shared_prompt_on_the_embedded_model_matches_whole_rows():
     """The arithmetic task's real prompts (161 tokens, two groups left-padded to one width), EOS
     inside the completions, float32: log-probs and gradients within float32 rounding."""

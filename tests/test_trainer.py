@@ -90,6 +90,7 @@ def test_presets_follow_the_paper_table():
     assert TrainConfig.from_dict(paper.to_dict()) == paper
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_and_model(tmp_path):
     run = train(tiny(tmp_path), reward_fn=parity_reward, progress=False)
     df = read_metrics(run / "metrics.csv")
@@ -105,6 +106,7 @@ def test_train_writes_metrics_and_model(tmp_path):
     assert df.loc[used, "kl"].notna().all() and df.loc[used, "lld/rate"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path):
     cfg = tiny(tmp_path, steps=1)
     train(cfg, reward_fn=parity_reward, progress=False)
@@ -114,6 +116,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train(cfg.replace(lr=1e-2), reward_fn=parity_reward, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra", [{}, {"mini_batch_prompts": 1, "num_iterations": 2, "method": "nthr"}]
 )
@@ -153,6 +156,7 @@ def _no_trainer(*args, **kwargs):
     raise AssertionError("a finished run is returned as it is: no GRPOTrainer, no model load")
 
 
+@pytest.mark.slow
 def test_finished_run_extends_only_with_its_checkpoint(tmp_path, monkeypatch):
     straight = train(tiny(tmp_path / "a"), reward_fn=parity_reward, progress=False)
     short = tiny(tmp_path / "b", steps=2, keep_checkpoint=True)
@@ -187,6 +191,7 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path, monkeypatch):
         train(dropped.replace(steps=1), reward_fn=parity_reward, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
     seen = []
 
@@ -202,6 +207,7 @@ def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
         assert torch.all(adv[~mask] == 0)
 
 
+@pytest.mark.slow
 def test_pos_only_has_no_negative_signal(tmp_path):
     seen = []
 
@@ -219,6 +225,7 @@ def test_pos_only_has_no_negative_signal(tmp_path):
     assert any(bool((a > 0).any()) for a in seen)
 
 
+@pytest.mark.slow
 def test_metrics_nan_when_no_mixed_group(tmp_path):
     run = train(tiny(tmp_path, steps=1), reward_fn=lambda c, a: [0.0] * len(c), progress=False)
     row = read_metrics(run / "metrics.csv").iloc[0]
@@ -441,6 +448,7 @@ def _spy_on_nthr(seen: list):
     return spy
 
 
+@pytest.mark.slow
 def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
     # bf16 autocast on CPU stands in for CUDA: the trainer's bf16 switch is made true here
     monkeypatch.setattr(GRPOTrainer, "_bf16", lambda self: self.cfg.bf16)
@@ -468,6 +476,7 @@ def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
         torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
     from nthr_book.models import load_policy
 
@@ -490,6 +499,7 @@ def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
         torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 def test_shared_prompt_switch_gives_the_same_training_run(tmp_path):
     """share_prompt on (the default) and off: the same samples, losses, KL and LLD columns, within
     float32 rounding carried over 2 steps; NTHR's selection reads the same hidden states."""
