@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
-.PHONY: demo test unit notebooks browser lab model lint clean help space
+.PHONY: demo test unit unit-fast notebooks browser lab model lint clean help space
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series at the laptop size, write build/SUMMARY.md (about 42 min on 2 CPU cores; resumable)"
 	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 16-18 min on 2 CPU cores, install included)"
 	@echo "make lab    - open JupyterLab on notebooks/"
+	@echo "make unit-fast - the unit tests without the slow ones (model loads, training loops, bench smoke runs)"
 
 # The venv (2 GB), the model cache (0.5 GB) and the series' runs (4 GB, 1.6 GB more while a run checkpoints)
 # need about 8 GB; say so up front rather than fail half-way through an install with ENOSPC.
@@ -46,8 +47,14 @@ lint: $(STAMP)
 	$(PY) -m ruff check nthr_book tests bench notebooks scripts
 	$(PY) tests/check_notebooks.py
 
+# NTHR_BOOK_TRL_REQUIRED=1: the trl extra is installed above, so a trl that does not import fails
+# its tests instead of skipping them.
 unit: $(STAMP) model
-	NTHR_BOOK_SIZE=$(TEST_SIZE) $(PY) -m pytest tests -q -m "not browser"
+	NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not browser"
+
+# The fast tier while editing: every test but the `slow` ones (tests/README.md lists the tiers).
+unit-fast: $(STAMP) model
+	NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not slow and not browser"
 
 # Every notebook through pytest --nbmake at the ci size, two at a time with a core each, 03 after 02
 # and 06 after 05 (nthr_book.demo's schedule); each notebook's output in build/logs/.

@@ -1,11 +1,14 @@
 """Naive float64 references (explicit loops over token pairs) and rounding bounds for the score
 tests.
 
-Shared by ``tests/test_nthr.py`` (token scores, self-influence, threshold) and
-``tests/test_similarity.py`` (GWHES), which check nthr_book's sum-first kernel against them.
+Shared by ``tests/test_nthr.py`` (token scores, self-influence, threshold, ``apply_to_group``),
+``tests/test_similarity.py`` (GWHES), which check nthr_book's sum-first kernel against them, and
+``tests/test_lld.py`` (the NTHR selection inside ``one_step_displacement``, by ``naive_nthr``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -103,3 +106,59 @@ def make_group(G, T, d, V, seed, correct, lengths=None, id_range=None):
     mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     tokens = tokens.masked_fill(~mask, 0)  # padding id
     return hidden, logits, tokens, mask, torch.tensor(correct, dtype=torch.bool)
+
+
+def naive_nthr(hidden, logits, tokens, mask, correct, advantages, *, beta, eta, anchor, vocab):
+    """NTHR on one group by its definition, in float64 loops (docs/method.md §3): a reference for
+    ``nthr.apply_to_group`` and for the selection inside ``lld.one_step_displacement``.
+
+    s_t = Σ_k <g_t,g_k><h_t,h_k> over the valid tokens k of the correct responses
+    (``naive_pair_sums``); s̄+_i the mean over the valid tokens t of correct response i of s_t over
+    the anchor's k only ("all": every correct token, "no_self_token": all but k = t,
+    "other_responses": the tokens of the other correct responses); tau = beta · min_i s̄+_i (-inf
+    for beta = -inf, +inf without a correct token); selected: valid tokens of incorrect responses
+    with s_t > tau and A < 0; eta from p = N+/G ("two_abs" 2|0.5 - p|, "p", "one_minus_p", or a
+    number); new advantages eta·A on the selected tokens, A elsewhere. ``advantages`` (G,) or
+    (G, T). Returns a dict: scores, s_bar (N+,), tau, selected, eta, new_advantages (float64).
+    """
+    G, T = mask.shape
+    mask, correct = mask.bool(), torch.as_tensor(correct).bool()
+    ids = generated_ids(tokens, mask) if vocab == "generated" else None
+    scores = naive_pair_sums(hidden, logits, tokens, mask, correct, ids)
+    s_bar = []
+    for i in range(G):
+        if not correct[i] or not mask[i].any():
+            continue
+        if anchor == "all":
+            row = scores[i]
+        elif anchor == "no_self_token":
+            row = naive_pair_sums(hidden, logits, tokens, mask, correct, ids, skip_self=True)[i]
+        else:  # "other_responses": k runs over the other correct responses only
+            others = correct.clone()
+            others[i] = False
+            row = naive_pair_sums(hidden, logits, tokens, mask, others, ids)[i]
+        s_bar.append(sum(float(row[t]) for t in range(T) if mask[i, t]) / int(mask[i].sum()))
+    if beta == -math.inf:
+        tau = -math.inf
+    else:
+        tau = beta * min(s_bar) if s_bar else math.inf
+    adv = torch.as_tensor(advantages, dtype=torch.float64)
+    adv = adv[:, None].expand(G, T) if adv.dim() == 1 else adv
+    selected = torch.zeros(G, T, dtype=torch.bool)
+    for i in range(G):
+        for t in range(T):
+            selected[i, t] = bool(
+                not correct[i] and mask[i, t] and scores[i, t] > tau and adv[i, t] < 0
+            )
+    p = int(correct.sum()) / G
+    schedules = {"two_abs": 2 * abs(0.5 - p), "p": p, "one_minus_p": 1 - p}
+    eta_value = schedules[eta] if isinstance(eta, str) else float(eta)
+    new = torch.where(selected, eta_value * adv, adv)
+    return {
+        "scores": scores,
+        "s_bar": s_bar,
+        "tau": tau,
+        "selected": selected,
+        "eta": eta_value,
+        "new_advantages": new,
+    }

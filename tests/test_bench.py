@@ -11,11 +11,13 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_step_smoke_prints_the_table3_layout():
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     out = subprocess.run(
@@ -121,6 +123,7 @@ def test_grpo_step_ours_generates_exactly_max_new_tokens(tmp_path, monkeypatch):
     assert trainer_module.generate_groups is before  # the trainer's sampling is put back
 
 
+@pytest.mark.slow
 def test_lld_step_smoke_times_both_modes(tmp_path):
     bench = _load_bench("lld_step")
     out = tmp_path / "lld_step.json"
@@ -145,6 +148,7 @@ def test_lld_step_smoke_times_both_modes(tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     out = subprocess.run(
         [sys.executable, "bench/two_at_a_time.py", "--model", "tiny-random", "--repeats", "1"]
@@ -159,3 +163,18 @@ def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     summary = json.loads((tmp_path / "t.json").read_text())
     assert summary["median_s_one_at_a_time"] > 0 and summary["median_s_two_at_a_time"] > 0
     assert summary["ratio"] == summary["median_s_one_at_a_time"] / summary["median_s_two_at_a_time"]
+
+
+@pytest.mark.slow
+def test_rewards_speed_smoke_prints_growth_and_timeout_ratios(tmp_path):
+    bench = _load_bench("rewards_speed")
+    out = tmp_path / "rewards_speed.json"
+    summary = bench.main(["--smoke", "--json", str(out)])
+    shapes = {"deep-nesting", "deep-unbalanced", "many-boxes", "long-prefix", "non-boxes"}
+    assert set(summary["extract_boxed"]) == shapes
+    for row in summary["extract_boxed"].values():
+        assert row["s_n"] > 0 and row["growth_2n_over_n"] == row["s_2n"] / row["s_n"]
+    timeout = summary["timeout_s"]
+    for name, row in summary["math_reward"].items():
+        assert row["ratio_to_timeout"] == row["s"] / timeout, name
+    assert json.loads(out.read_text())["size"] == 20_000

@@ -9,9 +9,10 @@ import math
 import operator
 from pathlib import Path
 
+import datasets
 import pytest
 
-from nthr_book import config, data
+from nthr_book import config, data, rewards
 from nthr_book.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
@@ -110,7 +111,6 @@ def test_known_rows(benchmarks):
 @needs_shared
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_boxed_gold_is_graded_correct(benchmarks, name):
-    rewards = pytest.importorskip("nthr_book.rewards")
     answers = benchmarks[name]["answer"]
     scores = rewards.math_rewards([f"\\boxed{{{a}}}" for a in answers], list(answers))
     assert sum(scores) >= 0.99 * len(answers)
@@ -120,7 +120,6 @@ def test_boxed_gold_is_graded_correct(benchmarks, name):
 def test_converted_answers_equal_the_raw_source_answers(benchmarks):
     """The conversion keeps the value: the grader accepts the converted answer against the raw
     field."""
-    rewards = pytest.importorskip("nthr_book.rewards")
     raw_amc = [
         json.loads(line)["answer"] for line in (SHARED / "amc23.jsonl").read_text().splitlines()
     ]
@@ -197,7 +196,6 @@ def test_hub_probe(monkeypatch):
 
 
 def test_hub_failure_becomes_clear_error(isolated, monkeypatch):
-    datasets = pytest.importorskip("datasets")
 
     def fail(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub")
@@ -210,7 +208,6 @@ def test_hub_failure_becomes_clear_error(isolated, monkeypatch):
 
 def test_hub_rows_are_converted(isolated, monkeypatch):
     """Hub copies use other field names (question/answer); the same converters handle them."""
-    datasets = pytest.importorskip("datasets")
     calls = []
 
     def fake(hub_id, config_name=None, split=None):

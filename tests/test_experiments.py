@@ -84,6 +84,7 @@ def test_summary_by_hand():
     assert (row["pooled_k"], row["pooled_n"]) == (6, 12)
 
 
+@pytest.mark.slow
 def test_run_experiment_tiny(tmp_path, monkeypatch):
     monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
     monkeypatch.setattr(
@@ -120,18 +121,26 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     assert (tmp_path / "tiny" / "nthr" / "seed1" / "model" / "config.json").exists()
     assert (tmp_path / "tiny" / "summary.csv").exists() and res["accuracy"].between(0, 1).all()
     # per-run means of the metrics, read back from each run's metrics.csv
+    exact = dict(rel=0.0, abs=0.0, nan_ok=True)  # the same mean of the same column: bit for bit
     for run in res[res.method != "base"].itertuples():
         metrics = pd.read_csv(f"{run.run_dir}/metrics.csv")
-        assert run.lld_rate_mean == pytest.approx(metrics["lld/rate"].mean(), nan_ok=True)
-        assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), nan_ok=True)
+        assert run.lld_rate_mean == pytest.approx(metrics["lld/rate"].mean(), **exact)
+        assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), **exact)
         shared = metrics["negatives/shared_prefix"].mean()
-        assert run.shared_prefix_mean == pytest.approx(shared, nan_ok=True)
+        assert run.shared_prefix_mean == pytest.approx(shared, **exact)
     held = experiments.heldout_problems(cfg, 4)
     train_texts = {
         p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))
     }
     assert not {p["problem"] for p in held} & train_texts
-    # A second call skips the finished runs (train returns at once) and reuses the eval records.
+
+    # A second call skips the finished runs (train returns at once) and reuses the eval records:
+    # building a trainer or generating an answer now raises
+    def no_work(*args, **kwargs):
+        raise AssertionError("a second run_experiment must train and generate nothing")
+
+    monkeypatch.setattr("nthr_book.trainer.GRPOTrainer", no_work)
+    monkeypatch.setattr("nthr_book.evaluate.generate_groups", no_work)
     again = run_experiment(
         "tiny",
         methods=("grpo", "nthr"),
@@ -141,7 +150,7 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         eval_max_new_tokens=4,
         progress=False,
     )
-    pd.testing.assert_series_equal(res["accuracy"], again["accuracy"])
+    pd.testing.assert_series_equal(res["accuracy"], again["accuracy"], check_exact=True)
     # n_eval=0: the same finished runs, no evaluation at all (no base row, no accuracy column)
     unevaluated = run_experiment(
         "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, progress=False

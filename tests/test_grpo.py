@@ -153,7 +153,10 @@ def test_expand_advantages_and_sequence_logprob():
     logps = torch.tensor(
         [[-1.0, -2.0, 99.0], [-0.5, float("nan"), 7.0], [-1.0, -1.0, -1.0], [5.0, 5.0, 5.0]]
     )
-    assert_close(sequence_logprob(logps, completion_mask), torch.tensor([-3.0, -0.5, -3.0, 0.0]))
+    # sums of small integers and halves: exact in float32
+    assert torch.equal(
+        sequence_logprob(logps, completion_mask), torch.tensor([-3.0, -0.5, -3.0, 0.0])
+    )
     with pytest.raises(ValueError, match="completion_mask"):
         sequence_logprob(logps, completion_mask[:, :2])
 
@@ -275,7 +278,7 @@ def test_policy_loss_metrics():
     assert "kl" not in no_ref
     # eps_high widens the upper band: ratio 1.5 is no longer clipped at eps_high = 0.6
     _, wide = policy_loss(logps, old, adv, mask, clip_eps_high=0.6)
-    assert wide["clip_frac_high"] == 0.0 and wide["clip_frac_low"] == pytest.approx(1 / 5)
+    assert wide["clip_frac_high"] == 0.0 and wide["clip_frac_low"] == 1 / 5  # a count over 5
 
 
 def test_k3_kl_value_and_gradient():
@@ -682,6 +685,7 @@ def test_can_share_prompt_only_for_groups_with_one_prompt_and_a_cache(tiny_llama
         tiny_llama.eval()
 
 
+@pytest.mark.slow
 def test_shared_prompt_on_the_embedded_model_matches_whole_rows():
     """The arithmetic task's real prompts (161 tokens, two groups left-padded to one width), EOS
     inside the completions, float32: log-probs and gradients within float32 rounding."""

@@ -251,6 +251,68 @@ def _hand_update(model, completions, advantages, temperature, lr, optimizer, ste
     return m
 
 
+def _reference_selection(model, completions, rewards, temperature, beta):
+    """(G, T) NTHR selection by naive_scores.naive_nthr (anchor "all", generated vocabulary) on the
+    last hidden states of a float64 copy of the model, one unpadded forward per response.
+
+    The library selects from float32 states of a padded forward; the test asserts that no score
+    lies within their difference of tau (``_score_gap_tol``), so both select the same tokens.
+    """
+    from naive_scores import naive_nthr
+
+    model64 = copy.deepcopy(model).double().eval()
+    G, T = len(completions), max(len(c) for c in completions)
+    d = model.config.hidden_size
+    hidden = torch.zeros(G, T, d, dtype=torch.float64)
+    tokens = torch.zeros(G, T, dtype=torch.long)
+    mask = torch.zeros(G, T, dtype=torch.bool)
+    with torch.no_grad():
+        for i, c in enumerate(completions):
+            ids = torch.cat([PROMPT, torch.tensor(c)])[None]
+            states = model64(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            hidden[i, : len(c)] = states[0, len(PROMPT) - 1 : -1]  # the states predicting y_t
+            tokens[i, : len(c)], mask[i, : len(c)] = torch.tensor(c), True
+        weight = model64.get_output_embeddings().weight.detach()  # (V, d)
+    logits = hidden @ weight.T / temperature  # (G, T, V)
+    correct = torch.tensor(rewards) > 0.5
+    signs = torch.where(correct, 1.0, -1.0).double()  # binary rewards: every wrong row has A < 0
+    ref = naive_nthr(
+        hidden, logits, tokens, mask, correct, signs, beta=beta, eta=1.0, anchor="all",
+        vocab="generated",
+    )  # fmt: skip
+    candidates = (~correct)[:, None] & mask
+    gaps = (ref["scores"] - ref["tau"])[candidates].abs()
+    tol = _score_gap_tol(model, hidden, weight, logits, tokens, mask, correct, temperature, beta)
+    assert bool((gaps > tol).all()), f"a score within {tol:.1e} of tau: choose another group"
+    return ref["selected"]
+
+
+def _score_gap_tol(model, hidden, weight, logits, tokens, mask, correct, temperature, beta):
+    """How far the library's float32 scores (and tau) may be from the float64 reference's.
+
+    Hidden states: a float32 forward is within e_h = _f32_tol(forward terms, max|h|) of exact per
+    coordinate, which moves each logit by d·e_h·max|W|/T and each <h_t, h_k> by
+    e_h·(|h_t|₁ + |h_k|₁ + d·e_h). Scoring: naive_scores.score_atol in float32 with those logits.
+    tau = beta·min s̄+ moves by |beta| times a mean of scores: |beta|·(the same bound).
+    """
+    from naive_scores import F32, generated_ids, logit_err, score_atol
+
+    d = hidden.shape[-1]
+    e_h = _f32_tol(_forward_terms(model, len(PROMPT) + mask.shape[1]), hidden.abs().max().item())
+    e_z = logit_err(hidden, weight, None, temperature, F32) + d * e_h * weight.abs().max().item()
+    ids = generated_ids(tokens, mask)
+    scoring = score_atol(hidden, logits, tokens, mask, correct, F32, vocab_ids=ids, logit_err=e_z)
+    q = torch.softmax(logits, -1)
+    g = torch.nn.functional.one_hot(tokens, logits.shape[-1]).double() - q
+    g = g[..., ids].abs()  # (G, T, |V*|)
+    gg = torch.einsum("itv,jkv->itjk", g, g)  # <|g_t|, |g_k|>
+    h1 = hidden.abs().sum(-1)  # (G, T) |h_t|₁
+    dhh = e_h * (h1[:, :, None, None] + h1[None, None] + d * e_h)  # bound of Δ<h_t, h_k>
+    k = (mask & correct[:, None]).double()
+    from_hidden = float(((gg * dhh * k).sum((-2, -1)) * mask).max())
+    return (1 + abs(beta)) * (scoring + from_hidden)
+
+
 @pytest.mark.parametrize(
     "update,optimizer,lr,steps",
     [
@@ -290,10 +352,11 @@ def test_delta_equals_independent_recomputation(update, optimizer, lr, steps):
     if update == "pos_only":
         advantages = [adv.clamp(min=0) for adv in advantages]
     if update == "nthr":
-        selected = res.extras["selected"]
-        assert (
-            0 < res.n_selected_tokens < res.n_incorrect_tokens
-        )  # a real partial selection at beta = 0
+        # NTHR's selection by its definition, on the hidden states of a float64 copy: the one
+        # one_step_displacement made (res.extras["selected"]) must equal it
+        selected = _reference_selection(model, completions, rewards, temperature, beta=0.0)
+        assert torch.equal(res.extras["selected"], selected)
+        assert 0 < int(selected.sum()) < 5 + 2  # a real partial selection at beta = 0
         advantages = [
             torch.where(selected[i, : len(c)], eta * adv, adv)
             for i, (c, adv) in enumerate(zip(completions, advantages))
@@ -601,7 +664,7 @@ def test_lld_experiment_rows_drops_and_reuses_saved_groups(
     monkeypatch.setattr(rollout_mod, "generate_groups", no_sampling)
     again = lld_experiment(model, tokenizer, PROBLEMS, **kwargs)
     assert "loaded from" in capsys.readouterr().out
-    pd.testing.assert_frame_equal(again, df)
+    pd.testing.assert_frame_equal(again, df, check_exact=True)  # the same groups, the same steps
     with pytest.raises(ValueError, match="groups file .*group_size"):
         lld_experiment(model, tokenizer, PROBLEMS, **(kwargs | {"group_size": 6}))
 

@@ -1140,10 +1140,12 @@ def test_apply_to_scores_against_a_hand_computation():
     assert res.tau == 3.0
     want_sel = torch.tensor([[0, 0, 0], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)
     assert torch.equal(res.selected, want_sel)  # (2,2) 9.0 is padding, (2,1) 3.0 is not > 3
-    assert res.eta == pytest.approx(2 * abs(0.5 - 1 / 3))  # p = 1/3
+    # p = 1/3 and 2|0.5 - p|: a subtraction and a doubling, one rounding of a number below 1
+    assert res.eta == pytest.approx(2 * abs(0.5 - 1 / 3), rel=0.0, abs=F64)
     want_adv = adv[:, None].expand(3, 3).clone()
     want_adv[1, 0] = want_adv[1, 2] = res.eta * -0.7
-    torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=1e-15)
+    # η·A: one float64 product on each side, rounded once, of size below 0.7
+    torch.testing.assert_close(res.new_advantages, want_adv, rtol=0.0, atol=2 * F64 * 0.7)
     assert res.stats == {
         "n_selected": 2.0,
         "n_incorrect_tokens": 5.0,
@@ -1187,7 +1189,117 @@ def test_apply_to_scores_needs_the_anchor_pairs():
     assert res.tau == 1.0 and int(res.selected.sum()) == 3  # 5, 3.5 and 3 of the valid incorrect
 
 
-def test_apply_to_group_is_group_selection_plus_reweighting():
+def _apply_group(seed: int = 3):
+    """G = 5 (rows 0, 2 correct), T = 6, d = 6, V = 40 (the generated vocabulary V* is part of it),
+    right-padded; a bias, and temperature 0.7."""
+    gen = torch.Generator().manual_seed(seed)
+    G, T, d, V = 5, 6, 6, 40
+    hidden = torch.randn(G, T, d, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, d, generator=gen, dtype=torch.float64)
+    bias = 0.5 * torch.randn(V, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, V, (G, T), generator=gen)
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 4, 5, 6, 3])[:, None]
+    correct = torch.tensor([True, False, True, False, False])
+    return hidden, weight, bias, tokens, mask, correct
+
+
+APPLY_CASES = [
+    # beta, eta, anchor, vocab, dtype, advantages: per response (binary rewards, and one incorrect
+    # response with A > 0 as a non-binary reward gives) or per token
+    (0.0, "p", "other_responses", "generated", torch.float64, "binary"),
+    (0.0, "two_abs", "all", "full", torch.float64, "positive_wrong"),
+    (0.3, "one_minus_p", "no_self_token", "generated", torch.float64, "per_token"),
+    (0.3, 0.25, "other_responses", "full", torch.float32, "binary"),
+    (1.0, "two_abs", "all", "generated", torch.float32, "binary"),
+    (-math.inf, 0.0, "no_self_token", "generated", torch.float64, "positive_wrong"),
+    (-0.5, "p", "all", "full", torch.float32, "per_token"),
+]
+TEMPERATURE = 0.7
+
+
+def _advantages(kind: str, G: int, T: int) -> torch.Tensor:
+    if kind == "binary":  # p = 2/5: A± of the population std, as group_advantages gives them
+        a_plus, a_minus = (1 - 0.4) / math.sqrt(0.24), -0.4 / math.sqrt(0.24)
+        return torch.tensor([a_plus, a_minus, a_plus, a_minus, a_minus], dtype=torch.float64)
+    if kind == "positive_wrong":  # row 3 is incorrect with A > 0: never rescaled
+        return torch.tensor([1.0, -1.0, 0.7, 0.3, -0.6], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)  # per token, of either sign
+    return torch.randn(G, T, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta,eta,anchor,vocab,dtype,adv_kind", APPLY_CASES)
+def test_apply_to_group_against_the_definition_in_float64_loops(
+    beta, eta, anchor, vocab, dtype, adv_kind
+):
+    """apply_to_group against naive_scores.naive_nthr: s_t pair by pair, s̄+ per correct response
+    under the anchor, tau = beta·min s̄+, s_t > tau on incorrect tokens with A < 0, eta·A there."""
+    from naive_scores import naive_nthr
+
+    from nthr_book.nthr import apply_to_group
+
+    hidden, weight, bias, tokens, mask, correct = _apply_group()
+    G, T = mask.shape
+    adv = _advantages(adv_kind, G, T)
+    logits = (hidden @ weight.T + bias) / TEMPERATURE  # (G, T, V) float64
+    ref = naive_nthr(
+        hidden, logits, tokens, mask, correct, adv, beta=beta, eta=eta, anchor=anchor, vocab=vocab
+    )
+    cfg = NTHRConfig(beta=beta, eta=eta, anchor=anchor, vocab=vocab)
+    h, w, b = (x.to(dtype) for x in (hidden, weight, bias))
+    res = apply_to_group(
+        h, w, tokens, mask, correct, adv.to(dtype), cfg, temperature=TEMPERATURE,
+        lm_head_bias=b, dtype=dtype,
+    )  # fmt: skip
+    # the scores: each side within its rounding bound of the exact ones (naive_scores.score_atol;
+    # inputs rounded to dtype move the logits by logit_err), so within the sum of both
+    eps = F64 if dtype == torch.float64 else F32
+    ids = generated_ids(tokens, mask) if vocab == "generated" else None
+    err = logit_err(hidden, weight, bias, TEMPERATURE, eps)
+    tol = score_atol(hidden, logits, tokens, mask, correct, eps, vocab_ids=ids, logit_err=err)
+    tol += score_atol(hidden, logits, tokens, mask, correct, F64, vocab_ids=ids)
+    torch.testing.assert_close(res.scores.double(), ref["scores"], rtol=0.0, atol=tol)
+    # tau: s̄+ is a mean of scores minus the anchor's pairs, each within tol: 2·tol, times |beta|
+    tau_tol = 2 * tol * abs(beta) if math.isfinite(beta) else 0.0
+    if math.isfinite(beta):
+        assert abs(res.tau - ref["tau"]) <= tau_tol
+    else:
+        assert res.tau == ref["tau"] == -math.inf
+    # the selection is decided with a margin: no candidate score lies within the rounding of tau
+    candidates = (~correct)[:, None] & mask & ((adv[:, None] if adv.dim() == 1 else adv) < 0)
+    gaps = (ref["scores"] - ref["tau"])[candidates].abs()
+    assert bool((gaps > tol + tau_tol).all()), "a score lies within rounding of tau: another seed"
+    assert torch.equal(res.selected, ref["selected"])
+    assert res.eta == pytest.approx(ref["eta"], rel=2 * F64, abs=0.0)  # one or two roundings of p
+    # eta·A on the selected tokens: one product rounded in dtype on each side
+    new_tol = 2 * eps * float(ref["new_advantages"].abs().max())
+    torch.testing.assert_close(
+        res.new_advantages.double(), ref["new_advantages"], rtol=0.0, atol=new_tol
+    )
+
+
+def test_apply_to_group_cases_select_part_of_the_tokens():
+    """APPLY_CASES exercise the threshold: some select part of the candidates, not none or all."""
+    from naive_scores import naive_nthr
+
+    hidden, weight, bias, tokens, mask, correct = _apply_group()
+    G, T = mask.shape
+    logits = (hidden @ weight.T + bias) / TEMPERATURE
+    partial = 0
+    for beta, eta, anchor, vocab, _, adv_kind in APPLY_CASES:
+        adv = _advantages(adv_kind, G, T)
+        ref = naive_nthr(
+            hidden, logits, tokens, mask, correct, adv, beta=beta, eta=eta, anchor=anchor,
+            vocab=vocab,
+        )  # fmt: skip
+        candidates = (~correct)[:, None] & mask & ((adv[:, None] if adv.dim() == 1 else adv) < 0)
+        n = int(ref["selected"].sum())
+        partial += 0 < n < int(candidates.sum())
+    assert partial >= 3
+
+
+def test_group_selection_is_apply_to_group_with_binary_signs():
+    """group_selection is apply_to_group with the advantages' signs of binary rewards (the
+    definition itself is checked above, against naive_nthr)."""
     from nthr_book.nthr import apply_to_group, eta_for, group_selection
 
     gen = torch.Generator().manual_seed(3)

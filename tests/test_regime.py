@@ -196,14 +196,20 @@ def test_plot_regime_map_draws_each_rule_against_the_baseline(tmp_path):
         viz.plot_regime_map(summary, methods=("dpo",))
 
 
-def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path):
+def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path, monkeypatch):
     model, tok = tiny_policy
     mixed = [_mixed_group(tok, "q0")]
     kw = dict(lr=1e-3, temperature=1.0, max_new_tokens=24, seed=0, progress=False)
     path = tmp_path / "map.jsonl"
     first = regime.regime_map(model, tok, mixed, fractions=(0.5,), path=path, **kw)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a saved map is read back: no group sampled, no Δ measured")
+
+    monkeypatch.setattr(regime, "regime_groups", no_work)
+    monkeypatch.setattr(regime.lld, "displacement_table", no_work)
     again = regime.regime_map(model, tok, mixed, fractions=(0.5,), path=path, **kw)
-    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert again.attrs["unfilled"] == first.attrs["unfilled"]
     with pytest.raises(ValueError, match="fractions"):
         regime.regime_map(model, tok, mixed, fractions=(0.25,), path=path, **kw)

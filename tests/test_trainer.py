@@ -90,6 +90,7 @@ def test_presets_follow_the_paper_table():
     assert TrainConfig.from_dict(paper.to_dict()) == paper
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_and_model(tmp_path):
     run = train(tiny(tmp_path), reward_fn=parity_reward, progress=False)
     df = read_metrics(run / "metrics.csv")
@@ -105,6 +106,7 @@ def test_train_writes_metrics_and_model(tmp_path):
     assert df.loc[used, "kl"].notna().all() and df.loc[used, "lld/rate"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path):
     cfg = tiny(tmp_path, steps=1)
     train(cfg, reward_fn=parity_reward, progress=False)
@@ -114,6 +116,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
         train(cfg.replace(lr=1e-2), reward_fn=parity_reward, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra", [{}, {"mini_batch_prompts": 1, "num_iterations": 2, "method": "nthr"}]
 )
@@ -125,12 +128,20 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, extra):
             raise KeyboardInterrupt
 
     cfg = tiny(tmp_path / "b", **extra)
+    ran: list[int] = []  # the steps each call executes
+    record = lambda step, row: ran.append(step)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, reward_fn=parity_reward, callbacks=[kill_at_step_2], progress=False)
-    resumed = train(cfg, reward_fn=parity_reward, resume=True, progress=False)
+        train(cfg, reward_fn=parity_reward, callbacks=[record, kill_at_step_2], progress=False)
+    assert ran == [0, 1, 2]
+    ran.clear()
+    resumed = train(cfg, reward_fn=parity_reward, resume=True, callbacks=[record], progress=False)
+    # the checkpoint of step 2 (checkpoint_every=2) is read: the resumed call runs steps 2 and 3
+    # only; a resume that restarted from step 0 would run all four, seeded the same way, and
+    # leave the same metrics and weights as the uninterrupted run
+    assert ran == [2, 3]
     a, b = read_metrics(full / "metrics.csv"), read_metrics(resumed / "metrics.csv")
     cols = [c for c in a.columns if not c.startswith("time_")]
-    pd.testing.assert_frame_equal(a[cols], b[cols])
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)  # the same run, bit for bit
     wa, wb = final_weights(full), final_weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -141,13 +152,26 @@ def final_weights(run):
     return load_file(run / "model" / "model.safetensors")
 
 
-def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
+def _no_trainer(*args, **kwargs):
+    raise AssertionError("a finished run is returned as it is: no GRPOTrainer, no model load")
+
+
+@pytest.mark.slow
+def test_finished_run_extends_only_with_its_checkpoint(tmp_path, monkeypatch):
     straight = train(tiny(tmp_path / "a"), reward_fn=parity_reward, progress=False)
     short = tiny(tmp_path / "b", steps=2, keep_checkpoint=True)
     train(short, reward_fn=parity_reward, progress=False)
     assert (short.run_dir() / "checkpoint.pt").exists()
-    extended = train(short.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
-    assert len(read_metrics(extended / "metrics.csv")) == 4
+    ran: list[int] = []
+    extended = train(
+        short.replace(steps=4),
+        reward_fn=parity_reward,
+        resume=True,
+        callbacks=[lambda step, row: ran.append(step)],
+        progress=False,
+    )
+    assert ran == [2, 3], "extending from the checkpoint of step 2 runs steps 2 and 3 only"
+    assert list(read_metrics(extended / "metrics.csv")["step"]) == [0, 1, 2, 3]
     wa, wb = final_weights(straight), final_weights(extended)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), (
         "2 + 2 steps from the checkpoint equal 4 straight steps"
@@ -155,7 +179,11 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
 
     dropped = tiny(tmp_path / "c", steps=2)
     train(dropped, reward_fn=parity_reward, progress=False)
-    assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == dropped.run_dir()
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "GRPOTrainer", _no_trainer)  # reuse builds nothing
+        assert train(dropped, reward_fn=parity_reward, resume=True, progress=False) == (
+            dropped.run_dir()
+        )
     with pytest.raises(ValueError, match="keep_checkpoint=True"):
         train(dropped.replace(steps=4), reward_fn=parity_reward, resume=True, progress=False)
     # fewer steps than the finished run: its final model is not the shorter run's, so it is refused
@@ -163,6 +191,7 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path):
         train(dropped.replace(steps=1), reward_fn=parity_reward, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
     seen = []
 
@@ -178,6 +207,7 @@ def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
         assert torch.all(adv[~mask] == 0)
 
 
+@pytest.mark.slow
 def test_pos_only_has_no_negative_signal(tmp_path):
     seen = []
 
@@ -195,6 +225,7 @@ def test_pos_only_has_no_negative_signal(tmp_path):
     assert any(bool((a > 0).any()) for a in seen)
 
 
+@pytest.mark.slow
 def test_metrics_nan_when_no_mixed_group(tmp_path):
     run = train(tiny(tmp_path, steps=1), reward_fn=lambda c, a: [0.0] * len(c), progress=False)
     row = read_metrics(run / "metrics.csv").iloc[0]
@@ -317,10 +348,11 @@ def _finished_run(tmp_path, cfg: TrainConfig, drop: tuple[str, ...] = ()) -> Non
     pd.DataFrame({"step": range(cfg.steps)}).to_csv(run / "metrics.csv", index=False)
 
 
-def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path):
+def test_a_run_saved_before_nthr_anchor_existed_is_reused(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, method="nthr", steps=2)
     _finished_run(tmp_path, cfg, drop=("nthr_anchor",))  # older runs did not record the field
-    reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)  # no model load
+    monkeypatch.setattr(trainer_mod, "GRPOTrainer", _no_trainer)  # reuse loads no model
+    reused = train(cfg, reward_fn=parity_reward, resume=True, progress=False)
     assert reused == cfg.run_dir()
     with pytest.raises(ValueError, match="nthr_anchor"):
         train(
@@ -416,6 +448,7 @@ def _spy_on_nthr(seen: list):
     return spy
 
 
+@pytest.mark.slow
 def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
     # bf16 autocast on CPU stands in for CUDA: the trainer's bf16 switch is made true here
     monkeypatch.setattr(GRPOTrainer, "_bf16", lambda self: self.cfg.bf16)
@@ -443,6 +476,7 @@ def test_trainer_hands_the_hook_float32_logps_under_bf16(tmp_path, monkeypatch):
         torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
     from nthr_book.models import load_policy
 
@@ -465,6 +499,7 @@ def test_trainer_passes_the_models_softcap_to_the_hook(tmp_path):
         torch.testing.assert_close(ctx.old_logps.double(), expected, rtol=0, atol=bound)
 
 
+@pytest.mark.slow
 def test_shared_prompt_switch_gives_the_same_training_run(tmp_path):
     """share_prompt on (the default) and off: the same samples, losses, KL and LLD columns, within
     float32 rounding carried over 2 steps; NTHR's selection reads the same hidden states."""
@@ -670,9 +705,11 @@ def test_near_miss_negatives_replace_each_wrong_answer_of_a_mixed_group(tmp_path
     # the metric: the mean over mixed groups of the wrong answers' shared-prefix share
     shares = [_prefix_share(after[i], [after[0], after[2]]) for i in (1, 3)]
     assert 0.5 < min(shares) and max(shares) < 1.0
-    assert trainer_mod._shared_prefix(new, new_rewards) == pytest.approx(sum(shares) / 2, abs=1e-12)
-    assert trainer_mod._shared_prefix(ro, rewards) == pytest.approx(
-        sum(_prefix_share(before[i], [before[0], before[2]]) for i in (1, 3)) / 2, abs=1e-12
+    # one mixed group: the same ratios of token counts, summed and halved in the same order; the
+    # mean over groups of one value is that value: bit for bit
+    assert trainer_mod._shared_prefix(new, new_rewards) == sum(shares) / 2
+    assert trainer_mod._shared_prefix(ro, rewards) == (
+        sum(_prefix_share(before[i], [before[0], before[2]]) for i in (1, 3)) / 2
     )
 
 

@@ -23,8 +23,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from trl_import import import_trl
 
-pytest.importorskip("trl")
+import_trl()  # skips this file without the trl extra; fails under NTHR_BOOK_TRL_REQUIRED=1
 
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
