@@ -891,7 +891,7 @@ def load_or_sample_groups(
 ) -> tuple[list[Group], dict, str]:
     """(groups, settings, source): the groups saved at ``path`` when its sampling settings match the
     call's, else sampled (seeded), graded and saved there. Notebooks 03 and 04 call it, and so does
-    ``lld.lld_experiment``: the series samples one file and reuses it.
+    ``lld_sweep.lld_experiment``: the series samples one file and reuses it.
 
     A file sampled with other settings raises ``ValueError`` naming the settings that differ, rather
     than being overwritten. ``path=None`` samples without saving. A lock file beside ``path``

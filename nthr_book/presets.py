@@ -110,7 +110,8 @@ class GroupsPreset:
         }
 
     def sampling(self) -> dict:
-        """The keyword arguments of ``groups.load_or_sample_groups`` and ``lld.lld_experiment``."""
+        """The keyword arguments of ``groups.load_or_sample_groups`` and
+        ``lld_sweep.lld_experiment``."""
         # what a saved groups file must match
         return {k: v for k, v in asdict(self).items() if k in SAMPLING_KEYS}
 

@@ -3,9 +3,9 @@
 The paper explains LLD by how much a question's wrong answers resemble its right ones (Theorem 4.4,
 GWHES, Table 1). The map measures that on the model's own samples. For each mixed group and a
 fraction f, ``groups.branched_group`` replaces every wrong answer by a correct answer's first
-floor(f·L) tokens and the model's own wrong continuation: f = 0 is natural sampling, f → 1 nears
-the constructed near-miss negatives (``groups.near_miss_group``, the last column of the map). On
-every condition the same update rules are measured by Δ(x) (``lld.displacement_table``), next to the
+floor(f·L) tokens and the model's own wrong continuation: f = 0 is natural sampling, f → 1 nears the
+constructed near-miss negatives (``groups.near_miss_group``, the last column of the map). On every
+condition the same update rules are measured by Δ(x) (``lld_sweep.displacement_table``), next to the
 measured resemblance of right and wrong answers: GWHES (``similarity.gwhes_question``) and the share
 of a wrong answer that repeats a right one from its start (``similarity.shared_prefix_share``).
 
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nthr_book import groups as _groups
-from nthr_book import lld
+from nthr_book import lld, lld_sweep
 from nthr_book.env import versions
 from nthr_book.groups import Group
 from nthr_book.grpo import head_logits
@@ -194,7 +194,7 @@ def regime_map(
 ):
     """The map as a DataFrame: one row per condition, question and rule.
 
-    Columns: those of ``lld.displacement_table`` (id, method, delta, per_response_delta,
+    Columns: those of ``lld_sweep.displacement_table`` (id, method, delta, per_response_delta,
     n_selected, n_incorrect_tokens, ...), then ``negatives`` (the condition: "f=0.50" or
     "near-miss"), ``fraction`` (NaN for near-miss), ``question`` (the natural group's id, the same
     in every column) and the group's ``gwhes`` and ``shared_prefix``. Pass ``columns`` (from
@@ -248,7 +248,7 @@ def regime_map(
     for condition, column in columns.items():
         if not column:
             continue
-        table = lld.displacement_table(
+        table = lld_sweep.displacement_table(
             model,
             column,
             methods=methods,

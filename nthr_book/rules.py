@@ -1,7 +1,7 @@
 """The update rules nthr_book compares (docs/method.md §1-§3), in one registry.
 
 A rule has a name, a display label and colour, and says how it changes GRPO's update. The trainer
-(``TrainConfig.method``), Δ(x) (``lld.one_step_displacement``, ``lld.lld_experiment``), the
+(``TrainConfig.method``), Δ(x) (``lld.one_step_displacement``, ``lld_sweep.lld_experiment``), the
 experiment runner (``experiments.method_overrides``), the TRL integration (``NTHRGRPOTrainer(rule=
 ...)``) and the plots (``viz.method_label``, ``viz.method_color``) all read this registry, so a new
 rule is added in one place: here, or with ``register`` from a notebook.

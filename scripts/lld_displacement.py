@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nthr_book import config, data, env, lld, models, regime
+from nthr_book import config, data, env, lld, lld_sweep, models, regime
 from nthr_book.io import atomic_write_text, write_json
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if not args.sweep:  # the map's groups only
             _sample_groups(args, out, seed, model, tokenizer, problems)
             continue
-        df = lld.lld_experiment(
+        df = lld_sweep.lld_experiment(
             model,
             tokenizer,
             problems,
@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             f"no mixed group in {args.seeds} x {args.n_questions} questions with {args.model}: "
             "nothing to measure (raise --n-questions or --temperature)"
         )
-    summary = lld.displacement_summary(table)
+    summary = lld_sweep.displacement_summary(table)
     by_seed = pd.concat(
-        {seed: lld.displacement_summary(part) for seed, part in table.groupby("seed")},
+        {seed: lld_sweep.displacement_summary(part) for seed, part in table.groupby("seed")},
         names=["seed"],
     )
     atomic_write_text(out / "summary.csv", summary.to_csv())
-    paired = lld.paired_comparison(table) if "grpo" in set(table["method"]) else None
+    paired = lld_sweep.paired_comparison(table) if "grpo" in set(table["method"]) else None
     if paired is not None:
         atomic_write_text(out / "paired_vs_grpo.csv", paired.to_csv())
     atomic_write_text(out / "summary_by_seed.csv", by_seed.to_csv())

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from nthr_book import config, groups, lld, presets
+from nthr_book import config, groups, lld_sweep, presets
 
 
 def test_run_size_reads_the_switch_and_its_alias(monkeypatch):
@@ -51,7 +51,7 @@ def test_preset_sampling_is_what_the_groups_file_records(monkeypatch, tmp_path):
     preset = presets.GroupsPreset.ci()
     # every sampling setting a groups file must match, except the problem ids, comes from the preset
     assert set(preset.sampling()) == set(groups.SAMPLING_KEYS) - {"problem_ids"}
-    for fn in (groups.load_or_sample_groups, lld.lld_experiment):
+    for fn in (groups.load_or_sample_groups, lld_sweep.lld_experiment):
         assert set(preset.sampling()) <= set(inspect.signature(fn).parameters), fn.__name__
     assert preset.groups_path == tmp_path / "lld" / "groups-ci-seed0.pt"
     problems = preset.problems()

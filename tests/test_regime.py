@@ -207,7 +207,7 @@ def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path, monkeypatch):
         raise AssertionError("a saved map is read back: no group sampled, no Δ measured")
 
     monkeypatch.setattr(regime, "regime_groups", no_work)
-    monkeypatch.setattr(regime.lld, "displacement_table", no_work)
+    monkeypatch.setattr(regime.lld_sweep, "displacement_table", no_work)
     again = regime.regime_map(model, tok, mixed, fractions=(0.5,), path=path, **kw)
     pd.testing.assert_frame_equal(first, again, check_exact=True)
     assert again.attrs["unfilled"] == first.attrs["unfilled"]

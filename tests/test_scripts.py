@@ -51,7 +51,7 @@ def test_lld_displacement_saves_summarises_and_reuses_seeds(tmp_path, monkeypatc
     calls = []
     monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
     monkeypatch.setattr(
-        script.lld,
+        script.lld_sweep,
         "lld_experiment",
         lambda model, tok, problems, **kw: calls.append(kw) or fake_lld_table(kw["seed"]),
     )
@@ -89,7 +89,9 @@ def test_lld_displacement_map_measures_the_first_mixed_questions_of_each_seed(
     script = load_script("lld_displacement")
     monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
     monkeypatch.setattr(
-        script.lld, "lld_experiment", lambda model, tok, problems, **kw: fake_lld_table(kw["seed"])
+        script.lld_sweep,
+        "lld_experiment",
+        lambda model, tok, problems, **kw: fake_lld_table(kw["seed"]),
     )
     statuses = {"q3": "mixed", "q1": "mixed", "q2": "all_wrong", "q0": "mixed"}
     fake_groups = [SimpleNamespace(question_id=q, status=s) for q, s in statuses.items()]
