@@ -26,6 +26,7 @@ from nthr_book.groups import Group
 from nthr_book.lld import (
     OPTIMIZERS,
     ROW_COLUMNS,
+    first_order_displacement,
     initial_token_logps,
     lld_rate,
     nthr_selection,
@@ -35,6 +36,7 @@ from nthr_book.stats import bootstrap_interval
 
 __all__ = [
     "displacement_summary",
+    "first_order_table",
     "displacement_table",
     "lld_experiment",
     "paired_comparison",
@@ -330,3 +332,29 @@ def paired_comparison(df, baseline: str = "grpo"):
         )
     columns = ["method", "n_pairs", "frac_above", "median_diff", "mean_diff"]
     return pd.DataFrame(rows, columns=columns).set_index("method")
+
+
+def first_order_table(
+    model: nn.Module,
+    groups: Sequence[Group],
+    *,
+    lr: float,
+    update: str = "grpo",
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "first order",
+) -> pd.DataFrame:
+    """Per group: the measured Δ(x) of one SGD step of ``update`` (``lld.one_step_displacement``)
+    beside its first-order prediction and the prediction's two parts, the right answers' push and
+    the wrong answers' push (``lld.first_order_displacement``). Columns: id, method, measured,
+    predicted, right, wrong, residual (measured − predicted). Notebook 02 plots it
+    (``viz.plot_first_order``)."""
+    rows = []
+    for g in tqdm(groups, desc=desc, disable=not progress):
+        kw = dict(update=update, lr=lr, temperature=temperature, seed=seed)
+        measured = one_step_displacement(model, g, **kw).delta
+        row = first_order_displacement(model, g, **kw).to_row()
+        rows.append(row | {"measured": measured, "residual": measured - row["predicted"]})
+    columns = ["id", "method", "measured", "predicted", "right", "wrong", "residual"]
+    return pd.DataFrame(rows, columns=columns)

@@ -277,3 +277,31 @@ def test_lld_experiment_runs_the_family(tiny_policy, monkeypatch):
     assert (rows["tau"] == -math.inf).all()
     assert (rows["n_selected"] == rows["n_incorrect_tokens"]).all()
     assert df.attrs["settings"]["rule_settings"]["nthr_all"] == {"nthr_beta": -math.inf}
+
+
+def test_first_order_table_rows_are_the_two_measurements(tiny_policy, tmp_path, monkeypatch):
+    model, tokenizer = tiny_policy
+    monkeypatch.setattr(rewards_mod, "math_rewards", _fake_grader)
+    df = lld_experiment(
+        model,
+        tokenizer,
+        PROBLEMS,
+        methods=("grpo",),
+        group_size=4,
+        max_new_tokens=5,
+        lr=1e-3,
+        seed=0,
+        groups_path=tmp_path / "g.pt",
+        progress=False,
+    )
+    mixed = [g for g in load_groups(tmp_path / "g.pt") if g.status == "mixed"]
+    from nthr_book.lld_sweep import first_order_table
+
+    table = first_order_table(model, mixed, lr=1e-3, progress=False)
+    assert list(table["id"]) == [g.question_id for g in mixed]
+    for g, row in zip(mixed, table.itertuples()):
+        fo = lld.first_order_displacement(model, g, update="grpo", lr=1e-3)
+        assert (row.predicted, row.right, row.wrong) == (fo.predicted, fo.right, fo.wrong)
+        # the measured column is the sweep's GRPO Δ on the same group (same weights, same step)
+        assert row.measured == df[(df["id"] == g.question_id)].iloc[0]["delta"]
+        assert row.residual == row.measured - row.predicted
