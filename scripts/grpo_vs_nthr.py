@@ -178,11 +178,12 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 print(f"{tag}: {measure}, {method} − {BASELINE}: {err}")
                 continue
             plans.append(r | {"role": tag})
+            pairs = "" if r["unit"] == "seeds" else f" ({r['pairs']} {r['unit']})"
             print(
                 f"{tag}: {measure}, {method} − {BASELINE}: pilot {r['pilot_diff']:+.4f} "
-                f"(sd {r['pilot_sd']:.4f} over {r['pilot_pairs']} {r['unit']}); {n} seeds "
-                f"({r['pairs']} {r['unit']}) resolve {r['resolvable']:.4f} with power "
-                f"{r['power']:.0%}; the pilot's difference needs {r['seeds_needed']} seeds"
+                f"(sd {r['pilot_sd']:.4f} over {r['pilot_pairs']} {r['unit']}); {n} seeds"
+                f"{pairs} resolve {r['resolvable']:.4f} with power {r['power']:.0%}; the pilot's "
+                f"difference needs {r['seeds_needed']} seeds"
             )
             tag = "secondary"
     return plans

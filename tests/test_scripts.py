@@ -296,7 +296,7 @@ def test_grpo_vs_nthr_plan_reads_a_pilot(tmp_path, capsys):
     assert lines[0].startswith("declared test: primary = lld_delta_mean")
     assert lines[1].startswith("primary: lld_delta_mean, nthr − grpo: pilot +1.0000 (sd 0.2500")
     # (t975(3) + z80) · 0.25 / √4 = (3.182 + 0.8416) · 0.125
-    assert "4 seeds (4 seeds) resolve 0.5030 with power 80%" in lines[1]
+    assert "4 seeds resolve 0.5030 with power 80%" in lines[1]
     assert plans[0]["seeds_needed"] == 3 and plans[0]["role"] == "primary"
     assert plans[1]["measure"] == "lld_rate" and plans[1]["role"] == "secondary"
     assert len(plans) == 2  # no heldout.csv: no accuracy plan
