@@ -149,9 +149,19 @@ def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
     return held
 
 
+_SUMMARY_EXTRAS = (
+    "lld_delta_mean",
+    "clip_frac_high_mean",
+    "rule_penalty_mean",
+    "grad_norm_mean",
+    "updates_mean",
+)
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval,
-    LLD rate."""
+    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval (a
+    description: comparisons pair the rules, ``comparison``), LLD rate, and the means over seeds of
+    the other training measures the runs have (``_SUMMARY_EXTRAS``: grad norm, upper clip, ...)."""
     rows = []
     for method, g in results.groupby("method", sort=False):
         mean, std, low, high = t_interval(g["accuracy"].tolist())
@@ -174,6 +184,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
                 "lld_rate_mean": g["lld_rate_mean"].mean(),
                 "selected_frac_mean": g["selected_frac_mean"].mean(),
             }
+            # the other training measures, where the runs have them (means over seeds)
+            | {c: g[c].mean() for c in _SUMMARY_EXTRAS if c in g}
         )
     return pd.DataFrame(rows)
 

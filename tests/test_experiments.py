@@ -71,9 +71,11 @@ def test_summary_by_hand():
             "train_reward_last5": 0.2,
             "lld_rate_mean": 0.3,
             "selected_frac_mean": math.nan,
+            "grad_norm_mean": [1.0, 2.0, 4.5],
         }
     )
     row = summarize(results).iloc[0]
+    assert row["grad_norm_mean"] == 2.5 and "rule_penalty_mean" not in row  # (1 + 2 + 4.5) / 3
     # 0.5, 0.25 and 0.75 are exact in binary, and so are their mean and (ddof=1) standard deviation
     assert row["accuracy_mean"] == 0.5
     assert row["accuracy_std"] == 0.25
