@@ -2,8 +2,17 @@
 
 ``run_experiment`` trains every (method, seed) into ``runs/<name>/<label>/seed<k>/`` (skipping runs
 that are complete, resuming killed ones), evaluates each final model greedily on a held-out set, and
-writes ``runs/<name>/results.csv`` (one row per run) and ``runs/<name>/summary.csv`` (one row per
-method: mean over seeds with a t-interval, and the pooled accuracy with a Wilson interval).
+writes ``runs/<name>/results.csv`` (one row per run: its training measures over steps [0, horizon),
+``run_measures``), ``runs/<name>/heldout.csv`` (one row per run and held-out question: method,
+seed, question, correct), ``runs/<name>/summary.csv`` (one row per method: mean over seeds with a
+t-interval, and the pooled accuracy with a Wilson interval, a description) and
+``runs/<name>/experiment.json`` (methods, seeds, horizon, config, versions).
+
+A comparison is declared before the runs (docs/method.md §7): one primary measure of ``MEASURES``
+at one horizon, the others secondary. ``comparison`` tests one rule against a baseline on a
+measure: the training measures paired by seed (Student-t over seeds), held-out accuracy paired by
+question and seed (``stats.paired_accuracy``: a bootstrap over questions and seeds, and McNemar).
+``power_plan`` reads a pilot's results and says what a number of seeds can resolve.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from typing import Any
 import pandas as pd
 
 from nthr_book import config as book_config
-from nthr_book import rules
+from nthr_book import rules, stats
+from nthr_book.env import versions
+from nthr_book.io import write_json
 from nthr_book.stats import t_interval, wilson_interval
 from nthr_book.trainer import TrainConfig, read_metrics, task_defaults, train, training_problems
 
@@ -32,6 +43,57 @@ def __getattr__(name: str) -> Any:
     if name == "METHOD_PRESETS":
         return {n: {"method": n} for n in rules.names(trainable=True)}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+MEASURES = {
+    "lld_delta_mean": "mean Δ ln π of a step's right answers over its update",
+    "lld_rate": "LLD rate: share of a step's right answers whose ln π did not rise",
+    "accuracy": "held-out accuracy (greedy)",
+}
+"""The measures a training comparison may declare primary, and what each is."""
+
+MEASURE_COLUMNS = {"lld_delta_mean": "lld_delta_mean", "lld_rate": "lld_rate_mean"}
+"""The per-run column of results.csv that holds each training measure (accuracy: heldout.csv)."""
+
+# metrics.csv column -> results.csv column: each run's mean over steps [0, horizon)
+_MEANS = {
+    "lld/rate": "lld_rate_mean",
+    "lld/delta_mean": "lld_delta_mean",
+    "nthr/selected_frac": "selected_frac_mean",
+    "clip_frac_high": "clip_frac_high_mean",
+    "rule/penalty": "rule_penalty_mean",
+    "grad_norm": "grad_norm_mean",
+    "updates": "updates_mean",
+    "negatives/shared_prefix": "shared_prefix_mean",
+    "negatives/replaced": "replaced_mean",
+}
+
+
+def run_measures(metrics: pd.DataFrame, horizon: int) -> dict[str, float]:
+    """One run's training measures over its steps [0, ``horizon``) (a run's row of results.csv).
+
+    ``train_reward_first5`` and ``train_reward_last5``: the mean reward of the first and the last
+    5 steps of the window; for each metric of ``_MEANS`` present in ``metrics``, its mean over the
+    window's steps where it is defined (``lld_delta_mean`` = mean ``lld/delta_mean``; a step with no
+    right answer in its update has NaN there and is left out), NaN when it is nowhere defined.
+    A run of fewer than ``horizon`` steps is an error naming the horizon.
+    """
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon must be an int >= 1 (steps), got {horizon!r}")
+    window = metrics[metrics["step"] < horizon]
+    if len(window) < horizon:
+        raise ValueError(
+            f"horizon={horizon}: the run has {len(window)} steps; read it over at most that many"
+        )
+    row = {
+        "horizon": horizon,
+        "train_reward_first5": float(window["reward_mean"].head(5).mean()),
+        "train_reward_last5": float(window["reward_mean"].tail(5).mean()),
+    }
+    for column, key in _MEANS.items():
+        if column in window:
+            row[key] = float(window[column].mean())  # NaN steps skipped
+    return row
 
 
 def method_overrides(label: str) -> dict[str, Any]:
@@ -87,9 +149,19 @@ def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
     return held
 
 
+_SUMMARY_EXTRAS = (
+    "lld_delta_mean",
+    "clip_frac_high_mean",
+    "rule_penalty_mean",
+    "grad_norm_mean",
+    "updates_mean",
+)
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval,
-    LLD rate."""
+    """Per method: mean held-out accuracy over seeds with a t-interval, pooled Wilson interval (a
+    description: comparisons pair the rules, ``comparison``), LLD rate, and the means over seeds of
+    the other training measures the runs have (``_SUMMARY_EXTRAS``: grad norm, upper clip, ...)."""
     rows = []
     for method, g in results.groupby("method", sort=False):
         mean, std, low, high = t_interval(g["accuracy"].tolist())
@@ -112,6 +184,8 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
                 "lld_rate_mean": g["lld_rate_mean"].mean(),
                 "selected_frac_mean": g["selected_frac_mean"].mean(),
             }
+            # the other training measures, where the runs have them (means over seeds)
+            | {c: g[c].mean() for c in _SUMMARY_EXTRAS if c in g}
         )
     return pd.DataFrame(rows)
 
@@ -126,10 +200,15 @@ def run_experiment(
     eval_max_new_tokens: int | None = None,
     eval_batch_size: int = 32,
     evaluate_base: bool = True,
+    horizon: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Train each method and seed, evaluate on a held-out set, and return one row per run (notebook
     05).
+
+    Each run's training measures are read over its steps [0, ``horizon``) (``run_measures``;
+    None: all ``config.steps``), the one horizon the comparison declared; the held-out accuracy is
+    the final model's. ``heldout.csv`` beside ``results.csv`` has each run's answer per question.
 
     Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
     resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
@@ -149,6 +228,9 @@ def run_experiment(
         raise ValueError("seeds must not be empty")
     if isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 0:
         raise ValueError(f"n_eval must be an int >= 0, got {n_eval!r}")
+    horizon = cfg.steps if horizon is None else horizon
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= cfg.steps:
+        raise ValueError(f"horizon must be an int in [1, steps={cfg.steps}], got {horizon!r}")
     overrides = {label: method_overrides(label) for label in methods}  # validate every label first
     root = book_config.runs_dir() / name
     template, require_boxed = task_defaults(cfg)
@@ -173,10 +255,18 @@ def run_experiment(
             progress=progress,
         )
 
-    rows = []
+    rows, answers = [], []
+
+    def graded(res, label: str, seed: int) -> None:  # heldout.csv: one row per question
+        answers.extend(
+            {"method": label, "seed": seed, "question": q, "correct": int(round(c))}
+            for q, c in res.per_problem.items()
+        )
+
     if evaluate_base and held is not None:
         model, tokenizer = load_policy(cfg.model)
         base = eval_model(model, tokenizer, "base")
+        graded(base, "base", -1)
         rows.append(
             {
                 "method": "base",
@@ -197,22 +287,13 @@ def run_experiment(
             run_dir = train(run_cfg, resume=True, progress=progress)
             metrics = read_metrics(run_dir / "metrics.csv")
             row: dict[str, Any] = {"method": label, "seed": int(seed), "run_dir": str(run_dir)}
-            row["train_reward_first5"] = float(metrics["reward_mean"].head(5).mean())
-            row["train_reward_last5"] = float(metrics["reward_mean"].tail(5).mean())
-            row["lld_rate_mean"] = float(metrics["lld/rate"].mean())
-            # the mean change of ln π of a step's correct answers over its update
-            row["lld_delta_mean"] = float(metrics["lld/delta_mean"].mean())
-            row["selected_frac_mean"] = float(metrics["nthr/selected_frac"].mean())
-            # how near the wrong answers were to the right ones, and how many were replaced
-            for column, key in (
-                ("negatives/shared_prefix", "shared_prefix_mean"),
-                ("negatives/replaced", "replaced_mean"),
-            ):
-                if column in metrics:
-                    row[key] = float(metrics[column].mean())
+            # the training measures over steps [0, horizon): LLD rate, mean Δ ln π of the right
+            # answers, NTHR's selection, the upper clip, the rule's penalty, the gradient norm
+            row |= run_measures(metrics, horizon)
             if held is not None:
                 model, tokenizer = load_policy(str(Path(run_dir) / "model"))
                 res = eval_model(model, tokenizer, f"{label}/seed{seed}")
+                graded(res, label, int(seed))
                 row |= {
                     "accuracy": res.accuracy,
                     "ci_low": res.ci_low,
@@ -225,7 +306,179 @@ def run_experiment(
     results = pd.DataFrame(rows)
     root.mkdir(parents=True, exist_ok=True)
     results.to_csv(root / "results.csv", index=False)
+    if held is not None:
+        heldout = pd.DataFrame(answers, columns=["method", "seed", "question", "correct"])
+        heldout.to_csv(root / "heldout.csv", index=False)
+    else:  # no evaluation this time: an earlier call's answers would not match results.csv
+        (root / "heldout.csv").unlink(missing_ok=True)
+    experiment = {
+        "methods": list(methods),
+        "seeds": [int(s) for s in seeds],
+        "horizon": horizon,
+        "n_eval": n_eval,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+    }
+    write_json(root / "experiment.json", experiment)
     trained = results[results["method"] != "base"]
     if "accuracy" in trained and len(trained):
         summarize(trained).to_csv(root / "summary.csv", index=False)
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The declared comparison and its power
+# ---------------------------------------------------------------------------------------------
+
+
+def load_heldout(name: str) -> pd.DataFrame:
+    """``runs/<name>/heldout.csv`` (method, seed, question, correct), from ``run_experiment``."""
+    path = book_config.runs_dir() / name / "heldout.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run_experiment({name!r}, n_eval > 0) writes it")
+    return pd.read_csv(path)
+
+
+def _check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise ValueError(f"measure={measure!r}: expected one of {sorted(MEASURES)}")
+
+
+def _per_seed_differences(
+    results: pd.DataFrame, measure: str, method: str, baseline: str
+) -> pd.Series:
+    """(seeds,) method − baseline on a training measure, paired by seed (seeds both ran)."""
+    column = MEASURE_COLUMNS[measure]
+    trained = results[results["method"] != "base"]
+    for name in (method, baseline):
+        if name not in set(trained["method"]):
+            raise ValueError(f"no {name!r} runs among {sorted(set(trained['method']))}")
+    table = trained.pivot(index="seed", columns="method", values=column)
+    return (table[method] - table[baseline]).dropna()
+
+
+def comparison(
+    results: pd.DataFrame,
+    measure: str,
+    method: str,
+    baseline: str = "grpo",
+    *,
+    heldout: pd.DataFrame | None = None,
+    n_boot: int = 2000,
+) -> dict[str, Any]:
+    """``method`` − ``baseline`` on one measure of ``MEASURES``, paired, with its 95% interval and
+    ``stats.verdict``'s sentence.
+
+    A training measure (``results``' per-run column ``MEASURE_COLUMNS[measure]``) is paired by
+    seed: ``stats.paired_differences``, a Student-t interval over the seeds. Held-out accuracy is
+    paired by question and seed (``heldout``: heldout.csv): ``stats.paired_accuracy``, a bootstrap
+    that resamples seeds and questions, and McNemar's exact test on the (seed, question) pairs.
+    Returns measure, method, baseline, seeds, estimate, low, high, resolved, test (how it was
+    paired) and verdict; for accuracy also both accuracies and McNemar's counts and p-value.
+    """
+    _check_measure(measure)
+    out: dict[str, Any] = {"measure": measure, "method": method, "baseline": baseline}
+    if measure == "accuracy":
+        if heldout is None:
+            raise ValueError(
+                "comparison: held-out accuracy is paired by question and seed: pass heldout= "
+                "(runs/<name>/heldout.csv, experiments.load_heldout)"
+            )
+        r = stats.paired_accuracy(heldout, method, baseline, n_boot=n_boot)
+        out |= {
+            "seeds": r["seeds"],
+            "estimate": r["diff"],
+            "low": r["low"],
+            "high": r["high"],
+            "resolved": r["resolved"],
+            "test": f"paired by question and seed: bootstrap over {r['questions']} questions and "
+            f"{r['seeds']} seeds; McNemar p = {r['mcnemar_p']:.3g} "
+            f"({r['only_method']} vs {r['only_baseline']} answers right for one rule only)",
+            "value": r["accuracy"],
+            "value_baseline": r["accuracy_baseline"],
+            "only_method": r["only_method"],
+            "only_baseline": r["only_baseline"],
+            "mcnemar_p": r["mcnemar_p"],
+        }
+    else:
+        diff = _per_seed_differences(results, measure, method, baseline)  # checks both ran
+        column = MEASURE_COLUMNS[measure]
+        trained = results[results["method"].isin([method, baseline])]
+        paired = stats.paired_differences(trained, baseline=baseline, value=column).iloc[0]
+        means = trained[trained["seed"].isin(diff.index)].groupby("method")[column].mean()
+        out |= {
+            "seeds": int(paired["seeds"]),
+            "estimate": float(paired["diff_mean"]),
+            "low": float(paired["t95_low"]),
+            "high": float(paired["t95_high"]),
+            "resolved": bool(paired["resolved"]),
+            "test": f"paired by seed: 95% Student-t over {int(paired['seeds'])} seeds",
+            "value": float(means[method]),
+            "value_baseline": float(means[baseline]),
+            "per_seed": [float(v) for v in diff],
+        }
+    out["verdict"] = stats.verdict(out["estimate"], out["low"], out["high"])
+    return out
+
+
+def power_plan(
+    results: pd.DataFrame | None,
+    measure: str,
+    method: str,
+    baseline: str = "grpo",
+    *,
+    seeds: int,
+    heldout: pd.DataFrame | None = None,
+    power: float = 0.8,
+) -> dict[str, Any]:
+    """What a run of ``seeds`` seeds can resolve on ``measure`` (method − baseline), from a pilot.
+
+    A training measure: the pilot's per-seed differences (paired by seed; ``results``, its
+    results.csv): their mean and sd (ddof=1, at least 2 seeds); ``resolvable`` is
+    ``stats.resolvable_difference(sd, seeds, power)``, the smallest true difference a 95% t
+    interval over ``seeds`` seeds excludes 0 for with probability ``power``, and ``seeds_needed``
+    ``stats.pairs_needed(sd, mean, power)``, the seeds that resolve the pilot's difference.
+    Accuracy: the per-(seed, question) differences of ``heldout`` (each −1, 0 or 1), taken as
+    independent pairs: n = seeds × questions, and ``seeds_needed`` = ⌈pairs_needed / questions⌉.
+    That ignores a seed-to-seed spread in accuracy, which the bootstrap over seeds adds: the
+    accuracy numbers are a lower bound on what the run needs. ``seeds_needed`` is inf when the
+    pilot's difference is 0.
+    """
+    _check_measure(measure)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+        raise ValueError(f"seeds must be an int >= 2, got {seeds!r}")
+    out: dict[str, Any] = {"measure": measure, "method": method, "baseline": baseline}
+    if measure == "accuracy":
+        if heldout is None:
+            raise ValueError("power_plan: accuracy needs the pilot's heldout.csv (heldout=)")
+        wide = heldout[heldout["method"].isin([method, baseline])].pivot_table(
+            index=["seed", "question"], columns="method", values="correct", aggfunc="first"
+        )
+        for name in (method, baseline):
+            if name not in wide:
+                raise ValueError(f"power_plan: no held-out answers of {name!r}")
+        d = (wide[method] - wide[baseline]).dropna().to_numpy(dtype=float)  # (seed, question)
+        questions = wide.index.get_level_values("question").nunique()
+        n_pilot, n_plan, unit = len(d), seeds * questions, "(seed, question) pairs"
+    else:
+        d = _per_seed_differences(results, measure, method, baseline).to_numpy(dtype=float)
+        questions, n_pilot, n_plan, unit = None, len(d), seeds, "seeds"
+    if n_pilot < 2:
+        raise ValueError(f"power_plan: the pilot has {n_pilot} paired {unit}; need at least 2")
+    mean_, sd = float(d.mean()), float(d.std(ddof=1))
+    needed = stats.pairs_needed(sd, mean_, power) if sd > 0 else 2
+    exceeded = needed > 100_000
+    if questions is not None and not exceeded:
+        needed = math.ceil(needed / questions)
+    out |= {
+        "unit": unit,
+        "pilot_pairs": n_pilot,
+        "pilot_diff": mean_,
+        "pilot_sd": sd,
+        "seeds": seeds,
+        "pairs": n_plan,
+        "power": power,
+        "resolvable": stats.resolvable_difference(sd, n_plan, power),
+        "seeds_needed": math.inf if exceeded else max(int(needed), 2),
+    }
+    return out

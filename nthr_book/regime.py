@@ -345,8 +345,10 @@ def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
     - the paper's LLD measure: ``lld_rate``, the share of correct answers with Δ ≤ 0, with its
       interval (``lld_low``, ``lld_high``: questions resampled, their answers kept together), and
       ``frac_delta_le_0`` of questions;
-    - ``delta_per_step``: the median of Δ / (lr · grad_norm), the rise per unit of step length,
-      which compares rules whose steps differ in size;
+    - ``delta_per_step``: the median of Δ / (lr · grad_norm), the rise per unit of step length
+      (an SGD step moves the weights by lr · grad_norm), which compares rules whose steps differ
+      in size, and ``per_step_ratio_to_<baseline>``: it over the baseline's (a description, next
+      to the raw ratio);
     - the share of wrong tokens the rule spares (NTHR, Random) and the median resemblance (gwhes,
       shared_prefix).
     """
@@ -404,7 +406,11 @@ def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
                 "ratio_high": ratio[2],
             }
             rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if "delta_per_step" in out:  # per condition: the rule's rise per unit step over the baseline's
+        base = out[out["method"] == baseline].set_index("negatives")["delta_per_step"]
+        out[f"per_step_ratio_to_{baseline}"] = out["delta_per_step"] / out["negatives"].map(base)
+    return out
 
 
 def regime_shift(

@@ -24,6 +24,12 @@ How a rule changes the update, stage by stage (each consumer runs the stages it 
 4. the loss: the settings ``clip_eps_high`` and ``agg`` of ``grpo.policy_loss``, and ``penalty``,
    an extra per-token loss term ``(logps, old_logps, advantages, mask) -> (N, T)`` (LLDS's).
 
+Which groups a rule trains on: GRPO's advantages are 0 on a group whose answers are all right or
+all wrong, so the trainer's dynamic sampling drops such groups (``TrainConfig.dynamic_sampling``).
+A rule whose own advantages are not 0 there says ``keeps_homogeneous=True`` (NSR and W-REINFORCE:
+their code pushes an all-wrong group's answers down with -1 and no baseline), and the trainer keeps
+every group for it. TRL's trainer keeps every group anyway (it has no dynamic sampling).
+
 Settings (``SETTINGS``: ``clip_eps_high``, ``agg``, ``adv_std``, ``nthr_beta``) carry the names of
 the ``TrainConfig`` fields they set. A rule's setting replaces the caller's default; a caller that
 asks for another value is refused (``Rule.resolve_settings``).
@@ -97,6 +103,9 @@ class Rule:
     """Setting: GRPO's advantage normaliser (``grpo.STD_MODES``); None: the caller's."""
     nthr_beta: float | None = None
     """Setting: NTHR's threshold scale β for the rule's selection; None: the caller's."""
+    keeps_homogeneous: bool = False
+    """Whether the rule trains on homogeneous groups (all right or all wrong) too: True when its
+    advantages are not 0 there (NSR, W-REINFORCE), so dynamic sampling keeps every group for it."""
     why: str = ""
     """One line: what the rule does to the wrong answers' gradient, and why (notebook 08)."""
 
@@ -104,6 +113,8 @@ class Rule:
         def bad(field: str, why: str) -> None:
             raise ValueError(f"Rule {self.name!r}: {field}={getattr(self, field)!r}: {why}")
 
+        if not isinstance(self.keeps_homogeneous, bool):
+            bad("keeps_homogeneous", "expected True or False")
         q = self.entropy_quantile
         if q is not None and not (isinstance(q, (int, float)) and 0 < q <= 1):
             bad("entropy_quantile", "expected a number in (0, 1] or None")
@@ -294,13 +305,14 @@ register(
     )
 )
 # NSR and W-REINFORCE (arXiv 2506.01347): -1 on wrong responses, 0 (NSR) or λ = 0.1 (W-REINFORCE)
-# on correct ones, as their code has them (no group normalisation: all-wrong groups count too,
-# when the trainer keeps them);
+# on correct ones, as their code has them (no group normalisation: all-wrong groups count too, and
+# the trainer keeps them: keeps_homogeneous);
 register(
     Rule(
         "nsr",
         "NSR",
         from_rewards=grpo.negative_sample_advantages,
+        keeps_homogeneous=True,
         why="-1 on every wrong answer, nothing on right ones: learning from mistakes alone",
     )
 )
@@ -309,6 +321,7 @@ register(
         "w_reinforce",
         "W-REINFORCE",
         from_rewards=grpo.weighted_reinforce_advantages,
+        keeps_homogeneous=True,
         why="-1 on wrong answers, +0.1 on right ones: the negative push dominates by design",
     )
 )

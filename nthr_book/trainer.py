@@ -82,6 +82,7 @@ METRIC_COLUMNS = (
     "groups_used",
     "sampling/prompts",
     "sampling/mixed",
+    "sampling/homogeneous_used",
     "sampling/refill_rounds",
     "negatives/replaced",
     "negatives/shared_prefix",
@@ -95,6 +96,7 @@ METRIC_COLUMNS = (
     "ratio_min",
     "ratio_max",
     "grad_norm",
+    "updates",
     "lld/delta_mean",
     "lld/rate",
     "lld/n_correct",
@@ -175,7 +177,8 @@ class TrainConfig:
     adv_std: str = "population"
     """Advantage normaliser: "population" (paper), "sample", "none" (Dr. GRPO)."""
     dynamic_sampling: bool = True
-    """Drop homogeneous groups (all right or all wrong) from the update."""
+    """Drop homogeneous groups (all right or all wrong) from the update, unless the method's rule
+    trains on them (``rules.Rule.keeps_homogeneous``: NSR, W-REINFORCE keep every group)."""
     refill_max_rounds: int = 0
     """DAPO's refill for dynamic sampling: up to this many extra rounds of prompts_per_step new
     prompts until prompts_per_step mixed groups are kept (0: off, the update gets fewer groups)."""
@@ -277,6 +280,12 @@ class TrainConfig:
             bad(
                 "refill_max_rounds",
                 "refills the mixed groups of dynamic sampling: needs dynamic_sampling=True",
+            )
+        if self.refill_max_rounds and rules.get(self.method).keeps_homogeneous:
+            bad(
+                "refill_max_rounds",
+                f"method {self.method!r} keeps homogeneous groups (rules.Rule.keeps_homogeneous): "
+                "no group is dropped, so there is nothing to refill (set it to 0)",
             )
         if self.checkpoint_every < 0:
             bad("checkpoint_every", "must be >= 0")
@@ -735,18 +744,18 @@ class GRPOTrainer:
         }
         mixed = mixed_group_mask(rewards)
         row["frac_homogeneous"] = float(1 - mixed.float().mean())
-        keep = (
-            mixed.nonzero().squeeze(-1).tolist()
-            if cfg.dynamic_sampling
-            else list(range(rewards.shape[0]))
-        )
+        # dynamic sampling keeps the mixed groups, unless the rule trains on homogeneous ones too
+        filtered = cfg.dynamic_sampling and not rules.get(cfg.method).keeps_homogeneous
+        keep = mixed.nonzero().squeeze(-1).tolist() if filtered else list(range(rewards.shape[0]))
         keep = keep[: cfg.prompts_per_step]  # a refill may find more mixed groups than needed
         row["groups_used"] = float(len(keep))
-        # how the batch was filled: prompts sampled, mixed groups among them, refill rounds used
+        # how the batch was filled: prompts sampled, mixed groups among them, refill rounds used,
+        # and the homogeneous groups the update trains on (0 under dynamic sampling's filter)
         row.update(
             {
                 "sampling/prompts": float(rewards.shape[0]),
                 "sampling/mixed": float(mixed.sum()),
+                "sampling/homogeneous_used": float(len(keep) - int(mixed[keep].sum())),
                 "sampling/refill_rounds": float(rounds),
             }
         )
@@ -932,6 +941,7 @@ class GRPOTrainer:
         row["ratio_min"] = min((m["ratio_min"] for m in step_metrics), default=math.nan)
         row["ratio_max"] = max((m["ratio_max"] for m in step_metrics), default=math.nan)
         row["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else math.nan
+        row["updates"] = float(cfg.num_iterations * len(minis))  # optimizer steps on this batch
         for key in sorted({k for m in hook_metrics for k in m}):
             vals = np.array([m.get(key, math.nan) for m in hook_metrics], dtype=float)
             if key == "nthr/mixed_groups":
@@ -953,15 +963,18 @@ class GRPOTrainer:
     def _track_lld(
         self, ro: Rollouts, rewards: torch.Tensor, old_logps: torch.Tensor, row: dict
     ) -> None:
-        """Change of ln pi(y+|x) of this batch's correct responses over the update, and the LLD
-        rate."""
-        correct_rows = is_correct(rewards.reshape(-1)).nonzero().squeeze(-1)
+        """Change of ln pi(y+|x) of the correct responses of this batch's mixed groups over the
+        update, and the LLD rate (the correct answers of an all-right group that a rule keeping
+        homogeneous groups trains on are left out, so that every rule is measured on the same
+        kind of answers)."""
+        G = ro.group_size
+        in_mixed = mixed_group_mask(rewards).repeat_interleave(G)  # (N,)
+        correct_rows = (is_correct(rewards.reshape(-1)) & in_mixed).nonzero().squeeze(-1)
         row["lld/n_correct"] = float(correct_rows.numel())
         if correct_rows.numel() == 0:
             row["lld/delta_mean"] = row["lld/rate"] = math.nan
             return
         before = sequence_logprob(old_logps[correct_rows], ro.completion_mask[correct_rows])
-        G = ro.group_size
         groups = sorted({int(r) // G for r in correct_rows})
         new = torch.zeros_like(old_logps)
         for micro in self._micro_batches(groups):

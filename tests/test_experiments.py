@@ -3,6 +3,7 @@ experiment."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nthr_book import experiments
+from nthr_book import experiments, stats
 from nthr_book.experiments import (
     ablation_methods,
     method_overrides,
@@ -70,9 +71,11 @@ def test_summary_by_hand():
             "train_reward_last5": 0.2,
             "lld_rate_mean": 0.3,
             "selected_frac_mean": math.nan,
+            "grad_norm_mean": [1.0, 2.0, 4.5],
         }
     )
     row = summarize(results).iloc[0]
+    assert row["grad_norm_mean"] == 2.5 and "rule_penalty_mean" not in row  # (1 + 2 + 4.5) / 3
     # 0.5, 0.25 and 0.75 are exact in binary, and so are their mean and (ddof=1) standard deviation
     assert row["accuracy_mean"] == 0.5
     assert row["accuracy_std"] == 0.25
@@ -128,6 +131,23 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         assert run.lld_delta_mean == pytest.approx(metrics["lld/delta_mean"].mean(), **exact)
         shared = metrics["negatives/shared_prefix"].mean()
         assert run.shared_prefix_mean == pytest.approx(shared, **exact)
+    # heldout.csv: each run's graded answer per question, read back from its evaluation records
+    heldout = pd.read_csv(tmp_path / "tiny" / "heldout.csv")
+    assert list(heldout.columns) == ["method", "seed", "question", "correct"] and len(heldout) == 20
+    for (method, seed), answers in heldout.groupby(["method", "seed"]):
+        label = "base" if method == "base" else f"{method}/seed{seed}"
+        records = tmp_path / "tiny" / "eval" / label / "arithmetic_heldout.jsonl"
+        graded = {
+            r["id"]: int(r["correct"]) for r in map(json.loads, records.read_text().splitlines())
+        }
+        assert dict(zip(answers.question, answers.correct)) == graded
+        run = res[(res.method == method) & (res.seed == seed)].iloc[0]
+        assert run.accuracy == sum(graded.values()) / 4
+    assert set(heldout[heldout.method == "base"].seed) == {-1}
+    assert experiments.load_heldout("tiny").equals(heldout)
+    saved = json.loads((tmp_path / "tiny" / "experiment.json").read_text())
+    assert (saved["seeds"], saved["horizon"], saved["config"]["steps"]) == ([0, 1], 2, 2)
+    assert "torch" in saved["versions"] and (res[res.method != "base"].horizon == 2).all()
     held = experiments.heldout_problems(cfg, 4)
     train_texts = {
         p["problem"] for s in range(3) for p in experiments.training_problems(cfg.replace(seed=s))
@@ -156,5 +176,198 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, progress=False
     )
     assert list(unevaluated["method"]) == ["grpo"] and "accuracy" not in unevaluated
+    assert not (tmp_path / "tiny" / "heldout.csv").exists()  # no answers of these runs
     with pytest.raises(ValueError, match="n_eval must be an int >= 0"):
         run_experiment("tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=-1)
+    with pytest.raises(ValueError, match=r"horizon must be an int in \[1, steps=2\]"):
+        run_experiment("tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, horizon=3)
+    # a shorter horizon reads the same finished runs over their first step only
+    first = run_experiment(
+        "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, horizon=1, progress=False
+    ).iloc[0]
+    metrics = pd.read_csv(f"{first.run_dir}/metrics.csv")
+    assert first.horizon == 1 and first.grad_norm_mean == metrics["grad_norm"].iloc[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-run measures over a declared horizon
+# ---------------------------------------------------------------------------------------------
+
+
+def _metrics_table() -> pd.DataFrame:
+    """Seven steps of hand-picked metrics (multiples of 1/8: every mean below is exact)."""
+    return pd.DataFrame(
+        {
+            "step": range(7),
+            "reward_mean": [0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.125],
+            "lld/delta_mean": [0.5, -0.25, math.nan, 0.25, 0.0, 1.0, 8.0],
+            "lld/rate": [0.0, 1.0, math.nan, 0.5, 0.5, 0.0, 0.0],
+            "nthr/selected_frac": [math.nan] * 7,
+            "clip_frac_high": [0.0, 0.125, 0.0, 0.25, 0.0, 0.0, 1.0],
+            "rule/penalty": [0.0, 0.5, 0.0, 0.0, 0.25, 0.0, 0.0],
+            "grad_norm": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 70.0],
+            "updates": [2.0, 2.0, 1.0, 2.0, 2.0, 1.0, 2.0],
+        }
+    )
+
+
+def test_run_measures_over_the_horizon_by_hand():
+    row = experiments.run_measures(_metrics_table(), horizon=6)  # steps 0..5; step 6 is unread
+    assert row["horizon"] == 6
+    assert row["train_reward_first5"] == (0.0 + 0.25 + 0.5 + 0.75 + 1.0) / 5  # steps 0-4
+    assert row["train_reward_last5"] == (0.25 + 0.5 + 0.75 + 1.0 + 0.5) / 5  # steps 1-5
+    # step 2 has no right answer in its update (NaN): the mean of the other five
+    assert row["lld_delta_mean"] == (0.5 - 0.25 + 0.25 + 0.0 + 1.0) / 5
+    assert row["lld_rate_mean"] == (0.0 + 1.0 + 0.5 + 0.5 + 0.0) / 5
+    assert row["clip_frac_high_mean"] == 0.375 / 6 and row["rule_penalty_mean"] == 0.75 / 6
+    assert row["grad_norm_mean"] == 21.0 / 6 and row["updates_mean"] == 10.0 / 6
+    assert math.isnan(row["selected_frac_mean"])  # not an NTHR run
+    assert "shared_prefix_mean" not in row  # a metric the run did not log is left out
+    short = experiments.run_measures(_metrics_table(), horizon=2)
+    assert short["lld_delta_mean"] == 0.125 and short["train_reward_last5"] == 0.125
+
+
+@pytest.mark.parametrize("horizon", [0, 8, 2.5, True])
+def test_run_measures_refuse_a_horizon_the_run_cannot_give(horizon):
+    with pytest.raises(ValueError, match="horizon"):
+        experiments.run_measures(_metrics_table(), horizon=horizon)
+
+
+# ---------------------------------------------------------------------------------------------
+# the declared comparison and its power
+# ---------------------------------------------------------------------------------------------
+
+
+def _pilot() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Three seeds of two rules (results.csv) and their answers on four questions (heldout.csv)."""
+    results = pd.DataFrame(
+        {
+            "method": ["base", "grpo", "grpo", "grpo", "nthr", "nthr", "nthr"],
+            "seed": [-1, 0, 1, 2, 0, 1, 2],
+            "lld_delta_mean": [math.nan, 0.0, 0.25, -0.25, 1.0, 1.0, 1.0],
+            "lld_rate_mean": [math.nan, 0.5, 0.25, 0.75, 0.0, 0.25, 0.0],
+        }
+    )
+    grpo_answers = {0: [1, 0, 1, 0], 1: [1, 1, 0, 0], 2: [0, 0, 0, 1]}
+    nthr_answers = {0: [1, 1, 1, 0], 1: [1, 1, 1, 0], 2: [0, 0, 0, 1]}
+    heldout = pd.DataFrame(
+        [
+            {"method": m, "seed": s, "question": f"q{q}", "correct": c}
+            for m, answers in (("grpo", grpo_answers), ("nthr", nthr_answers))
+            for s, row in answers.items()
+            for q, c in enumerate(row)
+        ]
+        + [{"method": "base", "seed": -1, "question": f"q{q}", "correct": 1} for q in range(4)]
+    )
+    return results, heldout
+
+
+def test_comparison_of_a_training_measure_by_hand():
+    results, _ = _pilot()
+    c = experiments.comparison(results, "lld_delta_mean", "nthr")
+    # per seed NTHR − GRPO: 1, 0.75, 1.25 → mean 1, sd 0.25 (exact in binary)
+    assert c["per_seed"] == [1.0, 0.75, 1.25] and c["seeds"] == 3 and c["estimate"] == 1.0
+    half = 4.303 * 0.25 / math.sqrt(3)  # 0.62: the interval excludes 0
+    assert c["low"] == pytest.approx(1.0 - half, abs=4 * EPS64) and c["resolved"]
+    assert c["high"] == pytest.approx(1.0 + half, abs=4 * EPS64)
+    assert c["value"] == 1.0 and c["value_baseline"] == 0.0
+    assert c["verdict"] == stats.verdict(1.0, c["low"], c["high"])
+    assert c["verdict"].endswith("resolved (above 0)") and "paired by seed" in c["test"]
+    rate = experiments.comparison(results, "lld_rate", "nthr")
+    assert rate["per_seed"] == [-0.5, 0.0, -0.75] and not rate["resolved"]  # t95 half-width 0.98
+    with pytest.raises(ValueError, match="no 'pos_only' runs"):
+        experiments.comparison(results, "lld_rate", "pos_only")
+    with pytest.raises(ValueError, match="measure='reward'"):
+        experiments.comparison(results, "reward", "nthr")
+
+
+def test_comparison_of_accuracy_is_paired_by_question_and_seed():
+    results, heldout = _pilot()
+    c = experiments.comparison(results, "accuracy", "nthr", heldout=heldout)
+    # discordant (seed, question) pairs: (0, q1) and (1, q2), both right for NTHR only
+    assert (c["only_method"], c["only_baseline"]) == (2, 0)
+    assert c["estimate"] == 2 / 12 and c["value"] == 7 / 12 and c["value_baseline"] == 5 / 12
+    assert c["mcnemar_p"] == 0.5  # 2 · C(2, 0) / 2² = 0.5
+    assert c["verdict"] == stats.verdict(2 / 12, c["low"], c["high"])
+    assert "McNemar p = 0.5" in c["test"]
+    with pytest.raises(ValueError, match="pass heldout="):
+        experiments.comparison(results, "accuracy", "nthr")
+
+
+def test_power_plan_by_hand():
+    results, heldout = _pilot()
+    plan = experiments.power_plan(results, "lld_delta_mean", "nthr", seeds=5)
+    # per-seed differences 1, 0.75, 1.25: mean 1, sd 0.25
+    assert (plan["pilot_diff"], plan["pilot_sd"], plan["pilot_pairs"]) == (1.0, 0.25, 3)
+    z80 = 0.8416212335729143  # the 80% normal quantile
+    assert plan["resolvable"] == pytest.approx((2.776 + z80) * 0.25 / math.sqrt(5), rel=8 * EPS64)
+    # 3 seeds resolve (4.303 + z) · 0.25 / √3 = 0.74 <= 1; 2 seeds: (12.706 + z) · 0.25 / √2 = 2.4
+    assert plan["seeds_needed"] == 3
+    acc = experiments.power_plan(results, "accuracy", "nthr", seeds=3, heldout=heldout)
+    # 12 (seed, question) differences: two 1s, ten 0s → mean 1/6, sd √((2·(5/6)² + 10·(1/6)²)/11)
+    sd = math.sqrt((2 * (5 / 6) ** 2 + 10 * (1 / 6) ** 2) / 11)
+    assert acc["pilot_pairs"] == 12 and acc["pairs"] == 12
+    assert acc["pilot_sd"] == pytest.approx(sd, rel=16 * EPS64)
+    t11 = stats.t975(11)
+    assert acc["resolvable"] == pytest.approx((t11 + z80) * sd / math.sqrt(12), rel=64 * EPS64)
+    # the pairs that resolve 1/6, then seeds of 4 questions: by the formula, searched by hand
+    n = next(n for n in range(2, 10_000) if (stats.t975(n - 1) + z80) * sd / math.sqrt(n) <= 1 / 6)
+    assert acc["seeds_needed"] == math.ceil(n / 4)
+    with pytest.raises(ValueError, match="seeds must be an int >= 2"):
+        experiments.power_plan(results, "lld_rate", "nthr", seeds=1)
+    with pytest.raises(ValueError, match="heldout.csv"):
+        experiments.power_plan(results, "accuracy", "nthr", seeds=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# two updates per rollout batch: the controls that act once the policy has moved
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_updates_per_batch_separate_clip_higher_and_llds_from_grpo(tmp_path, monkeypatch):
+    """With one fused update per batch every ratio is 1: Clip-Higher's wider clip never binds and
+    LLDS's penalty is 0, so both reproduce GRPO's run number for number (the point of a one-update
+    run). With two mini-batches the second one's ratios have moved: the upper clip binds, the
+    penalty is non-zero, and the runs part from GRPO's."""
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    # every group mixed: answers 0 and 2 of each group of 4 right
+    monkeypatch.setattr(
+        "nthr_book.trainer.default_reward_fn",
+        lambda boxed: lambda c, a: [float(i % 2 == 0) for i in range(len(c))],
+    )
+    cfg = TrainConfig(
+        model="tiny-random",
+        num_problems=16,
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=6,
+        lr=1e-2,
+        kl_coef=0.0,
+        checkpoint_every=0,
+    )
+    rules3 = ("grpo", "clip_higher", "llds")
+
+    def runs(name, config):
+        res = run_experiment(name, rules3, (0,), config, n_eval=0, progress=False)
+        return res.set_index("method"), {
+            m: pd.read_csv(f"{res.set_index('method').run_dir[m]}/metrics.csv") for m in rules3
+        }
+
+    def same_numbers(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+        cols = [c for c in a.columns if not c.startswith(("time_", "rule/")) and c in b]
+        return a[cols].equals(b[cols])
+
+    fused, fused_metrics = runs("fused", cfg)
+    two, two_metrics = runs("two", cfg.replace(mini_batch_prompts=1))
+    assert (fused.updates_mean == 1).all() and (two.updates_mean == 2).all()
+    for m in ("clip_higher", "llds"):
+        assert same_numbers(fused_metrics[m], fused_metrics["grpo"]), m
+        assert not same_numbers(two_metrics[m], two_metrics["grpo"]), m
+    assert (fused.clip_frac_high_mean == 0).all() and fused.rule_penalty_mean["llds"] == 0
+    assert two.clip_frac_high_mean["clip_higher"] > 0  # ratios above 1.28 with A > 0
+    assert two.rule_penalty_mean["llds"] > 0
+    assert (two.grad_norm_mean > 0).all() and (fused.grad_norm_mean > 0).all()
+    # the per-run rows are the metrics' means over the steps
+    for m in rules3:
+        assert two.grad_norm_mean[m] == two_metrics[m]["grad_norm"].mean()

@@ -109,6 +109,30 @@ def test_regime_summary_by_hand():
     assert list(s.index.get_level_values(0).unique()) == ["f=0.00", "near-miss"]  # map order
 
 
+def test_delta_per_step_by_hand():
+    """Δ / (lr · grad_norm) per question, its median per rule, and that over Pos Only's: a rule
+    whose step is twice as long with the same Δ rises half as much per unit of step."""
+    table = _map_table().assign(lr=0.5)
+    # grad norms per question: GRPO 1, 2, 4; Pos Only 2 on every question; NTHR 1, 1, 1
+    norms = {"grpo": [1.0, 2.0, 4.0], "pos_only": [2.0, 2.0, 2.0], "nthr": [1.0, 1.0, 1.0]}
+    table["grad_norm"] = [norms[m][int(q[1])] for m, q in zip(table.method, table.question)]
+    s = regime.regime_summary(table, n_boot=200).set_index(["negatives", "method"])
+    # near-miss GRPO: 0.1 / 0.5, −0.1 / 1, 0.05 / 2 = 0.2, −0.1, 0.025 → median 0.025
+    grpo = s.loc[("near-miss", "grpo")]
+    assert grpo.delta_per_step == pytest.approx(0.05 / 2.0, rel=2 * EPS64)
+    # Pos Only: 0.2, 0.1, 0.4 over 0.5·2 = 1 → median 0.2; the ratio 0.025 / 0.2
+    pos = s.loc[("near-miss", "pos_only")]
+    assert pos.delta_per_step == pytest.approx(0.2, rel=2 * EPS64)
+    assert grpo.per_step_ratio_to_pos_only == pytest.approx(0.025 / 0.2, rel=4 * EPS64)
+    assert pos.per_step_ratio_to_pos_only == 1.0
+    # NTHR at f = 0: 0.5, 0.3, 0.6 over 0.5 → median 1.0; Pos Only: 0.2, 0.1, 0.4 → 0.2
+    assert s.loc[("f=0.00", "nthr")].delta_per_step == pytest.approx(1.0, rel=2 * EPS64)
+    assert s.loc[("f=0.00", "nthr")].per_step_ratio_to_pos_only == pytest.approx(5.0, rel=4 * EPS64)
+    # the raw ratio is unchanged: median Δ over Pos Only's, 0.05 / 0.2
+    assert grpo.ratio_to_pos_only == pytest.approx(0.05 / 0.2, rel=2 * EPS64)
+    assert "delta_per_step" not in regime.regime_summary(_map_table(), n_boot=200)
+
+
 def test_gwhes_ranking_by_hand():
     table = _map_table()
     out = regime.gwhes_ranking(table, k=2)

@@ -237,6 +237,18 @@ def test_the_hand_example_tells_the_rules_apart():
     torch.testing.assert_close(resp[1, 0], expected, rtol=0.0, atol=0.2 * 3 * EPS64 + EPS64)
 
 
+def test_keeps_homogeneous_marks_the_rules_that_train_on_homogeneous_groups():
+    """The flag is True exactly for the rules whose advantages are not 0 on an all-right or
+    all-wrong group (NSR and W-REINFORCE): dropping such groups changes only their updates."""
+    homogeneous = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    for name in rules.names():
+        rule = rules.get(name)
+        std = rule.settings().get("adv_std", "population")
+        signal = bool(rule.sequence_advantages(homogeneous, std=std).ne(0).any())
+        assert rule.keeps_homogeneous == signal, name
+    assert {n for n in rules.names() if rules.get(n).keeps_homogeneous} == {"nsr", "w_reinforce"}
+
+
 def test_family_advantages_on_mixed_and_homogeneous_groups():
     """NSR and W-REINFORCE are not group-normalised: all-wrong and all-correct groups count."""
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
@@ -365,6 +377,7 @@ def test_rule_settings_reach_trainer_runner_and_delta():
         ({"adv_std": "mad"}, "adv_std"),
         ({"nthr_beta": 1.0}, "nthr_beta"),  # β without a selection
         ({"from_rewards": grpo.negative_sample_advantages, "adv_std": "none"}, "adv_std"),
+        ({"keeps_homogeneous": 1}, "keeps_homogeneous"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_field(kwargs, field):

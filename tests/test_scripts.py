@@ -152,11 +152,11 @@ def test_lld_displacement_rejects_bad_arguments():
         script.parse_args(["--methods", "sgd"])
 
 
-def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
-    script = load_script("grpo_vs_nthr")
-    seen = {}
+def _fake_grpo_vs_nthr_run(seen: dict, runs: Path):
+    """A stand-in for run_experiment: records its arguments, writes heldout.csv under ``runs``
+    and returns per-run rows with hand-picked measures (NTHR's Δ ln π 1, 0.75 above GRPO's)."""
 
-    def fake_run(name, methods, seeds, config, n_eval, evaluate_base):
+    def fake_run(name, methods, seeds, config, n_eval, evaluate_base, horizon):
         seen.update(
             name=name,
             methods=methods,
@@ -164,27 +164,44 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
             config=config,
             n_eval=n_eval,
             base=evaluate_base,
+            horizon=horizon,
         )
-        return pd.DataFrame(
-            [
-                {
-                    "method": m,
-                    "seed": s,
-                    "train_reward_first5": 0.2,
-                    "train_reward_last5": 0.1 + 0.2 * s,
-                    "lld_rate_mean": 0.3,
-                    "selected_frac_mean": 0.0,
-                    "accuracy": 0.5,
-                    "ci_low": 0.3,
-                    "ci_high": 0.7,
-                    "n_eval": 10,
-                }
-                for m in methods
-                for s in seeds
-            ]
-        )
+        rows = [
+            {
+                "method": m,
+                "seed": s,
+                "horizon": horizon or config.steps,
+                "train_reward_first5": 0.2,
+                "train_reward_last5": 0.1 + 0.2 * s,
+                "lld_rate_mean": 0.3,
+                "lld_delta_mean": {"grpo": 0.0, "nthr": 1.0 - 0.25 * s}.get(m, 0.0),
+                "selected_frac_mean": 0.0,
+                "accuracy": 0.5,
+                "ci_low": 0.3,
+                "ci_high": 0.7,
+                "n_eval": 10,
+            }
+            for m in methods
+            for s in seeds
+        ]
+        answers = [
+            {"method": m, "seed": s, "question": f"q{q}", "correct": int(q < 5)}
+            for m in methods
+            for s in seeds
+            for q in range(10)
+        ]
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(answers).to_csv(runs / name / "heldout.csv", index=False)
+        return pd.DataFrame(rows)
 
-    monkeypatch.setattr(script, "run_experiment", fake_run)
+    return fake_run
+
+
+def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys, tmp_path):
+    script = load_script("grpo_vs_nthr")
+    seen = {}
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    monkeypatch.setattr(script, "run_experiment", _fake_grpo_vs_nthr_run(seen, tmp_path))
     script.main(
         [
             "--seeds",
@@ -201,23 +218,94 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys):
             "branched",
             "--branch-fraction",
             "0.25",
+            "--mini-batch-prompts",
+            "2",
+            "--num-iterations",
+            "2",
         ]
     )
     cfg = seen["config"]
-    assert (cfg.steps, cfg.model, cfg.prompts_per_step) == (
-        3,
-        "tiny-random",
-        4,
-    )  # the rest from the fast preset
+    assert (cfg.steps, cfg.model, cfg.prompts_per_step) == (3, "tiny-random", 4)  # fast preset
     assert (cfg.negatives, cfg.branch_fraction) == ("branched", 0.25)
+    assert (cfg.mini_batch_prompts, cfg.num_iterations) == (2, 2)
     assert seen["name"] == "grpo_vs_nthr_fast" and seen["seeds"] == [0, 1] and seen["base"] is False
+    assert seen["horizon"] is None  # the default: every step
     out = capsys.readouterr().out
-    assert (
-        "2/4 runs up" in out
-    )  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2), for both methods
-    assert "accuracy, paired with GRPO by seed" in out  # equal accuracies: 0, unresolved
+    lines = out.splitlines()
+    # the declared test comes first: accuracy by default, paired by question and seed
+    assert lines[0].startswith("declared test: primary = accuracy (held-out accuracy (greedy))")
+    assert "after 3 steps" in lines[0] and "nthr − grpo" in lines[0]
+    primary = next(i for i, x in enumerate(lines) if x.startswith("PRIMARY"))
+    assert lines[primary].startswith("PRIMARY: accuracy, nthr − grpo")
+    assert "not resolved" in lines[primary] and "McNemar p = 1" in lines[primary]
+    secondary = [i for i, x in enumerate(lines) if x.startswith("secondary")]
+    assert secondary and min(secondary) > primary
+    assert any(lines[i].startswith("secondary: lld_delta_mean, nthr − grpo") for i in secondary)
+    assert "2/4 runs up" in out  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2)
     with pytest.raises(SystemExit):
         script.main(["--negatives", "mined"])
+
+
+def test_grpo_vs_nthr_declares_a_training_primary_and_its_horizon(monkeypatch, capsys, tmp_path):
+    script = load_script("grpo_vs_nthr")
+    seen = {}
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    monkeypatch.setattr(script, "run_experiment", _fake_grpo_vs_nthr_run(seen, tmp_path))
+    argv = ["--steps", "6", "--methods", "grpo", "pos_only", "nthr", "--seeds", "0", "1"]
+    script.main(argv + ["--primary", "lld_delta_mean", "--horizon", "4", "--contrast", "nthr"])
+    assert seen["horizon"] == 4
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "declared test: primary = lld_delta_mean (mean Δ ln π of a step's right answers over its "
+        "update) over steps [0, 4), paired by seed, nthr − grpo, 95% interval; secondary: "
+        "lld_rate, accuracy; pos_only minus grpo"
+    )
+    primary = next(x for x in lines if x.startswith("PRIMARY"))
+    # NTHR − GRPO per seed 1, 0.75: mean 0.875, one t interval over 2 seeds
+    assert primary.startswith("PRIMARY: lld_delta_mean, nthr − grpo (0.8750 vs 0.0000): +0.875")
+    assert "per seed +1.000, +0.750" in primary
+    after = lines[lines.index(primary) + 1]
+    assert after.startswith("secondary: lld_delta_mean, pos_only − grpo")
+    # parsing: the choices, the horizon's range, and the contrast among the methods
+    for bad in (
+        ["--primary", "reward"],
+        ["--horizon", "0"],
+        ["--contrast", "llds"],
+        ["--methods", "nthr", "pos_only"],
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args(bad)
+    with pytest.raises(SystemExit, match="exceeds the run's 6 steps"):
+        script.main(argv + ["--primary", "lld_rate", "--horizon", "7"])
+    with pytest.raises(SystemExit, match="after all 6 steps"):
+        script.main(argv + ["--horizon", "4"])  # accuracy is the final model's
+    assert script.parse_args(["--methods", "grpo", "nthr_all", "nthr"]).contrast == "nthr_all"
+
+
+def test_grpo_vs_nthr_plan_reads_a_pilot(tmp_path, capsys):
+    script = load_script("grpo_vs_nthr")
+    pilot = tmp_path / "pilot"
+    pilot.mkdir()
+    pd.DataFrame(
+        {
+            "method": ["grpo"] * 3 + ["nthr"] * 3,
+            "seed": [0, 1, 2] * 2,
+            "lld_delta_mean": [0.0, 0.25, -0.25, 1.0, 1.0, 1.0],  # differences 1, 0.75, 1.25
+            "lld_rate_mean": [0.5] * 6,
+        }
+    ).to_csv(pilot / "results.csv", index=False)
+    argv = ["--plan", str(pilot), "--primary", "lld_delta_mean", "--seeds", "0", "1", "2", "3"]
+    plans = script.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("declared test: primary = lld_delta_mean")
+    assert lines[1].startswith("primary: lld_delta_mean, nthr − grpo: pilot +1.0000 (sd 0.2500")
+    # (t975(3) + z80) · 0.25 / √4 = (3.182 + 0.8416) · 0.125
+    assert "4 seeds resolve 0.5030 with power 80%" in lines[1]
+    assert plans[0]["seeds_needed"] == 3 and plans[0]["role"] == "primary"
+    assert plans[1]["measure"] == "lld_rate" and plans[1]["role"] == "secondary"
+    assert len(plans) == 2  # no heldout.csv: no accuracy plan
+    with pytest.raises(SystemExit, match="no results.csv"):
+        script.main(["--plan", str(tmp_path / "nowhere")])
 
 
 def test_evaluate_benchmarks_writes_tables_and_skips_missing_data(tmp_path, monkeypatch, capsys):

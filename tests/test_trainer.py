@@ -232,6 +232,92 @@ def test_metrics_nan_when_no_mixed_group(tmp_path):
     assert row["groups_used"] == 0 and row["frac_homogeneous"] == 1 and math.isnan(row["loss"])
 
 
+# ------------------------------------------------------------------ homogeneous groups, by rule
+
+
+def all_wrong(completions: list[str], answers: list[str]) -> list[float]:
+    return [0.0] * len(completions)
+
+
+def _spied_updates(monkeypatch) -> list[tuple]:
+    """Patch GRPOTrainer._update to record (rollouts, rewards, per-token ln π before, after)."""
+    seen: list[tuple] = []
+    real_update = GRPOTrainer._update
+
+    def spy(self, ro, rewards, row, times):
+        with torch.no_grad():
+            before = self._logps(self.model, ro).double()
+        real_update(self, ro, rewards, row, times)
+        with torch.no_grad():
+            after = self._logps(self.model, ro).double()
+        seen.append((ro, rewards.clone(), before, after))
+
+    monkeypatch.setattr(GRPOTrainer, "_update", spy)
+    return seen
+
+
+def test_nsr_trains_on_all_wrong_groups_and_grpo_drops_them(tmp_path, monkeypatch):
+    """NSR's code pushes an all-wrong group down with -1 (no baseline): the trainer keeps it for
+    NSR (rules.Rule.keeps_homogeneous), the step moves the weights and lowers the answers' ln π;
+    GRPO's dynamic sampling drops the same groups, and its weights stay put."""
+    assert rules.get("nsr").keeps_homogeneous and rules.get("w_reinforce").keeps_homogeneous
+    assert not rules.get("grpo").keeps_homogeneous and not rules.get("nthr").keeps_homogeneous
+    seen = _spied_updates(monkeypatch)
+    rows, moved = {}, {}
+    for method in ("nsr", "grpo"):
+        cfg = tiny(tmp_path / method, steps=1, method=method, kl_coef=0.0)
+        trainer = GRPOTrainer(cfg, reward_fn=all_wrong, device="cpu")
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        rows[method] = trainer.train_step(0)
+        end = trainer.model.state_dict()
+        moved[method] = any(not torch.equal(start[k], end[k]) for k in start)
+    nsr, grpo_row = rows["nsr"], rows["grpo"]
+    assert (nsr["sampling/mixed"], nsr["groups_used"], nsr["sampling/homogeneous_used"]) == (
+        0,
+        2,
+        2,
+    )
+    assert moved["nsr"] and nsr["updates"] == 1 and math.isfinite(nsr["loss"])
+    assert len(seen) == 1  # only NSR's step reached the update
+    ro, rewards, before, after = seen[0]
+    assert rewards.eq(0).all() and rewards.shape == (2, 4)
+    mask = ro.completion_mask.bool()
+    # every token has A = -1: the loss is the mean ratio over the valid tokens, and the step
+    # lowered it; the answers' ln π fell, summed and on most answers
+    change = ((after - before) * mask).sum(-1)  # (8,) Δ ln π per answer
+    assert float((after - before).exp()[mask].mean()) < 1.0
+    assert float(change.sum()) < 0 and int((change < 0).sum()) >= 6
+    # no right answer in a mixed group: nothing for the LLD measure
+    assert nsr["lld/n_correct"] == 0 and math.isnan(nsr["lld/delta_mean"])
+    assert (grpo_row["groups_used"], grpo_row["sampling/homogeneous_used"]) == (0, 0)
+    assert not moved["grpo"] and "loss" not in grpo_row  # no update: no loss (NaN in the CSV)
+
+
+def test_lld_is_measured_on_the_mixed_groups_right_answers(tmp_path, monkeypatch):
+    """NSR keeps an all-right group too; the LLD measure reads only the mixed group's right
+    answers, as for every other rule (the all-right group's answers are not what LLD is about)."""
+    seen = _spied_updates(monkeypatch)
+
+    def one_mixed_one_right(completions, answers):  # group 0: right, wrong, right, wrong; 1: right
+        return [float(i >= 4 or i % 2 == 0) for i in range(len(completions))]
+
+    cfg = tiny(tmp_path, steps=1, method="nsr", kl_coef=0.0)
+    row = GRPOTrainer(cfg, reward_fn=one_mixed_one_right, device="cpu").train_step(0)
+    assert row["groups_used"] == 2 and row["sampling/homogeneous_used"] == 1
+    assert row["lld/n_correct"] == 2  # rows 0 and 2, not the all-right group's 4
+    ro, _, before, after = seen[0]
+    mask = ro.completion_mask.double()
+    delta = ((after - before) * mask).sum(-1)  # (8,) in float64, from the spy's own passes
+    # the trainer's float32 sums of ~6 terms of |ln π| < 20: a few hundred float32 roundings
+    assert row["lld/delta_mean"] == pytest.approx(float(delta[[0, 2]].mean()), abs=1e-4)
+    assert row["lld/rate"] == float((delta[[0, 2]] <= 0).double().mean())
+
+
+def test_a_rule_that_keeps_every_group_refuses_a_refill():
+    with pytest.raises(ValueError, match="TrainConfig.refill_max_rounds.*keeps homogeneous"):
+        TrainConfig(method="nsr", refill_max_rounds=2)
+
+
 # ------------------------------------------------------------------ dynamic sampling, DAPO's refill
 
 

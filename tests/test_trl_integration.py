@@ -31,7 +31,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import nthr_book.integrations.trl as trl_integration  # noqa: E402
-from nthr_book import grpo  # noqa: E402
+from nthr_book import grpo, rules  # noqa: E402
 from nthr_book.grpo import group_advantages  # noqa: E402
 from nthr_book.integrations.trl import (  # noqa: E402
     LLDCallback,
@@ -749,6 +749,21 @@ def test_nsr_and_w_reinforce_replace_trls_advantages(tmp_path, tokenizer, rule, 
     # the rewards are float32, so λ is float32's 0.1 on both sides
     expected = torch.where(correct, torch.tensor(positive), torch.tensor(-1.0))
     assert torch.equal(out["advantages"], expected) and torch.equal(out["seq_advantages"], expected)
+
+
+def test_trl_keeps_all_wrong_groups_for_nsr(tmp_path, tokenizer):
+    """TRL has no dynamic sampling: with every answer wrong, NSR's groups carry -1 on every
+    response (its code's all-wrong push, rules.Rule.keeps_homogeneous) and GRPO's carry 0."""
+
+    def all_wrong(completions, **kwargs) -> list[float]:
+        return [0.0] * len(completions)
+
+    ours = make_trainer(tmp_path / "a", tokenizer, rule="nsr", reward_funcs=all_wrong)
+    plain = make_trainer(tmp_path / "b", tokenizer, reward_funcs=all_wrong)
+    out, ref = generate(ours), generate(plain)
+    assert rules.get("nsr").keeps_homogeneous
+    assert torch.equal(out["advantages"], torch.full_like(out["advantages"], -1.0))
+    assert ref["advantages"].eq(0).all()
 
 
 def test_pos_only_clamps_trls_own_advantages(tmp_path, tokenizer):

@@ -85,7 +85,9 @@ refused; Gemma's soft-capping is applied, as in TRL's log-probs.
 Update rules of ``nthr_book.rules`` (``rule="nsr"``, ...): the trainer's advantage hook replaces
 TRL's (B,) advantages by the rule's per-response ones (``rules.Rule.sequence_advantages``: NSR's and
 W-REINFORCE's from the rewards of the whole generation batch, Pos Only's and Neg Only's elementwise
-from TRL's own), and adds the rule's extra loss term (LLDS's ``grpo.llds_penalty``) to TRL's loss,
+from TRL's own; TRL drops no group, so an all-wrong group is pushed down with -1 here as in those
+rules' code, ``rules.Rule.keeps_homogeneous``, and a rule that does not keep such groups has 0 on
+them), and adds the rule's extra loss term (LLDS's ``grpo.llds_penalty``) to TRL's loss,
 read off the training forward's log-probs: its mean over the micro-batch's loss-mask tokens, divided
 by the gradient accumulation steps (as TRL scales its entropy bonus; the LLDS code's masked token
 mean). The old log-probs are TRL's ``old_per_token_logps``, or the forward's own, detached, when TRL
