@@ -159,3 +159,20 @@ def test_two_at_a_time_smoke_prints_both_ways_and_their_ratio(tmp_path):
     summary = json.loads((tmp_path / "t.json").read_text())
     assert summary["median_s_one_at_a_time"] > 0 and summary["median_s_two_at_a_time"] > 0
     assert summary["ratio"] == summary["median_s_one_at_a_time"] / summary["median_s_two_at_a_time"]
+
+
+def test_reasoner_build_bench_times_a_tiny_build_into_a_temporary_cache(tmp_path):
+    bench = _load_bench("reasoner_build")
+    out = tmp_path / "reasoner_build.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(
+            ["--size", "ci", "--base", "tiny-random", "--steps", "2", "--threads", "1"]
+            + ["--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["base"] == "tiny-random"
+    assert saved["preset_steps"] == result["preset_steps"] > 2
+    assert saved["seconds_full_build_estimate"] > 0 and "torch" in saved["versions"]
