@@ -25,6 +25,7 @@ loader, ``data.build_prompt``) it takes as arguments: ``models.reasoner_dir`` pa
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.metadata
 import io
@@ -59,16 +60,17 @@ __all__ = [
     "pad_batch",
     "problems",
     "split_of",
+    "split_space",
     "train_sft",
     "worked_solution",
 ]
 
 REASONER = "smollm2-135m-reasoner"  # the models.load_policy name of the fine-tuned embedded model
 # Bump when the task's text, the template or the training loop changes: it is part of the cache key.
-REASONER_VERSION = 1
+REASONER_VERSION = 2
 TEMPLATE_NAME = "reasoner"  # its key in data.PROMPT_TEMPLATES
 TEMPLATE = "{problem}\nWork it out by place value and put the final answer in \\boxed{}."
-MAX_NEW_TOKENS = 64  # the longest worked solution (three partial products) takes about 45 tokens
+MAX_NEW_TOKENS = 64  # a worked solution takes 31-59 tokens with EOS (three partial products: 59)
 TEMPERATURE = 1.0  # the sampling temperature of the RL runs, at which the warm-up is tuned
 # Shares of the problem space by a hash of the expression: disjoint, whatever the seeds.
 SPLITS: tuple[tuple[str, float], ...] = (("heldout", 0.15), ("rl", 0.25), ("warmup", 0.60))
@@ -130,6 +132,22 @@ def _check_split(split: str) -> str:
     return split
 
 
+@functools.cache
+def split_space(split: str) -> dict[int, tuple[tuple[int, int], ...]]:
+    """Every product of the task in ``split``, by the number of digits of ``a``: {2: ((a, b), ...),
+    3: (...)} in increasing order. ``a`` has two or three digits, at least two of them nonzero
+    (40 and 300 are out, 340 is in), ``b`` is 2-9."""
+    _check_split(split)
+    space: dict[int, list[tuple[int, int]]] = {2: [], 3: []}
+    for a in range(10, 1000):
+        if len(_place_values(a)) < 2:
+            continue
+        for b in range(2, 10):
+            if split_of(f"{a} * {b}") == split:
+                space[len(str(a))].append((a, b))
+    return {digits: tuple(pairs) for digits, pairs in space.items()}
+
+
 def problems(
     split: str,
     n: int,
@@ -137,12 +155,14 @@ def problems(
     seed: int,
     three_digit_share: float = THREE_DIGIT_SHARE,
 ) -> list[dict]:
-    """``n`` distinct products ``a * b`` of one split (``split_of``), drawn from ``seed``.
+    """``n`` distinct products ``a * b`` of one split (``split_space``), drawn from ``seed``.
 
-    ``a`` has two digits (share ``1 - three_digit_share``) or three, at least two of them nonzero;
-    ``b`` is 2-9. The draws come from one seeded stream, so a larger ``n`` extends a smaller one.
-    Each dict has ``id``, ``problem``, ``answer`` (a string), ``expression``, ``solution`` (the
-    worked solution, ``worked_solution``), ``split`` and ``num_partials`` (2 or 3).
+    Each problem's ``a`` has three digits with probability ``three_digit_share``, else two; the
+    product is the next one of that kind in a seeded shuffle of the split, so the problems are
+    distinct, the mixture is the one asked, and a larger ``n`` extends a smaller one. A kind that
+    runs out raises ``ValueError`` (the held-out split has 112 two-digit products, the RL pool
+    155, the warm-up 381). Each dict has ``id``, ``problem``, ``answer`` (a string),
+    ``expression``, ``solution`` (``worked_solution``), ``split`` and ``num_partials`` (2 or 3).
     """
     _check_split(split)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -152,23 +172,21 @@ def problems(
     if not 0.0 <= three_digit_share <= 1.0:
         raise ValueError(f"three_digit_share must lie in [0, 1], got {three_digit_share!r}")
     rng = random.Random(f"nthr_book.reasoner/{seed}/{split}/{three_digit_share!r}")
+    space = split_space(split)
+    queues = {digits: rng.sample(pairs, len(pairs)) for digits, pairs in space.items()}
+    taken = {digits: 0 for digits in space}
     out: list[dict] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 1000 * (n + 10):
-            raise ValueError(
-                f"could only draw {len(out)} distinct {split!r} problems, wanted {n}: the split "
-                "holds fewer (lower n or raise three_digit_share)"
-            )
+    for _ in range(n):
         digits = 3 if rng.random() < three_digit_share else 2
-        a = rng.randint(10 ** (digits - 1), 10**digits - 1)
-        b = rng.randint(2, 9)
+        if taken[digits] == len(queues[digits]):
+            raise ValueError(
+                f"n={n}: the {split!r} split holds only {len(queues[digits])} products with a "
+                f"{digits}-digit first factor, and three_digit_share={three_digit_share} asks for "
+                "more: lower n or change the share"
+            )
+        a, b = queues[digits][taken[digits]]
+        taken[digits] += 1
         expression = f"{a} * {b}"
-        if len(_place_values(a)) < 2 or expression in seen or split_of(expression) != split:
-            continue
-        seen.add(expression)
         out.append(
             {
                 "id": f"reasoner/{a}x{b}",
@@ -342,7 +360,7 @@ class ReasonerSettings:
 
     base: str = "smollm2-135m"  # the model fine-tuned, a models.load_policy name
     seed: int = 0  # seeds the warm-up problems, their order and the run
-    num_examples: int = 2000  # distinct warm-up problems (worked solutions) to draw batches from
+    num_examples: int = 480  # distinct warm-up problems; batches cycle through them in epochs
     three_digit_share: float = THREE_DIGIT_SHARE  # share of three-digit first factors
     steps: int = 60  # AdamW steps
     batch_size: int = 8  # worked solutions per step
@@ -377,12 +395,13 @@ class ReasonerSettings:
 
     @classmethod
     def ci(cls) -> ReasonerSettings:
-        """The rehearsal of ``make test``: the same task, a few dozen steps (about a minute)."""
-        return cls(num_examples=400, steps=16, warmup_steps=2)
+        """The rehearsal of ``make test``: the same task, 16 steps (one epoch of 128 problems)."""
+        return cls(num_examples=128, steps=16, warmup_steps=2)
 
     @classmethod
     def laptop(cls) -> ReasonerSettings:
-        """The warm-up of ``make demo`` and of the paper size: minutes on 2 CPU cores."""
+        """The warm-up of ``make demo`` and of the paper size: 60 steps of 8, one epoch of 480
+        problems (minutes on 2 CPU cores)."""
         return cls()
 
     @classmethod

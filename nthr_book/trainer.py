@@ -478,7 +478,10 @@ def training_problems(cfg: TrainConfig) -> list[dict]:
     if cfg.task == "arithmetic":
         problems = list(data.arithmetic_problems(cfg.num_problems or 512, seed=TRAIN_POOL_SEED))
     elif cfg.task == "reasoner":  # the RL-pool split: disjoint from the warm-up and the held-out
-        problems = reasoner.problems("rl", cfg.num_problems or 512, seed=TRAIN_POOL_SEED)
+        try:
+            problems = reasoner.problems("rl", cfg.num_problems or 256, seed=TRAIN_POOL_SEED)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.num_problems={cfg.num_problems}: {exc}") from None
     else:
         problems = list(data.load_math_train(levels=cfg.math_levels))
     order = np.random.default_rng(cfg.seed).permutation(len(problems))

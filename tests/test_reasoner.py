@@ -97,12 +97,24 @@ def test_problems_are_deterministic_distinct_and_extend_with_n():
         (dict(split="rl", n=-1, seed=0), "n must be"),
         (dict(split="rl", n=3, seed="0"), "seed must be"),
         (dict(split="rl", n=3, seed=0, three_digit_share=1.5), "three_digit_share"),
-        (dict(split="heldout", n=500, seed=0, three_digit_share=0.0), "could only draw"),
+        (dict(split="heldout", n=113, seed=0, three_digit_share=0.0), "holds only 112 products"),
     ],
 )
 def test_problems_refuse_bad_arguments_by_name(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         reasoner.problems(**kwargs)
+
+
+def test_problems_follow_the_asked_mixture_of_two_and_three_digit_factors():
+    n, share = 400, 0.5
+    drawn = reasoner.problems("warmup", n, seed=0, three_digit_share=share)
+    three = sum(len(p["expression"].split(" * ")[0]) == 3 for p in drawn)
+    assert abs(three - share * n) < 4 * math.sqrt(n * share * (1 - share))  # binomial, 4 sd
+    assert {p["num_partials"] for p in drawn} == {2, 3}  # 3-digit factors with a zero digit: 2
+    two_only = reasoner.problems("heldout", 112, seed=0, three_digit_share=0.0)
+    assert sorted(p["expression"] for p in two_only) == sorted(
+        f"{a} * {b}" for a, b in reasoner.split_space("heldout")[2]
+    )  # the whole kind, each product once
 
 
 def test_the_splits_partition_the_problem_space_in_their_shares():
@@ -113,7 +125,15 @@ def test_the_splits_partition_the_problem_space_in_their_shares():
     for name, share in reasoner.SPLITS:  # a hash split: binomial counts, within 4 sd
         sd = math.sqrt(len(space) * share * (1 - share))
         assert abs(counts[name] - share * len(space)) < 4 * sd, (name, counts)
-    drawn = {name: reasoner.problems(name, 300, seed=7) for name, _ in reasoner.SPLITS}
+    spaces = [reasoner.split_space(name) for name, _ in reasoner.SPLITS]
+    # the task: a of two or three digits, at least two of them nonzero; b from 2 to 9
+    task = {
+        (a, b) for a in range(10, 1000) for b in range(2, 10) if sum(d != "0" for d in str(a)) > 1
+    }
+    assert sorted(pair for space in spaces for pairs in space.values() for pair in pairs) == sorted(
+        task
+    )
+    drawn = {name: reasoner.problems(name, 200, seed=7) for name, _ in reasoner.SPLITS}
     for name, problems in drawn.items():
         assert {reasoner.split_of(p["expression"]) for p in problems} == {name}
     sets = [{p["expression"] for p in problems} for problems in drawn.values()]
@@ -136,6 +156,8 @@ def test_trainer_and_experiments_draw_from_the_rl_and_heldout_splits():
     assert task_defaults(cfg.replace(require_boxed=False)) == (reasoner.TEMPLATE_NAME, False)
     with pytest.raises(ValueError, match="TrainConfig.task='bogus'"):
         TrainConfig(task="bogus")
+    with pytest.raises(ValueError, match="TrainConfig.num_problems=512: .* holds only 155"):
+        training_problems(TrainConfig(task="reasoner", num_problems=512))
 
 
 def test_prompt_template_is_registered_without_examples(tokenizer):
