@@ -17,6 +17,9 @@ Pieces: the task (``problems``, ``worked_solution``, the split ``split_of`` into
 ``build_reasoner``, which fine-tunes once and caches the result under
 ``<cache>/<base>-reasoner-<key>`` (a staging folder renamed into place, then a marker).
 
+Why one module of this length: the task's text, the loss that learns it and the cache that keys
+both change together (``REASONER_VERSION``).
+
 Import direction: this module imports only ``nthr_book.io``; ``models``, ``data``, ``trainer`` and
 ``experiments`` import it. What the build needs from them (the cache folder, the base model's
 loader, ``data.build_prompt``) it takes as arguments: ``models.reasoner_dir`` passes them.
