@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -375,6 +376,8 @@ def test_models_build_the_reasoner_of_the_run_size_beside_the_converted_model(
 
 @pytest.mark.slow
 def test_a_two_step_warm_up_of_the_embedded_model_loads_and_answers(tmp_path):
+    from nthr_book.groups import sample_groups
+
     settings = reasoner.ReasonerSettings(num_examples=8, steps=2, batch_size=2, warmup_steps=0)
     folder = reasoner.build_reasoner(
         settings,
@@ -383,16 +386,17 @@ def test_a_two_step_warm_up_of_the_embedded_model_loads_and_answers(tmp_path):
         build_prompt=data.build_prompt,
         progress=False,
     )
-    model, tokenizer = models.load_policy(str(folder))
-    from nthr_book.groups import sample_groups
-
-    groups = sample_groups(
-        model,
-        tokenizer,
-        reasoner.problems("heldout", 2, seed=0),
-        group_size=2,
-        max_new_tokens=8,
-        temperature=1.0,
-        template=reasoner.TEMPLATE_NAME,
-    )
-    assert [g.group_size for g in groups] == [2, 2]
+    try:
+        model, tokenizer = models.load_policy(str(folder))
+        groups = sample_groups(
+            model,
+            tokenizer,
+            reasoner.problems("heldout", 2, seed=0),
+            group_size=2,
+            max_new_tokens=8,
+            temperature=1.0,
+            template=reasoner.TEMPLATE_NAME,
+        )
+        assert [g.group_size for g in groups] == [2, 2]
+    finally:
+        shutil.rmtree(folder)  # 0.5 GB of weights: not left to pytest's kept tmp folders
