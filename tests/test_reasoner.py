@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from nthr_book import data, experiments, models, reasoner
+from nthr_book import config, data, experiments, models, reasoner
 from nthr_book.io import read_jsonl
 from nthr_book.rewards import math_rewards
 from nthr_book.trainer import TrainConfig, task_defaults, training_problems
@@ -352,7 +352,7 @@ def test_a_folder_without_its_marker_is_built_again(tmp_path):
 
 
 def test_models_build_the_reasoner_of_the_run_size_beside_the_converted_model(
-    tiny_build, monkeypatch, tmp_path
+    tiny_build, monkeypatch
 ):
     calls = []
 
@@ -361,12 +361,11 @@ def test_models_build_the_reasoner_of_the_run_size_beside_the_converted_model(
         return tiny_build[1]
 
     monkeypatch.setenv("NTHR_BOOK_SIZE", "ci")
-    monkeypatch.setenv("NTHR_BOOK_CACHE", str(tmp_path))
     monkeypatch.setattr(reasoner, "build_reasoner", fake_build)
     assert models.reasoner_dir() == tiny_build[1]
     settings, kwargs = calls[0]
     assert settings == reasoner.ReasonerSettings.ci()
-    assert kwargs["cache_root"] == tmp_path
+    assert kwargs["cache_root"] == config.cache_dir()  # beside the converted embedded model
     assert kwargs["load_base"] is models.load_policy
     assert kwargs["build_prompt"] is data.build_prompt
     monkeypatch.setattr(models, "reasoner_dir", lambda: tiny_build[1])
