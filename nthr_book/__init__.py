@@ -8,6 +8,7 @@ Modules by concept (the notebooks import them in sequence):
 - ``io``       : atomic writes and JSONL helpers
 - ``models``   : ``load_policy`` (embedded SmolLM2-135M, hub ids, ``tiny-random``)
 - ``data``     : benchmarks, the synthetic arithmetic task, prompts
+- ``reasoner`` : the warm-up: a short SFT that makes the embedded model write worked products
 - ``rewards``  : safe math-answer rewards on math-verify
 - ``rollout``  : batched group sampling
 - ``grpo``     : group advantages, token log-probs, the clipped loss with KL

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from nthr_book import config
+from nthr_book import reasoner as _reasoner
 from nthr_book.io import iter_jsonl_numbered
 from nthr_book.rewards import extract_boxed
 
@@ -111,6 +112,7 @@ ARITHMETIC_EXAMPLES: tuple[tuple[str, str], ...] = (
 PROMPT_TEMPLATES: dict[str, str] = {
     "boxed": BOXED_TEMPLATE,
     "arithmetic": ARITHMETIC_TEMPLATE,
+    _reasoner.TEMPLATE_NAME: _reasoner.TEMPLATE,  # the warm-up's worked products (reasoner.py)
     "plain": "{problem}",
 }
 # Solved examples that a named template puts before the question as earlier chat turns.

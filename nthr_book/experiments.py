@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from nthr_book import config as book_config
-from nthr_book import rules, stats
+from nthr_book import reasoner, rules, stats
 from nthr_book.env import versions
 from nthr_book.io import write_json
 from nthr_book.stats import t_interval, wilson_interval
@@ -135,12 +135,16 @@ def ablation_methods(
 
 
 def heldout_problems(cfg: TrainConfig, n: int) -> list[dict]:
-    """``n`` arithmetic questions disjoint (by text) from the config's training pool (shared by
-    all seeds)."""
+    """``n`` questions of the config's task disjoint (by text) from its training pool (shared by
+    all seeds): arithmetic ones, or for ``task="reasoner"`` the held-out split of
+    ``reasoner.problems`` (disjoint from the RL pool and the warm-up by construction)."""
     from nthr_book.data import arithmetic_problems
 
     seen = {p["problem"] for p in training_problems(cfg)}  # the pool is the same for every seed
-    pool = arithmetic_problems(4 * n + 64, seed=HELDOUT_SEED)
+    if cfg.task == "reasoner":
+        pool = reasoner.problems("heldout", n, seed=HELDOUT_SEED)
+    else:
+        pool = arithmetic_problems(4 * n + 64, seed=HELDOUT_SEED)
     held = [p for p in pool if p["problem"] not in seen][:n]
     if len(held) < n:
         raise ValueError(
@@ -212,9 +216,10 @@ def run_experiment(
 
     Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
     resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
-    ``seed`` and ``output_dir`` are set per run. Held-out evaluation is on arithmetic for the
-    arithmetic task (greedy) on ``n_eval`` questions (0: none, and no accuracy columns); for the
-    MATH task use ``nthr_book.evaluate`` on the benchmarks (notebook 06).
+    ``seed`` and ``output_dir`` are set per run. Held-out evaluation (greedy, ``n_eval`` questions;
+    0: none, and no accuracy columns) is on the task's own held-out questions for the arithmetic
+    and reasoner tasks (``heldout_problems``); for the MATH task use ``nthr_book.evaluate`` on the
+    benchmarks (notebook 06).
     """
     import torch
 
@@ -234,7 +239,8 @@ def run_experiment(
     overrides = {label: method_overrides(label) for label in methods}  # validate every label first
     root = book_config.runs_dir() / name
     template, require_boxed = task_defaults(cfg)
-    held = heldout_problems(cfg, n_eval) if cfg.task == "arithmetic" and n_eval else None
+    synthetic = cfg.task in ("arithmetic", "reasoner")  # tasks with a held-out split of their own
+    held = heldout_problems(cfg, n_eval) if synthetic and n_eval else None
     max_new = eval_max_new_tokens or cfg.max_new_tokens
 
     def eval_model(model, tokenizer, label: str):
@@ -251,7 +257,7 @@ def run_experiment(
             require_boxed=require_boxed,
             out_dir=root / "eval",
             label=label,
-            benchmark_name="arithmetic_heldout",
+            benchmark_name=f"{cfg.task}_heldout",
             progress=progress,
         )
 

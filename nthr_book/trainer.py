@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from nthr_book import config as book_config
-from nthr_book import rules
+from nthr_book import reasoner, rules
 from nthr_book.env import set_seed, versions
 from nthr_book.grpo import (
     AGG_MODES,
@@ -68,6 +68,7 @@ def __getattr__(name: str) -> Any:
 
 
 NEGATIVES = ("sampled", "branched", "near_miss")  # TrainConfig.negatives
+TASKS = ("arithmetic", "reasoner", "math")  # TrainConfig.task
 
 TRAIN_POOL_SEED = (
     10_000  # arithmetic_problems seed of the training pool (run seeds only reorder it)
@@ -122,8 +123,9 @@ class TrainConfig:
     model: str = "smollm2-135m"
     """Policy to train: "smollm2-135m" (embedded), "tiny-random", a hub id or a local path."""
     task: str = "arithmetic"
-    """Training prompts: "arithmetic" (synthetic, data.arithmetic_problems) or "math" (MATH
-    train, hub)."""
+    """Training prompts: "arithmetic" (synthetic, data.arithmetic_problems), "reasoner" (the
+    warm-up's products, the RL-pool split of reasoner.problems; train "smollm2-135m-reasoner" on
+    them) or "math" (MATH train, hub)."""
     num_problems: int = 512
     """Size of the training pool (arithmetic: generated; math: the first n after shuffling, 0 =
     all)."""
@@ -227,8 +229,8 @@ class TrainConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.task not in ("arithmetic", "math"):
-            bad("task", "expected 'arithmetic' or 'math'")
+        if self.task not in TASKS:
+            bad("task", f"expected one of {TASKS}")
         if self.method not in rules.names(trainable=True):
             bad("method", f"expected one of {rules.names(trainable=True)} (nthr_book.rules)")
         self.rule_settings()  # a field that contradicts the method's rule is refused, named
@@ -316,6 +318,18 @@ class TrainConfig:
             checkpoint_every=4,
         )
         return cls(**(base | overrides))
+
+    @classmethod
+    def fast_reasoner(cls, **overrides: Any) -> TrainConfig:
+        """``fast()`` on the warm-up reasoner and its task (reasoner.py): worked products whose
+        wrong answers are slips in a right-looking solution, 64 new tokens."""
+        base = dict(
+            model=reasoner.REASONER,
+            task="reasoner",
+            max_new_tokens=reasoner.MAX_NEW_TOKENS,
+            temperature=reasoner.TEMPERATURE,
+        )
+        return cls.fast(**(base | overrides))
 
     @classmethod
     def paper_qwen_0_5b(cls, **overrides: Any) -> TrainConfig:
@@ -472,6 +486,11 @@ def training_problems(cfg: TrainConfig) -> list[dict]:
 
     if cfg.task == "arithmetic":
         problems = list(data.arithmetic_problems(cfg.num_problems or 512, seed=TRAIN_POOL_SEED))
+    elif cfg.task == "reasoner":  # the RL-pool split: disjoint from the warm-up and the held-out
+        try:
+            problems = reasoner.problems("rl", cfg.num_problems or 256, seed=TRAIN_POOL_SEED)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.num_problems={cfg.num_problems}: {exc}") from None
     else:
         problems = list(data.load_math_train(levels=cfg.math_levels))
     order = np.random.default_rng(cfg.seed).permutation(len(problems))
@@ -490,6 +509,9 @@ def task_defaults(cfg: TrainConfig) -> tuple[str, bool]:
     if cfg.task == "arithmetic":
         template = cfg.template or "arithmetic"
         boxed = data.ARITHMETIC_REQUIRE_BOXED if cfg.require_boxed is None else cfg.require_boxed
+    elif cfg.task == "reasoner":
+        template = cfg.template or reasoner.TEMPLATE_NAME
+        boxed = True if cfg.require_boxed is None else cfg.require_boxed
     else:
         template, boxed = (
             cfg.template or "boxed",

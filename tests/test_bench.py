@@ -178,3 +178,20 @@ def test_rewards_speed_smoke_prints_growth_and_timeout_ratios(tmp_path):
     for name, row in summary["math_reward"].items():
         assert row["ratio_to_timeout"] == row["s"] / timeout, name
     assert json.loads(out.read_text())["size"] == 20_000
+
+
+def test_reasoner_build_bench_times_a_tiny_build_into_a_temporary_cache(tmp_path):
+    bench = _load_bench("reasoner_build")
+    out = tmp_path / "reasoner_build.json"
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(
+            ["--size", "ci", "--base", "tiny-random", "--steps", "2", "--threads", "1"]
+            + ["--out", str(out)]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["base"] == "tiny-random"
+    assert saved["preset_steps"] == result["preset_steps"] > 2
+    assert saved["seconds_full_build_estimate"] > 0 and "torch" in saved["versions"]

@@ -3,6 +3,7 @@ reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -480,3 +481,58 @@ def test_train_trl_saves_the_model_and_resumes_from_a_checkpoint(tmp_path):
     redone = load_file(resumed / "model.safetensors")
     assert any(not torch.equal(redone[k], step1[k]) for k in step1)  # step 2 trained after resuming
     assert all(torch.equal(redone[k], final[k]) for k in final)  # exactly as without interruption
+
+
+def test_warmup_reasoner_measures_both_models_and_saves_its_tables(tmp_path, monkeypatch, capsys):
+    """The script builds (here: a 2-step tiny-random warm-up), samples both models on held-out
+    questions of the reasoner task and writes summary.json, questions.csv, samples.jsonl and the
+    loss curve."""
+    from nthr_book import data, models, reasoner
+
+    script = load_script("warmup_reasoner")
+    settings = reasoner.ReasonerSettings(
+        base="tiny-random", num_examples=4, steps=2, batch_size=2, warmup_steps=0
+    )
+    folder = reasoner.build_reasoner(
+        settings,
+        cache_root=tmp_path / "cache",
+        load_base=models.load_policy,
+        build_prompt=data.build_prompt,
+        progress=False,
+    )
+    asked = []
+    monkeypatch.setattr(models, "reasoner_dir", lambda s: asked.append(s) or folder)
+    out = tmp_path / "out"
+    args = ["--size", "ci", "--n", "3", "--group-size", "2", "--max-new-tokens", "4"]
+    args += ["--set", "base=tiny-random", "--set", "num_examples=4", "--set", "steps=2"]
+    args += ["--set", "batch_size=2", "--set", "warmup_steps=0", "--out", str(out)]
+    result = script.main(args)
+    assert asked == [settings]  # the --set overrides reach the build
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"] == dataclasses.asdict(settings) and summary["size"] == "ci"
+    assert summary["args"]["seed"] == 0 and "torch" in summary["versions"]
+    assert [m["model"] for m in result["models"]] == ["reasoner", "base"]
+    assert all(m["questions"] == 3 and m["samples"] == 6 for m in result["models"])
+    questions = pd.read_csv(out / "questions.csv")
+    assert len(questions) == 6 and set(questions["model"]) == {"reasoner", "base"}
+    held = set(summary["heldout_ids"])
+    assert set(questions["id"]) == held and len(held) == 3
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 12
+    assert len(pd.read_csv(out / "loss_curve.csv")) == 2
+    assert "reasoner" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.parse_args(["--set", "nonsense=1"])
+
+
+def test_warmup_reasoner_first_slip_and_format():
+    script = load_script("warmup_reasoner")
+    solution = "37*6 = 30*6 + 7*6 = 180 + 42 = \\boxed{222}"
+    assert script.first_slip(solution, solution) == -1
+    assert script.first_slip("37*6 = 30*6 + 7*6 = 180 + 52 = \\boxed{232}", solution) == 2
+    assert script.first_slip("37*6 = 30*6 + 7*6 = 180 + 42 = \\boxed{212}", solution) == 3
+    assert script.first_slip("37*6 = 222", solution) == 1
+    assert script.SOLUTION_FORMAT.fullmatch(solution)
+    assert script.SOLUTION_FORMAT.fullmatch(
+        "345*7 = 300*7 + 40*7 + 5*7 = 2100 + 280 + 35 = 2380 + 35 = \\boxed{2415}"
+    )
+    assert not script.SOLUTION_FORMAT.fullmatch("37 * 6 = 222. The answer is \\boxed{222}.")
