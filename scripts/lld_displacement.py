@@ -10,6 +10,8 @@ responses.
     # the regime map (notebook 02 §4) on the first 16 mixed questions of each seed, too:
     python scripts/lld_displacement.py --map 16 --fractions 0 0.25 0.5 0.75 0.9
     python scripts/lld_displacement.py --seeds 2 --n-questions 8 --model tiny-random  # smoke run
+    # the warm-up reasoner's own samples (natural column) against near-miss copies, 2 seeds:
+    python scripts/lld_displacement.py --task reasoner --map 40 --fractions 0 --no-sweep
     # the balanced 4+/4- probe (docs/results.md):
     python scripts/lld_displacement.py --group-size 16 --balance 4 --temperature 0.7 \
         --max-new-tokens 64 --no-require-boxed --out runs/lld_sweep_balanced \
@@ -40,13 +42,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from nthr_book import config, data, env, lld, lld_sweep, models, regime
+from nthr_book import config, data, env, lld, lld_sweep, models, reasoner, regime
 from nthr_book.io import atomic_write_text, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument(
+        "--task",
+        choices=["arithmetic", "reasoner"],
+        default="arithmetic",
+        help="the questions: the embedded model's arithmetic (data.arithmetic_problems) or the "
+        "warm-up reasoner's worked products (reasoner.problems, its RL-pool split); reasoner "
+        "defaults to --model smollm2-135m-reasoner --template reasoner --max-new-tokens 64",
+    )
+    p.add_argument("--model", default=None, help="default: the task's model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument(
         "--n-questions",
@@ -58,11 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--methods", nargs="+", default=["grpo", "pos_only", "nthr"], choices=lld.METHODS
     )
     p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (48, 64)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument(
         "--template",
-        default="arithmetic",
+        default=None,
         help="a name in data.PROMPT_TEMPLATES or a custom string with {problem}",
     )
     p.add_argument(
@@ -126,6 +136,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the map's branching fractions f",
     )
     args = p.parse_args(argv)
+    reasoner_task = args.task == "reasoner"
+    args.model = args.model or (reasoner.REASONER if reasoner_task else "smollm2-135m")
+    args.template = args.template or (reasoner.TEMPLATE_NAME if reasoner_task else "arithmetic")
+    args.max_new_tokens = args.max_new_tokens or (reasoner.MAX_NEW_TOKENS if reasoner_task else 48)
     try:
         data.format_problem("", args.template)
     except ValueError as exc:
@@ -157,7 +171,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             tables.append(saved)
             continue
         env.set_seed(seed)
-        problems = data.arithmetic_problems(args.n_questions, seed=seed)
+        problems = (
+            reasoner.problems("rl", args.n_questions, seed=seed)
+            if args.task == "reasoner"
+            else data.arithmetic_problems(args.n_questions, seed=seed)
+        )
         if not args.sweep:  # the map's groups only
             _sample_groups(args, out, seed, model, tokenizer, problems)
             continue

@@ -536,3 +536,30 @@ def test_warmup_reasoner_first_slip_and_format():
         "345*7 = 300*7 + 40*7 + 5*7 = 2100 + 280 + 35 = 2380 + 35 = \\boxed{2415}"
     )
     assert not script.SOLUTION_FORMAT.fullmatch("37 * 6 = 222. The answer is \\boxed{222}.")
+
+
+def test_lld_displacement_task_sets_the_reasoner_defaults(tmp_path, monkeypatch):
+    script = load_script("lld_displacement")
+    args = script.parse_args(["--task", "reasoner"])
+    assert (args.model, args.template, args.max_new_tokens) == (
+        "smollm2-135m-reasoner",
+        "reasoner",
+        64,
+    )
+    plain = script.parse_args([])
+    assert (plain.model, plain.template, plain.max_new_tokens) == ("smollm2-135m", "arithmetic", 48)
+    # an explicit value wins over the task's default
+    assert script.parse_args(["--task", "reasoner", "--max-new-tokens", "80"]).max_new_tokens == 80
+    # the questions come from the reasoner's RL pool, per seed
+    seen = []
+    monkeypatch.setattr(script.models, "load_policy", lambda name: (None, None))
+    monkeypatch.setattr(
+        script, "_sample_groups", lambda args, out, seed, m, t, problems: seen.append(problems)
+    )
+    script.main(
+        ["--task", "reasoner", "--seeds", "3", "--n-questions", "5", "--no-sweep"]
+        + ["--out", str(tmp_path)]
+    )
+    from nthr_book import reasoner
+
+    assert seen == [reasoner.problems("rl", 5, seed=3)]
