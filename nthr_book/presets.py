@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nthr_book import data
+from nthr_book import data, reasoner
 from nthr_book.config import by_size, runs_dir
 from nthr_book.groups import SAMPLING_KEYS
 from nthr_book.regime import MAP_METHODS
@@ -22,8 +22,9 @@ class GroupsPreset:
     """The parameters notebooks 02-04 share: one policy, one set of sampled groups, one step size.
 
     ``ci()`` and ``laptop()`` are the embedded model on the synthetic arithmetic task (16 and 72
-    questions), ``paper()`` the paper's Qwen2.5-0.5B-Instruct on MATH levels 3-5; ``current()``
-    follows ``run_size()``. The groups are saved once at ``groups_path``
+    questions), ``reasoner_ci()`` and ``reasoner_laptop()`` the warm-up reasoner on its worked
+    products, ``paper()`` the paper's Qwen2.5-0.5B-Instruct on MATH levels 3-5; ``current()`` and
+    ``current_reasoner()`` follow ``run_size()``. The groups are saved once at ``groups_path``
     (``groups.load_or_sample_groups``) and reused by all three notebooks; the regime map
     (``regime.regime_map``, ``map_settings``) is saved at ``map_path`` by 02 and read by 03.
     """
@@ -79,9 +80,49 @@ class GroupsPreset:
         )
 
     @classmethod
+    def reasoner_ci(cls) -> GroupsPreset:
+        """The warm-up reasoner (``reasoner``, its ci build) on 24 worked products of its RL pool,
+        64 new tokens: the rehearsal (the ci warm-up learns the format, not the arithmetic, so few
+        groups are mixed)."""
+        return cls(
+            "ci-reasoner",
+            reasoner.REASONER,
+            reasoner.TEMPLATE_NAME,
+            True,
+            24,
+            max_new_tokens=reasoner.MAX_NEW_TOKENS,
+            lr=5e-5,
+            n_map=2,
+            map_fractions=(0.0,),
+        )
+
+    @classmethod
+    def reasoner_laptop(cls) -> GroupsPreset:
+        """The warm-up reasoner on 32 worked products of its RL pool (about 22 mixed groups, its
+        wrong answers slips inside a right-looking solution); the map compares its own wrong
+        answers (f = 0) with near-miss copies on 12 of them."""
+        return cls(
+            "laptop-reasoner",
+            reasoner.REASONER,
+            reasoner.TEMPLATE_NAME,
+            True,
+            32,
+            max_new_tokens=reasoner.MAX_NEW_TOKENS,
+            lr=5e-5,
+            n_map=12,
+            map_fractions=(0.0,),
+        )
+
+    @classmethod
     def current(cls) -> GroupsPreset:
         """The preset of the current run size (``NTHR_BOOK_SIZE``)."""
         return by_size(ci=cls.ci, laptop=cls.laptop, paper=cls.paper)()
+
+    @classmethod
+    def current_reasoner(cls) -> GroupsPreset:
+        """The reasoner's preset of the current run size; at the paper size the paper's model on
+        MATH is already a reasoner (``paper()``)."""
+        return by_size(ci=cls.reasoner_ci, laptop=cls.reasoner_laptop, paper=cls.paper)()
 
     @property
     def groups_path(self) -> Path:
@@ -116,8 +157,11 @@ class GroupsPreset:
         return {k: v for k, v in asdict(self).items() if k in SAMPLING_KEYS}
 
     def problems(self) -> list[dict]:
-        """The questions: seeded arithmetic ones (fast) or the first MATH500 ones of levels 3-5."""
+        """The questions: seeded arithmetic ones (fast), the reasoner's worked products (its RL
+        pool) or the first MATH500 ones of levels 3-5."""
         if self.template == "arithmetic":
             return data.arithmetic_problems(self.n_questions, seed=self.seed)
+        if self.template == reasoner.TEMPLATE_NAME:
+            return reasoner.problems("rl", self.n_questions, seed=self.seed)
         hard = [dict(row) for row in data.load_benchmark("math500") if row["level"] >= 3]
         return hard[: self.n_questions]

@@ -57,3 +57,19 @@ def test_preset_sampling_is_what_the_groups_file_records(monkeypatch, tmp_path):
     problems = preset.problems()
     assert len(problems) == preset.n_questions == len({p["id"] for p in problems})
     assert problems == presets.GroupsPreset.ci().problems()  # seeded: the same questions every time
+
+
+def test_reasoner_presets_draw_the_reasoner_rl_pool(monkeypatch, tmp_path):
+    from nthr_book import reasoner
+
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    for size, name in (("ci", "ci-reasoner"), ("laptop", "laptop-reasoner"), ("paper", "paper")):
+        monkeypatch.setenv(config.SIZE_ENV, size)
+        assert presets.GroupsPreset.current_reasoner().name == name
+    preset = presets.GroupsPreset.reasoner_laptop()
+    assert preset.model == reasoner.REASONER and preset.max_new_tokens == reasoner.MAX_NEW_TOKENS
+    problems = preset.problems()
+    assert problems == reasoner.problems("rl", 32, seed=0)
+    assert {reasoner.split_of(p["expression"]) for p in problems} == {"rl"}
+    # its own files: the base model's groups are not overwritten
+    assert preset.groups_path != presets.GroupsPreset.laptop().groups_path
