@@ -44,6 +44,52 @@ def test_headline_refuses_a_missing_figure_and_no_numbers(tmp_path):
         report.load_headline(tmp_path)
 
 
+def test_headline_in_one_call_saves_the_figure_and_formats_the_numbers(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    report.headline(
+        tmp_path / "01_x",
+        "One call",
+        {
+            "an interval": (0.6412, 0.5731, 0.7085),
+            "with a note": (0.5, 0.25, 0.75, "(95% t over 3 seeds)"),
+            "a number": 0.12345,
+            "a count": 7,
+            "text": "as it is",
+        },
+        figure=ax,  # an Axes: its figure is saved as headline.png
+        seeds=[0, 1],
+    )
+    plt.close(fig)
+    saved = report.load_headline(tmp_path / "01_x")
+    assert saved["figure"] == report.HEADLINE_FIGURE
+    assert (tmp_path / "01_x" / report.HEADLINE_FIGURE).stat().st_size > 0
+    assert saved["numbers"] == {
+        "an interval": "0.641 [0.573, 0.709]",
+        "with a note": "0.500 [0.250, 0.750] (95% t over 3 seeds)",
+        "a number": "0.123",
+        "a count": "7",
+        "text": "as it is",
+    }
+    printed = capsys.readouterr().out
+    assert "**One call**" in printed and "- an interval: 0.641 [0.573, 0.709]" in printed
+    assert report.interval(0.02, -0.01, float("nan"), signed=True) == "+0.020 [-0.010, nan]"
+    # a figure saved earlier by name, as save_headline takes it
+    (tmp_path / "01_x" / "curve.png").write_bytes(b"png")
+    report.headline(tmp_path / "01_x", "By name", {"x": 1.0}, figure="curve.png", digits=1)
+    assert report.load_headline(tmp_path / "01_x")["figure"] == "curve.png"
+    assert report.load_headline(tmp_path / "01_x")["numbers"] == {"x": "1.0"}
+    with pytest.raises(TypeError, match="a number must be"):
+        report.headline(tmp_path, "bad", {"x": [1, 2]})
+    with pytest.raises(TypeError, match="figure must be"):
+        report.headline(tmp_path, "bad", {"x": 1}, figure=object())
+
+
 def _fake_series(tmp_path: Path, names=("00_a", "01_b", "02_c")) -> list[Path]:
     folder = tmp_path / "notebooks"
     folder.mkdir()
