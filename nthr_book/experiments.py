@@ -4,10 +4,13 @@
 that are complete, resuming killed ones), evaluates each final model greedily on a held-out set, and
 writes ``runs/<name>/results.csv`` (one row per run) and ``runs/<name>/summary.csv`` (one row per
 method: mean over seeds with a t-interval, and the pooled accuracy with a Wilson interval).
+``heldout_answers`` reads an experiment back question by question (notebook 06's paired
+comparison).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -229,3 +232,65 @@ def run_experiment(
     if "accuracy" in trained and len(trained):
         summarize(trained).to_csv(root / "summary.csv", index=False)
     return results
+
+
+def heldout_answers(
+    name: str, *, batch_size: int = 32, progress: bool = False, log: Any = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Every model of ``run_experiment(name)`` graded question by question on its held-out set
+    (notebook 06): ``(correct, results)``.
+
+    Reads ``runs/<name>/results.csv`` for the runs (the base model, each method and seed) and the
+    settings of their evaluation records, and evaluates each model with ``evaluate_suite`` under
+    those settings into the same records: what ``run_experiment`` wrote is reused, so nothing is
+    generated when the records are complete (a missing answer is generated and appended).
+    ``correct`` has one row per graded answer, columns ``method``, ``seed`` (-1 for the base
+    model), ``question`` and ``correct`` (0/1), as ``stats.paired_accuracy`` takes them;
+    ``results`` maps each label ("base", "grpo/seed0", ...) to its ``EvalResult``. Raises
+    FileNotFoundError when the experiment has not run and ValueError when it evaluated no
+    held-out set (``n_eval=0``, or the MATH task).
+    """
+    from nthr_book.evaluate import evaluate_suite
+
+    root = book_config.runs_dir() / name
+    path = root / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run run_experiment({name!r}, ...) first")
+    results = pd.read_csv(path)
+    if "accuracy" not in results or results["accuracy"].isna().all():
+        raise ValueError(f"{name}: its runs were not evaluated on held-out questions (n_eval=0)")
+    runs = results[results["method"] != "base"]
+    saved = json.loads((Path(runs["run_dir"].iloc[0]) / "config.json").read_text())
+    cfg = TrainConfig.from_dict(saved["config"])
+    held = heldout_problems(cfg, int(results["n_eval"].dropna().iloc[0]))
+    models: dict[str, str] = {}
+    if (results["method"] == "base").any():
+        models["base"] = cfg.model
+    for run in runs.itertuples():
+        models[f"{run.method}/seed{run.seed}"] = str(Path(run.run_dir) / "model")
+    first = root / "eval" / next(iter(models)) / "arithmetic_heldout.settings.json"
+    settings = json.loads(first.read_text())["settings"]
+    evaluated = evaluate_suite(
+        models,
+        {"arithmetic_heldout": held},
+        log=log,
+        out_dir=root / "eval",
+        **{k: settings[k] for k in ("n_samples", "temperature", "max_new_tokens", "seed")},
+        template=settings["template"],
+        require_boxed=settings["require_boxed"],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    rows = []
+    for res in evaluated:
+        method, _, seed = res.label.partition("/seed")
+        for question, score in res.per_problem.items():
+            rows.append(
+                {
+                    "method": method,
+                    "seed": int(seed) if seed else -1,
+                    "question": question,
+                    "correct": score,
+                }
+            )
+    return pd.DataFrame(rows), {res.label: res for res in evaluated}
