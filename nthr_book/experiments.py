@@ -236,9 +236,9 @@ def run_experiment(
 
 def heldout_answers(
     name: str, *, batch_size: int = 32, progress: bool = False, log: Any = None
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+) -> tuple[pd.DataFrame, dict[str, Any], list[dict]]:
     """Every model of ``run_experiment(name)`` graded question by question on its held-out set
-    (notebook 06): ``(correct, results)``.
+    (notebook 06): ``(correct, results, problems)``.
 
     Reads ``runs/<name>/results.csv`` for the runs (the base model, each method and seed) and the
     settings of their evaluation records, and evaluates each model with ``evaluate_suite`` under
@@ -246,7 +246,8 @@ def heldout_answers(
     generated when the records are complete (a missing answer is generated and appended).
     ``correct`` has one row per graded answer, columns ``method``, ``seed`` (-1 for the base
     model), ``question`` and ``correct`` (0/1), as ``stats.paired_accuracy`` takes them;
-    ``results`` maps each label ("base", "grpo/seed0", ...) to its ``EvalResult``. Raises
+    ``results`` maps each label ("base", "grpo/seed0", ...) to its ``EvalResult``; ``problems``
+    are the held-out questions (``heldout_problems`` of the experiment's config). Raises
     FileNotFoundError when the experiment has not run and ValueError when it evaluated no
     held-out set (``n_eval=0``, or the MATH task).
     """
@@ -293,4 +294,4 @@ def heldout_answers(
                     "correct": score,
                 }
             )
-    return pd.DataFrame(rows), {res.label: res for res in evaluated}
+    return pd.DataFrame(rows), {res.label: res for res in evaluated}, held

@@ -152,7 +152,8 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     )
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"], check_exact=True)
     # notebook 06 reads every run back question by question from the same records (no generation)
-    correct, evaluated = experiments.heldout_answers("tiny")
+    correct, evaluated, problems = experiments.heldout_answers("tiny")
+    assert problems == held
     assert set(evaluated) == {"base", "grpo/seed0", "grpo/seed1", "nthr/seed0", "nthr/seed1"}
     assert len(correct) == 5 * 4 and set(correct["correct"]) <= {0.0, 1.0}
     per_run = correct.groupby(["method", "seed"])["correct"].mean()
