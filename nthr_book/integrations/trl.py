@@ -134,6 +134,7 @@ __all__ = [
     "low_precision_logits",
     "math_answer_reward",
     "prompt_dataset",
+    "hidden_states_source",
     "trl_runs_old_pass",
 ]
 
@@ -149,6 +150,28 @@ def trl_runs_old_pass(args: Any, use_vllm: bool, vllm_is_correction: bool) -> bo
     generate_every = args.steps_per_generation * args.num_iterations
     runs_it = args.gradient_accumulation_steps % generate_every != 0
     return runs_it or (use_vllm and vllm_is_correction)
+
+
+OLD_PASS, LOSS_FORWARD, EXTRA_PASS = (
+    "TRL's old-policy pass",
+    "the loss's own forward",
+    "one extra no-grad forward after generation",
+)
+
+
+def hidden_states_source(
+    args: Any, use_vllm: bool = False, vllm_is_correction: bool = False
+) -> tuple[str, int]:
+    """Where ``NTHRGRPOTrainer`` reads NTHR's hidden states under a TRL config, and the extra
+    no-grad forward passes per generation batch that costs (LLD tracking not counted): TRL's
+    old-policy pass when TRL runs one (0), else the loss's own forward when
+    ``steps_per_generation == 1`` (0), else one extra pass (1). The module docstring explains each;
+    notebook 07 prints it."""
+    if trl_runs_old_pass(args, use_vllm, vllm_is_correction):
+        return OLD_PASS, 0
+    if args.steps_per_generation == 1:
+        return LOSS_FORWARD, 0
+    return EXTRA_PASS, 1
 
 
 def low_precision_logits(accelerator: Any, args: Any, model: Any) -> bool:
@@ -489,7 +512,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         out[_ROW], out[_REWARD], out[_SEQ_ADV] = rows, rewards, out["advantages"]
         out[_BATCH] = torch.tensor(self._batch_counter, device=device)
         out[_FUSED] = torch.tensor(False, device=device)
-        if cap is None and self.nthr is not None:
+        if cap is None and self.nthr is not None:  # hidden_states_source says which
             if self.args.steps_per_generation == 1:
                 out[_FUSED] = torch.tensor(True, device=device)  # NTHR on the compute_loss forward
             else:
