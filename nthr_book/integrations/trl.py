@@ -25,9 +25,10 @@ of tokens the correct responses share, never a push-up).
 
 TRL's advantages are not ``nthr_book.grpo.group_advantages``' defaults: TRL divides by the unbiased
 (Bessel, G - 1) std of the group plus 1e-4, the native trainer by the population std plus 1e-6
-(the theory's sqrt(p(1-p))). At N+ = 1 of G = 8 TRL's advantages are about 0.935 times the
-native ones (sqrt(7/8) and the larger eps), for the correct and the incorrect responses alike; the
-ratio tends to 1 as G grows. Learning rates carry over between the two trainers only up to that
+(the theory's sqrt(p(1-p))). The unbiased std is sqrt(G/(G-1)) times the population one, so TRL's
+advantages are sqrt((G-1)/G) times the native ones (0.935 at G = 8) in every mixed group, whatever
+N+, for the correct and the incorrect responses alike, up to the eps terms; the ratio tends to 1 as
+G grows (notebook 07 §3). Learning rates carry over between the two trainers only up to that
 factor.
 
 Which pass the hidden states come from (selection is computed once per generation batch, no
