@@ -125,6 +125,8 @@ def headline(
         fig = figure
         if hasattr(fig, "flat"):  # an array of Axes
             fig = fig.flat[0]
+        elif isinstance(fig, (list, tuple)) and fig:  # a list of Axes
+            fig = fig[0]
         if not hasattr(fig, "savefig"):  # an Axes: its figure
             fig = getattr(fig, "figure", None)
         if not hasattr(fig, "savefig"):
