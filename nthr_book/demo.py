@@ -57,16 +57,17 @@ PRIORITY = ("05", "02", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
 # Minutes each notebook took when last measured, per run size (the fallback when
-# build/demo_state.json has no time for it at this size): laptop from `make demo` on the reference
-# machine (2 cores, two notebooks at a time, one core each), ci from `make test`'s nbmake run and,
-# for 00, 01, 04, 06 and 07, from running each alone on a shared 2-core machine (README.md).
+# build/demo_state.json has no time for it at this size). laptop: `make demo` on the reference
+# machine (2 cores, two notebooks at a time, one core each; 05 with its §5), except 00, 01, 04, 06
+# and 07, estimated after their 2026-12-07 rewrite. ci: `make test`'s nbmake run, except 00, 01,
+# 04, 06 and 07: each run alone on the reference machine under a load of 4-6 (README.md).
 MEASURED_MINUTES = {
     "laptop": {
-        "00": 1.0, "01": 2.2, "02": 21.8, "03": 1.7, "04": 1.3, "05": 40.0, "06": 2.4, "07": 2.8,
+        "00": 2.0, "01": 4.0, "02": 21.8, "03": 1.7, "04": 2.0, "05": 40.0, "06": 3.0, "07": 5.0,
         "08": 9.5,
     },
     "ci": {
-        "00": 1.5, "01": 1.5, "02": 5.7, "03": 1.5, "04": 1.5, "05": 4.8, "06": 1.5, "07": 1.5,
+        "00": 1.7, "01": 3.5, "02": 5.7, "03": 1.5, "04": 3.7, "05": 4.8, "06": 2.1, "07": 4.6,
         "08": 5.3,
     },
 }  # fmt: skip
