@@ -22,7 +22,7 @@ it found, so that a notebook's check is one readable line::
     print(checks.assert_close_by_terms(library, by_hand, n_terms=2 * G, dtype=torch.float64))
 
 The exhaustive checks (every shape, every option) live in ``tests/``; a notebook checks its one
-example. Notebooks 00, 01, 04, 06 and 07 use it; the others adopt it as they are rewritten.
+example. Notebooks 01, 04, 06 and 07 use it; the others adopt it as they are rewritten.
 """
 
 from __future__ import annotations
