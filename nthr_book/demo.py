@@ -14,6 +14,13 @@ reads from have finished (``NEEDS``), the longest first (``PRIORITY``). ``--nbma
 notebook with ``pytest --nbmake`` instead (``make notebooks``, CI): the same schedule, nothing
 written to build/ but the logs.
 
+While a notebook runs, the console (and the notebook's log) shows where it is: the section (its
+last markdown heading), cell k of n, the minutes it has run and an estimate of the minutes left,
+from the time the same notebook took last time at this size (``build/demo_state.json``, else the
+table ``MEASURED_MINUTES``), and for the whole series. A line comes at every new section and at
+least once a minute (``--progress-every``), also while one long cell runs. ``--nbmake`` shows the
+minutes run and left of each notebook (pytest executes the cells).
+
 The demo is resumable: ``build/demo_state.json`` records every notebook that finished, with the
 run size and a hash of the notebook's source, and a second ``make demo`` skips those (``--force``
 runs them again); inside a notebook, training runs and sampled groups resume from ``runs/``.
@@ -27,8 +34,10 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -46,6 +55,23 @@ NEEDS = {"03": ("02",), "06": ("05",)}
 # The longest first, as measured at the laptop size: a free worker takes the first ready one.
 PRIORITY = ("05", "02", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
+PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
+# Minutes each notebook took when last measured, per run size (the fallback when
+# build/demo_state.json has no time for it at this size). laptop: `make demo` on the reference
+# machine (2 cores, two notebooks at a time, one core each; 05 with its §5), except 00, 01, 04, 06
+# and 07, estimated after their 2026-12-07 rewrite. ci: `make test`'s nbmake run, except 00, 01,
+# 04, 06 and 07: each run alone on the reference machine under a load of 4-6 (README.md).
+MEASURED_MINUTES = {
+    "laptop": {
+        "00": 2.0, "01": 4.0, "02": 21.8, "03": 1.7, "04": 2.0, "05": 40.0, "06": 3.0, "07": 5.0,
+        "08": 9.5,
+    },
+    "ci": {
+        "00": 1.7, "01": 3.5, "02": 5.7, "03": 1.5, "04": 3.7, "05": 4.8, "06": 2.1, "07": 4.6,
+        "08": 5.3,
+    },
+}  # fmt: skip
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -84,20 +110,59 @@ def is_finished(state: dict, path: Path, size: str) -> bool:
     )
 
 
-def execute_notebook(path: Path, out_dir: Path, timeout: int) -> tuple[bool, str]:
+def last_heading(markdown: str) -> str | None:
+    """The text of the last heading of a markdown cell (``## 2. Curves`` -> ``2. Curves``)."""
+    found = HEADING.findall(markdown)
+    return found[-1] if found else None
+
+
+def expected_seconds(stem: str, size: str, state: dict) -> float | None:
+    """How long ``stem`` should take at ``size``: its last successful run at this size in the
+    demo's state, else ``MEASURED_MINUTES``; None when neither knows."""
+    entry = state.get(stem, {})
+    if entry.get("ok") and entry.get("size") == size and entry.get("seconds"):
+        return float(entry["seconds"])
+    minutes = MEASURED_MINUTES.get(size, {}).get(stem[:2])
+    return None if minutes is None else 60.0 * minutes
+
+
+def execute_notebook(
+    path: Path,
+    out_dir: Path,
+    timeout: int,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[bool, str]:
     """Execute one notebook in this process's kernel client; write the executed copy (.ipynb and
-    .html). Returns (ok, error)."""
+    .html). Returns (ok, error). ``progress({"cell", "cells", "section", "elapsed"})`` is called
+    before each code cell runs: cell k of the notebook's n code cells, the last markdown heading
+    above it and the seconds since the notebook started."""
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
+    n_code = sum(1 for c in nb.cells if c.cell_type == "code" and c.source.strip())
+    where, t0 = {"section": "", "cell": 0}, time.perf_counter()
+
+    def on_cell_start(cell, cell_index, **_):  # every cell, markdown included
+        if cell.cell_type == "markdown":
+            where["section"] = last_heading(cell.source) or where["section"]
+
+    def on_cell_execute(cell, cell_index, **_):  # a code cell, just before it runs
+        where["cell"] += 1
+        if progress is not None:
+            elapsed = round(time.perf_counter() - t0, 1)
+            cell, section = where["cell"], where["section"]
+            progress({"cell": cell, "cells": n_code, "section": section, "elapsed": elapsed})
+
     client = NotebookClient(
         nb,
         timeout=timeout,
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
+        on_cell_start=on_cell_start,
+        on_cell_execute=on_cell_execute,
     )
     error = ""
     try:
@@ -117,9 +182,131 @@ def default_jobs() -> int:
     return 1 if config.run_size() == "paper" or (os.cpu_count() or 1) < 2 else 2
 
 
-def _run_logged(command: Sequence[str], log: Path, jobs: int) -> tuple[int, float, str]:
+class Progress:
+    """What the console says while notebooks run: a line per notebook at each new section, and at
+    least every ``every`` seconds (``watch`` runs the clock in a thread, so a cell that runs for
+    20 minutes still gets its lines). ``expected``: stem -> the seconds it took last time (None:
+    unknown); ``jobs``: notebooks at a time, for the series' estimate."""
+
+    def __init__(
+        self,
+        expected: dict[str, float | None],
+        jobs: int = 1,
+        *,
+        every: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+    ):
+        self.expected, self.jobs, self.every = dict(expected), max(1, jobs), every
+        self.clock, self.say = clock, say
+        self.running: dict[str, dict] = {}
+        self.finished: set[str] = set()
+        self._lock = threading.Lock()
+
+    def start(self, stem: str) -> None:
+        """``stem`` starts now: say so, with the time it took last time."""
+        with self._lock:
+            now = self.clock()
+            self.running[stem] = {"t0": now, "said": now, "section": None, "cell": None}
+            known = self.expected.get(stem)
+            took = f"; it took {known / 60:.1f} min last time" if known else ""
+            self.say(f"{stem}: running ...{took}")
+
+    def finish(self, stem: str) -> None:
+        with self._lock:
+            self.running.pop(stem, None)
+            self.finished.add(stem)
+
+    def update(self, stem: str, info: dict) -> str:
+        """A progress message of ``stem``'s process: remember it, say it when it enters a new
+        section or after ``every`` seconds of silence; return the line (for the log)."""
+        with self._lock:
+            entry = self.running.setdefault(
+                stem, {"t0": self.clock(), "said": self.clock(), "section": None, "cell": None}
+            )
+            new_section = info.get("section") != entry["section"]
+            entry.update(section=info.get("section"), cell=(info.get("cell"), info.get("cells")))
+            line = self._line(stem)
+            if new_section or self.clock() - entry["said"] >= self.every:
+                entry["said"] = self.clock()
+                self.say(line)
+            return line
+
+    def tick(self) -> None:
+        """Say the line of every notebook that has been silent for ``every`` seconds."""
+        with self._lock:
+            now = self.clock()
+            for stem, entry in self.running.items():
+                if now - entry["said"] >= self.every:
+                    entry["said"] = now
+                    self.say(self._line(stem))
+
+    def series_left(self) -> float | None:
+        """Seconds left for the notebooks not finished, spread over ``jobs`` (None when one of
+        them has no measured time)."""
+        now, left = self.clock(), 0.0
+        for stem, seconds in self.expected.items():
+            if stem in self.finished:
+                continue
+            if seconds is None:
+                return None
+            entry = self.running.get(stem)
+            left += max(seconds - (now - entry["t0"]), 0.0) if entry else seconds
+        return left / self.jobs
+
+    def _line(self, stem: str) -> str:
+        entry = self.running[stem]
+        elapsed = self.clock() - entry["t0"]
+        parts = []
+        if entry["section"]:
+            parts.append(f"§ {entry['section']}")
+        if entry["cell"] and entry["cell"][0]:
+            parts.append(f"cell {entry['cell'][0]} of {entry['cell'][1]}")
+        parts.append(f"{elapsed / 60:.1f} min in")
+        known = self.expected.get(stem)
+        if known is None:
+            parts.append("no measured time to estimate the rest")
+        elif elapsed < known:
+            parts.append(f"about {(known - elapsed) / 60:.1f} min left (it took {known / 60:.1f})")
+        else:
+            parts.append(f"past the {known / 60:.1f} min it took last time")
+        series = self.series_left()
+        if series is not None and len(self.expected) > 1:
+            parts.append(f"the series about {series / 60:.0f} min left")
+        return f"  {stem}: " + ", ".join(parts)
+
+    def watch(self):
+        """A context manager that calls ``tick`` every few seconds in a thread until it exits."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def running():
+            stop = threading.Event()
+
+            def loop():
+                while not stop.wait(min(5.0, self.every)):
+                    self.tick()
+
+            thread = threading.Thread(target=loop, daemon=True)
+            thread.start()
+            try:
+                yield self
+            finally:
+                stop.set()
+                thread.join()
+
+        return running()
+
+
+def _run_logged(
+    command: Sequence[str],
+    log: Path,
+    jobs: int,
+    on_line: Callable[[str], str | None] | None = None,
+) -> tuple[int, float, str]:
     """Run ``command`` with its output in ``log`` and ``cpu_count // jobs`` threads (unless the
-    environment already says); (return code, seconds, the log's last line)."""
+    environment already says); (return code, seconds, the log's last line). Each output line goes
+    through ``on_line`` first, which may return the text to log in its place."""
     env = dict(os.environ)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -127,18 +314,43 @@ def _run_logged(command: Sequence[str], log: Path, jobs: int) -> tuple[int, floa
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:  # as the process writes them
+            shown = on_line(line.rstrip("\n")) if on_line is not None else None
+            out.write(line if shown is None else shown + "\n")
+            out.flush()
+        code = proc.wait()
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return code, time.perf_counter() - t0, lines[-1] if lines else ""
 
 
-def run_notebook(path: Path, out_dir: Path, timeout: int, jobs: int = 1) -> tuple[bool, float, str]:
+def run_notebook(
+    path: Path, out_dir: Path, timeout: int, jobs: int = 1, progress: Progress | None = None
+) -> tuple[bool, float, str]:
     """Execute one notebook in a process of its own (``execute_notebook``), its output in
-    build/logs/<name>.log. Returns (ok, seconds, error)."""
+    build/logs/<name>.log, its progress through ``progress``. Returns (ok, seconds, error)."""
     command = [sys.executable, "-m", "nthr_book.demo", "--execute", str(path)]
     command += ["--out", str(out_dir), "--timeout", str(timeout)]
     log = config.build_dir() / "logs" / f"{path.stem}.log"
-    code, seconds, last = _run_logged(command, log, jobs)
+
+    def on_line(line: str) -> str | None:
+        if not line.startswith(PROGRESS_PREFIX):
+            return None
+        info = json.loads(line[len(PROGRESS_PREFIX) :])
+        if progress is None:
+            return None
+        return progress.update(path.stem, info).strip()
+
+    code, seconds, last = _run_logged(command, log, jobs, on_line)
     if last.startswith(RESULT_PREFIX):
         result = json.loads(last[len(RESULT_PREFIX) :])
         return result["ok"], seconds, result["error"]
@@ -163,11 +375,13 @@ def run_scheduled(
     run_one: Callable[[Path], tuple[bool, float, str]],
     jobs: int,
     on_done: Callable[[Path, tuple[bool, float, str]], None],
+    on_start: Callable[[Path], None] | None = None,
 ) -> None:
     """Run every path with ``run_one`` on ``jobs`` workers. A notebook starts once the notebooks it
     ``NEEDS`` among ``paths`` have finished (those not in ``paths`` count as finished), and is not
     run when one of them failed; of the ready ones, the first in ``PRIORITY`` starts first.
-    ``on_done(path, (ok, seconds, error))`` after each, in the order they finish."""
+    ``on_done(path, (ok, seconds, error))`` after each, in the order they finish;
+    ``on_start(path)`` as each starts (default: print that it runs)."""
     rank = {number: i for i, number in enumerate(PRIORITY)}
     pending = sorted(paths, key=lambda p: (rank.get(p.name[:2], len(rank)), p.name))
     in_series, finished = {p.name[:2] for p in paths}, {}  # number -> ok
@@ -188,7 +402,10 @@ def run_scheduled(
                         path, (False, 0.0, f"not run: it reads notebook {failed[0]}, which failed")
                     )
                     continue
-                print(f"{path.stem}: running ...", flush=True)
+                if on_start is None:
+                    print(f"{path.stem}: running ...", flush=True)
+                else:
+                    on_start(path)
                 running[pool.submit(run_one, path)] = path
             if not running:
                 continue  # only skipped notebooks were ready: look again
@@ -279,11 +496,18 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=None, help="notebooks at a time (default: 2 on a CPU)"
     )
     parser.add_argument("--nbmake", action="store_true", help="check with pytest --nbmake (CI)")
+    parser.add_argument(
+        "--progress-every", type=float, default=60.0, help="seconds between progress lines"
+    )
     parser.add_argument("--execute", default=None, help=argparse.SUPPRESS)  # one notebook, here
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.execute:  # the process of one notebook (run_notebook)
-        ok, error = execute_notebook(Path(args.execute), Path(args.out), args.timeout)
+
+        def report(info: dict) -> None:
+            print(PROGRESS_PREFIX + json.dumps(info), flush=True)
+
+        ok, error = execute_notebook(Path(args.execute), Path(args.out), args.timeout, report)
         print(RESULT_PREFIX + json.dumps({"ok": ok, "error": error}), flush=True)
         return 0 if ok else 1
     jobs = default_jobs() if args.jobs is None else args.jobs
@@ -293,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     build, size = config.build_dir(), config.run_size()
     build.mkdir(parents=True, exist_ok=True)
     paths = notebooks(only)
-    if args.nbmake:
-        return _check_series(paths, args.timeout, jobs)
     state = load_state(build)
+    if args.nbmake:
+        expected = {p.stem: expected_seconds(p.stem, size, state) for p in paths}
+        return _check_series(
+            paths, args.timeout, jobs, Progress(expected, jobs, every=args.progress_every)
+        )
     print(
         f"run size {config.mode_name()}; {len(paths)} notebooks, {jobs} at a time; results in "
         f"{build}, each notebook's output in {build / 'logs'}",
@@ -309,9 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             todo.append(path)
     failed, finished = [], []
+    expected = {p.stem: expected_seconds(p.stem, size, state) for p in todo}
+    progress = Progress(expected, jobs, every=args.progress_every)
 
     def record(path: Path, result: tuple[bool, float, str]) -> None:
         ok, seconds, error = result
+        progress.finish(path.stem)
         state[path.stem] = {
             "ok": ok,
             "seconds": round(seconds, 1),
@@ -329,9 +559,14 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    run_scheduled(
-        todo, lambda p: run_notebook(p, build / "notebooks", args.timeout, jobs), jobs, record
-    )
+    with progress.watch():
+        run_scheduled(
+            todo,
+            lambda p: run_notebook(p, build / "notebooks", args.timeout, jobs, progress=progress),
+            jobs,
+            record,
+            on_start=lambda p: progress.start(p.stem),
+        )
     atomic_write_text(build / "SUMMARY.md", summary_markdown(notebooks(only), state, build))
     elapsed = (time.perf_counter() - t_start) / 60
     series = sum(state[p.stem]["seconds"] for p in paths if p.stem in state) / 60
@@ -344,11 +579,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _check_series(paths: list[Path], timeout: int, jobs: int) -> int:
-    """``--nbmake``: every notebook through ``pytest --nbmake`` on the schedule; 1 if any failed."""
+def _check_series(
+    paths: list[Path], timeout: int, jobs: int, progress: Progress | None = None
+) -> int:
+    """``--nbmake``: every notebook through ``pytest --nbmake`` on the schedule; 1 if any failed.
+    ``progress`` says how long each has run and has left."""
     t_start, results = time.perf_counter(), {}
+    progress = progress or Progress({p.stem: None for p in paths}, jobs)
 
     def record(path: Path, result: tuple[bool, float, str]) -> None:
+        progress.finish(path.stem)
         results[path.stem] = result
         ok, seconds, error = result
         print(
@@ -360,7 +600,14 @@ def _check_series(paths: list[Path], timeout: int, jobs: int) -> int:
     print(
         f"nbmake at size {config.mode_name()}: {len(paths)} notebooks, {jobs} at a time", flush=True
     )
-    run_scheduled(paths, lambda p: check_with_nbmake(p, timeout, jobs), jobs, record)
+    with progress.watch():
+        run_scheduled(
+            paths,
+            lambda p: check_with_nbmake(p, timeout, jobs),
+            jobs,
+            record,
+            on_start=lambda p: progress.start(p.stem),
+        )
     failed = [stem for stem, (ok, _, _) in results.items() if not ok]
     listed = ": " + ", ".join(failed) if failed else ""
     print(

@@ -13,10 +13,13 @@ at one horizon, the others secondary. ``comparison`` tests one rule against a ba
 measure: the training measures paired by seed (Student-t over seeds), held-out accuracy paired by
 question and seed (``stats.paired_accuracy``: a bootstrap over questions and seeds, and McNemar).
 ``power_plan`` reads a pilot's results and says what a number of seeds can resolve.
+``heldout_answers`` grades every model of an experiment again question by question from its own
+evaluation records (notebook 06).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -488,3 +491,66 @@ def power_plan(
         "seeds_needed": math.inf if exceeded else max(int(needed), 2),
     }
     return out
+
+
+def heldout_answers(
+    name: str, *, batch_size: int = 32, progress: bool = False, log: Any = None
+) -> tuple[pd.DataFrame, dict[str, Any], list[dict]]:
+    """Every model of ``run_experiment(name)`` graded question by question on its held-out set
+    (notebook 06): ``(correct, results, problems)``.
+
+    Reads ``runs/<name>/results.csv`` for the runs (the base model, each method and seed) and the
+    settings of their evaluation records, and evaluates each model with ``evaluate_suite`` under
+    those settings into the same records: what ``run_experiment`` wrote is reused, so nothing is
+    generated when the records are complete (a missing answer is generated and appended).
+    ``correct`` has one row per graded answer, columns ``method``, ``seed`` (-1 for the base
+    model), ``question`` and ``correct`` (0/1), as ``stats.paired_accuracy`` takes them;
+    ``results`` maps each label ("base", "grpo/seed0", ...) to its ``EvalResult``; ``problems``
+    are the held-out questions (``heldout_problems`` of the experiment's config). Raises
+    FileNotFoundError when the experiment has not run and ValueError when it evaluated no
+    held-out set (``n_eval=0``, or the MATH task).
+    """
+    from nthr_book.evaluate import evaluate_suite
+
+    root = book_config.runs_dir() / name
+    path = root / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run run_experiment({name!r}, ...) first")
+    results = pd.read_csv(path)
+    if "accuracy" not in results or results["accuracy"].isna().all():
+        raise ValueError(f"{name}: its runs were not evaluated on held-out questions (n_eval=0)")
+    runs = results[results["method"] != "base"]
+    saved = json.loads((Path(runs["run_dir"].iloc[0]) / "config.json").read_text())
+    cfg = TrainConfig.from_dict(saved["config"])
+    held = heldout_problems(cfg, int(results["n_eval"].dropna().iloc[0]))
+    models: dict[str, str] = {}
+    if (results["method"] == "base").any():
+        models["base"] = cfg.model
+    for run in runs.itertuples():
+        models[f"{run.method}/seed{run.seed}"] = str(Path(run.run_dir) / "model")
+    first = root / "eval" / next(iter(models)) / "arithmetic_heldout.settings.json"
+    settings = json.loads(first.read_text())["settings"]
+    evaluated = evaluate_suite(
+        models,
+        {"arithmetic_heldout": held},
+        log=log,
+        out_dir=root / "eval",
+        **{k: settings[k] for k in ("n_samples", "temperature", "max_new_tokens", "seed")},
+        template=settings["template"],
+        require_boxed=settings["require_boxed"],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    rows = []
+    for res in evaluated:
+        method, _, seed = res.label.partition("/seed")
+        for question, score in res.per_problem.items():
+            rows.append(
+                {
+                    "method": method,
+                    "seed": int(seed) if seed else -1,
+                    "question": question,
+                    "correct": score,
+                }
+            )
+    return pd.DataFrame(rows), {res.label: res for res in evaluated}, held

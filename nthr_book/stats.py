@@ -114,7 +114,7 @@ def paired_differences(
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (95%: z=1.96); notebooks 05, 06."""
+    """Wilson score interval for ``k`` successes in ``n`` trials (95%: z=1.96); notebook 06."""
     if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
         raise TypeError(f"k and n must be integers, got k={k!r}, n={n!r}")
     k, n = int(k), int(n)

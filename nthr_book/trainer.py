@@ -1108,6 +1108,7 @@ def train(
     model=None,
     tokenizer=None,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Train with GRPO (or NTHR / Pos Only per ``config.method``); returns the run folder. Notebook
     01.
@@ -1116,7 +1117,9 @@ def train(
     ``reward_fn(completions, answers) -> list[float]`` overrides the math reward. ``callbacks`` are
     called as ``cb(step, row)`` after each step. ``resume=True`` continues from ``checkpoint.pt``,
     returns a finished run of ``steps`` steps as it is, extends a finished run to more ``steps``
-    when it kept its checkpoint, and refuses one of more steps than ``steps``.
+    when it kept its checkpoint, and refuses one of more steps than ``steps``. ``device``: where to
+    train (default: CUDA when present, else the CPU); notebook 01 trains on the CPU at every size to
+    compare its hand-written loop with this one bit for bit.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -1136,7 +1139,12 @@ def train(
         return run_dir  # reuse the finished run: no model load, no checkpoint read
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = GRPOTrainer(
-        config, advantage_fn=hook, reward_fn=reward_fn, model=model, tokenizer=tokenizer
+        config,
+        advantage_fn=hook,
+        reward_fn=reward_fn,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
     )
     if resume and (run_dir / "checkpoint.pt").exists():
         trainer.load_checkpoint(run_dir)

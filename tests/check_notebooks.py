@@ -5,6 +5,14 @@ machine-independent when its tolerance is derived (from a dtype's eps and the nu
 terms; never a bare number such as ``atol=1e-4``, never a library default) and when an ``assert``
 orders measured medians, means or Δ's only with a stated margin (a ``# margin: ...`` comment); the
 rest is printed, not asserted.
+
+Exercises (``exercise_problems``): every numbered item of a notebook's exercises (a markdown cell
+with a ``## Exercises`` heading or an ``**Exercises**`` line) carries a ``*Hint:*`` and has a
+solution: a code cell after the list, tagged ``solution``, hidden by default (``jupyter``
+metadata ``source_hidden`` and ``outputs_hidden``), whose first line is ``# Solution to exercise
+<k>``. Solution cells run with the notebook, so CI executes them at the ci size like every other
+cell. The notebooks in ``SOLUTIONS_PENDING`` are not held to this yet: their owners add hints and
+solutions and take their number out (tests/README.md says how).
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ TOLERANCES = ("rtol", "atol")
 ORDER = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 MEASURED = re.compile(r"median|\bmean\b|delta|Δ")
 DERIVE = "derive it from the dtype's eps and the number of terms, with a comment"
+# Notebooks whose exercises have no hints and solution cells yet (take a number out once they do)
+SOLUTIONS_PENDING = {"02", "03", "05", "08"}
+SOLUTION_TAG = "solution"
+EXERCISES_HEADING = re.compile(r"^(#+ *Exercises|\*\*Exercises\*\*) *$", re.MULTILINE)
+ITEM = re.compile(r"^(\d+)\. ")
+SOLUTION_FIRST_LINE = re.compile(r"^# Solution to exercise (\d+)\b")
 
 
 def _number(node: ast.AST) -> float | None:
@@ -116,6 +130,74 @@ def check_problems(source: str) -> list[str]:
     return out
 
 
+def exercise_items(markdown: str) -> dict[int, str]:
+    """The numbered items after the Exercises heading of a markdown cell: {number: text}. An item
+    runs until the next item or the first unindented line that is not one."""
+    heading = EXERCISES_HEADING.search(markdown)
+    if heading is None:
+        return {}
+    items: dict[int, str] = {}
+    current = None
+    for line in markdown[heading.end() :].splitlines():
+        match = ITEM.match(line)
+        if match:
+            current = int(match.group(1))
+            items[current] = line
+        elif current is not None and (line.startswith((" ", "\t")) or not line.strip()):
+            items[current] += "\n" + line
+        elif current is not None:
+            break
+    return items
+
+
+def exercise_problems(cells: list[dict], name: str) -> list[str]:
+    """Every exercise has a hint and a hidden solution cell after the list (module docstring)."""
+    where = [
+        i
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "markdown" and EXERCISES_HEADING.search("".join(c["source"]))
+    ]
+    solutions = [
+        (i, c)
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "code" and SOLUTION_TAG in c.get("metadata", {}).get("tags", [])
+    ]
+    if not where:
+        return [f"{name}: no Exercises section"] if solutions else []
+    at = where[-1]
+    items = exercise_items("".join(cells[at]["source"]))
+    out = [] if items else [f"{name}: the Exercises section has no numbered items"]
+    for k, text in items.items():
+        if "Hint:" not in text:
+            out.append(f"{name}: exercise {k} has no '*Hint:*'")
+    solved = {}
+    for i, cell in solutions:
+        source = "".join(cell["source"])
+        match = SOLUTION_FIRST_LINE.match(source)
+        if match is None:
+            out.append(
+                f"{name}: cell {i} is tagged solution but does not start with "
+                "'# Solution to exercise <k>'"
+            )
+            continue
+        k = int(match.group(1))
+        if k in solved:
+            out.append(f"{name}: exercise {k} has two solution cells ({solved[k]} and {i})")
+        solved[k] = i
+        if k not in items:
+            out.append(f"{name}: cell {i} solves exercise {k}, which the list does not have")
+        if i < at:
+            out.append(f"{name}: the solution to exercise {k} (cell {i}) comes before the list")
+        hidden = cell.get("metadata", {}).get("jupyter", {})
+        if not (hidden.get("source_hidden") and hidden.get("outputs_hidden")):
+            out.append(
+                f"{name}: the solution to exercise {k} (cell {i}) is not hidden: set "
+                "metadata.jupyter.source_hidden and outputs_hidden to true"
+            )
+    out += [f"{name}: exercise {k} has no solution cell" for k in items if k not in solved]
+    return out
+
+
 def problems(path: Path) -> list[str]:
     """What is wrong with one notebook (empty when it passes)."""
     try:
@@ -152,6 +234,8 @@ def problems(path: Path) -> list[str]:
         "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
     ):
         out.append(f"{path.name}: no '## Summary' section")
+    if path.name[:2] not in SOLUTIONS_PENDING:
+        out += exercise_problems(nb["cells"], path.name)
     return out
 
 

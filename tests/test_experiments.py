@@ -171,6 +171,15 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         progress=False,
     )
     pd.testing.assert_series_equal(res["accuracy"], again["accuracy"], check_exact=True)
+    # notebook 06 reads every run back question by question from the same records (no generation)
+    correct, evaluated, problems = experiments.heldout_answers("tiny")
+    assert problems == held
+    assert set(evaluated) == {"base", "grpo/seed0", "grpo/seed1", "nthr/seed0", "nthr/seed1"}
+    assert len(correct) == 5 * 4 and set(correct["correct"]) <= {0.0, 1.0}
+    per_run = correct.groupby(["method", "seed"])["correct"].mean()
+    for row in res.itertuples():  # the mean of the same 0/1 answers: equal to the last bit
+        assert per_run[(row.method, row.seed)] == row.accuracy
+    assert set(correct["question"]) == {p["id"] for p in held}
     # n_eval=0: the same finished runs, no evaluation at all (no base row, no accuracy column)
     unevaluated = run_experiment(
         "tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, progress=False
@@ -179,6 +188,10 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
     assert not (tmp_path / "tiny" / "heldout.csv").exists()  # no answers of these runs
     with pytest.raises(ValueError, match="n_eval must be an int >= 0"):
         run_experiment("tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=-1)
+    with pytest.raises(ValueError, match="not evaluated on held-out questions"):
+        experiments.heldout_answers("tiny")  # results.csv now holds the run without n_eval
+    with pytest.raises(FileNotFoundError, match="run run_experiment"):
+        experiments.heldout_answers("never_ran")
     with pytest.raises(ValueError, match=r"horizon must be an int in \[1, steps=2\]"):
         run_experiment("tiny", methods=("grpo",), seeds=(0,), config=cfg, n_eval=0, horizon=3)
     # a shorter horizon reads the same finished runs over their first step only

@@ -397,3 +397,54 @@ def test_notebooks_pass_the_lint():
 
     found = [p for path in NOTEBOOKS.values() for p in check_notebooks.problems(path)]
     assert not found, "\n".join(found)
+
+
+def _cells(exercises: str, *solutions: tuple[str, dict]) -> list[dict]:
+    cells = [{"cell_type": "markdown", "source": [exercises]}]
+    for source, metadata in solutions:
+        cells.append({"cell_type": "code", "source": [source], "metadata": metadata})
+    return cells
+
+
+HIDDEN = {"jupyter": {"source_hidden": True, "outputs_hidden": True}, "tags": ["solution"]}
+
+
+def test_notebook_lint_wants_a_hint_and_a_hidden_solution_per_exercise():
+    import check_notebooks
+
+    text = (
+        "## Summary\n\n- a point\n\n## Exercises\n\n1. Do this.\n   *Hint:* like that.\n"
+        "2. Do that,\n   on two lines.\n   *Hint:* look again.\n\nThe solutions are below.\n"
+    )
+    good = _cells(
+        text, ("# Solution to exercise 1\nx = 1", HIDDEN), ("# Solution to exercise 2", HIDDEN)
+    )
+    assert check_notebooks.exercise_problems(good, "nb") == []
+    assert check_notebooks.exercise_items(text).keys() == {1, 2}
+    # the older layout: a bold line inside the summary
+    bold = _cells("**Exercises**\n1. One.\n   *Hint:* h.\n", ("# Solution to exercise 1", HIDDEN))
+    assert check_notebooks.exercise_problems(bold, "nb") == []
+
+    no_hint = [_cells(text.replace("   *Hint:* look again.\n", ""))[0], *good[1:]]
+    assert check_notebooks.exercise_problems(no_hint, "nb") == ["nb: exercise 2 has no '*Hint:*'"]
+    shown = {"tags": ["solution"]}
+    found = check_notebooks.exercise_problems(
+        _cells(text, ("# Solution to exercise 1", HIDDEN), ("# Solution to exercise 2", shown)),
+        "nb",
+    )
+    assert len(found) == 1 and "exercise 2 (cell 2) is not hidden" in found[0]
+    found = check_notebooks.exercise_problems(
+        _cells(text, ("# Solution to exercise 1", HIDDEN)), "nb"
+    )
+    assert found == ["nb: exercise 2 has no solution cell"]
+    found = check_notebooks.exercise_problems(
+        _cells(text, ("print('answer')", HIDDEN), ("# Solution to exercise 3", HIDDEN)), "nb"
+    )
+    assert any("does not start with '# Solution to exercise" in p for p in found)
+    assert any("solves exercise 3, which the list does not have" in p for p in found)
+    before = [good[1], *good[:1], good[2]]  # a solution above the list
+    assert any(
+        "comes before the list" in p for p in check_notebooks.exercise_problems(before, "nb")
+    )
+    # a notebook without exercises and without solutions is left alone
+    assert check_notebooks.exercise_problems(_cells("## Summary\n- done\n"), "nb") == []

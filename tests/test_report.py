@@ -44,6 +44,52 @@ def test_headline_refuses_a_missing_figure_and_no_numbers(tmp_path):
         report.load_headline(tmp_path)
 
 
+def test_headline_in_one_call_saves_the_figure_and_formats_the_numbers(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    report.headline(
+        tmp_path / "01_x",
+        "One call",
+        {
+            "an interval": (0.6412, 0.5731, 0.7085),
+            "with a note": (0.5, 0.25, 0.75, "(95% t over 3 seeds)"),
+            "a number": 0.12345,
+            "a count": 7,
+            "text": "as it is",
+        },
+        figure=ax,  # an Axes: its figure is saved as headline.png
+        seeds=[0, 1],
+    )
+    plt.close(fig)
+    saved = report.load_headline(tmp_path / "01_x")
+    assert saved["figure"] == report.HEADLINE_FIGURE
+    assert (tmp_path / "01_x" / report.HEADLINE_FIGURE).stat().st_size > 0
+    assert saved["numbers"] == {
+        "an interval": "0.641 [0.573, 0.709]",
+        "with a note": "0.500 [0.250, 0.750] (95% t over 3 seeds)",
+        "a number": "0.123",
+        "a count": "7",
+        "text": "as it is",
+    }
+    printed = capsys.readouterr().out
+    assert "**One call**" in printed and "- an interval: 0.641 [0.573, 0.709]" in printed
+    assert report.interval(0.02, -0.01, float("nan"), signed=True) == "+0.020 [-0.010, nan]"
+    # a figure saved earlier by name, as save_headline takes it
+    (tmp_path / "01_x" / "curve.png").write_bytes(b"png")
+    report.headline(tmp_path / "01_x", "By name", {"x": 1.0}, figure="curve.png", digits=1)
+    assert report.load_headline(tmp_path / "01_x")["figure"] == "curve.png"
+    assert report.load_headline(tmp_path / "01_x")["numbers"] == {"x": "1.0"}
+    with pytest.raises(TypeError, match="a number must be"):
+        report.headline(tmp_path, "bad", {"x": [1, 2]})
+    with pytest.raises(TypeError, match="figure must be"):
+        report.headline(tmp_path, "bad", {"x": 1}, figure=object())
+
+
 def _fake_series(tmp_path: Path, names=("00_a", "01_b", "02_c")) -> list[Path]:
     folder = tmp_path / "notebooks"
     folder.mkdir()
@@ -66,7 +112,7 @@ def test_demo_skips_finished_notebooks_and_reruns_changed_or_failed_ones(tmp_pat
     )
     calls, fail = [], {"01_b"}
 
-    def fake_run(path, out_dir, timeout, jobs=1):
+    def fake_run(path, out_dir, timeout, jobs=1, progress=None):
         calls.append(path.stem)
         if path.stem == "00_a":  # a notebook that saves a headline
             (build / path.stem).mkdir(parents=True, exist_ok=True)
@@ -135,3 +181,112 @@ def test_schedule_waits_for_needs_runs_the_longest_first_and_skips_after_a_failu
     demo.run_scheduled(paths[:3], run_one, 1, lambda path, result: None)
     assert [n for kind, n in events if kind == "start"] == ["02", "03", "00"]
     assert all(events[2 * i][0] == "start" and events[2 * i + 1][0] == "end" for i in range(3))
+
+
+def test_progress_lines_say_section_cell_and_time_left():
+    now, said = [0.0], []
+    board = demo.Progress(
+        {"05_long": 600.0, "00_short": 60.0, "09_new": None},
+        jobs=2,
+        every=60.0,
+        clock=lambda: now[0],
+        say=said.append,
+    )
+    board.start("05_long")
+    assert said == ["05_long: running ...; it took 10.0 min last time"]
+    assert board.series_left() is None  # 09_new has no measured time
+    board.expected["09_new"] = 120.0
+    now[0] = 90.0
+    line = board.update("05_long", {"cell": 3, "cells": 20, "section": "1. Train", "elapsed": 90})
+    assert line == (
+        "  05_long: § 1. Train, cell 3 of 20, 1.5 min in, about 8.5 min left (it took 10.0), "
+        "the series about 6 min left"  # (510 + 60 + 120) s / 2 jobs
+    )
+    assert said[-1] == line  # a new section is said at once
+    now[0] = 100.0
+    board.update("05_long", {"cell": 4, "cells": 20, "section": "1. Train", "elapsed": 100})
+    assert len(said) == 2  # same section, 10 s later: only logged
+    now[0] = 160.0
+    board.tick()  # 70 s of silence: the clock speaks, also in the middle of a long cell
+    assert said[-1].startswith(
+        "  05_long: § 1. Train, cell 4 of 20, 2.7 min in, about 7.3 min left"
+    )
+    board.tick()
+    assert len(said) == 3
+    now[0] = 700.0
+    board.tick()
+    assert "past the 10.0 min it took last time" in said[-1]
+    board.finish("05_long")
+    assert board.series_left() == (60.0 + 120.0) / 2
+    # nbmake: no cell information, only the time
+    board.start("00_short")
+    now[0] = 761.0
+    board.tick()
+    assert (
+        said[-1]
+        == "  00_short: 1.0 min in, past the 1.0 min it took last time, the series about 1 min left"
+    )
+
+
+def test_expected_seconds_prefers_the_last_run_at_this_size():
+    state = {"05_x": {"ok": True, "size": "ci", "seconds": 123.0}}
+    assert demo.expected_seconds("05_x", "ci", state) == 123.0
+    assert (
+        demo.expected_seconds("05_x", "laptop", state) == 60 * demo.MEASURED_MINUTES["laptop"]["05"]
+    )
+    state["05_x"]["ok"] = False  # a failed run's time says little
+    assert demo.expected_seconds("05_x", "ci", state) == 60 * demo.MEASURED_MINUTES["ci"]["05"]
+    assert demo.expected_seconds("05_x", "paper", state) is None
+    assert (
+        demo.last_heading("text\n## 2. Curves with bands\nmore\n### 2.1 A part ##") == "2.1 A part"
+    )
+    assert demo.last_heading("no heading, #hashtag") is None
+
+
+@pytest.mark.slow
+def test_demo_prints_progress_of_a_real_notebook(tmp_path, monkeypatch, capsys):
+    """A tiny notebook executed by a kernel in a process of its own: the console and the log say
+    the section and the cell it is in, and the next run estimates from this one's time."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    cells = [
+        ("markdown", "# 00 · A fake notebook"),
+        ("code", "x = 1"),
+        ("markdown", "Some text.\n\n## 1. The first part"),
+        ("code", "import time\ntime.sleep(0.2)"),
+        ("markdown", "## 2. The second part"),
+        ("code", "print('done', x)"),
+    ]
+    nb = {
+        "cells": [
+            {"cell_type": kind, "metadata": {}, "source": [text]}
+            | ({"outputs": [], "execution_count": None} if kind == "code" else {})
+            for kind, text in cells
+        ],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path = folder / "00_fake.ipynb"
+    path.write_text(json.dumps(nb))
+    build = tmp_path / "build"
+    monkeypatch.setenv("NTHR_BOOK_BUILD", str(build))
+    monkeypatch.setenv("NTHR_BOOK_SIZE", "ci")
+    monkeypatch.setattr(demo, "notebooks", lambda only=None: [path])
+    assert demo.main(["--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    took = demo.MEASURED_MINUTES["ci"]["00"]
+    assert f"00_fake: running ...; it took {took:.1f} min last time" in out
+    for section, k in (
+        ("00 · A fake notebook", 1),
+        ("1. The first part", 2),
+        ("2. The second part", 3),
+    ):
+        assert f"  00_fake: § {section}, cell {k} of 3, " in out, out
+    log = (build / "logs" / "00_fake.log").read_text()
+    assert "00_fake: § 2. The second part, cell 3 of 3" in log and demo.PROGRESS_PREFIX not in log
+    executed = json.loads((build / "notebooks" / "00_fake.ipynb").read_text())
+    assert executed["cells"][-1]["outputs"][0]["text"] == ["done 1\n"]
+    seconds = demo.load_state(build)["00_fake"]["seconds"]
+    assert demo.main(["--jobs", "1", "--force"]) == 0
+    assert f"it took {seconds / 60:.1f} min last time" in capsys.readouterr().out

@@ -146,6 +146,76 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, extra):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
+def test_the_loop_written_out_in_notebook_01_is_train_bit_for_bit(tmp_path):
+    """Notebook 01's "GRPO by hand" (sample, grade, advantages, policy_loss, AdamW) leaves the
+    weights that train() leaves, to the last bit, on the CPU (``device``)."""
+    from nthr_book.data import build_prompt
+    from nthr_book.env import set_seed
+    from nthr_book.models import load_policy
+    from nthr_book.rollout import generate_groups
+    from nthr_book.trainer import task_defaults, training_problems
+
+    cfg = tiny(tmp_path, kl_coef=0.0, steps=3)
+    set_seed(cfg.seed)
+    model, tokenizer = load_policy(cfg.model, device="cpu")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=0.0
+    )
+    template, _ = task_defaults(cfg)
+    pool, updates = training_problems(cfg), 0
+    for step in range(cfg.steps):
+        n = cfg.prompts_per_step
+        problems = [pool[(step * n + i) % len(pool)] for i in range(n)]
+        prompts = [build_prompt(tokenizer, p["problem"], template) for p in problems]
+        ro = generate_groups(
+            model,
+            tokenizer,
+            prompts,
+            cfg.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed * 1_000_003 + step,
+        )
+        golds = [p["answer"] for p in problems for _ in range(cfg.group_size)]
+        rewards = torch.tensor(parity_reward(ro.texts, golds)).view(-1, cfg.group_size)
+        mixed = grpo.mixed_group_mask(rewards).nonzero().flatten().tolist()
+        if not mixed:
+            continue
+        ro, rewards = ro.select_groups(mixed), rewards[mixed]
+        advantages = grpo.expand_advantages(grpo.group_advantages(rewards), ro.completion_mask)
+        model.train()
+        logps = grpo.per_token_logps(
+            model,
+            ro.input_ids,
+            ro.attention_mask,
+            ro.completion_mask,
+            temperature=cfg.temperature,
+            group_size=cfg.group_size,
+        )
+        loss, _ = grpo.policy_loss(
+            logps.float(),
+            logps.detach().float(),
+            advantages,
+            ro.completion_mask,
+            clip_eps=cfg.clip_eps,
+            kl_coef=0.0,
+            agg="token",
+            max_completion_length=cfg.max_new_tokens,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        model.eval()
+        updates += 1
+    assert updates >= 2, "the parity reward should give mixed groups on most steps"
+    run = train(cfg, reward_fn=parity_reward, progress=False, device="cpu")
+    saved, mine = final_weights(run), model.state_dict()
+    assert set(saved) <= set(mine)
+    assert all(torch.equal(saved[k], mine[k]) for k in saved), "the loop is not train()'s"
+
+
 def final_weights(run):
     from safetensors.torch import load_file
 

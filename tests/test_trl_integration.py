@@ -37,6 +37,7 @@ from nthr_book.integrations.trl import (  # noqa: E402
     LLDCallback,
     NTHRConfig,
     NTHRGRPOTrainer,
+    hidden_states_source,
     low_precision_logits,
     math_answer_reward,
     prompt_dataset,
@@ -192,6 +193,10 @@ def test_selecting_nothing_is_plain_grpo_exactly(tmp_path, tokenizer, mode, nthr
         trl_runs_old_pass(ours.args, False, True) is old_pass
         and ("old_per_token_logps" in out) is old_pass
     )
+    if nthr is not None:  # the layout the trainer took is the one hidden_states_source names
+        source, extra = hidden_states_source(ours.args, False, True)
+        assert bool(out["nthr_fused"]) is (source == "the loss's own forward")
+        assert extra == (mode == "extra_pass")
     mine, theirs = dict(out), dict(out)
     theirs["advantages"] = out["seq_advantages"]  # TRL's own (B,) advantages
     loss_ours = ours.compute_loss(ours.model, mine)

@@ -25,9 +25,10 @@ of tokens the correct responses share, never a push-up).
 
 TRL's advantages are not ``nthr_book.grpo.group_advantages``' defaults: TRL divides by the unbiased
 (Bessel, G - 1) std of the group plus 1e-4, the native trainer by the population std plus 1e-6
-(the theory's sqrt(p(1-p))). At N+ = 1 of G = 8 TRL's advantages are about 0.935 times the
-native ones (sqrt(7/8) and the larger eps), for the correct and the incorrect responses alike; the
-ratio tends to 1 as G grows. Learning rates carry over between the two trainers only up to that
+(the theory's sqrt(p(1-p))). The unbiased std is sqrt(G/(G-1)) times the population one, so TRL's
+advantages are sqrt((G-1)/G) times the native ones (0.935 at G = 8) in every mixed group, whatever
+N+, for the correct and the incorrect responses alike, up to the eps terms; the ratio tends to 1 as
+G grows (notebook 07 §3). Learning rates carry over between the two trainers only up to that
 factor.
 
 Which pass the hidden states come from (selection is computed once per generation batch, no
@@ -136,6 +137,7 @@ __all__ = [
     "low_precision_logits",
     "math_answer_reward",
     "prompt_dataset",
+    "hidden_states_source",
     "trl_runs_old_pass",
 ]
 
@@ -151,6 +153,28 @@ def trl_runs_old_pass(args: Any, use_vllm: bool, vllm_is_correction: bool) -> bo
     generate_every = args.steps_per_generation * args.num_iterations
     runs_it = args.gradient_accumulation_steps % generate_every != 0
     return runs_it or (use_vllm and vllm_is_correction)
+
+
+OLD_PASS, LOSS_FORWARD, EXTRA_PASS = (
+    "TRL's old-policy pass",
+    "the loss's own forward",
+    "one extra no-grad forward after generation",
+)
+
+
+def hidden_states_source(
+    args: Any, use_vllm: bool = False, vllm_is_correction: bool = False
+) -> tuple[str, int]:
+    """Where ``NTHRGRPOTrainer`` reads NTHR's hidden states under a TRL config, and the extra
+    no-grad forward passes per generation batch that costs (LLD tracking not counted): TRL's
+    old-policy pass when TRL runs one (0), else the loss's own forward when
+    ``steps_per_generation == 1`` (0), else one extra pass (1). The module docstring explains each;
+    notebook 07 prints it."""
+    if trl_runs_old_pass(args, use_vllm, vllm_is_correction):
+        return OLD_PASS, 0
+    if args.steps_per_generation == 1:
+        return LOSS_FORWARD, 0
+    return EXTRA_PASS, 1
 
 
 def low_precision_logits(accelerator: Any, args: Any, model: Any) -> bool:
@@ -491,7 +515,7 @@ class NTHRGRPOTrainer(GRPOTrainer):
         out[_ROW], out[_REWARD], out[_SEQ_ADV] = rows, rewards, out["advantages"]
         out[_BATCH] = torch.tensor(self._batch_counter, device=device)
         out[_FUSED] = torch.tensor(False, device=device)
-        if cap is None and self.nthr is not None:
+        if cap is None and self.nthr is not None:  # hidden_states_source says which
             if self.args.steps_per_generation == 1:
                 out[_FUSED] = torch.tensor(True, device=device)  # NTHR on the compute_loss forward
             else:
