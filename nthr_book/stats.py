@@ -369,10 +369,13 @@ def resolved(low: float, high: float, null: float = 0.0) -> bool:
 
 def verdict(estimate: float, low: float, high: float, *, null: float = 0.0, digits: int = 3) -> str:
     """The sentence a notebook prints for a comparison: "+0.342 [+0.080, +0.605], resolved (above
-    0)" or "... not resolved (the interval contains 0)"."""
+    0)", "... not resolved (the interval contains 0)" or, where there is no interval (one
+    question), "... not resolved (no interval: too few pairs)"."""
     f = lambda v: f"{v:+.{digits}f}" if math.isfinite(v) else "nan"  # noqa: E731
     text = f"{f(estimate)} [{f(low)}, {f(high)}]"
     ref = f"{null:g}"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{text}, not resolved (no interval: too few pairs)"
     if not resolved(low, high, null):
         return f"{text}, not resolved (the interval contains {ref})"
     return f"{text}, resolved ({'above' if low > null else 'below'} {ref})"

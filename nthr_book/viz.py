@@ -793,7 +793,7 @@ def plot_first_order(
     """Δ(x) to first order (notebook 02, ``lld.first_order_displacement``), two panels: measured Δ
     against the first-order prediction per question (one colour per kind of negatives, the line
     y = x), and per kind the mean of the prediction's two parts (the right answers' push and the
-    wrong answers' push) as stacked bars.
+    wrong answers' push) as bars side by side, with the mean measured Δ as a black diamond.
 
     ``table`` has one row per question: ``negatives`` (e.g. "f=0.00", "near-miss"), ``measured``,
     ``predicted``, ``right`` and ``wrong``. The scatter of kind k is ``axes[0].collections[k]``; the
@@ -817,8 +817,11 @@ def plot_first_order(
     means = table.groupby("negatives", sort=False)[["right", "wrong"]].mean().reindex(kinds)
     x = np.arange(len(kinds))
     bx = axes[1]
-    bx.bar(x, means["right"], color=_PALETTE[2], label="right answers' push")
-    bx.bar(x, means["wrong"], color=_PALETTE[3], label="wrong answers' push")
+    width = 0.38  # side by side: the two parts, then their sum (the measured Δ) as a marker
+    bx.bar(x - width / 2, means["right"], width, color=_PALETTE[2], label="right answers' push")
+    bx.bar(x + width / 2, means["wrong"], width, color=_PALETTE[3], label="wrong answers' push")
+    measured = table.groupby("negatives", sort=False)["measured"].mean().reindex(kinds)
+    bx.scatter(x, measured, marker="D", color="black", zorder=3, label="measured Δ (mean)")
     bx.axhline(0.0, color="black", linewidth=0.6)
     bx.set_xticks(x, kinds)
     bx.set_ylabel("mean predicted Δ (two parts)")

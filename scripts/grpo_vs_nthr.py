@@ -19,6 +19,9 @@ prints what ``len(--seeds)`` seeds can resolve, without training.
     python scripts/grpo_vs_nthr.py                          # fast preset, 3 seeds, 12 steps
     python scripts/grpo_vs_nthr.py --seeds 3 4 --steps 4 --n-eval 32  # other seeds, shorter
     python scripts/grpo_vs_nthr.py --preset paper --n-eval 0 --primary lld_delta_mean  # GPU
+    python scripts/grpo_vs_nthr.py --preset reasoner --steps 12 --prompts-per-step 2 \\
+        --mini-batch-prompts 1 --methods grpo nthr pos_only nthr_all --primary lld_delta_mean
+        # the warm-up reasoner, its own sampled negatives, two updates per rollout batch
     python scripts/grpo_vs_nthr.py --negatives near_miss --steps 20 --prompts-per-step 2 \\
         --methods grpo nthr pos_only nthr_all --primary lld_delta_mean --horizon 20
         # training where the wrong answers are near the right ones (notebook 05 §5)
@@ -45,6 +48,12 @@ from nthr_book import experiments
 from nthr_book.experiments import MEASURES, comparison, power_plan, run_experiment, summarize
 from nthr_book.trainer import NEGATIVES, TrainConfig
 
+PRESETS = {
+    "fast": TrainConfig.fast,
+    "reasoner": TrainConfig.fast_reasoner,
+    "paper": TrainConfig.paper_qwen_0_5b,
+}
+
 BASELINE = "grpo"
 
 
@@ -56,7 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--name", default=None, help="folder under the runs folder (default: grpo_vs_nthr_<preset>)"
     )
-    p.add_argument("--preset", choices=("fast", "paper"), default="fast")
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="fast",
+        help="fast: the embedded model on arithmetic (TrainConfig.fast); reasoner: the warm-up "
+        "reasoner on worked products (TrainConfig.fast_reasoner); paper: Qwen2.5-0.5B on MATH",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -81,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="passes over each rollout batch (PPO epochs; default: the preset's, 1)",
     )
     p.add_argument("--model", default=None, help="override the preset's model (e.g. tiny-random)")
-    p.add_argument("--n-eval", type=int, default=64, help="held-out arithmetic questions (0: none)")
+    p.add_argument(
+        "--n-eval", type=int, default=64, help="held-out questions of the task (0: none)"
+    )
     p.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
     p.add_argument(
         "--negatives",
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | list[dict]:
         )
         if v is not None
     }
-    cfg = (TrainConfig.fast if args.preset == "fast" else TrainConfig.paper_qwen_0_5b)(**overrides)
+    cfg = PRESETS[args.preset](**overrides)
     if args.horizon is not None and args.horizon > cfg.steps:
         raise SystemExit(f"--horizon {args.horizon} exceeds the run's {cfg.steps} steps")
     if args.primary == "accuracy" and args.horizon not in (None, cfg.steps):

@@ -13,6 +13,7 @@ import pytest
 from trl_import import import_trl
 
 from nthr_book import lld
+from nthr_book.trainer import TrainConfig
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -245,6 +246,12 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys, tmp_path):
     assert "2/4 runs up" in out  # seed 1 rises (0.3 > 0.2), seed 0 falls (0.1 < 0.2)
     with pytest.raises(SystemExit):
         script.main(["--negatives", "mined"])
+    # --preset reasoner: the warm-up reasoner on its worked products (TrainConfig.fast_reasoner)
+    script.main(["--preset", "reasoner", "--seeds", "0", "1", "--steps", "2", "--no-base"])
+    cfg = seen["config"]
+    assert (cfg.task, cfg.model, cfg.steps) == ("reasoner", "smollm2-135m-reasoner", 2)
+    assert cfg.max_new_tokens == TrainConfig.fast_reasoner().max_new_tokens
+    assert seen["name"] == "grpo_vs_nthr_reasoner"
 
 
 def test_grpo_vs_nthr_declares_a_training_primary_and_its_horizon(monkeypatch, capsys, tmp_path):

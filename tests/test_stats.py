@@ -308,3 +308,7 @@ def test_verdicts():
     assert verdict(-0.2, -0.5, 0.1).endswith("not resolved (the interval contains 0)")
     assert verdict(0.5, 0.2, 0.9, null=1).endswith(", resolved (below 1)")
     assert verdict(0.5, 0.2, 1.9, null=1).endswith("not resolved (the interval contains 1)")
+    assert (
+        verdict(0.3, math.nan, math.nan)
+        == "+0.300 [nan, nan], not resolved (no interval: too few pairs)"
+    )

@@ -588,6 +588,9 @@ def test_plot_first_order_scatter_and_parts():
     # mean parts per kind: natural (0.015, 0.01), near-miss (0.02, −0.0195); float64 means of two
     np.testing.assert_allclose([b.get_height() for b in right], [0.015, 0.02], rtol=2 * EPS64)
     np.testing.assert_allclose([b.get_height() for b in wrong], [0.01, -0.0195], rtol=2 * EPS64)
+    assert all(r.get_x() < w.get_x() for r, w in zip(right, wrong))  # side by side, not overlaid
+    measured = axes[1].collections[-1].get_offsets()[:, 1]  # the mean measured Δ per kind
+    np.testing.assert_allclose(measured, [0.025, -0.0005], rtol=2 * EPS64)
     with pytest.raises(ValueError, match="predicted"):
         viz.plot_first_order(table.drop(columns="predicted"))
 
