@@ -317,9 +317,10 @@ def _strata(table) -> Any:
     return seeds if len(set(seeds.tolist())) > 1 else None
 
 
-def _paired(part, method: str, baseline: str):
-    """(question × [method, baseline]) Δ on the questions measured for both, indexed by _keys."""
-    wide = part.pivot_table(index=_keys(part), columns="method", values="delta", aggfunc="first")
+def _paired(part, method: str, baseline: str, value: str = "delta"):
+    """(question × [method, baseline]) ``value`` (Δ) on the questions measured for both, indexed
+    by _keys."""
+    wide = part.pivot_table(index=_keys(part), columns="method", values=value, aggfunc="first")
     if method not in wide or baseline not in wide:
         return wide.iloc[:0, :0]
     return wide[[method, baseline]].dropna()
@@ -347,12 +348,17 @@ def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
       ``frac_delta_le_0`` of questions;
     - ``delta_per_step``: the median of Δ / (lr · grad_norm), the rise per unit of step length
       (an SGD step moves the weights by lr · grad_norm), which compares rules whose steps differ
-      in size, and ``per_step_ratio_to_<baseline>``: it over the baseline's (a description, next
-      to the raw ratio);
+      in size; ``per_step_ratio_to_<baseline>``: it over the baseline's (a description, next
+      to the raw ratio); and the paired test at equal step length, ``step_diff_mean`` (mean over
+      questions of the rule's Δ per unit step minus the baseline's) with ``step_diff_low``,
+      ``step_diff_high`` (the same bootstrap as ``diff_mean``);
     - the share of wrong tokens the rule spares (NTHR, Random) and the median resemblance (gwhes,
       shared_prefix).
     """
     rows = []
+    per_step = "grad_norm" in df and "lr" in df
+    if per_step:  # Δ per unit of step length, per question and rule
+        df = df.assign(delta_per_unit=df["delta"] / (df["lr"] * df["grad_norm"]))
     for condition in pd.unique(df["negatives"]):
         part = df[df["negatives"] == condition]
         for method in pd.unique(part["method"]):
@@ -381,10 +387,8 @@ def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
                 "gwhes": float(rule["gwhes"].median()),
                 "shared_prefix": float(rule["shared_prefix"].median()),
             }
-            if "grad_norm" in rule and "lr" in rule:
-                row["delta_per_step"] = float(
-                    np.median(rule["delta"] / (rule["lr"] * rule["grad_norm"]))
-                )
+            if per_step:
+                row["delta_per_step"] = float(np.median(rule["delta_per_unit"]))
             pairs = _paired(part, method, baseline) if method != baseline else []
             d = ratio = (math.nan,) * 3
             below = math.nan
@@ -405,6 +409,21 @@ def regime_summary(df, *, baseline: str = "pos_only", n_boot: int = 2000):
                 "ratio_low": ratio[1],
                 "ratio_high": ratio[2],
             }
+            if per_step:  # the paired test at equal step length
+                unit = _paired(part, method, baseline, "delta_per_unit") if len(pairs) else []
+                step = (math.nan,) * 3
+                if len(unit):
+                    step = bootstrap_interval(
+                        (unit[method] - unit[baseline]).to_numpy(),
+                        mean,
+                        strata=_strata(unit),
+                        n_boot=n_boot,
+                    )
+                row |= {
+                    "step_diff_mean": step[0],
+                    "step_diff_low": step[1],
+                    "step_diff_high": step[2],
+                }
             rows.append(row)
     out = pd.DataFrame(rows)
     if "delta_per_step" in out:  # per condition: the rule's rise per unit step over the baseline's

@@ -125,6 +125,10 @@ def test_delta_per_step_by_hand():
     assert pos.delta_per_step == pytest.approx(0.2, rel=2 * EPS64)
     assert grpo.per_step_ratio_to_pos_only == pytest.approx(0.025 / 0.2, rel=4 * EPS64)
     assert pos.per_step_ratio_to_pos_only == 1.0
+    # the paired test at equal step length: per question (0.2 − 0.2, −0.1 − 0.1, 0.025 − 0.4)
+    assert grpo.step_diff_mean == pytest.approx((0.0 - 0.2 - 0.375) / 3, rel=8 * EPS64)
+    assert grpo.step_diff_low <= grpo.step_diff_mean <= grpo.step_diff_high
+    assert math.isnan(pos.step_diff_mean)  # the baseline against itself
     # NTHR at f = 0: 0.5, 0.3, 0.6 over 0.5 → median 1.0; Pos Only: 0.2, 0.1, 0.4 → 0.2
     assert s.loc[("f=0.00", "nthr")].delta_per_step == pytest.approx(1.0, rel=2 * EPS64)
     assert s.loc[("f=0.00", "nthr")].per_step_ratio_to_pos_only == pytest.approx(5.0, rel=4 * EPS64)
