@@ -87,8 +87,13 @@ def regime_groups(
     require_boxed: bool = True,
     max_tries: int = 4,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> tuple[dict[str, list[Group]], dict[str, int]]:
     """({condition: groups}, {condition: groups that could not be filled}) for the map's columns.
+
+    With ``checkpoint`` (a path prefix) each branched column is saved to
+    ``<checkpoint>.<condition>.groups.pt`` as soon as it is filled, and read back by a later call
+    with the same settings and questions: a killed map resumes after its last finished column.
 
     ``mixed`` are the natural mixed groups; each fraction's column holds their branched versions
     (f = 0: the groups themselves), and ``near_miss`` adds the constructed column. A wrong answer
@@ -99,7 +104,23 @@ def regime_groups(
     columns: dict[str, list[Group]] = {}
     unfilled: dict[str, int] = {}
     for f in fractions:
-        columns[condition_label(f)], unfilled[condition_label(f)] = _groups.branched_groups(
+        label = condition_label(f)
+        settings = {  # what a saved column must have been branched with
+            "questions": [g.question_id for g in mixed],
+            "fraction": float(f),
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+            "max_tries": max_tries,
+            "require_boxed": require_boxed,
+        }
+        saved = _part_path(checkpoint, label, "groups.pt")
+        if saved is not None and saved.is_file():
+            groups, meta = _groups.load_groups(saved, return_settings=True)
+            if {k: meta.get(k) for k in settings} == settings:
+                columns[label], unfilled[label] = groups, int(meta["unfilled"])
+                continue
+        columns[label], unfilled[label] = _groups.branched_groups(
             mixed,
             model,
             tokenizer,
@@ -111,11 +132,24 @@ def regime_groups(
             require_boxed=require_boxed,
             progress=progress,
         )
+        if saved is not None:
+            _groups.save_groups(
+                saved, columns[label], settings=settings | {"unfilled": unfilled[label]}
+            )
     if near_miss:
         near = [_groups.near_miss_group(g, tokenizer, require_boxed=require_boxed) for g in mixed]
         columns[NEAR_MISS] = [g for g in near if g is not None]
         unfilled[NEAR_MISS] = len(near) - len(columns[NEAR_MISS])
     return columns, unfilled
+
+
+def _part_path(prefix: str | Path | None, condition: str, suffix: str) -> Path | None:
+    """``<prefix>.<condition>.<suffix>``: one column's checkpoint beside a saved map (None: no
+    checkpoints)."""
+    if prefix is None:
+        return None
+    prefix = Path(prefix)
+    return prefix.with_name(f"{prefix.name}.{condition.replace('=', '')}.{suffix}")
 
 
 def common_columns(
@@ -208,6 +242,10 @@ def regime_map(
     With ``path`` the map is saved there (``<path>`` rows as JSONL, ``<path>.json`` its settings)
     and a later call with the same settings and questions reads it instead of measuring again
     (notebook 03 reads notebook 02's map); other settings raise and name the one that differs.
+    A map killed on the way resumes: each branched column's groups
+    (``<path>.<condition>.groups.pt``) and each measured column's Δ
+    (``<path>.<condition>.delta.jsonl``) are saved as they finish, and a call with the same settings
+    reads them instead of computing them again.
     """
     settings = {
         "questions": [g.question_id for g in mixed],
@@ -240,14 +278,23 @@ def regime_map(
             require_boxed=require_boxed,
             max_tries=max_tries,
             progress=progress,
+            checkpoint=path,
         )
     held = {c: len(col) for c, col in columns.items()}
     if common:
         columns, held = common_columns(columns)
-    parts = []
+    parts, done = [], []
     for condition, column in columns.items():
         if not column:
             continue
+        part_path = _part_path(path, condition, "delta.jsonl")  # this column's Δ, once measured
+        part_settings = settings | {"column": [g.question_id for g in column]}
+        if part_path is not None and part_path.is_file():
+            meta = json.loads(_settings_path(part_path).read_text())
+            if meta == part_settings:
+                parts.append(pd.DataFrame(read_jsonl(part_path)))
+                done.append(part_path)
+                continue
         table = lld_sweep.displacement_table(
             model,
             column,
@@ -271,6 +318,10 @@ def regime_map(
         parts.append(
             table.merge(similarity, on="id").assign(negatives=condition, fraction=fraction)
         )
+        if part_path is not None:  # checkpoint: a killed map resumes after this column
+            write_jsonl(part_path, parts[-1].to_dict("records"))
+            write_json(_settings_path(part_path), part_settings)
+            done.append(part_path)
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     n_common = len(next(iter(columns.values()), []))
     df.attrs |= {"unfilled": unfilled, "held": held, "n_common": n_common, "settings": settings}
@@ -279,6 +330,9 @@ def regime_map(
         meta = {"settings": settings, "unfilled": unfilled, "versions": versions()}
         meta |= {"held": held, "n_common": n_common}
         write_json(_settings_path(Path(path)), meta)
+        for part in done:  # the map holds them now (the branched groups stay: they cost most)
+            part.unlink(missing_ok=True)
+            _settings_path(part).unlink(missing_ok=True)
     return df
 
 

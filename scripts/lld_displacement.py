@@ -305,6 +305,11 @@ def _report_map(args, out: Path, both: pd.DataFrame) -> None:
             f"  {row.negatives:>10} {row.method:>8}: "
             + verdict(row.diff_mean, row.diff_low, row.diff_high, digits=4)
         )
+    if "step_diff_mean" in summary:
+        print("\nthe same at equal step length (Δ per unit of ‖lr·∇L‖, rule − Pos Only):")
+        for row in summary[summary.method != "pos_only"].itertuples():
+            text = verdict(row.step_diff_mean, row.step_diff_low, row.step_diff_high, digits=2)
+            print(f"  {row.negatives:>10} {row.method:>8}: {text}")
     print(f"\nthe same questions' GRPO − Pos Only gap against {natural} (within-question):")
     for row in shift.itertuples():
         text = verdict(row.shift_mean, row.shift_low, row.shift_high, digits=4)

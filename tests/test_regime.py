@@ -243,6 +243,47 @@ def test_regime_map_is_saved_and_read_back(tiny_policy, tmp_path, monkeypatch):
         regime.regime_map(model, tok, mixed, fractions=(0.25,), path=path, **kw)
 
 
+def test_a_killed_regime_map_resumes_after_its_last_finished_column(
+    tiny_policy, tmp_path, monkeypatch
+):
+    """Branched columns and measured columns are checkpointed as they finish: a map killed while
+    measuring its second column branches nothing again and measures only the columns left, and
+    gives the map an uninterrupted run gives."""
+    model, tok = tiny_policy
+    mixed = [_mixed_group(tok, "q0"), _mixed_group(tok, "q1")]
+    kw = dict(lr=1e-3, temperature=1.0, max_new_tokens=24, seed=0, progress=False)
+    kw |= dict(methods=("grpo", "pos_only"), fractions=(0.0, 0.5))
+    whole = regime.regime_map(model, tok, mixed, path=tmp_path / "whole.jsonl", **kw)
+    path = tmp_path / "map.jsonl"
+    measure, measured = regime.lld_sweep.displacement_table, []
+
+    def killed_on_the_second(model_, column, **k):
+        if len(measured) == 1:
+            raise KeyboardInterrupt("killed")
+        measured.append(k["desc"])
+        return measure(model_, column, **k)
+
+    monkeypatch.setattr(regime.lld_sweep, "displacement_table", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        regime.regime_map(model, tok, mixed, path=path, **kw)
+    assert not path.exists() and measured == ["Δ(x) f=0.00"]
+    assert (tmp_path / "map.jsonl.f0.50.groups.pt").is_file()  # the branched column, saved
+
+    def counted(model_, column, **k):
+        measured.append(k["desc"])
+        return measure(model_, column, **k)
+
+    def no_branching(*args, **kwargs):
+        raise AssertionError("a saved branched column is read back, not branched again")
+
+    monkeypatch.setattr(regime.lld_sweep, "displacement_table", counted)
+    monkeypatch.setattr(regime._groups, "branched_groups", no_branching)
+    resumed = regime.regime_map(model, tok, mixed, path=path, **kw)
+    assert measured == ["Δ(x) f=0.00", "Δ(x) f=0.50", "Δ(x) near-miss"]  # f = 0 not measured again
+    pd.testing.assert_frame_equal(resumed, whole, check_exact=True)
+    assert not list(tmp_path.glob("map.jsonl.*.delta.jsonl*"))  # the parts, folded into the map
+
+
 def test_regime_summary_paired_difference_by_hand():
     s = regime.regime_summary(_map_table(), n_boot=4000).set_index(["negatives", "method"])
     near = s.loc[("near-miss", "grpo")]
