@@ -53,22 +53,22 @@ STATE_FILE = "demo_state.json"
 # lock in groups.load_or_sample_groups lets whichever comes first sample them and the others wait.)
 NEEDS = {"03": ("02",), "06": ("05",)}
 # The longest first, as measured at the laptop size: a free worker takes the first ready one.
-PRIORITY = ("05", "02", "08", "06", "07", "01", "04", "03", "00")
+PRIORITY = ("05", "02", "09", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
 # Minutes each notebook took when last measured, per run size (the fallback when
 # build/demo_state.json has no time for it at this size). laptop: `make demo` on the reference
 # machine (2 cores, two notebooks at a time, one core each; 05 with its §5), except 00, 01, 04, 06
-# and 07, estimated after their 2026-12-07 rewrite. ci: `make test`'s nbmake run, except 00, 01,
-# 04, 06 and 07: each run alone on the reference machine under a load of 4-6 (README.md).
+# and 07, estimated after their 2026-12-07 rewrite, and 09 (new). ci: `make test`'s nbmake run, except 00, 01,
+# 04, 06, 07 and 09: each run alone on the reference machine under a load of 4-6 (README.md).
 MEASURED_MINUTES = {
     "laptop": {
         "00": 2.0, "01": 4.0, "02": 21.8, "03": 1.7, "04": 2.0, "05": 40.0, "06": 3.0, "07": 5.0,
-        "08": 9.5,
+        "08": 9.5, "09": 18.0,
     },
     "ci": {
         "00": 1.7, "01": 3.5, "02": 5.7, "03": 1.5, "04": 3.7, "05": 4.8, "06": 2.1, "07": 4.6,
-        "08": 5.3,
+        "08": 5.3, "09": 3.6,
     },
 }  # fmt: skip
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)

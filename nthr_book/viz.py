@@ -897,7 +897,8 @@ def plot_regime_panels(
 
     draw(axes[1], ["grpo"], "2. GRPO against Pos Only")
     shown = [m for m in rules_shown if m in set(summary["method"])]
-    draw(axes[2], shown, "3. sparing tokens: NTHR and Random against Pos Only")
+    names = " and ".join(method_label(m).removeprefix("GRPO + ") for m in shown)
+    draw(axes[2], shown, f"3. sparing tokens: {names} against Pos Only")
     _save(axes[0].figure, save)
     return axes
 

@@ -611,5 +611,6 @@ def test_plot_regime_panels_titles_state_what_the_intervals_show():
     title = axes[1].get_title()
     assert "below 0: GRPO near-miss" in title and "above 0: GRPO f=0.00" in title
     assert "no interval wholly below 0" in axes[2].get_title()
+    assert "sparing tokens: NTHR against Pos Only" in axes[2].get_title()  # the rules shown
     line = axes[1].containers[0].lines[0]
     np.testing.assert_array_equal(line.get_ydata(), [0.01, -0.01])
