@@ -27,6 +27,7 @@ __all__ = [
     "gwhes",
     "gwhes_question",
     "random_topk_overlap_expectation",
+    "shared_prefix_mask",
     "shared_prefix_share",
     "topk_overlap",
 ]
@@ -124,10 +125,10 @@ def random_topk_overlap_expectation(n: int, k: int) -> float:
     return k / n
 
 
-def shared_prefix_share(tokens: Tensor, mask: Tensor, correct: Tensor) -> float:
-    """Mean over the wrong responses of (the longest common prefix with any correct response) /
-    (the wrong response's length), in tokens: 0 for answers that differ from the first token, near
-    1 for a correct answer with only its end changed. NaN for homogeneous groups.
+def shared_prefix_mask(tokens: Tensor, mask: Tensor, correct: Tensor) -> Tensor:
+    """(G, T) bool: the tokens of each wrong response that lie in its longest common prefix with any
+    correct response (the text it shares with a right answer from the start); False on the correct
+    responses and on padding. Notebook 03 asks whether NTHR's selected tokens lie there.
 
     ``tokens``/``mask`` (G, T) right-padded completions, ``correct`` (G,) bool.
     """
@@ -136,11 +137,11 @@ def shared_prefix_share(tokens: Tensor, mask: Tensor, correct: Tensor) -> float:
             f"tokens {tuple(tokens.shape)}, mask {tuple(mask.shape)} and correct "
             f"{tuple(correct.shape)} must be (G, T), (G, T) and (G,)"
         )
-    shares = []
+    shared = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
     rows = [tokens[i][mask[i].bool()].tolist() for i in range(tokens.shape[0])]
     right = [rows[i] for i in range(len(rows)) if bool(correct[i])]
     for i, wrong in enumerate(rows):
-        if bool(correct[i]) or not right:
+        if bool(correct[i]):
             continue
         longest = 0
         for other in right:  # the common prefix with each correct response
@@ -148,5 +149,24 @@ def shared_prefix_share(tokens: Tensor, mask: Tensor, correct: Tensor) -> float:
             while n < min(len(wrong), len(other)) and wrong[n] == other[n]:
                 n += 1
             longest = max(longest, n)
-        shares.append(longest / len(wrong) if wrong else 0.0)
-    return sum(shares) / len(shares) if shares and right else math.nan
+        shared[i, mask[i].bool().nonzero().flatten()[:longest]] = True
+    return shared
+
+
+def shared_prefix_share(tokens: Tensor, mask: Tensor, correct: Tensor) -> float:
+    """Mean over the wrong responses of (the longest common prefix with any correct response) /
+    (the wrong response's length), in tokens: 0 for answers that differ from the first token, near
+    1 for a correct answer with only its end changed. NaN for homogeneous groups.
+
+    ``tokens``/``mask`` (G, T) right-padded completions, ``correct`` (G,) bool.
+    """
+    shared = shared_prefix_mask(tokens, mask, correct)  # checks the shapes
+    if bool(correct.all()) or not bool(correct.any()):
+        return math.nan
+    lengths = mask.bool().sum(1)
+    shares = [
+        float(shared[i].sum()) / int(lengths[i]) if int(lengths[i]) else 0.0
+        for i in range(tokens.shape[0])
+        if not bool(correct[i])
+    ]
+    return sum(shares) / len(shares)

@@ -12,7 +12,7 @@ import torch
 
 from nthr_book import regime
 from nthr_book.groups import Group
-from nthr_book.similarity import shared_prefix_share
+from nthr_book.similarity import shared_prefix_mask, shared_prefix_share
 
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -25,8 +25,16 @@ def test_shared_prefix_share_by_hand():
     # wrong 1: 3 tokens shared with the first right answer of its 4 -> 3/4; wrong 2: none -> 0
     assert shared_prefix_share(ids, mask, correct) == (3 / 4 + 0) / 2
     assert math.isnan(shared_prefix_share(ids, mask, torch.ones(4, dtype=torch.bool)))
+    assert math.isnan(shared_prefix_share(ids, mask, torch.zeros(4, dtype=torch.bool)))
     with pytest.raises(ValueError, match="must be"):
         shared_prefix_share(ids, mask[:, :2], correct)
+    # the same prefix token by token: wrong 1's first three tokens, nothing of wrong 2 or the rights
+    shared = shared_prefix_mask(ids, mask, correct)
+    assert shared.tolist() == [[False] * 4, [False] * 4, [True, True, True, False], [False] * 4]
+    left = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 9], [7, 1, 2, 5], [0, 0, 5, 6]])  # left-padded
+    lmask = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 1, 1]]).bool()
+    # wrong [1, 2, 5] shares [1, 2] with both right answers: its 2nd and 3rd positions
+    assert shared_prefix_mask(left, lmask, correct)[2].tolist() == [False, True, True, False]
 
 
 def _average_ranks(values: list[float]) -> list[float]:
