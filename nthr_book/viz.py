@@ -733,13 +733,15 @@ def plot_regime_map(
     title: str | None = None,
     save: str | Path | None = None,
 ) -> Axes:
-    """The regime map (notebooks 02, 03): per condition, median Δ_rule / median Δ_baseline with its
-    bootstrap interval, one line per rule; on a second axis the median share of a wrong answer that
-    repeats a right one (``shared_prefix``); each condition's median GWHES under its tick.
+    """The regime map as ratios (notebook 08): per condition, median Δ_rule / median Δ_baseline
+    with its bootstrap interval, one line per rule; on a second axis the median share of a wrong
+    answer that repeats a right one (``shared_prefix``); each condition's median GWHES under its
+    tick.
 
     ``summary`` is ``regime.regime_summary``'s table (conditions in map order). A ratio of 1 is the
     baseline's rise (Pos Only: no negative gradient); below 1 the negative gradient cost the correct
-    answers part of their rise, below 0 it made them fall.
+    answers part of their rise, below 0 it made them fall. A description: notebooks 02, 03 and 09
+    read the map paired per question (``plot_regime_panels``).
     """
     ratio = f"ratio_to_{baseline}"
     _require_columns(summary, ("negatives", "method", ratio, "ratio_low", "ratio_high"))

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs uninstalled
 
 from nthr_book import config as book_config  # noqa: E402
@@ -297,8 +299,14 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: train, then exit 0."""
+    """The command line: train, tear the process group down, then exit 0."""
     run(argv)
+    if dist.is_available() and dist.is_initialized():
+        # Under `accelerate launch` the gloo/NCCL group's threads otherwise race the interpreter's
+        # shutdown, and a loaded machine sees "terminate called without an active exception"
+        # (exit -6) after a finished run.
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
