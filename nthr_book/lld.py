@@ -327,35 +327,25 @@ def one_step_displacement(
         # 1. initial pass (no gradient): old log-probs, ln π_init, hidden states for NTHR's
         # selection, entropies for an entropy mask
         with torch.no_grad():
-            old_logps, hidden, entropy = _initial_pass(
-                model,
-                group,
-                old_logps,
-                rule.needs_hidden and selected is None,
-                entropy if rule.needs_entropy else None,
-                rule.needs_entropy,
-                **fwd,
-            )
-            logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
             # 2. per-token advantages (G, T) of the rule
-            advantages, selected = _rule_advantages(
+            old_logps, advantages, selected = _initial_advantages(
                 model,
                 group,
                 rule,
+                settings,
                 mask,
-                hidden,
-                selected,
-                entropy,
-                extras,
-                beta=settings["nthr_beta"],
+                old_logps=old_logps,
+                selected=selected,
+                entropy=entropy,
+                extras=extras,
                 eta=eta,
                 vocab=vocab,
                 temperature=temperature,
                 seed=seed,
                 question_id=qid,
-                adv_std=settings["adv_std"],
+                fwd=fwd,
             )
-            del hidden, entropy
+            logp_init = grpo.sequence_logprob(old_logps.double(), mask)  # (G,)
             extras["advantages"] = advantages.cpu()  # (G, T) the rule's, as the update used them
         # 3. the update(s) from a snapshot of the weights; 4. ln π after them; weights copied back
         with _restored_weights(model) as params:
@@ -470,33 +460,23 @@ def first_order_displacement(
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), eval_mode(model):
         with torch.no_grad():
-            old_logps, hidden, entropy = _initial_pass(
-                model,
-                group,
-                None,
-                rule.needs_hidden and selected is None,
-                None,
-                rule.needs_entropy,
-                **fwd,
-            )
-            advantages, _ = _rule_advantages(
+            old_logps, advantages, _ = _initial_advantages(
                 model,
                 group,
                 rule,
+                settings,
                 mask,
-                hidden,
-                selected,
-                entropy,
-                {},
-                beta=settings["nthr_beta"],
+                old_logps=None,
+                selected=selected,
+                entropy=None,
+                extras={},
                 eta=eta,
                 vocab=vocab,
                 temperature=temperature,
                 seed=seed,
                 question_id=qid,
-                adv_std=settings["adv_std"],
+                fwd=fwd,
             )
-            del hidden, entropy
         with _restored_weights(model) as params:
             # 1. the step d = −lr ∇L, from the correct answers' terms and from the wrong ones'
             steps = {}
@@ -551,6 +531,57 @@ def first_order_displacement(
         per_response_right=right,
         per_response_wrong=wrong,
     )
+
+
+def _initial_advantages(
+    model: nn.Module,
+    group: Group,
+    rule,
+    settings: dict,
+    mask: Tensor,
+    *,
+    old_logps: Tensor | None,
+    selected: Tensor | None,
+    entropy: Tensor | None,
+    extras: dict,
+    eta: float,
+    vocab: str,
+    temperature: float,
+    seed: int,
+    question_id: str,
+    fwd: dict,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(old_logps (G, T), the rule's per-token advantages (G, T), NTHR's selection or None): the
+    initial pass without gradient (old log-probs, hidden states for NTHR's selection, entropies
+    for an entropy mask), then the rule's advantages on it. Shared by ``one_step_displacement``
+    and ``first_order_displacement``, so both update with the same advantages."""
+    old_logps, hidden, entropy = _initial_pass(
+        model,
+        group,
+        old_logps,
+        rule.needs_hidden and selected is None,
+        entropy if rule.needs_entropy else None,
+        rule.needs_entropy,
+        **fwd,
+    )
+    advantages, selected = _rule_advantages(
+        model,
+        group,
+        rule,
+        mask,
+        hidden,
+        selected,
+        entropy,
+        extras,
+        beta=settings["nthr_beta"],
+        eta=eta,
+        vocab=vocab,
+        temperature=temperature,
+        seed=seed,
+        question_id=question_id,
+        adv_std=settings["adv_std"],
+    )
+    return old_logps, advantages, selected
 
 
 def _check_displacement_args(
