@@ -114,7 +114,8 @@ def regime_groups(
             "max_tries": max_tries,
             "require_boxed": require_boxed,
         }
-        saved = _part_path(checkpoint, label, "groups.pt")
+        # f = 0 is the natural groups themselves: nothing to save; a branched column costs minutes
+        saved = _part_path(checkpoint, label, "groups.pt") if f > 0 else None
         if saved is not None and saved.is_file():
             groups, meta = _groups.load_groups(saved, return_settings=True)
             if {k: meta.get(k) for k in settings} == settings:

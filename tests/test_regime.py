@@ -276,13 +276,18 @@ def test_a_killed_regime_map_resumes_after_its_last_finished_column(
         regime.regime_map(model, tok, mixed, path=path, **kw)
     assert not path.exists() and measured == ["Δ(x) f=0.00"]
     assert (tmp_path / "map.jsonl.f0.50.groups.pt").is_file()  # the branched column, saved
+    assert not (tmp_path / "map.jsonl.f0.00.groups.pt").exists()  # f = 0: the groups themselves
 
     def counted(model_, column, **k):
         measured.append(k["desc"])
         return measure(model_, column, **k)
 
-    def no_branching(*args, **kwargs):
-        raise AssertionError("a saved branched column is read back, not branched again")
+    branch = regime._groups.branched_groups
+
+    def no_branching(mixed_, model_, tok_, fraction, **kwargs):
+        if fraction > 0:  # f = 0 is the natural groups themselves: nothing to branch or save
+            raise AssertionError("a saved branched column is read back, not branched again")
+        return branch(mixed_, model_, tok_, fraction, **kwargs)
 
     monkeypatch.setattr(regime.lld_sweep, "displacement_table", counted)
     monkeypatch.setattr(regime._groups, "branched_groups", no_branching)
