@@ -257,6 +257,15 @@ def _load_records(path: Path) -> list[dict]:
     return records
 
 
+def saved_answers(records_path: str | Path) -> dict[str, float]:
+    """Each problem's score (the mean of ``correct`` over its samples) from the records that
+    ``evaluate`` wrote, without a model: how a finished run's evaluations are read back."""
+    by_id: dict[str, list[bool]] = {}
+    for rec in _load_records(Path(records_path)):
+        by_id.setdefault(str(rec["id"]), []).append(bool(rec["correct"]))
+    return {i: sum(c) / len(c) for i, c in by_id.items()}
+
+
 def _check_settings(
     settings_path: Path, records_path: Path, settings: dict, has_records: bool
 ) -> None:

@@ -6,7 +6,9 @@ writes ``runs/<name>/results.csv`` (one row per run: its training measures over 
 ``run_measures``), ``runs/<name>/heldout.csv`` (one row per run and held-out question: method,
 seed, question, correct), ``runs/<name>/summary.csv`` (one row per method: mean over seeds with a
 t-interval, and the pooled accuracy with a Wilson interval, a description) and
-``runs/<name>/experiment.json`` (methods, seeds, horizon, config, versions).
+``runs/<name>/experiment.json`` (methods, seeds, horizon, config, versions); with ``eval_every``,
+``runs/<name>/curve.csv`` (held-out answers at every evaluated step: accuracy over training, the
+paper's Figure 5, read with ``curve_accuracy`` and ``curve_differences``).
 
 A comparison is declared before the runs (docs/method.md §7): one primary measure of ``MEASURES``
 at one horizon, the others secondary. ``comparison`` tests one rule against a baseline on a
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,6 +210,7 @@ def run_experiment(
     eval_max_new_tokens: int | None = None,
     eval_batch_size: int = 32,
     evaluate_base: bool = True,
+    eval_every: int = 0,
     horizon: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -216,6 +220,10 @@ def run_experiment(
     Each run's training measures are read over its steps [0, ``horizon``) (``run_measures``;
     None: all ``config.steps``), the one horizon the comparison declared; the held-out accuracy is
     the final model's. ``heldout.csv`` beside ``results.csv`` has each run's answer per question.
+    ``eval_every`` > 0 also evaluates each run's model every that many steps while it trains
+    (generation forks the RNG, so the run is the one it would be without) and writes ``curve.csv``:
+    one row per method, seed, step and question, step 0 being the base model every run starts from
+    and the last step the final model (accuracy over training, the paper's Figure 5).
 
     Runs already complete are skipped; killed runs resume from their last checkpoint; evaluations
     resume from their JSONL records. ``config`` defaults to ``TrainConfig.fast()``; its ``method``,
@@ -226,7 +234,7 @@ def run_experiment(
     """
     import torch
 
-    from nthr_book.evaluate import evaluate
+    from nthr_book.evaluate import evaluate, saved_answers
     from nthr_book.models import load_policy
 
     cfg = config or TrainConfig.fast()
@@ -236,6 +244,10 @@ def run_experiment(
         raise ValueError("seeds must not be empty")
     if isinstance(n_eval, bool) or not isinstance(n_eval, int) or n_eval < 0:
         raise ValueError(f"n_eval must be an int >= 0, got {n_eval!r}")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        raise ValueError(
+            f"eval_every must be an int >= 0 (0: the final model only), got {eval_every!r}"
+        )
     horizon = cfg.steps if horizon is None else horizon
     if isinstance(horizon, bool) or not isinstance(horizon, int) or not 1 <= horizon <= cfg.steps:
         raise ValueError(f"horizon must be an int in [1, steps={cfg.steps}], got {horizon!r}")
@@ -264,12 +276,30 @@ def run_experiment(
             progress=progress,
         )
 
-    rows, answers = [], []
+    rows, answers, curve = [], [], []
+    records_name = f"{cfg.task}_heldout.jsonl"  # evaluate's file under <eval>/<label>/
+    curve_steps = [k for k in range(eval_every, cfg.steps, eval_every)] if eval_every else []
 
     def graded(res, label: str, seed: int) -> None:  # heldout.csv: one row per question
         answers.extend(
             {"method": label, "seed": seed, "question": q, "correct": int(round(c))}
             for q, c in res.per_problem.items()
+        )
+
+    def evaluate_while_training(label: str, seed: int):
+        """train()'s model, tokenizer and callbacks that evaluate it at ``curve_steps``."""
+        model, tokenizer = load_policy(cfg.model)
+
+        def at_step(step: int, row: dict) -> None:
+            if step + 1 in curve_steps:
+                eval_model(model, tokenizer, f"{label}/seed{seed}/step{step + 1}")
+
+        return {"model": model, "tokenizer": tokenizer, "callbacks": [at_step]}
+
+    def add_to_curve(label: str, seed: int, step: int, per_problem: dict) -> None:
+        curve.extend(
+            {"method": label, "seed": seed, "step": step, "question": q, "correct": c}
+            for q, c in per_problem.items()
         )
 
     if evaluate_base and held is not None:
@@ -293,7 +323,13 @@ def run_experiment(
             run_cfg = cfg.replace(
                 **over, seed=int(seed), output_dir=str(root / label / f"seed{seed}")
             )
-            run_dir = train(run_cfg, resume=True, progress=progress)
+            while_training = (
+                evaluate_while_training(label, int(seed))
+                if held is not None and curve_steps
+                else {}
+            )
+            run_dir = train(run_cfg, resume=True, progress=progress, **while_training)
+            while_training.clear()  # the model in it is trained; load the saved one below
             metrics = read_metrics(run_dir / "metrics.csv")
             row: dict[str, Any] = {"method": label, "seed": int(seed), "run_dir": str(run_dir)}
             # the training measures over steps [0, horizon): LLD rate, mean Δ ln π of the right
@@ -303,6 +339,21 @@ def run_experiment(
                 model, tokenizer = load_policy(str(Path(run_dir) / "model"))
                 res = eval_model(model, tokenizer, f"{label}/seed{seed}")
                 graded(res, label, int(seed))
+                if eval_every:
+                    if evaluate_base:
+                        add_to_curve(label, int(seed), 0, base.per_problem)
+                    for k in curve_steps:  # read back, so a finished run reused costs nothing
+                        path = root / "eval" / label / f"seed{seed}" / f"step{k}" / records_name
+                        scores = saved_answers(path)
+                        if len(scores) < len(held):
+                            warnings.warn(
+                                f"{path}: {len(scores)} of {len(held)} questions evaluated (the "
+                                f"run resumed past step {k}); step {k} is left out of curve.csv",
+                                stacklevel=2,
+                            )
+                            continue
+                        add_to_curve(label, int(seed), k, scores)
+                    add_to_curve(label, int(seed), run_cfg.steps, res.per_problem)
                 row |= {
                     "accuracy": res.accuracy,
                     "ci_low": res.ci_low,
@@ -320,11 +371,16 @@ def run_experiment(
         heldout.to_csv(root / "heldout.csv", index=False)
     else:  # no evaluation this time: an earlier call's answers would not match results.csv
         (root / "heldout.csv").unlink(missing_ok=True)
+    if curve:
+        pd.DataFrame(curve).to_csv(root / "curve.csv", index=False)
+    else:
+        (root / "curve.csv").unlink(missing_ok=True)
     experiment = {
         "methods": list(methods),
         "seeds": [int(s) for s in seeds],
         "horizon": horizon,
         "n_eval": n_eval,
+        "eval_every": eval_every,
         "config": cfg.to_dict(),
         "versions": versions(),
     }
@@ -346,6 +402,49 @@ def load_heldout(name: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: run_experiment({name!r}, n_eval > 0) writes it")
     return pd.read_csv(path)
+
+
+def load_curve(name: str) -> pd.DataFrame:
+    """``runs/<name>/curve.csv`` (method, seed, step, question, correct), from ``run_experiment``
+    with ``eval_every`` > 0."""
+    path = book_config.runs_dir() / name / "curve.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: run_experiment({name!r}, eval_every > 0) writes it")
+    return pd.read_csv(path)
+
+
+def curve_accuracy(curve: pd.DataFrame) -> pd.DataFrame:
+    """Held-out accuracy per method, seed and step (the mean over questions): a frame that
+    ``viz.plot_training_curves(..., metrics=("accuracy",))`` draws as the paper's Figure 5."""
+    return (
+        curve.groupby(["method", "seed", "step"], as_index=False)["correct"]
+        .mean()
+        .rename(columns={"correct": "accuracy"})
+    )
+
+
+def curve_differences(
+    curve: pd.DataFrame, method: str, baseline: str = "grpo", *, n_boot: int = 2000
+) -> pd.DataFrame:
+    """``method`` − ``baseline`` held-out accuracy at every evaluated step, paired by question and
+    seed as ``comparison`` pairs the final one (``stats.paired_accuracy``): step, estimate, low,
+    high, resolved, verdict. Step 0 is the shared base model (a difference of 0 by construction) and
+    is left out. Reading one step of many is a description; the declared test is the final step's.
+    """
+    rows = []
+    for step, at_step in curve[curve["step"] > 0].groupby("step", sort=True):
+        r = stats.paired_accuracy(at_step, method, baseline, n_boot=n_boot)
+        rows.append(
+            {
+                "step": int(step),
+                "estimate": r["diff"],
+                "low": r["low"],
+                "high": r["high"],
+                "resolved": r["resolved"],
+                "verdict": stats.verdict(r["diff"], r["low"], r["high"]),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _check_measure(measure: str) -> None:

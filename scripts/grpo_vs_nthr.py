@@ -33,7 +33,8 @@ Prints, per run, the training measures over the horizon (reward of the first and
 rate, mean Δ ln π, NTHR's selection, the upper clip's share, the rule's penalty, the gradient norm,
 the optimizer steps per batch) and the held-out accuracy with its Wilson interval; then the declared
 comparison. Writes ``runs/<name>/results.csv``, ``heldout.csv``, ``summary.csv`` and
-``experiment.json``.
+``experiment.json``; with ``--eval-every K`` also ``curve.csv`` (held-out answers every K steps) and
+prints accuracy over training per rule with each rule − GRPO per step (a description).
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--n-eval", type=int, default=64, help="held-out questions of the task (0: none)"
     )
     p.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also evaluate every run's model every K steps while it trains (accuracy over "
+        "training, the paper's Figure 5: curve.csv; 0: the final model only)",
+    )
     p.add_argument(
         "--negatives",
         choices=NEGATIVES,
@@ -242,11 +250,28 @@ def main(argv: list[str] | None = None) -> pd.DataFrame | list[dict]:
         config=cfg,
         n_eval=args.n_eval,
         evaluate_base=not args.no_base,
+        eval_every=args.eval_every,
         horizon=args.horizon,
     )
     heldout = experiments.load_heldout(name) if args.n_eval else None
     report(results, heldout, args)
+    if args.eval_every and args.n_eval:
+        curve_report(experiments.load_curve(name), args)
     return results
+
+
+def curve_report(curve: pd.DataFrame, args) -> None:
+    """Accuracy over training per rule (mean over seeds), then each rule − GRPO per step, paired by
+    question and seed: a description beside the declared test, which reads one horizon."""
+    accuracy = experiments.curve_accuracy(curve)
+    table = accuracy.groupby(["method", "step"])["accuracy"].mean().unstack("step")
+    print("\ndescription: held-out accuracy over training steps (mean over seeds; step 0: base)")
+    print(table.round(4).to_string())
+    for method in [m for m in args.methods if m != BASELINE]:
+        diff = experiments.curve_differences(curve, method, BASELINE)
+        print(f"description: {method} − {BASELINE} per step (paired by question and seed)")
+        for row in diff.itertuples():
+            print(f"  step {row.step}: {row.verdict}")
 
 
 def report(results: pd.DataFrame, heldout: pd.DataFrame | None, args) -> None:

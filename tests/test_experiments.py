@@ -384,3 +384,110 @@ def test_two_updates_per_batch_separate_clip_higher_and_llds_from_grpo(tmp_path,
     # the per-run rows are the metrics' means over the steps
     for m in rules3:
         assert two.grad_norm_mean[m] == two_metrics[m]["grad_norm"].mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy over training steps (the paper's Figure 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def _records(path) -> dict[str, str]:
+    """id -> greedy completion, from one evaluation's records."""
+    return {r["id"]: r["completion"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_accuracy_over_training_steps(tmp_path, monkeypatch):
+    """eval_every evaluates the model each run has at that step, leaves the run as it would be
+    without (the metrics bit for bit), and curve.csv holds the base model at step 0, every
+    evaluated step and the final model, read back from the records on a second call."""
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    monkeypatch.setattr(
+        "nthr_book.trainer.default_reward_fn",
+        lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c],
+    )
+    cfg = TrainConfig(
+        model="tiny-random",
+        num_problems=16,
+        steps=3,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=4,
+        lr=1e-2,
+        kl_coef=0.0,
+        checkpoint_every=1,
+    )
+    kw = dict(methods=("grpo", "nthr"), seeds=(0,), config=cfg, n_eval=4, progress=False)
+    kw |= {"eval_max_new_tokens": 4}
+    curved = run_experiment("curved", eval_every=2, **kw)
+    plain = run_experiment("plain", eval_every=0, **kw)
+    for run_a, run_b in zip(curved.itertuples(), plain.itertuples()):
+        if run_a.method != "base":  # the evaluation at step 2 changed nothing in the run
+            a, b = (pd.read_csv(f"{r.run_dir}/metrics.csv") for r in (run_a, run_b))
+            assert a.drop(columns=[c for c in a if c.startswith("time_")]).equals(
+                b.drop(columns=[c for c in b if c.startswith("time_")])
+            )
+    assert not (tmp_path / "plain" / "curve.csv").exists()
+    curve = experiments.load_curve("curved")
+    assert list(curve.columns) == ["method", "seed", "step", "question", "correct"]
+    assert sorted(curve.step.unique()) == [0, 2, 3] and len(curve) == 2 * 3 * 4
+    heldout = experiments.load_heldout("curved")
+    for method in ("grpo", "nthr"):
+        at = {k: curve[(curve.method == method) & (curve.step == k)] for k in (0, 2, 3)}
+        for k, answers in ((0, "base"), (3, method)):  # step 0: the base; the last: the final
+            rows = heldout[heldout.method == answers]
+            assert dict(zip(at[k].question, at[k].correct)) == dict(
+                zip(rows.question, rows.correct)
+            )
+        # step 2 is the model a run of 2 steps ends with: its greedy answers, text for text
+        short = run_experiment(
+            f"short_{method}", **(kw | {"methods": (method,), "config": cfg.replace(steps=2)})
+        )
+        assert short.iloc[-1].method == method
+        two_steps = _records(
+            tmp_path / f"short_{method}" / "eval" / method / "seed0" / "arithmetic_heldout.jsonl"
+        )
+        mid = _records(
+            tmp_path / "curved" / "eval" / method / "seed0" / "step2" / "arithmetic_heldout.jsonl"
+        )
+        assert mid == two_steps
+    # accuracy per method, seed and step: the mean over the questions, by hand
+    acc = experiments.curve_accuracy(curve)
+    for row in acc.itertuples():
+        graded = curve[(curve.method == row.method) & (curve.step == row.step)].correct
+        assert row.accuracy == graded.sum() / 4
+    # a second call reads the evaluated steps back; a step whose records are short is left out
+    path = tmp_path / "curved" / "eval" / "nthr" / "seed0" / "step2" / "arithmetic_heldout.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    with pytest.warns(UserWarning, match="2 of 4 questions evaluated"):
+        run_experiment("curved", eval_every=2, **kw)
+    again = experiments.load_curve("curved")
+    assert set(again[again.method == "nthr"].step) == {0, 3}
+    assert (
+        again[again.method == "grpo"]
+        .reset_index(drop=True)
+        .equals(curve[curve.method == "grpo"].reset_index(drop=True))
+    )
+    with pytest.raises(ValueError, match="eval_every must be an int >= 0"):
+        run_experiment("curved", eval_every=-1, **kw)
+
+
+def test_curve_differences_by_hand():
+    """At step 1 rule a is right on 3 of 4 questions where grpo is right on 1 (a − grpo = 0.5 on
+    one seed); at step 2 both answer alike (0, no interval away from 0); step 0 is left out."""
+    rows = []
+    for step, a, g in (
+        (0, [0, 0, 1, 1], [0, 0, 1, 1]),
+        (1, [1, 1, 1, 0], [0, 0, 1, 0]),
+        (2, [1, 0, 1, 0], [1, 0, 1, 0]),
+    ):
+        for method, answers in (("a", a), ("grpo", g)):
+            rows += [
+                {"method": method, "seed": 0, "step": step, "question": f"q{i}", "correct": c}
+                for i, c in enumerate(answers)
+            ]
+    diff = experiments.curve_differences(pd.DataFrame(rows), "a").set_index("step")
+    assert list(diff.index) == [1, 2]
+    assert diff.estimate[1] == 0.5 and diff.estimate[2] == 0.0
+    assert diff.low[2] == 0.0 and diff.high[2] == 0.0 and not diff.resolved[2]
+    assert 0.0 <= diff.low[1] <= 0.5 <= diff.high[1] <= 1.0

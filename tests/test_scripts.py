@@ -156,9 +156,11 @@ def test_lld_displacement_rejects_bad_arguments():
 
 def _fake_grpo_vs_nthr_run(seen: dict, runs: Path):
     """A stand-in for run_experiment: records its arguments, writes heldout.csv under ``runs``
-    and returns per-run rows with hand-picked measures (NTHR's Δ ln π 1, 0.75 above GRPO's)."""
+    and returns per-run rows with hand-picked measures (NTHR's Δ ln π 1, 0.75 above GRPO's). With
+    ``eval_every`` it writes curve.csv: every rule right on q0-q4 at step 0, NTHR on all ten
+    questions at the steps after it."""
 
-    def fake_run(name, methods, seeds, config, n_eval, evaluate_base, horizon):
+    def fake_run(name, methods, seeds, config, n_eval, evaluate_base, eval_every, horizon):
         seen.update(
             name=name,
             methods=methods,
@@ -166,6 +168,7 @@ def _fake_grpo_vs_nthr_run(seen: dict, runs: Path):
             config=config,
             n_eval=n_eval,
             base=evaluate_base,
+            eval_every=eval_every,
             horizon=horizon,
         )
         rows = [
@@ -194,6 +197,14 @@ def _fake_grpo_vs_nthr_run(seen: dict, runs: Path):
         ]
         (runs / name).mkdir(parents=True, exist_ok=True)
         pd.DataFrame(answers).to_csv(runs / name / "heldout.csv", index=False)
+        if eval_every:
+            steps = [0, *range(eval_every, config.steps, eval_every), config.steps]
+            curve = [
+                {**a, "step": k, "correct": int(a["method"] == "nthr" and k > 0 or a["correct"])}
+                for k in steps
+                for a in answers
+            ]
+            pd.DataFrame(curve).to_csv(runs / name / "curve.csv", index=False)
         return pd.DataFrame(rows)
 
     return fake_run
@@ -252,6 +263,27 @@ def test_grpo_vs_nthr_passes_preset_overrides(monkeypatch, capsys, tmp_path):
     assert (cfg.task, cfg.model, cfg.steps) == ("reasoner", "smollm2-135m-reasoner", 2)
     assert cfg.max_new_tokens == TrainConfig.fast_reasoner().max_new_tokens
     assert seen["name"] == "grpo_vs_nthr_reasoner"
+    assert seen["eval_every"] == 0  # the default: the final model only, no curve
+
+
+def test_grpo_vs_nthr_prints_accuracy_over_training(monkeypatch, capsys, tmp_path):
+    """--eval-every: accuracy per rule and step (mean over seeds), then NTHR − GRPO per step paired
+    by question and seed: 1.0 vs 0.5 after step 0 on the fake runs, +0.5 with no interval
+    containing it (every pair differs the same way)."""
+    script = load_script("grpo_vs_nthr")
+    seen = {}
+    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
+    monkeypatch.setattr(script, "run_experiment", _fake_grpo_vs_nthr_run(seen, tmp_path))
+    script.main(["--seeds", "0", "1", "--steps", "4", "--n-eval", "10", "--eval-every", "2"])
+    assert seen["eval_every"] == 2
+    out = capsys.readouterr().out
+    table = out[out.index("held-out accuracy over training steps") :].splitlines()
+    assert table[1].split() == ["step", "0", "2", "4"]
+    assert table[3].split() == ["grpo", "0.5", "0.5", "0.5"]
+    assert table[4].split() == ["nthr", "0.5", "1.0", "1.0"]
+    steps = [x for x in out.splitlines() if x.startswith("  step ")]
+    assert [x.split(":")[0].strip() for x in steps] == ["step 2", "step 4"]
+    assert all("+0.5" in x and "not resolved" not in x for x in steps)
 
 
 def test_grpo_vs_nthr_declares_a_training_primary_and_its_horizon(monkeypatch, capsys, tmp_path):
