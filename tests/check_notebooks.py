@@ -30,7 +30,7 @@ ORDER = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 MEASURED = re.compile(r"median|\bmean\b|delta|Δ")
 DERIVE = "derive it from the dtype's eps and the number of terms, with a comment"
 # Notebooks whose exercises have no hints and solution cells yet (take a number out once they do)
-SOLUTIONS_PENDING = {"02", "03", "08"}
+SOLUTIONS_PENDING = {"02", "03"}
 SOLUTION_TAG = "solution"
 EXERCISES_HEADING = re.compile(r"^(#+ *Exercises|\*\*Exercises\*\*) *$", re.MULTILINE)
 ITEM = re.compile(r"^(\d+)\. ")
