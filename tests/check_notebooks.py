@@ -11,8 +11,7 @@ with a ``## Exercises`` heading or an ``**Exercises**`` line) carries a ``*Hint:
 solution: a code cell after the list, tagged ``solution``, hidden by default (``jupyter``
 metadata ``source_hidden`` and ``outputs_hidden``), whose first line is ``# Solution to exercise
 <k>``. Solution cells run with the notebook, so CI executes them at the ci size like every other
-cell. The notebooks in ``SOLUTIONS_PENDING`` are not held to this yet: their owners add hints and
-solutions and take their number out (tests/README.md says how).
+cell (tests/README.md says how to add one).
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ TOLERANCES = ("rtol", "atol")
 ORDER = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 MEASURED = re.compile(r"median|\bmean\b|delta|Δ")
 DERIVE = "derive it from the dtype's eps and the number of terms, with a comment"
-# Notebooks whose exercises have no hints and solution cells yet (take a number out once they do)
-SOLUTIONS_PENDING = {"02", "03"}
 SOLUTION_TAG = "solution"
 EXERCISES_HEADING = re.compile(r"^(#+ *Exercises|\*\*Exercises\*\*) *$", re.MULTILINE)
 ITEM = re.compile(r"^(\d+)\. ")
@@ -234,8 +231,7 @@ def problems(path: Path) -> list[str]:
         "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"
     ):
         out.append(f"{path.name}: no '## Summary' section")
-    if path.name[:2] not in SOLUTIONS_PENDING:
-        out += exercise_problems(nb["cells"], path.name)
+    out += exercise_problems(nb["cells"], path.name)
     return out
 
 
