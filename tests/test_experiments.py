@@ -87,14 +87,15 @@ def test_summary_by_hand():
     assert (row["pooled_k"], row["pooled_n"]) == (6, 12)
 
 
-@pytest.mark.slow
-def test_run_experiment_tiny(tmp_path, monkeypatch):
+def _tiny_parity_runs(monkeypatch, tmp_path) -> TrainConfig:
+    """Runs under ``tmp_path`` on the tiny random model, an answer graded right when its length is
+    even; returns the two-step config of these tests."""
     monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
     monkeypatch.setattr(
         "nthr_book.trainer.default_reward_fn",
         lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c],
     )
-    cfg = TrainConfig(
+    return TrainConfig(
         model="tiny-random",
         num_problems=16,
         steps=2,
@@ -105,6 +106,11 @@ def test_run_experiment_tiny(tmp_path, monkeypatch):
         kl_coef=0.0,
         checkpoint_every=1,
     )
+
+
+@pytest.mark.slow
+def test_run_experiment_tiny(tmp_path, monkeypatch):
+    cfg = _tiny_parity_runs(monkeypatch, tmp_path)
     calls = []
     real_train = experiments.train
     monkeypatch.setattr(
@@ -401,22 +407,7 @@ def test_accuracy_over_training_steps(tmp_path, monkeypatch):
     """eval_every evaluates the model each run has at that step, leaves the run as it would be
     without (the metrics bit for bit), and curve.csv holds the base model at step 0, every
     evaluated step and the final model, read back from the records on a second call."""
-    monkeypatch.setenv("NTHR_BOOK_RUNS", str(tmp_path))
-    monkeypatch.setattr(
-        "nthr_book.trainer.default_reward_fn",
-        lambda boxed: lambda c, a: [float(len(x) % 2 == 0) for x in c],
-    )
-    cfg = TrainConfig(
-        model="tiny-random",
-        num_problems=16,
-        steps=3,
-        prompts_per_step=2,
-        group_size=4,
-        max_new_tokens=4,
-        lr=1e-2,
-        kl_coef=0.0,
-        checkpoint_every=1,
-    )
+    cfg = _tiny_parity_runs(monkeypatch, tmp_path).replace(steps=3, lr=1e-2)
     kw = dict(methods=("grpo", "nthr"), seeds=(0,), config=cfg, n_eval=4, progress=False)
     kw |= {"eval_max_new_tokens": 4}
     curved = run_experiment("curved", eval_every=2, **kw)
