@@ -278,7 +278,7 @@ def run_experiment(
 
     rows, answers, curve = [], [], []
     records_name = f"{cfg.task}_heldout.jsonl"  # evaluate's file under <eval>/<label>/
-    curve_steps = [k for k in range(eval_every, cfg.steps, eval_every)] if eval_every else []
+    curve_steps = list(range(eval_every, cfg.steps, eval_every)) if eval_every else []
 
     def graded(res, label: str, seed: int) -> None:  # heldout.csv: one row per question
         answers.extend(
