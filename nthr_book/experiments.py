@@ -286,15 +286,32 @@ def run_experiment(
             for q, c in res.per_problem.items()
         )
 
-    def evaluate_while_training(label: str, seed: int):
-        """train()'s model, tokenizer and callbacks that evaluate it at ``curve_steps``."""
+    def evaluate_while_training(label: str, seed: int, final: bool):
+        """train()'s model, tokenizer and callbacks that evaluate it at ``curve_steps`` (and at
+        the last step when ``final``: a run that saves no model is evaluated in memory)."""
         model, tokenizer = load_policy(cfg.model)
 
         def at_step(step: int, row: dict) -> None:
             if step + 1 in curve_steps:
                 eval_model(model, tokenizer, f"{label}/seed{seed}/step{step + 1}")
+            if final and step + 1 == cfg.steps:
+                eval_model(model, tokenizer, f"{label}/seed{seed}")
 
         return {"model": model, "tokenizer": tokenizer, "callbacks": [at_step]}
+
+    def final_in_memory(label: str, seed: int, run_dir: Path, while_training: dict):
+        """The final evaluation of a run that kept no weights: made by the last step's callback,
+        so its records are complete; ``evaluate`` then reads them back (no generation)."""
+        path = root / "eval" / label / f"seed{seed}" / records_name
+        if len(saved_answers(path)) < len(held):
+            raise ValueError(
+                f"{run_dir} finished without its model (save_model=False) and {path} holds "
+                f"{len(saved_answers(path))} of {len(held)} answers: delete both to train the "
+                "run again, or train with save_model=True"
+            )
+        return eval_model(
+            while_training["model"], while_training["tokenizer"], f"{label}/seed{seed}"
+        )
 
     def add_to_curve(label: str, seed: int, step: int, per_problem: dict) -> None:
         curve.extend(
@@ -323,21 +340,31 @@ def run_experiment(
             run_cfg = cfg.replace(
                 **over, seed=int(seed), output_dir=str(root / label / f"seed{seed}")
             )
+            # a run that keeps no weights is evaluated in memory (one saved earlier: from disk)
+            in_memory = (
+                held is not None
+                and not run_cfg.save_model
+                and not (run_cfg.run_dir() / "model").exists()
+            )
             while_training = (
-                evaluate_while_training(label, int(seed))
-                if held is not None and curve_steps
+                evaluate_while_training(label, int(seed), final=in_memory)
+                if held is not None and (curve_steps or in_memory)
                 else {}
             )
             run_dir = train(run_cfg, resume=True, progress=progress, **while_training)
-            while_training.clear()  # the model in it is trained; load the saved one below
             metrics = read_metrics(run_dir / "metrics.csv")
             row: dict[str, Any] = {"method": label, "seed": int(seed), "run_dir": str(run_dir)}
             # the training measures over steps [0, horizon): LLD rate, mean Δ ln π of the right
             # answers, NTHR's selection, the upper clip, the rule's penalty, the gradient norm
             row |= run_measures(metrics, horizon)
             if held is not None:
-                model, tokenizer = load_policy(str(Path(run_dir) / "model"))
-                res = eval_model(model, tokenizer, f"{label}/seed{seed}")
+                if in_memory:
+                    res = final_in_memory(label, int(seed), run_dir, while_training)
+                else:
+                    model, tokenizer = load_policy(str(Path(run_dir) / "model"))
+                    res = eval_model(model, tokenizer, f"{label}/seed{seed}")
+                    del model
+                while_training.clear()  # the model in it is trained
                 graded(res, label, int(seed))
                 if eval_every:
                     if evaluate_base:
@@ -360,7 +387,6 @@ def run_experiment(
                     "ci_high": res.ci_high,
                     "n_eval": res.n,
                 }
-                del model
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
             rows.append(row)
     results = pd.DataFrame(rows)

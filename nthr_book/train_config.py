@@ -120,6 +120,10 @@ class TrainConfig:
     keep_checkpoint: bool = False
     """Keep ``checkpoint.pt`` (weights + optimizer state) after the last step, to extend the run
     later."""
+    save_model: bool = True
+    """Write the final weights to ``model/`` (4 bytes a parameter: 0.5 GB for the 135M model).
+    False keeps the run's metrics (and ``run_experiment``'s evaluation, made in memory) and no
+    weights: for runs nothing reloads, so a series does not fill the disk."""
     output_dir: str | None = None
     """Run folder; None: <runs>/train/<method>/seed<seed>."""
     bf16: bool = False

@@ -12,9 +12,10 @@ old-policy pass runs first and the hook reads its hidden states.
 Outputs in ``output_dir``: ``config.json`` (config, versions, hook), ``metrics.csv`` (one row per
 step, columns in ``METRIC_COLUMNS``), ``checkpoint.pt`` (atomic, every ``checkpoint_every`` steps:
 weights, optimizer, RNG, metrics so far; about 12 bytes per parameter with Adam, 1.6 GB for the 135M
-model) and ``model/`` (the final weights, loadable with ``load_policy``). A finished run keeps
-``model/`` and drops ``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook series
-leaves one copy of weights per run.
+model), ``model/`` (the final weights, loadable with ``load_policy``; not with ``save_model=False``)
+and ``finished.json`` (the steps taken; written last, it marks the run complete). A finished run
+keeps ``model/`` and drops ``checkpoint.pt`` unless ``keep_checkpoint`` is set, so a notebook
+series leaves at most one copy of weights per run.
 
 The run's settings are ``TrainConfig`` (``nthr_book.train_config``, re-exported here); this module
 is the loop: the step, checkpoint/resume and the metrics file, which change together; each function
@@ -755,7 +756,7 @@ class GRPOTrainer:
 
 
 # Config fields a resumed run may change: they do not alter the steps already taken.
-_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoint")
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoint", "save_model")
 
 
 def _shared_prefix(ro: Rollouts, rewards: torch.Tensor) -> float:
@@ -773,6 +774,11 @@ def _shared_prefix(ro: Rollouts, rewards: torch.Tensor) -> float:
         for g in mixed.nonzero().squeeze(-1).tolist()
     ]
     return float(np.mean(shares)) if shares else math.nan
+
+
+def _finished(run_dir: Path) -> bool:
+    """Whether ``train`` completed the run in ``run_dir`` (older runs: ``model/`` marks it)."""
+    return (run_dir / "finished.json").exists() or (run_dir / "model").exists()
 
 
 def _steps_done(run_dir: Path) -> int:
@@ -836,9 +842,7 @@ def train(
     hook = advantage_fn if advantage_fn is not None else make_advantage_fn(config)
     hook_repr = repr(hook)
     _check_run_dir(run_dir, config, hook_repr, resume)
-    done = (
-        _steps_done(run_dir) if resume and (run_dir / "model").exists() else None
-    )  # None: not finished
+    done = _steps_done(run_dir) if resume and _finished(run_dir) else None  # None: not finished
     if done is not None and done > config.steps:
         raise ValueError(
             f"{run_dir}: holds a finished run of {done} steps, more than steps={config.steps}; "
@@ -863,6 +867,7 @@ def train(
             f"cannot be extended to steps={config.steps}; train it with keep_checkpoint=True, "
             "or choose another output_dir"
         )
+    (run_dir / "finished.json").unlink(missing_ok=True)  # complete again only at the end
     write_json(
         run_dir / "config.json",
         {
@@ -892,9 +897,11 @@ def train(
             trainer.save_checkpoint(run_dir)
         for cb in callbacks:
             cb(step, row)
-    trainer.save_model(run_dir)
+    if config.save_model:
+        trainer.save_model(run_dir)
     if config.keep_checkpoint:
         trainer.save_checkpoint(run_dir)
-    else:  # the final weights are in model/; the optimizer state is dead weight now
+    write_json(run_dir / "finished.json", {"steps": trainer.step, "model_saved": config.save_model})
+    if not config.keep_checkpoint:  # the optimizer state is dead weight now
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return run_dir

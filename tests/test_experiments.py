@@ -463,6 +463,39 @@ def test_accuracy_over_training_steps(tmp_path, monkeypatch):
         run_experiment("curved", eval_every=-1, **kw)
 
 
+@pytest.mark.slow
+def test_a_run_that_keeps_no_weights_is_evaluated_in_memory(tmp_path, monkeypatch):
+    """save_model=False: no model/ on disk, the final model evaluated before it is dropped, answer
+    for answer what the saved model gives; a second call reads the records back."""
+    cfg = _tiny_parity_runs(monkeypatch, tmp_path)
+    kw = dict(methods=("grpo",), seeds=(0,), n_eval=4, eval_max_new_tokens=4, progress=False)
+    saved = run_experiment("saved", config=cfg, **kw)
+    light = run_experiment("light", config=cfg.replace(save_model=False), **kw)
+    run = tmp_path / "light" / "grpo" / "seed0"
+    assert not (run / "model").exists() and (run / "finished.json").exists()
+    assert (tmp_path / "saved" / "grpo" / "seed0" / "model").exists()
+    records = [
+        _records(tmp_path / name / "eval" / "grpo" / "seed0" / "arithmetic_heldout.jsonl")
+        for name in ("saved", "light")
+    ]
+    assert records[0] == records[1]  # the same weights in memory as on disk: text for text
+    pd.testing.assert_series_equal(saved["accuracy"], light["accuracy"], check_exact=True)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run that kept no weights is read back, not redone")
+
+    with monkeypatch.context() as m:
+        m.setattr("nthr_book.trainer.GRPOTrainer", no_work)
+        m.setattr("nthr_book.evaluate.generate_groups", no_work)
+        again = run_experiment("light", config=cfg.replace(save_model=False), **kw)
+    pd.testing.assert_series_equal(light["accuracy"], again["accuracy"], check_exact=True)
+    # its records cut short: the base weights must not answer for the trained ones
+    path = tmp_path / "light" / "eval" / "grpo" / "seed0" / "arithmetic_heldout.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(ValueError, match="finished without its model.*2 of 4 answers"):
+        run_experiment("light", config=cfg.replace(save_model=False), **kw)
+
+
 def test_curve_differences_by_hand():
     """At step 1 rule a is right on 3 of 4 questions where grpo is right on 1 (a − grpo = 0.5 on
     one seed); at step 2 both answer alike (0, no interval away from 0); step 0 is left out."""

@@ -262,6 +262,24 @@ def test_finished_run_extends_only_with_its_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_run_without_its_model_is_the_same_run_and_is_reused(tmp_path, monkeypatch):
+    saved = train(tiny(tmp_path / "a", steps=2), reward_fn=parity_reward, progress=False)
+    light_cfg = tiny(tmp_path / "b", steps=2, save_model=False)
+    light = train(light_cfg, reward_fn=parity_reward, progress=False)
+    assert not (light / "model").exists() and not (light / "checkpoint.pt").exists()
+    assert json.loads((light / "finished.json").read_text()) == {"steps": 2, "model_saved": False}
+    a, b = read_metrics(saved / "metrics.csv"), read_metrics(light / "metrics.csv")
+    timing = [c for c in a if c.startswith("time_")]
+    assert a.drop(columns=timing).equals(b.drop(columns=timing))  # weights kept or not: one run
+    with monkeypatch.context() as m:
+        m.setattr(trainer_mod, "GRPOTrainer", _no_trainer)  # finished.json marks it complete
+        assert train(light_cfg, reward_fn=parity_reward, resume=True, progress=False) == light
+    with pytest.raises(ValueError, match="keep_checkpoint=True"):
+        train(light_cfg.replace(steps=3), reward_fn=parity_reward, resume=True, progress=False)
+    assert (light / "finished.json").exists()  # a refused extension leaves the run complete
+
+
+@pytest.mark.slow
 def test_nthr_hook_receives_old_policy_hidden_states(tmp_path):
     seen = []
 
