@@ -53,13 +53,14 @@ lint: $(STAMP)
 	$(PY) tests/check_notebooks.py
 
 # NTHR_BOOK_TRL_REQUIRED=1: the trl extra is installed above, so a trl that does not import fails
-# its tests instead of skipping them.
+# its tests instead of skipping them.  One pytest-xdist worker a core, one thread each (232 s in
+# one process on 2 cores, 132 s in two).
 unit: $(STAMP) model
-	NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not browser"
+	OMP_NUM_THREADS=1 NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not browser" -n auto
 
 # The fast tier while editing: every test but the `slow` ones (tests/README.md lists the tiers).
 unit-fast: $(STAMP) model
-	NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not slow and not browser"
+	OMP_NUM_THREADS=1 NTHR_BOOK_SIZE=$(TEST_SIZE) NTHR_BOOK_TRL_REQUIRED=1 $(PY) -m pytest tests -q -m "not slow and not browser" -n auto
 
 # Every notebook through pytest --nbmake at the ci size, two at a time with a core each, 03 after 02
 # and 06 after 05 (nthr_book.demo's schedule); each notebook's output in build/logs/.
