@@ -635,7 +635,7 @@ def heldout_answers(
     FileNotFoundError when the experiment has not run and ValueError when it evaluated no
     held-out set (``n_eval=0``, or the MATH task).
     """
-    from nthr_book.evaluate import evaluate_suite
+    from nthr_book.evaluate import evaluate_suite, saved_answers
 
     root = book_config.runs_dir() / name
     path = root / "results.csv"
@@ -648,16 +648,31 @@ def heldout_answers(
     saved = json.loads((Path(runs["run_dir"].iloc[0]) / "config.json").read_text())
     cfg = TrainConfig.from_dict(saved["config"])
     held = heldout_problems(cfg, int(results["n_eval"].dropna().iloc[0]))
+    benchmark = f"{cfg.task}_heldout"  # the records' name, as run_experiment wrote them
     models: dict[str, str] = {}
     if (results["method"] == "base").any():
         models["base"] = cfg.model
     for run in runs.itertuples():
-        models[f"{run.method}/seed{run.seed}"] = str(Path(run.run_dir) / "model")
-    first = root / "eval" / next(iter(models)) / "arithmetic_heldout.settings.json"
+        label = f"{run.method}/seed{run.seed}"
+        weights = Path(run.run_dir) / "model"
+        if weights.exists():
+            models[label] = str(weights)
+            continue
+        # save_model=False: answered in memory as it trained; the records are all there is, and
+        # the base model (the name they were made under) only reads them back
+        records = root / "eval" / label / f"{benchmark}.jsonl"
+        if len(saved_answers(records)) < len(held):
+            raise ValueError(
+                f"{run.run_dir} kept no model (save_model=False) and {records} holds "
+                f"{len(saved_answers(records))} of {len(held)} answers: run run_experiment"
+                f"({name!r}, ...) again to finish them"
+            )
+        models[label] = cfg.model
+    first = root / "eval" / next(iter(models)) / f"{benchmark}.settings.json"
     settings = json.loads(first.read_text())["settings"]
     evaluated = evaluate_suite(
         models,
-        {"arithmetic_heldout": held},
+        {benchmark: held},
         log=log,
         out_dir=root / "eval",
         **{k: settings[k] for k in ("n_samples", "temperature", "max_new_tokens", "seed")},

@@ -488,10 +488,17 @@ def test_a_run_that_keeps_no_weights_is_evaluated_in_memory(tmp_path, monkeypatc
         m.setattr("nthr_book.trainer.GRPOTrainer", no_work)
         m.setattr("nthr_book.evaluate.generate_groups", no_work)
         again = run_experiment("light", config=cfg.replace(save_model=False), **kw)
+        # notebook 06 reads the runs back question by question from the records alone
+        correct, evaluated, _ = experiments.heldout_answers("light")
+    assert set(evaluated) == {"base", "grpo/seed0"}
+    for row in light.itertuples():
+        assert correct[correct.method == row.method]["correct"].mean() == row.accuracy
     pd.testing.assert_series_equal(light["accuracy"], again["accuracy"], check_exact=True)
     # its records cut short: the base weights must not answer for the trained ones
     path = tmp_path / "light" / "eval" / "grpo" / "seed0" / "arithmetic_heldout.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(ValueError, match="kept no model.*2 of 4 answers"):
+        experiments.heldout_answers("light")
     with pytest.raises(ValueError, match="finished without its model.*2 of 4 answers"):
         run_experiment("light", config=cfg.replace(save_model=False), **kw)
 
