@@ -849,6 +849,12 @@ def train(
             "its model is not the shorter run's. Choose another output_dir"
         )
     if done is not None and done == config.steps:
+        if config.save_model and not (run_dir / "model").exists():
+            raise ValueError(
+                f"{run_dir}: the run finished without its model (save_model=False), so it has no "
+                "weights to give; delete the folder to train it again with save_model=True, or "
+                "choose another output_dir"
+            )
         return run_dir  # reuse the finished run: no model load, no checkpoint read
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = GRPOTrainer(

@@ -277,6 +277,8 @@ def test_a_run_without_its_model_is_the_same_run_and_is_reused(tmp_path, monkeyp
     with pytest.raises(ValueError, match="keep_checkpoint=True"):
         train(light_cfg.replace(steps=3), reward_fn=parity_reward, resume=True, progress=False)
     assert (light / "finished.json").exists()  # a refused extension leaves the run complete
+    with pytest.raises(ValueError, match="finished without its model"):  # no weights to give
+        train(light_cfg.replace(save_model=True), reward_fn=parity_reward, resume=True)
 
 
 @pytest.mark.slow
