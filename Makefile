@@ -17,12 +17,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series at the laptop size, write build/SUMMARY.md (about 50-60 min on 2 CPU cores with the reasoner warm-up, not yet timed end to end; resumable)"
-	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 17-24 min on 2 CPU cores, install included)"
+	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 23 min on 2 CPU cores, install included)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 	@echo "make unit-fast - the unit tests without the slow ones (model loads, training loops, bench smoke runs)"
 
-# The venv (2 GB), the model cache (0.5 GB) and the series' runs (4 GB, 1.6 GB more while a run checkpoints)
-# need about 8 GB; say so up front rather than fail half-way through an install with ENOSPC.
+# The venv (2.1 GB), the model caches (the embedded model and a warm-up reasoner, 0.5 GB each) and the
+# series' runs: `make test` peaked at 5.2 GB above the clone (2026-12-07; runs keep weights, 0.5 GB
+# each, only where a notebook reloads them), and a run that checkpoints holds 1.6 GB more while it
+# trains. Say so up front rather than fail half-way through with ENOSPC (CI once did, at 13 GB).
 MIN_FREE_GB ?= 8
 space:
 	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \

@@ -59,17 +59,16 @@ PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before ea
 # Minutes each notebook took when last measured, per run size (the fallback when
 # build/demo_state.json has no time for it at this size). laptop: `make demo` on the reference
 # machine (2 cores, two notebooks at a time, one core each; 05 with its §5), except 00, 01, 04,
-# 06 and 07, estimated after their 2026-12-07 rewrite, and 09 (run alone, 2026-12-07). ci: `make
-# test`'s nbmake run (09: 2026-12-07), except 00, 01, 04, 06 and 07: each run alone on the
-# reference machine under a load of 4-6 (README.md).
+# 06 and 07, estimated after their 2026-12-07 rewrite, and 09 (run alone, 2026-12-07). ci: a fresh
+# clone's `make test` of 2026-12-07 (06 and 07 each run again alone after a fix).
 MEASURED_MINUTES = {
     "laptop": {
         "00": 2.0, "01": 4.0, "02": 21.8, "03": 1.7, "04": 2.0, "05": 40.0, "06": 3.0, "07": 5.0,
         "08": 9.5, "09": 19.3,
     },
     "ci": {
-        "00": 1.7, "01": 3.5, "02": 5.7, "03": 1.5, "04": 3.7, "05": 4.8, "06": 2.1, "07": 4.6,
-        "08": 5.3, "09": 6.2,
+        "00": 1.1, "01": 1.7, "02": 8.4, "03": 0.9, "04": 0.9, "05": 4.3, "06": 1.0, "07": 2.1,
+        "08": 5.1, "09": 6.7,
     },
 }  # fmt: skip
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
