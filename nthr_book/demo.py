@@ -57,14 +57,13 @@ PRIORITY = ("05", "02", "09", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
 # Minutes each notebook took when last measured, per run size (the fallback when
-# build/demo_state.json has no time for it at this size). laptop: `make demo` on the reference
-# machine (2 cores, two notebooks at a time, one core each; 05 with its §5), except 00, 01, 04,
-# 06 and 07, estimated after their 2026-12-07 rewrite, and 09 (run alone, 2026-12-07). ci: a fresh
+# build/demo_state.json has no time for it at this size). laptop: a fresh clone's `make demo` on
+# the reference machine (2 cores, two notebooks at a time, one core each), 2026-12-07. ci: a fresh
 # clone's `make test` of 2026-12-07 (06 and 07 each run again alone after a fix).
 MEASURED_MINUTES = {
     "laptop": {
-        "00": 2.0, "01": 4.0, "02": 21.8, "03": 1.7, "04": 2.0, "05": 40.0, "06": 3.0, "07": 5.0,
-        "08": 9.5, "09": 19.3,
+        "00": 3.5, "01": 3.7, "02": 31.7, "03": 2.6, "04": 1.8, "05": 48.5, "06": 2.3, "07": 4.8,
+        "08": 10.8, "09": 14.9,
     },
     "ci": {
         "00": 1.1, "01": 1.7, "02": 8.4, "03": 0.9, "04": 0.9, "05": 4.3, "06": 1.0, "07": 2.1,
