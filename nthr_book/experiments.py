@@ -302,13 +302,12 @@ def run_experiment(
     def final_in_memory(label: str, seed: int, run_dir: Path, while_training: dict):
         """The final evaluation of a run that kept no weights: made by the last step's callback,
         so its records are complete; ``evaluate`` then reads them back (no generation)."""
-        path = root / "eval" / label / f"seed{seed}" / records_name
-        if len(saved_answers(path)) < len(held):
-            raise ValueError(
-                f"{run_dir} finished without its model (save_model=False) and {path} holds "
-                f"{len(saved_answers(path))} of {len(held)} answers: delete both to train the "
-                "run again, or train with save_model=True"
-            )
+        _check_records_of_weightless_run(
+            run_dir,
+            root / "eval" / label / f"seed{seed}" / records_name,
+            len(held),
+            "delete both to train the run again, or train with save_model=True",
+        )
         return eval_model(
             while_training["model"], while_training["tokenizer"], f"{label}/seed{seed}"
         )
@@ -618,6 +617,19 @@ def power_plan(
     return out
 
 
+def _check_records_of_weightless_run(run_dir, records: Path, n_questions: int, remedy: str) -> None:
+    """A run that kept no weights (``save_model=False``) was answered in memory as it trained:
+    its records are all there is, so short ones must not be completed by other weights."""
+    from nthr_book.evaluate import saved_answers
+
+    n_answered = len(saved_answers(records))
+    if n_answered < n_questions:
+        raise ValueError(
+            f"{run_dir} finished without its model (save_model=False) and {records} holds "
+            f"{n_answered} of {n_questions} answers: {remedy}"
+        )
+
+
 def heldout_answers(
     name: str, *, batch_size: int = 32, progress: bool = False, log: Any = None
 ) -> tuple[pd.DataFrame, dict[str, Any], list[dict]]:
@@ -635,7 +647,7 @@ def heldout_answers(
     FileNotFoundError when the experiment has not run and ValueError when it evaluated no
     held-out set (``n_eval=0``, or the MATH task).
     """
-    from nthr_book.evaluate import evaluate_suite, saved_answers
+    from nthr_book.evaluate import evaluate_suite
 
     root = book_config.runs_dir() / name
     path = root / "results.csv"
@@ -660,13 +672,12 @@ def heldout_answers(
             continue
         # save_model=False: answered in memory as it trained; the records are all there is, and
         # the base model (the name they were made under) only reads them back
-        records = root / "eval" / label / f"{benchmark}.jsonl"
-        if len(saved_answers(records)) < len(held):
-            raise ValueError(
-                f"{run.run_dir} kept no model (save_model=False) and {records} holds "
-                f"{len(saved_answers(records))} of {len(held)} answers: run run_experiment"
-                f"({name!r}, ...) again to finish them"
-            )
+        _check_records_of_weightless_run(
+            run.run_dir,
+            root / "eval" / label / f"{benchmark}.jsonl",
+            len(held),
+            f"run run_experiment({name!r}, ...) again to finish them",
+        )
         models[label] = cfg.model
     first = root / "eval" / next(iter(models)) / f"{benchmark}.settings.json"
     settings = json.loads(first.read_text())["settings"]
