@@ -45,8 +45,9 @@ $(STAMP): $(PY) pyproject.toml
 model: $(STAMP)
 	$(PY) -c "from nthr_book.models import convert_embedded; print('embedded model cache:', convert_embedded())"
 
-# The warm-up reasoner of a run size (nthr_book.reasoner), fine-tuned once into the same cache before
-# the notebooks that use it start: laptop about 9 min on one core, ci about 3 (later runs: seconds).
+# The warm-up reasoner of a run size (nthr_book.reasoner), fine-tuned once into the same cache: laptop
+# about 9 min on one core, ci about 3 (later runs: seconds). `make demo` and `make notebooks` need not
+# build it first: nthr_book.demo builds it on the worker that runs notebook 09, beside the others.
 reasoner-%: $(STAMP) model
 	NTHR_BOOK_SIZE=$* $(PY) -c "from nthr_book.models import reasoner_dir; print('reasoner cache:', reasoner_dir())"
 
@@ -66,7 +67,7 @@ unit-fast: $(STAMP) model
 
 # Every notebook through pytest --nbmake at the ci size, two at a time with a core each, 03 after 02
 # and 06 after 05 (nthr_book.demo's schedule); each notebook's output in build/logs/.
-notebooks: $(STAMP) model reasoner-$(TEST_SIZE)
+notebooks: $(STAMP) model
 	NTHR_BOOK_SIZE=$(TEST_SIZE) $(PY) -m nthr_book.demo --nbmake --timeout 1800
 
 # A real browser: JupyterLab + Debian's chromium driven by Playwright (installs both if missing).
@@ -77,7 +78,7 @@ browser: $(STAMP) model
 test: lint unit notebooks browser
 
 # Resumable: a second `make demo` skips the notebooks that finished (python -m nthr_book.demo --force reruns).
-demo: $(STAMP) model reasoner-$(DEMO_SIZE)
+demo: $(STAMP) model
 	NTHR_BOOK_SIZE=$(DEMO_SIZE) $(PY) -m nthr_book.demo
 
 lab: $(STAMP) model

@@ -10,7 +10,9 @@ the data each notebook saves lands in ``build/<name>/``.
 Two notebooks run at a time on a CPU (``--jobs``; one with CUDA), each with half the cores: most of
 the series is small matrix products and token-by-token generation, which two single-threaded
 processes get through faster than one process with two threads. A notebook starts once those it
-reads from have finished (``NEEDS``), the longest first (``PRIORITY``). ``--nbmake`` checks each
+reads from have finished (``NEEDS``), the longest first (``PRIORITY``); what one needs built
+once (09's warm-up reasoner, ``PREPARE``) is built by its worker just before it, beside the other
+notebooks, and timed apart. ``--nbmake`` checks each
 notebook with ``pytest --nbmake`` instead (``make notebooks``, CI): the same schedule, nothing
 written to build/ but the logs.
 
@@ -52,8 +54,18 @@ STATE_FILE = "demo_state.json"
 # 02's Δ(x) table; 06 evaluates 05's trained models. (04 and 08 reuse the groups 02 samples; the
 # lock in groups.load_or_sample_groups lets whichever comes first sample them and the others wait.)
 NEEDS = {"03": ("02",), "06": ("05",)}
-# The longest first, as measured at the laptop size: a free worker takes the first ready one.
-PRIORITY = ("05", "02", "09", "08", "06", "07", "01", "04", "03", "00")
+# What a notebook needs built once before it starts, run by the worker that runs the notebook (so
+# it overlaps the other notebooks instead of holding up the series) and timed apart from it: 09's
+# warm-up reasoner, fine-tuned into the model cache on first use (seconds once cached).
+PREPARE = {
+    "09": (
+        "warm-up reasoner",
+        "from nthr_book.models import reasoner_dir; print('reasoner cache:', reasoner_dir())",
+    )
+}
+# The longest first, as measured at the laptop size (09 with its warm-up): a free worker takes the
+# first ready one.
+PRIORITY = ("09", "02", "05", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
 # Minutes each notebook took when last measured, per run size (the fallback when
@@ -332,11 +344,27 @@ def _run_logged(
     return code, time.perf_counter() - t0, lines[-1] if lines else ""
 
 
+def prepare(path: Path, jobs: int = 1) -> tuple[bool, str]:
+    """Build what the notebook at ``path`` needs once (``PREPARE``) in a process of its own, its
+    output in build/logs/<name>.prepare.log, and say how long it took. Returns (ok, error)."""
+    if path.name[:2] not in PREPARE:
+        return True, ""
+    what, code = PREPARE[path.name[:2]]
+    log = config.build_dir() / "logs" / f"{path.stem}.prepare.log"
+    status, seconds, last = _run_logged([sys.executable, "-c", code], log, jobs)
+    print(f"{path.stem}: {what} ready in {seconds / 60:.1f} min ({log})", flush=True)
+    return status == 0, "" if status == 0 else f"{what} failed, see {log}: {last[:300]}"
+
+
 def run_notebook(
     path: Path, out_dir: Path, timeout: int, jobs: int = 1, progress: Progress | None = None
 ) -> tuple[bool, float, str]:
     """Execute one notebook in a process of its own (``execute_notebook``), its output in
-    build/logs/<name>.log, its progress through ``progress``. Returns (ok, seconds, error)."""
+    build/logs/<name>.log, its progress through ``progress``, after ``prepare``. Returns (ok,
+    seconds, error); the seconds are the notebook's own, without the preparation."""
+    ready, error = prepare(path, jobs)
+    if not ready:
+        return False, 0.0, error
     command = [sys.executable, "-m", "nthr_book.demo", "--execute", str(path)]
     command += ["--out", str(out_dir), "--timeout", str(timeout)]
     log = config.build_dir() / "logs" / f"{path.stem}.log"
@@ -358,7 +386,11 @@ def run_notebook(
 
 def check_with_nbmake(path: Path, timeout: int, jobs: int = 1) -> tuple[bool, float, str]:
     """Execute one notebook with ``pytest --nbmake`` (CI's check), its output in
-    build/logs/<name>.log. Returns (ok, seconds, the last line of pytest's report)."""
+    build/logs/<name>.log, after ``prepare``. Returns (ok, seconds, the last line of pytest's
+    report)."""
+    ready, error = prepare(path, jobs)
+    if not ready:
+        return False, 0.0, error
     command = [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={timeout}", "-q"]
     command += ["-p", "no:cacheprovider", str(path)]
     log = config.build_dir() / "logs" / f"{path.stem}.log"

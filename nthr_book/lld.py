@@ -500,17 +500,23 @@ def first_order_displacement(
                 ]
             for q in params:
                 q.grad = None
-            # 2. g_i = ∇ ln π(y+_i) of each correct answer, and its inner product with each part
-            logps = grpo.group_token_logps(
-                model, r.prompt_ids, r.prompt_mask, r.completion_ids, mask, **fwd
-            )  # (G, T) with gradient
-            seq = grpo.sequence_logprob(logps, mask)  # (G,)
+            # 2. g_i = ∇ ln π(y+_i) of each correct answer, and its inner product with each part;
+            # one answer's forward and backward at a time (a backward through the whole group's
+            # graph would cost the group's backward per answer)
             rows = correct.nonzero().flatten().tolist()
             push = {"right": [], "wrong": []}
-            for k, i in enumerate(rows):
-                grads = torch.autograd.grad(
-                    seq[i], params, retain_graph=k + 1 < len(rows), allow_unused=True
-                )
+            for i in rows:
+                one = slice(i, i + 1)
+                logps = grpo.group_token_logps(
+                    model,
+                    r.prompt_ids[one],
+                    r.prompt_mask[one],
+                    r.completion_ids[one],
+                    mask[one],
+                    **fwd,
+                )  # (1, T) with gradient
+                seq = grpo.sequence_logprob(logps, mask[one])  # (1,)
+                grads = torch.autograd.grad(seq[0], params, allow_unused=True)
                 for part, step in steps.items():
                     push[part].append(
                         float(

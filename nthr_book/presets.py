@@ -21,7 +21,7 @@ from nthr_book.regime import MAP_METHODS
 class GroupsPreset:
     """The parameters notebooks 02-04 share: one policy, one set of sampled groups, one step size.
 
-    ``ci()`` and ``laptop()`` are the embedded model on the synthetic arithmetic task (16 and 72
+    ``ci()`` and ``laptop()`` are the embedded model on the synthetic arithmetic task (16 and 48
     questions), ``reasoner_ci()`` and ``reasoner_laptop()`` the warm-up reasoner on its worked
     products, ``paper()`` the paper's Qwen2.5-0.5B-Instruct on MATH levels 3-5; ``current()`` and
     ``current_reasoner()`` follow ``run_size()``. The groups are saved once at ``groups_path``
@@ -51,13 +51,13 @@ class GroupsPreset:
 
     @classmethod
     def laptop(cls) -> GroupsPreset:
-        """The same model and task with 72 questions (about 40 mixed groups): minutes on a CPU."""
+        """The same model and task with 48 questions (about 30 mixed groups): minutes on a CPU."""
         return cls(
             "laptop",
             "smollm2-135m",
             "arithmetic",
             True,
-            72,
+            48,
             max_new_tokens=48,
             lr=5e-5,
             n_map=4,

@@ -195,3 +195,16 @@ def test_reasoner_build_bench_times_a_tiny_build_into_a_temporary_cache(tmp_path
     assert saved["settings"]["steps"] == 2 and saved["settings"]["base"] == "tiny-random"
     assert saved["preset_steps"] == result["preset_steps"] > 2
     assert saved["seconds_full_build_estimate"] > 0 and "torch" in saved["versions"]
+
+
+@pytest.mark.slow
+def test_first_order_bench_times_both_ways_and_they_agree(tmp_path):
+    bench = _load_bench("first_order")
+    out = tmp_path / "first_order.json"
+    argv = ["--model", "tiny-random", "--questions", "1", "--repeats", "1", "--warmup", "0"]
+    summary = bench.main(argv + ["--json", str(out)])
+    assert all(seconds > 0 for seconds in summary["median_s"].values())
+    # the same float32 gradients summed in another order: a wrong row or a dropped term would
+    # differ by order 1, float32 rounding by about 1e-6 of the value
+    assert summary["max_rel_difference"] < 1e-3
+    assert out.is_file()

@@ -183,6 +183,44 @@ def test_schedule_waits_for_needs_runs_the_longest_first_and_skips_after_a_failu
     assert all(events[2 * i][0] == "start" and events[2 * i + 1][0] == "end" for i in range(3))
 
 
+def test_prepare_builds_first_and_a_failure_keeps_the_notebook_from_running(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTHR_BOOK_BUILD", str(tmp_path / "build"))
+    marker = tmp_path / "built"
+    paths = _fake_series(tmp_path, names=("09_a", "00_b"))
+    started = []
+    monkeypatch.setattr(demo, "_run_logged", _recording_run_logged(started))
+    monkeypatch.setattr(demo, "PREPARE", {"09": ("a cache", f"open({str(marker)!r}, 'w')")})
+    ok, seconds, error = demo.check_with_nbmake(paths[0], timeout=60)
+    assert marker.exists() and ok and not error  # built by its own process, then the notebook
+    assert [command[1] for command in started] == ["-c", "-m"]
+    assert (tmp_path / "build" / "logs" / "09_a.prepare.log").exists()
+    started.clear()
+    assert demo.check_with_nbmake(paths[1], timeout=60)[0]  # nothing to prepare for 00
+    assert [command[1] for command in started] == ["-m"]
+    started.clear()
+    monkeypatch.setattr(demo, "PREPARE", {"09": ("a cache", "raise SystemExit(3)")})
+    for run in (
+        lambda p: demo.check_with_nbmake(p, timeout=60),
+        lambda p: demo.run_notebook(p, tmp_path / "out", timeout=60),
+    ):
+        ok, seconds, error = run(paths[0])
+        assert not ok and seconds == 0.0 and error.startswith("a cache failed, see ")
+    assert [command[1] for command in started] == ["-c", "-c"]  # no notebook ran
+
+
+def _recording_run_logged(started):
+    """demo._run_logged that runs ``python -c`` for real and only records the notebook runs."""
+    real = demo._run_logged
+
+    def run_logged(command, log, jobs, on_line=None):
+        started.append(list(command))
+        if command[1] == "-c":
+            return real(command, log, jobs, on_line)
+        return 0, 0.1, "1 passed"
+
+    return run_logged
+
+
 def test_progress_lines_say_section_cell_and_time_left():
     now, said = [0.0], []
     board = demo.Progress(
