@@ -344,16 +344,23 @@ def _run_logged(
     return code, time.perf_counter() - t0, lines[-1] if lines else ""
 
 
-def prepare(path: Path, jobs: int = 1) -> tuple[bool, str]:
+def prepare(path: Path, jobs: int = 1, progress: Progress | None = None) -> tuple[bool, str]:
     """Build what the notebook at ``path`` needs once (``PREPARE``) in a process of its own, its
-    output in build/logs/<name>.prepare.log, and say how long it took. Returns (ok, error)."""
+    output in build/logs/<name>.prepare.log, and say how long it took; ``progress`` shows it as
+    the notebook's first section, then starts the notebook's own clock. Returns (ok, error)."""
     if path.name[:2] not in PREPARE:
         return True, ""
     what, code = PREPARE[path.name[:2]]
     log = config.build_dir() / "logs" / f"{path.stem}.prepare.log"
+    if progress is not None:
+        progress.update(path.stem, {"section": f"building the {what} first (seconds once cached)"})
     status, seconds, last = _run_logged([sys.executable, "-c", code], log, jobs)
     print(f"{path.stem}: {what} ready in {seconds / 60:.1f} min ({log})", flush=True)
-    return status == 0, "" if status == 0 else f"{what} failed, see {log}: {last[:300]}"
+    if status != 0:
+        return False, f"{what} failed, see {log}: {last[:300]}"
+    if progress is not None:
+        progress.start(path.stem)  # the estimate of the notebook counts from here
+    return True, ""
 
 
 def run_notebook(
@@ -362,7 +369,7 @@ def run_notebook(
     """Execute one notebook in a process of its own (``execute_notebook``), its output in
     build/logs/<name>.log, its progress through ``progress``, after ``prepare``. Returns (ok,
     seconds, error); the seconds are the notebook's own, without the preparation."""
-    ready, error = prepare(path, jobs)
+    ready, error = prepare(path, jobs, progress)
     if not ready:
         return False, 0.0, error
     command = [sys.executable, "-m", "nthr_book.demo", "--execute", str(path)]
@@ -384,11 +391,13 @@ def run_notebook(
     return False, seconds, f"exit status {code}, see {log}: {last[:300]}"
 
 
-def check_with_nbmake(path: Path, timeout: int, jobs: int = 1) -> tuple[bool, float, str]:
+def check_with_nbmake(
+    path: Path, timeout: int, jobs: int = 1, progress: Progress | None = None
+) -> tuple[bool, float, str]:
     """Execute one notebook with ``pytest --nbmake`` (CI's check), its output in
     build/logs/<name>.log, after ``prepare``. Returns (ok, seconds, the last line of pytest's
     report)."""
-    ready, error = prepare(path, jobs)
+    ready, error = prepare(path, jobs, progress)
     if not ready:
         return False, 0.0, error
     command = [sys.executable, "-m", "pytest", "--nbmake", f"--nbmake-timeout={timeout}", "-q"]
@@ -634,7 +643,7 @@ def _check_series(
     with progress.watch():
         run_scheduled(
             paths,
-            lambda p: check_with_nbmake(p, timeout, jobs),
+            lambda p: check_with_nbmake(p, timeout, jobs, progress),
             jobs,
             record,
             on_start=lambda p: progress.start(p.stem),

@@ -198,6 +198,13 @@ def test_prepare_builds_first_and_a_failure_keeps_the_notebook_from_running(tmp_
     assert demo.check_with_nbmake(paths[1], timeout=60)[0]  # nothing to prepare for 00
     assert [command[1] for command in started] == ["-m"]
     started.clear()
+    said = []  # the console: the build shows as the first section, then the notebook starts
+    board = demo.Progress({"09_a": 60.0}, say=said.append)
+    board.start("09_a")
+    assert demo.check_with_nbmake(paths[0], timeout=60, progress=board)[0]
+    assert said[1].startswith("  09_a: § building the a cache first")
+    assert said[2] == "09_a: running ...; it took 1.0 min last time"
+    started.clear()
     monkeypatch.setattr(demo, "PREPARE", {"09": ("a cache", "raise SystemExit(3)")})
     for run in (
         lambda p: demo.check_with_nbmake(p, timeout=60),
