@@ -81,26 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from bench._groups import ci_mixed_groups
     from nthr_book.env import versions
-    from nthr_book.groups import load_or_sample_groups
     from nthr_book.lld import first_order_displacement
-    from nthr_book.models import load_policy
     from nthr_book.presets import GroupsPreset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = GroupsPreset.ci()
-    model, tokenizer = load_policy(args.model, device="cpu")
-    path = preset.groups_path if args.model == preset.model else None
-    groups, _, _ = load_or_sample_groups(
-        path, model, tokenizer, preset.problems(), **preset.sampling()
-    )
-    if args.model == "tiny-random":  # a random model answers nothing right: alternate the rewards
-        for g in groups:
-            g.rewards = torch.arange(g.group_size).remainder(2).float()
-    mixed = [g for g in groups if g.status == "mixed"][: args.questions]
-    if not mixed:
-        raise SystemExit(f"no mixed group among {len(groups)} sampled: try --model smollm2-135m")
+    model, _, mixed = ci_mixed_groups(args.model, args.questions)
     gen = torch.Generator().manual_seed(0)
     direction = [
         torch.randn(q.shape, generator=gen, dtype=torch.float64)

@@ -52,26 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from bench._groups import ci_mixed_groups
     from nthr_book.env import versions
-    from nthr_book.groups import load_or_sample_groups
     from nthr_book.lld import one_step_displacement
-    from nthr_book.models import load_policy
     from nthr_book.presets import GroupsPreset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = GroupsPreset.ci()
-    model, tokenizer = load_policy(args.model, device="cpu")
-    problems = preset.problems()[: args.sample]
-    # the series' saved groups (notebook 02) when the whole preset is wanted on the embedded model
-    path = preset.groups_path if args.sample is None and args.model == preset.model else None
-    groups, _, _ = load_or_sample_groups(path, model, tokenizer, problems, **preset.sampling())
-    if args.model == "tiny-random":  # a random model answers nothing right: alternate the rewards
-        for g in groups:
-            g.rewards = torch.arange(g.group_size).remainder(2).float()
-    mixed = [g for g in groups if g.status == "mixed"][: args.questions]
-    if not mixed:
-        raise SystemExit(f"no mixed group among {len(groups)} sampled: try --model smollm2-135m")
+    model, _, mixed = ci_mixed_groups(args.model, args.questions, args.sample)
     times: dict[bool, list[float]] = {True: [], False: []}
     deltas: dict[bool, list[float]] = {True: [], False: []}
     computed, whole = 0, 0  # token positions of the three passes, shared and not

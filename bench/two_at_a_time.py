@@ -56,23 +56,12 @@ def worker(args: argparse.Namespace) -> None:
     ``--times`` times and print its seconds."""
     import torch
 
-    from nthr_book.groups import load_or_sample_groups
+    from bench._groups import ci_mixed_groups
     from nthr_book.lld import one_step_displacement
-    from nthr_book.models import load_policy
     from nthr_book.presets import GroupsPreset
 
     preset = GroupsPreset.ci()
-    model, tokenizer = load_policy(args.model, device="cpu")
-    path = preset.groups_path if args.model == preset.model else None
-    groups, _, _ = load_or_sample_groups(
-        path, model, tokenizer, preset.problems(), **preset.sampling()
-    )
-    if args.model == "tiny-random":  # a random model answers nothing right: alternate the rewards
-        for g in groups:
-            g.rewards = torch.arange(g.group_size).remainder(2).float()
-    mixed = [g for g in groups if g.status == "mixed"][: args.questions]
-    if not mixed:
-        raise SystemExit(f"no mixed group among {len(groups)} sampled")
+    model, tokenizer, mixed = ci_mixed_groups(args.model, args.questions)
     print("ready", flush=True)
     barrier = Path(args.worker)
     while not barrier.exists():

@@ -1,0 +1,30 @@
+"""What the Δ(x) benches share (``lld_step``, ``first_order``, ``two_at_a_time``): the series' ci
+groups (``presets.GroupsPreset.ci()``: the arithmetic task's 161-token few-shot prompt, up to 48 new
+tokens) on a model, and their first mixed ones."""
+
+from __future__ import annotations
+
+
+def ci_mixed_groups(model_name: str, questions: int, sample: int | None = None):
+    """(model, tokenizer, the first ``questions`` mixed groups) of the ci preset's questions (the
+    first ``sample`` of them; None: all), on ``model_name`` ("smollm2-135m" or "tiny-random").
+    The whole preset on its own model reuses (or samples and saves) the series' groups file; a
+    random model answers nothing right, so its rewards alternate to make every group mixed."""
+    import torch
+
+    from nthr_book.groups import load_or_sample_groups
+    from nthr_book.models import load_policy
+    from nthr_book.presets import GroupsPreset
+
+    preset = GroupsPreset.ci()
+    model, tokenizer = load_policy(model_name, device="cpu")
+    problems = preset.problems()[:sample]
+    path = preset.groups_path if sample is None and model_name == preset.model else None
+    groups, _, _ = load_or_sample_groups(path, model, tokenizer, problems, **preset.sampling())
+    if model_name == "tiny-random":
+        for g in groups:
+            g.rewards = torch.arange(g.group_size).remainder(2).float()
+    mixed = [g for g in groups if g.status == "mixed"][:questions]
+    if not mixed:
+        raise SystemExit(f"no mixed group among {len(groups)} sampled: try --model smollm2-135m")
+    return model, tokenizer, mixed
