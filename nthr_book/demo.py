@@ -69,17 +69,18 @@ PRIORITY = ("09", "02", "05", "08", "06", "07", "01", "04", "03", "00")
 RESULT_PREFIX = "nthr_book.demo result: "  # the last line a notebook's process prints
 PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before each code cell
 # Minutes each notebook took when last measured, per run size (the fallback when
-# build/demo_state.json has no time for it at this size). laptop: a fresh clone's `make demo` on
-# the reference machine (2 cores, two notebooks at a time, one core each), 2026-12-07. ci: a fresh
-# clone's `make test` of 2026-12-07 (06 and 07 each run again alone after a fix).
+# build/demo_state.json has no time for it at this size), without 09's warm-up (``PREPARE``).
+# laptop: a fresh clone's `make demo` on the reference machine (2 cores, two notebooks at a time,
+# one core each), 2026-12-07, 02 and 05 from a second run of the two after their cut. ci: a fresh
+# clone's `make test` of 2026-12-07.
 MEASURED_MINUTES = {
     "laptop": {
         "00": 3.4, "01": 4.1, "02": 24.8, "03": 2.8, "04": 2.1, "05": 25.5, "06": 2.0, "07": 5.3,
         "08": 9.8, "09": 14.6,
     },
     "ci": {
-        "00": 1.1, "01": 1.7, "02": 8.4, "03": 0.9, "04": 0.9, "05": 4.3, "06": 1.0, "07": 2.1,
-        "08": 5.1, "09": 6.7,
+        "00": 0.9, "01": 2.1, "02": 8.0, "03": 1.0, "04": 1.1, "05": 5.2, "06": 0.7, "07": 2.8,
+        "08": 5.1, "09": 6.3,
     },
 }  # fmt: skip
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
