@@ -4,6 +4,33 @@ tokens) on a model, and their first mixed ones."""
 
 from __future__ import annotations
 
+import argparse
+
+
+def timing_parser(description: str, *, questions: int) -> argparse.ArgumentParser:
+    """The options these benches share: the model, the mixed groups measured, the timed repeats
+    after untimed warm-up rounds, torch's threads and a JSON file for the timings."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or tiny-random")
+    p.add_argument("--questions", type=int, default=questions, help="mixed groups measured")
+    p.add_argument("--repeats", type=int, default=3, help="timed measurements per group and way")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the timings to this file")
+    return p
+
+
+def parse_timing_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """``parser``'s arguments, refusing fewer than one question or repeat."""
+    args = parser.parse_args(argv)
+    if args.questions < 1 or args.repeats < 1:
+        parser.error("--questions and --repeats must be >= 1")
+    return args
+
 
 def ci_mixed_groups(model_name: str, questions: int, sample: int | None = None):
     """(model, tokenizer, the first ``questions`` mixed groups) of the ci preset's questions (the

@@ -27,22 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from bench._groups import parse_timing_args, timing_parser  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or tiny-random")
-    p.add_argument("--questions", type=int, default=2, help="mixed groups measured")
-    p.add_argument("--repeats", type=int, default=3, help="timed measurements per group and way")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="write the timings to this file")
-    args = p.parse_args(argv)
-    if args.questions < 1 or args.repeats < 1:
-        p.error("--questions and --repeats must be >= 1")
-    return args
+    return parse_timing_args(timing_parser(__doc__, questions=2), argv)
 
 
 def inner_products(model, group, direction, *, per_answer: bool) -> list[float]:
