@@ -143,24 +143,64 @@ class Rollouts:
         return cls(**payload)
 
 
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row shares."""
+    shortest = min(len(r) for r in rows)
+    for i in range(shortest):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return shortest
+
+
 def _shared_prompt_cache(model, ids: torch.Tensor, att: torch.Tensor, group_size: int):
-    """KV cache of all but the last prompt token, computed once per prompt and repeated
-    ``group_size`` times."""
-    if ids.shape[1] < 2:
-        return None
-    position_ids = (att.cumsum(-1) - 1).clamp(min=0)  # as generate computes them under left padding
-    out = model(
-        input_ids=ids[:, :-1],
-        attention_mask=att[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=True,
-    )
-    new_api = "cache" in out  # transformers >= 5.2x renamed past_key_values to cache
-    cache = out["cache"] if new_api else out.past_key_values
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
+    """The prompts of one ``generate`` call, prefilled with nothing computed twice.
+
+    ``ids``/``att`` hold k left-padded prompts, one row each. Stage 1 prefills the tokens all k
+    prompts start with (chat header, few-shot examples) once; stage 2 each prompt's own rest but
+    its last token (``generate`` feeds that one), once per prompt; the cache is then repeated
+    ``group_size`` times for the G samples of a prompt. The prompts are laid out as
+    ``[shared start][padding][own rest]``: position ids count unmasked tokens only, so each row is
+    the same sequence as under left padding. Returns ``(ids, att, extra)`` for ``generate``;
+    ``extra`` is None when there is nothing to prefill or the model has no repeatable cache.
+    """
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, att)]
+    shortest = min(len(r) for r in rows)
+    if shortest < 2:
+        return ids, att, None
+    shared = min(_common_prefix_length(rows), shortest - 1)  # (k, P) -> [shared][pad][rest]
+    width = ids.shape[1]
+    ids, att = torch.full_like(ids, ids[0, -1].item()), torch.zeros_like(att)  # filler: masked
+    for i, r in enumerate(rows):
+        ids[i, :shared], att[i, :shared] = torch.tensor(r[:shared]), 1
+        ids[i, width - len(r) + shared :], att[i, width - len(r) + shared :] = (
+            torch.tensor(r[shared:]),
+            1,
+        )
+    position_ids = (att.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
+
+    cache = None
+    with torch.no_grad():
+        stages = ((slice(0, 1), 0, shared), (slice(None), shared, width - 1))  # one row, then k
+        for stage, (rows_, start, stop) in enumerate(stages):
+            if stop <= start:  # no shared start, or nothing of its own before the last token
+                continue
+            out = model(
+                input_ids=ids[rows_, start:stop],
+                attention_mask=att[rows_, :stop],
+                position_ids=position_ids[rows_, start:stop],
+                use_cache=True,
+                **({} if cache is None else {key: cache}),
+            )
+            key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.2x: cache
+            cache = out[key]
+            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                return ids, att, None
+            if stage == 0 and len(rows) > 1:
+                cache.batch_repeat_interleave(len(rows))  # the shared start, for each prompt
+    if cache is None:
+        return ids, att, None
     cache.batch_repeat_interleave(group_size)
-    return {"cache" if new_api else "past_key_values": cache}
+    return ids, att, {key: cache}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -443,8 +483,9 @@ def generate_groups(
             att = enc["attention_mask"][start : start + groups_per_call].to(device)
             keep = int(att.any(dim=0).nonzero()[0].item()) if att.any() else 0
             ids, att = ids[:, keep:], att[:, keep:]  # trim the left padding shared by this slice
-            cache = _shared_prompt_cache(model, ids, att, group_size) if share_prompt else None
-            extra = cache or {}
+            extra = None
+            if share_prompt:
+                ids, att, extra = _shared_prompt_cache(model, ids, att, group_size)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if seed is not None:
                     torch.manual_seed(seed + call)
@@ -453,7 +494,7 @@ def generate_groups(
                     config,
                     input_ids=ids.repeat_interleave(group_size, dim=0),
                     attention_mask=att.repeat_interleave(group_size, dim=0),
-                    **extra,
+                    **(extra or {}),
                 )
             chunks.append(out[:, ids.shape[1] :].cpu())
     finally:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 from nthr_book.models import load_policy
 from nthr_book.rollout import Rollouts, completion_mask_from_eos, generate_groups, generation_config
@@ -57,6 +58,69 @@ def test_greedy_shared_prompt_equals_plain_generate():
     for g in range(2):
         row = shared.completion_ids[2 * g][shared.completion_mask[2 * g]]
         assert torch.equal(row, ref[g][: len(row)])
+
+
+def test_prompts_with_a_shared_start_prefill_it_once_and_sample_the_same():
+    # Few-shot prompts: a long start every prompt shares, then questions of different lengths.
+    # The shared start is prefilled once for the call; greedy samples must equal plain generate's
+    # on the left-padded batch, and seeded samples those of share_prompt=False.
+    from nthr_book.data import build_prompt
+
+    model, tok = load_policy("tiny-random")
+    questions = ("What is 2 + 2?", "What is 17 * 3 + 5 - 1?", "Compute 123 + 456 + 789 + 1011.")
+    prompts = [build_prompt(tok, q, "arithmetic") for q in questions]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert len(set(enc["attention_mask"].sum(-1).tolist())) == 3  # three lengths: real padding
+    greedy = generate_groups(model, tok, prompts, 2, max_new_tokens=6, temperature=0.0)
+    ref = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref = ref[:, enc["input_ids"].shape[1] :]
+    for g in range(3):
+        for row in (2 * g, 2 * g + 1):
+            got = greedy.completion_ids[row][greedy.completion_mask[row]]
+            assert torch.equal(got, ref[g][: len(got)]), (g, row)
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=3)
+    shared = generate_groups(model, tok, prompts, 2, **kw)
+    plain = generate_groups(model, tok, prompts, 2, share_prompt=False, **kw)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    assert torch.equal(shared.prompt_ids, plain.prompt_ids)  # the rollouts keep left padding
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_start_cache_gives_the_logits_of_a_whole_forward(arch):
+    # float64 reference: the next-token logits of each left-padded prompt from one whole forward,
+    # against those from the cache (shared start once, own rest per prompt, repeated G = 2 times)
+    # and the last token. GPT-2's absolute positions make a wrong position id visible (RoPE is
+    # blind to a shift common to all tokens).
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nthr_book.models import tiny_random_model
+    from nthr_book.rollout import _shared_prompt_cache
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = tiny_random_model(64, hidden_size=32, num_kv_heads=4)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4))
+    model = model.eval().double()
+    start = [5, 6, 7, 8, 9, 10]  # every prompt's first tokens (a few-shot header)
+    prompts = [start + [11, 12, 13], start + [14], start + [15, 16, 17, 18, 19]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    position_ids = (att.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=att, position_ids=position_ids).logits[:, -1]
+        laid, laid_att, extra = _shared_prompt_cache(model, ids, att, 2)
+        assert extra is not None and list(extra.values())[0].get_seq_length() == width - 1
+        laid, laid_att = laid.repeat_interleave(2, 0), laid_att.repeat_interleave(2, 0)
+        last = model(
+            input_ids=laid[:, -1:],
+            attention_mask=laid_att,
+            position_ids=(laid_att.cumsum(-1) - 1)[:, -1:],
+            **extra,
+        ).logits[:, -1]
+    assert torch.equal(laid_att.sum(-1), att.sum(-1).repeat_interleave(2))  # same tokens kept
+    assert_close(last, whole.repeat_interleave(2, 0), rtol=1e-10, atol=1e-10)
 
 
 def test_save_load_and_select_groups(tmp_path):
