@@ -178,7 +178,7 @@ def _shared_prompt_cache(model, ids: torch.Tensor, att: torch.Tensor, group_size
         )
     position_ids = (att.cumsum(-1) - 1).clamp(min=0)  # as generate computes them
 
-    cache = None
+    cache, key = None, "cache"  # key: the cache's keyword, read off the first stage's output
     with torch.no_grad():
         stages = ((slice(0, 1), 0, shared), (slice(None), shared, width - 1))  # one row, then k
         for stage, (rows_, start, stop) in enumerate(stages):
