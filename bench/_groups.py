@@ -1,20 +1,23 @@
 """What the Δ(x) benches share (``lld_step``, ``first_order``, ``two_at_a_time``): the series' ci
 groups (``presets.GroupsPreset.ci()``: the arithmetic task's 161-token few-shot prompt, up to 48 new
-tokens) on a model, and their first mixed ones."""
+tokens) on a model, and their first mixed ones; and the options of the side-by-side timing benches
+(those two and ``shared_start``)."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def timing_parser(description: str, *, questions: int) -> argparse.ArgumentParser:
-    """The options these benches share: the model, the mixed groups measured, the timed repeats
-    after untimed warm-up rounds, torch's threads and a JSON file for the timings."""
+def timing_parser(
+    description: str, *, questions: int, questions_help: str = "mixed groups measured"
+) -> argparse.ArgumentParser:
+    """The options the side-by-side timing benches share: the model, the questions measured, the
+    timed repeats after untimed warm-up rounds, torch's threads and a JSON file for the timings."""
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded) or tiny-random")
-    p.add_argument("--questions", type=int, default=questions, help="mixed groups measured")
+    p.add_argument("--questions", type=int, default=questions, help=questions_help)
     p.add_argument("--repeats", type=int, default=3, help="timed measurements per group and way")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -46,8 +46,18 @@ class GroupsPreset:
 
     @classmethod
     def ci(cls) -> GroupsPreset:
-        """SmolLM2-135M, 12 arithmetic questions (few-shot, boxed), 48 new tokens: the rehearsal."""
-        return cls("ci", "smollm2-135m", "arithmetic", True, 12, max_new_tokens=48, lr=5e-5)
+        """SmolLM2-135M, 12 arithmetic questions (few-shot, boxed), 48 new tokens, the map's natural
+        and near-miss columns only: the rehearsal."""
+        return cls(
+            "ci",
+            "smollm2-135m",
+            "arithmetic",
+            True,
+            12,
+            max_new_tokens=48,
+            lr=5e-5,
+            map_fractions=(0.0,),
+        )
 
     @classmethod
     def laptop(cls) -> GroupsPreset:

@@ -208,3 +208,17 @@ def test_first_order_bench_times_both_ways_and_they_agree(tmp_path):
     # differ by order 1, float32 rounding by about 1e-6 of the value
     assert summary["max_rel_difference"] < 1e-3
     assert out.is_file()
+
+
+@pytest.mark.slow
+def test_shared_start_bench_times_both_ways_and_they_write_the_same_answers(tmp_path):
+    bench = _load_bench("shared_start")
+    out = tmp_path / "shared_start.json"
+    argv = ["--model", "tiny-random", "--questions", "3", "--repeats", "1", "--warmup", "0"]
+    summary = bench.main(argv + ["--json", str(out)])
+    assert set(summary["median_s"]) == {"whole_prompts", "shared_start"}
+    assert all(seconds > 0 for seconds in summary["median_s"].values())
+    med = summary["median_s"]
+    assert summary["speedup"] == med["whole_prompts"] / med["shared_start"]
+    assert summary["same_answers"] is True  # greedy: the shared start changes no answer
+    assert json.loads(out.read_text())["prompt_tokens"] == summary["prompt_tokens"]
