@@ -17,7 +17,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK ?= 1
 
 help:
 	@echo "make demo   - set up .venv, run the notebook series at the laptop size, write build/SUMMARY.md (58 min on 2 CPU cores with the reasoner warm-up, measured 2026-12-07; resumable)"
-	@echo "make test   - set up .venv, run unit tests and execute every notebook (about 23 min on 2 CPU cores, install included)"
+	@echo "make test   - set up .venv, run unit tests and execute every notebook (19.6 min on 2 CPU cores, install included, measured 2026-12-07)"
 	@echo "make lab    - open JupyterLab on notebooks/"
 	@echo "make unit-fast - the unit tests without the slow ones (model loads, training loops, bench smoke runs)"
 

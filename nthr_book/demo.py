@@ -71,16 +71,17 @@ PROGRESS_PREFIX = "nthr_book.demo progress: "  # a notebook's process, before ea
 # Minutes each notebook took when last measured, per run size (the fallback when
 # build/demo_state.json has no time for it at this size), without 09's warm-up (``PREPARE``).
 # laptop: a fresh clone's `make demo` on the reference machine (2 cores, two notebooks at a time,
-# one core each), 2026-12-07, 02 and 05 from a second run of the two after their cut. ci: a fresh
-# clone's `make test` of 2026-12-07.
+# one core each), 2026-12-07, 02 from a second run after its cut, 05 from a run of its own after
+# the shared prompt start (commit 7150fe5, another job on the other core). ci: a fresh
+# clone's `make test` of 2026-12-07 (commit 7150fe5).
 MEASURED_MINUTES = {
     "laptop": {
-        "00": 3.4, "01": 4.1, "02": 24.8, "03": 2.8, "04": 2.1, "05": 25.5, "06": 2.0, "07": 5.3,
+        "00": 3.4, "01": 4.1, "02": 24.8, "03": 2.8, "04": 2.1, "05": 18.2, "06": 2.0, "07": 5.3,
         "08": 9.8, "09": 14.6,
     },
     "ci": {
-        "00": 0.9, "01": 2.1, "02": 8.0, "03": 1.0, "04": 1.1, "05": 5.2, "06": 0.7, "07": 2.8,
-        "08": 5.1, "09": 6.3,
+        "00": 1.0, "01": 1.7, "02": 7.4, "03": 0.9, "04": 1.1, "05": 3.6, "06": 0.9, "07": 2.5,
+        "08": 4.4, "09": 3.2,
     },
 }  # fmt: skip
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
